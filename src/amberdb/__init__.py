@@ -1,0 +1,1 @@
+"""AmberDB: a transactional object database for Python."""

@@ -1,0 +1,176 @@
+"""The exceptions AmberDB raises: one tree under :class:`DatabaseError`.
+
+Every message names what went wrong: the oid (as ``0x..``), the class and, where one is
+involved, the attribute.  Where a builtin exception fits, the AmberDB exception derives from it
+too, so ``except KeyError`` keeps working for a missing oid::
+
+    DatabaseError
+    ├── POSKeyError (also KeyError)            an oid with no record
+    ├── TransientError                          retrying the transaction may succeed
+    │   └── ConflictError                       two transactions wrote the same object
+    ├── StorageError
+    │   ├── ReadOnlyError                       write to a read-only storage or database
+    │   ├── StorageLockedError                  another process holds the storage for writing
+    │   ├── FileFormatError                     not an AmberDB file, or a damaged one
+    │   └── StorageTransactionError             storage commit protocol used out of order
+    ├── SerializationError (also TypeError)     an object cannot be written as a record
+    ├── UnsafeGlobalError                       a record names a class or function not allowed
+    ├── RecordDecodeError                       a record cannot be read back into an object
+    ├── InvalidObjectReference                  an object belongs to another connection
+    ├── ConnectionStateError                    a closed connection, or one used wrongly
+    └── TransactionError
+        ├── DoomedTransactionError              commit of a doomed transaction
+        ├── TransactionFailedError              a failed commit must be aborted first
+        ├── NoTransactionError                  no transaction begun on an explicit manager
+        └── InvalidSavepointRollbackError       rollback of a savepoint no longer valid
+"""
+
+from __future__ import annotations
+
+from amberdb.utils import oid_repr
+
+__all__ = [
+    "ConflictError",
+    "ConnectionStateError",
+    "DatabaseError",
+    "DoomedTransaction",
+    "DoomedTransactionError",
+    "FileFormatError",
+    "InvalidObjectReference",
+    "InvalidSavepointRollbackError",
+    "NoTransactionError",
+    "POSKeyError",
+    "ReadOnlyError",
+    "RecordDecodeError",
+    "SerializationError",
+    "StorageError",
+    "StorageLockedError",
+    "StorageTransactionError",
+    "TransactionError",
+    "TransactionFailedError",
+    "TransientError",
+    "UnsafeGlobalError",
+]
+
+
+class DatabaseError(Exception):
+    """Base class of every error AmberDB raises."""
+
+
+class POSKeyError(KeyError, DatabaseError):
+    """No record exists for an oid (or none before the requested transaction)."""
+
+    def __init__(self, oid: bytes, detail: str = "") -> None:
+        self.oid = oid
+        message = f"no record for oid {oid_repr(oid)}"
+        if detail:
+            message = f"{message}: {detail}"
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would quote the message; show it plainly.
+        return str(self.args[0])
+
+
+class TransientError(DatabaseError):
+    """An error that may go away if the transaction is retried."""
+
+
+class ConflictError(TransientError):
+    """Two transactions changed the same object; the later commit loses.
+
+    ``oid`` is the object, ``class_name`` its class when known, ``serials`` the pair
+    ``(committed tid, tid the loser started from)``.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        oid: bytes | None = None,
+        class_name: str | None = None,
+        serials: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        self.oid = oid
+        self.class_name = class_name
+        self.serials = serials
+        super().__init__(message or self._describe())
+
+    def _describe(self) -> str:
+        parts = ["database conflict error"]
+        if self.oid is not None:
+            parts.append(f"oid {oid_repr(self.oid)}")
+        if self.class_name:
+            parts.append(f"class {self.class_name}")
+        if self.serials is not None:
+            committed, started = self.serials
+            parts.append(f"committed tid {oid_repr(committed)}, yours based on {oid_repr(started)}")
+        return ", ".join(parts)
+
+    def with_class(self, class_name: str) -> ConflictError:
+        """Return a copy of this error that also names the object's class."""
+        return type(self)(oid=self.oid, class_name=class_name, serials=self.serials)
+
+
+class StorageError(DatabaseError):
+    """A storage cannot do what was asked of it."""
+
+
+class ReadOnlyError(StorageError):
+    """A write was attempted on a read-only storage or database."""
+
+
+class StorageLockedError(StorageError):
+    """Another process has the storage open for writing."""
+
+
+class FileFormatError(StorageError):
+    """A file is not an AmberDB file, or its contents are damaged."""
+
+
+class StorageTransactionError(StorageError):
+    """The storage commit protocol was used out of order."""
+
+
+class SerializationError(TypeError, DatabaseError):
+    """An object's state cannot be written as a record."""
+
+
+class UnsafeGlobalError(DatabaseError):
+    """A record names a class or function that the application did not allow."""
+
+
+class RecordDecodeError(DatabaseError):
+    """A record's bytes cannot be turned back into an object state."""
+
+
+class InvalidObjectReference(DatabaseError):
+    """An object that belongs to another connection or database was stored here."""
+
+
+class ConnectionStateError(DatabaseError):
+    """A connection was used when closed, or from a state that does not allow the call."""
+
+
+class TransactionError(DatabaseError):
+    """The transaction machinery was used in a way it does not allow."""
+
+
+class DoomedTransactionError(TransactionError):
+    """A doomed transaction can only be aborted."""
+
+
+DoomedTransaction = DoomedTransactionError
+"""The name the ``transaction`` package users know."""
+
+
+class TransactionFailedError(TransactionError):
+    """A commit of this transaction failed; it must be aborted before anything else."""
+
+
+class NoTransactionError(TransactionError):
+    """An explicit transaction manager was used before ``begin()``."""
+
+
+class InvalidSavepointRollbackError(TransactionError):
+    """The savepoint can no longer be rolled back to."""

@@ -1,0 +1,147 @@
+"""The storage interface: what every AmberDB storage does, promises and raises.
+
+A storage keeps *records* (opaque ``bytes`` produced by :mod:`amberdb.record`) under *oids*,
+with one revision per committed transaction.  It never sees a Python object, never unpickles,
+and never resolves conflicts: that happens above it, in the connection.  This keeps tools that
+work on storages (copy, verify, pack) free of application code.
+
+Commit protocol (one committer at a time; :meth:`Storage.begin` waits for the previous one)::
+
+                 begin(meta)           store(...)*          vote()            finish()
+      idle ──────────────────▶ open ─────────────▶ open ─────────▶ voted ─────────▶ idle
+                                 │                   │               │
+                                 └──── abort() ──────┴──── abort() ──┴──▶ idle
+
+Invariants every implementation keeps (the conformance suite in ``tests/`` checks them):
+
+1. ``load`` only ever returns data of *finished* transactions; a transaction becomes visible
+   to ``load`` and ``last_tid`` atomically in ``finish``.
+2. ``store`` raises :class:`~amberdb.exceptions.ConflictError` when ``base_tid`` is not the
+   tid of the object's newest committed revision (``z64`` for an object never committed).
+   The error carries ``oid`` and ``serials=(committed tid, base_tid)``; the transaction stays
+   open, so the caller may store a resolved record for the same oid or ``abort()``.
+3. After ``vote`` returns, the transaction survives a crash (unless the storage was opened
+   with durability relaxed, where its documentation says so).  Nothing stored in a
+   transaction that was aborted, or interrupted before ``vote`` returned, is ever visible.
+4. Tids handed out by ``finish`` increase strictly.
+5. ``new_oid`` never returns an oid that has been returned before by this storage, nor one
+   that has a record.  Oid ``z64`` is the root and is never handed out by ``new_oid``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from amberdb.utils import Oid, Tid
+
+__all__ = [
+    "DataRecord",
+    "IterableStorage",
+    "Storage",
+    "TransactionMeta",
+    "TransactionRecord",
+]
+
+
+@dataclass(frozen=True)
+class TransactionMeta:
+    """What a storage keeps about a transaction besides its records.
+
+    ``extension`` is already-encoded bytes (the database layer writes JSON there); the
+    storage keeps it verbatim.
+    """
+
+    user: str = ""
+    description: str = ""
+    extension: bytes = b""
+
+
+@dataclass(frozen=True)
+class DataRecord:
+    """One object revision inside a committed transaction."""
+
+    oid: Oid
+    tid: Tid
+    record: bytes
+
+
+@dataclass(frozen=True)
+class TransactionRecord:
+    """A committed transaction as :meth:`IterableStorage.iterator` yields it."""
+
+    tid: Tid
+    meta: TransactionMeta
+    records: list[DataRecord] = field(default_factory=list)
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """The interface between the object layer and the bytes on disk (or wherever)."""
+
+    @property
+    def read_only(self) -> bool:
+        """True when every write (``new_oid``, ``begin``) raises ReadOnlyError."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """A short human-readable name: a file path, a URL, ``memory``."""
+        ...
+
+    def load(self, oid: Oid, before: Tid | None = None) -> tuple[bytes, Tid]:
+        """Return ``(record, tid)`` of the newest revision of ``oid``.
+
+        With ``before``, the newest revision whose tid is strictly lower than ``before``
+        (snapshot reads for MVCC).  Raises POSKeyError when there is no such revision.
+        """
+        ...
+
+    def last_tid(self) -> Tid:
+        """The tid of the newest finished transaction (``z64`` for an empty storage)."""
+        ...
+
+    def new_oid(self) -> Oid:
+        """A fresh oid for an object about to be stored (see invariant 5)."""
+        ...
+
+    def begin(self, meta: TransactionMeta) -> None:
+        """Start a commit, waiting until no other commit is in progress."""
+        ...
+
+    def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
+        """Add a revision of ``oid`` to the open transaction (see invariant 2).
+
+        Storing the same oid twice in one transaction keeps the last record.
+        """
+        ...
+
+    def vote(self) -> None:
+        """Make the open transaction durable (invariant 3); after this only finish/abort."""
+        ...
+
+    def finish(self) -> Tid:
+        """Publish the voted transaction and return its tid (invariants 1 and 4)."""
+        ...
+
+    def abort(self) -> None:
+        """Forget the open or voted transaction; a no-op when none is open."""
+        ...
+
+    def close(self) -> None:
+        """Release files, locks and connections; aborts an open transaction.  Idempotent."""
+        ...
+
+    def __len__(self) -> int:
+        """The number of objects (oids with at least one revision)."""
+        ...
+
+
+@runtime_checkable
+class IterableStorage(Storage, Protocol):
+    """A storage that can list its committed transactions, oldest first."""
+
+    def iterator(self, start: Tid | None = None, stop: Tid | None = None) -> Iterator[TransactionRecord]:
+        """Yield committed transactions with ``start <= tid <= stop``, oldest first."""
+        ...
