@@ -1,0 +1,561 @@
+"""The :class:`Transaction`: one unit of work over any number of data managers.
+
+Commit-protocol state machine (``status`` values in boxes, arrows labelled by the method that
+takes them; "finished" is not a status: the manager has let go of the transaction, and
+commit/join/savepoint on it raise :class:`TransactionError`)::
+
+                    doom()                       commit() raises DoomedTransactionError,
+      ┌────────┐ ──────────────▶ ┌────────┐ ◀──┘ status stays Doomed
+      │ Active │                 │ Doomed │
+      └────────┘                 └────────┘
+        │    │    abort()            │ abort()
+        │    └───────────────────────┴──────────────▶ finished (status left as it was)
+        │ commit(): before-commit hooks and
+        │ beforeCompletion run while still Active
+        ▼
+      ┌────────────┐  tpc_begin*, commit*, tpc_vote*,    ┌───────────┐  after-commit hooks(True),
+      │ Committing │ ──── tpc_finish* all returned ────▶ │ Committed │  afterCompletion ─▶ finished
+      └────────────┘                                     └───────────┘
+        │ any of them raised: tpc_abort for data managers whose tpc_begin was called, abort
+        │ for the others; after-commit hooks(False), afterCompletion; the error propagates
+        ▼
+      ┌───────────────┐  commit() / join() / savepoint() raise TransactionFailedError
+      │ Commit failed │ ──── abort() ────▶ finished
+      └───────────────┘
+        ▲ also from Active or Doomed when a before-commit hook, beforeCompletion,
+          savepoint() or Savepoint.rollback() raises
+
+A hook or synchronizer that raises before the two-phase commit starts fails the commit just
+like a data manager does: the hooks are used up by then, so retrying the commit would silently
+skip them.  A failed transaction stays its manager's current transaction until ``abort()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from amberdb.exceptions import (
+    DoomedTransactionError,
+    InvalidSavepointRollbackError,
+    TransactionError,
+    TransactionFailedError,
+)
+from amberdb.transaction.interfaces import (
+    DATA_MANAGER_METHODS,
+    DataManager,
+    DataManagerSavepoint,
+    Synchronizer,
+)
+from amberdb.transaction.savepoint import NoRollbackSavepoint, Savepoint
+
+if TYPE_CHECKING:
+    from amberdb.transaction.manager import TransactionManager
+
+__all__ = ["Status", "Transaction"]
+
+log = logging.getLogger("amberdb.transaction")
+
+Hook = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class Status:
+    """The values :attr:`Transaction.status` takes."""
+
+    ACTIVE = "Active"
+    COMMITTING = "Committing"
+    COMMITTED = "Committed"
+    DOOMED = "Doomed"
+    COMMIT_FAILED = "Commit failed"
+
+
+def _sort_key(resource: DataManager) -> str:
+    return resource.sortKey()
+
+
+class Transaction:
+    """A unit of work: data managers join it, and it commits or aborts them all together.
+
+    Usually obtained from a transaction manager (``transaction.get()``), which starts a new
+    one once this one is committed or aborted.  A ``Transaction()`` made directly works the
+    same, without synchronizers.
+    """
+
+    def __init__(
+        self,
+        synchronizers: weakref.WeakSet[Synchronizer] | None = None,
+        manager: TransactionManager | None = None,
+    ) -> None:
+        self._status = Status.ACTIVE
+        self._doomed = False
+        # Shared with the manager, so synchronizers registered mid-transaction are told too.
+        self._synchs: weakref.WeakSet[Synchronizer] = (
+            synchronizers if synchronizers is not None else weakref.WeakSet()
+        )
+        self._manager = manager
+        self._resources: list[DataManager] = []
+        self._before_commit: list[Hook] = []
+        self._after_commit: list[Hook] = []
+        self._after_abort: list[Hook] = []
+        # Weak: a savepoint the application dropped should free its data managers' state.
+        self._savepoints: weakref.WeakKeyDictionary[Savepoint, int] = weakref.WeakKeyDictionary()
+        self._savepoint_count = 0
+        self._subtransaction_savepoint: Savepoint | None = None
+        self._data: dict[int, tuple[object, Any]] = {}
+        self._committing = False
+        self._finished = False
+        self._failed_operation = ""
+        self._failure = ""
+        self._user = ""
+        self._description = ""
+        self._extension_dict: dict[str, Any] = {}
+
+    # -- metadata -------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """One of the :class:`Status` values: "Active", "Committing", "Committed", ..."""
+        return self._status
+
+    @property
+    def user(self) -> str:
+        """Who made this transaction; stored with it."""
+        return self._user
+
+    @user.setter
+    def user(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"Transaction.user must be a str, not {type(value).__name__}")
+        self._user = value
+
+    @property
+    def description(self) -> str:
+        """What this transaction did; :meth:`note` adds lines to it."""
+        return self._description
+
+    @description.setter
+    def description(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"Transaction.description must be a str, not {type(value).__name__}")
+        self._description = value
+
+    @property
+    def extension(self) -> dict[str, Any]:
+        """Further metadata stored with the transaction (a dict; see :meth:`setExtendedInfo`)."""
+        return self._extension_dict
+
+    @extension.setter
+    def extension(self, value: dict[str, Any]) -> None:
+        if not isinstance(value, dict):
+            raise TypeError(f"Transaction.extension must be a dict, not {type(value).__name__}")
+        self._extension_dict = value
+
+    # ZODB-era code reads and writes ``_extension``; it is the same dict.
+    _extension = extension
+
+    def note(self, text: str) -> None:
+        """Add ``text`` (stripped) as a line of the description; empty text is ignored."""
+        if not isinstance(text, str):
+            raise TypeError(f"note() takes a str, not {type(text).__name__}")
+        text = text.strip()
+        if not text:
+            return
+        self._description = f"{self._description}\n{text}" if self._description else text
+
+    def setExtendedInfo(self, name: str, value: Any) -> None:
+        """Set one item of :attr:`extension`."""
+        self._extension_dict[name] = value
+
+    def data(self, owner: object) -> Any:
+        """Return what :meth:`set_data` stored for ``owner``; ``KeyError`` if nothing."""
+        try:
+            stored_owner, value = self._data[id(owner)]
+        except KeyError:
+            raise KeyError(owner) from None
+        if stored_owner is not owner:
+            raise KeyError(owner)
+        return value
+
+    def set_data(self, owner: object, value: Any) -> None:
+        """Keep ``value`` for ``owner`` (typically a data manager) until the transaction ends."""
+        self._data[id(owner)] = (owner, value)
+
+    # -- doom -----------------------------------------------------------------------------
+
+    def doom(self) -> None:
+        """Mark the transaction so that it can only be aborted; commit will raise."""
+        if self._doomed:
+            return
+        if self._finished:
+            raise TransactionError("cannot doom the transaction: it is already finished")
+        if self._committing or self._status != Status.ACTIVE:
+            state = "committing" if self._committing else f"in status {self._status!r}"
+            raise TransactionError(f"cannot doom the transaction: it is {state}")
+        self._doomed = True
+        self._status = Status.DOOMED
+
+    def isDoomed(self) -> bool:
+        """Whether :meth:`doom` was called."""
+        return self._doomed
+
+    # -- joining --------------------------------------------------------------------------
+
+    def join(self, resource: DataManager) -> None:
+        """Make ``resource`` commit or abort with this transaction (joining twice is harmless)."""
+        self._check_usable("join")
+        if self._status == Status.COMMITTING:
+            raise TransactionError(f"cannot join {resource!r}: the transaction is committing")
+        missing = [name for name in DATA_MANAGER_METHODS if not callable(getattr(resource, name, None))]
+        if missing:
+            raise TypeError(
+                f"cannot join {resource!r} to a transaction: it has no {', '.join(missing)} "
+                "(see amberdb.transaction.interfaces.DataManager)"
+            )
+        if any(joined is resource for joined in self._resources):
+            return
+        self._resources.append(resource)
+
+    def _unjoin(self, resource: DataManager) -> None:
+        self._resources = [joined for joined in self._resources if joined is not resource]
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def addBeforeCommitHook(
+        self, hook: Callable[..., Any], args: Sequence[Any] = (), kws: Mapping[str, Any] | None = None
+    ) -> None:
+        """Call ``hook(*args, **kws)`` when commit starts, before the two-phase commit."""
+        self._before_commit.append((hook, tuple(args), dict(kws or {})))
+
+    def getBeforeCommitHooks(self) -> Iterator[Hook]:
+        """Return the registered before-commit hooks as ``(hook, args, kws)`` triples."""
+        return iter(list(self._before_commit))
+
+    def addAfterCommitHook(
+        self, hook: Callable[..., Any], args: Sequence[Any] = (), kws: Mapping[str, Any] | None = None
+    ) -> None:
+        """Call ``hook(ok, *args, **kws)`` after commit; ``ok`` is whether it succeeded.
+
+        Exceptions from the hook are logged, not raised: the commit is over by then.
+        """
+        self._after_commit.append((hook, tuple(args), dict(kws or {})))
+
+    def getAfterCommitHooks(self) -> Iterator[Hook]:
+        """Return the registered after-commit hooks as ``(hook, args, kws)`` triples."""
+        return iter(list(self._after_commit))
+
+    def addAfterAbortHook(
+        self, hook: Callable[..., Any], args: Sequence[Any] = (), kws: Mapping[str, Any] | None = None
+    ) -> None:
+        """Call ``hook(*args, **kws)`` after the transaction is aborted."""
+        self._after_abort.append((hook, tuple(args), dict(kws or {})))
+
+    def getAfterAbortHooks(self) -> Iterator[Hook]:
+        """Return the registered after-abort hooks as ``(hook, args, kws)`` triples."""
+        return iter(list(self._after_abort))
+
+    def _run_before_commit_hooks(self) -> None:
+        # Index loop, not iteration: a hook may add hooks, and those must run too.
+        hooks = self._before_commit
+        try:
+            index = 0
+            while index < len(hooks):
+                hook, args, kws = hooks[index]
+                index += 1
+                hook(*args, **kws)
+        finally:
+            hooks.clear()
+
+    def _run_after_commit_hooks(self, ok: bool) -> None:
+        hooks = self._after_commit
+        index = 0
+        while index < len(hooks):
+            hook, args, kws = hooks[index]
+            index += 1
+            try:
+                hook(ok, *args, **kws)
+            except Exception:
+                log.error("after-commit hook %r raised; ignored", hook, exc_info=True)
+        hooks.clear()
+
+    def _run_after_abort_hooks(self, errors: list[BaseException]) -> None:
+        hooks = self._after_abort
+        index = 0
+        while index < len(hooks):
+            hook, args, kws = hooks[index]
+            index += 1
+            try:
+                hook(*args, **kws)
+            except Exception as exc:
+                log.error("after-abort hook %r raised", hook, exc_info=True)
+                errors.append(exc)
+        hooks.clear()
+
+    def _notify_synchs(self, event: str, errors: list[BaseException] | None = None) -> None:
+        # Every synchronizer hears about the event even when one of them raises; with no
+        # ``errors`` list the first exception is raised once all were told.
+        collected: list[BaseException] = [] if errors is None else errors
+        first = len(collected)
+        for synch in list(self._synchs):
+            try:
+                getattr(synch, event)(self)
+            except Exception as exc:
+                log.error("synchronizer %r raised in %s", synch, event, exc_info=True)
+                collected.append(exc)
+        if errors is None and len(collected) > first:
+            raise collected[first]
+
+    # -- state checks ---------------------------------------------------------------------
+
+    def _check_usable(self, action: str) -> None:
+        if self._finished:
+            how = "committed" if self._status == Status.COMMITTED else "aborted"
+            raise TransactionError(
+                f"cannot {action}: the transaction was already {how}; "
+                "use the transaction manager's get() or begin() for a new one"
+            )
+        if self._status == Status.COMMIT_FAILED:
+            raise TransactionFailedError(
+                f"cannot {action}: an earlier {self._failed_operation} of this transaction failed, "
+                f"so it must be aborted first (call abort()). The failure was:\n{self._failure}"
+            )
+
+    def _fail(self, operation: str, exc: BaseException) -> None:
+        self._status = Status.COMMIT_FAILED
+        self._failed_operation = operation
+        # Text, not the exception: its traceback would keep every frame of the failure alive.
+        self._failure = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+    # -- commit ---------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Commit every joined data manager with the two-phase commit protocol.
+
+        On failure the data managers are cleaned up (``tpc_abort`` or ``abort``), the
+        status becomes "Commit failed", and the original exception propagates; the
+        transaction must then be aborted.
+        """
+        if self._committing:
+            raise TransactionError("cannot commit: the transaction is already committing")
+        if self._doomed and not self._finished:
+            raise DoomedTransactionError(
+                "cannot commit: the transaction is doomed (doom() was called); it can only be aborted"
+            )
+        self._check_usable("commit")
+        self._committing = True
+        try:
+            self._commit()
+        finally:
+            self._committing = False
+
+    def _commit(self) -> None:
+        self._invalidate_savepoints("commit() of the transaction invalidated it")
+        begun: set[int] = set()
+        finished: set[int] = set()
+        try:
+            # Hooks may change data and join data managers, so they run first.
+            self._run_before_commit_hooks()
+            self._notify_synchs("beforeCompletion")
+            resources = sorted(self._resources, key=_sort_key)
+            self._status = Status.COMMITTING
+            for resource in resources:
+                # Counted as begun before the call: a half-done tpc_begin needs tpc_abort too.
+                begun.add(id(resource))
+                resource.tpc_begin(self)
+            for resource in resources:
+                resource.commit(self)
+            for resource in resources:
+                resource.tpc_vote(self)
+            try:
+                for resource in resources:
+                    resource.tpc_finish(self)
+                    finished.add(id(resource))
+            except BaseException:
+                log.critical(
+                    "a data manager failed in tpc_finish, after others may have finished: "
+                    "the data managers of this transaction may be inconsistent",
+                    exc_info=True,
+                )
+                raise
+        except BaseException as exc:
+            self._clean_up_failed_commit(begun, finished)
+            self._fail("commit", exc)
+            self._run_after_commit_hooks(False)
+            self._notify_synchs("afterCompletion", [])
+            raise
+        self._status = Status.COMMITTED
+        self._run_after_commit_hooks(True)
+        errors: list[BaseException] = []
+        try:
+            self._notify_synchs("afterCompletion", errors)
+        finally:
+            self._finish()
+        if errors:
+            # The data is committed (status says so); still, a synchronizer that could not
+            # catch up must not fail silently.
+            raise errors[0]
+
+    def _clean_up_failed_commit(self, begun: set[int], finished: set[int]) -> None:
+        for resource in self._resources:
+            key = id(resource)
+            if key in finished:
+                continue
+            method = "tpc_abort" if key in begun else "abort"
+            try:
+                getattr(resource, method)(self)
+            except Exception:
+                log.error(
+                    "%s on %r raised while cleaning up a failed commit", method, resource, exc_info=True
+                )
+
+    # -- abort ----------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Abort every joined data manager and end the transaction.
+
+        Every data manager, after-abort hook and synchronizer is called even if some raise;
+        the first exception is raised at the end.  Aborting a finished transaction does
+        nothing.
+        """
+        if self._finished:
+            return
+        if self._committing:
+            raise TransactionError("cannot abort: the transaction is committing")
+        errors: list[BaseException] = []
+        try:
+            self._invalidate_savepoints("abort() of the transaction invalidated it")
+            self._notify_synchs("beforeCompletion", errors)
+            for resource in self._resources:
+                try:
+                    resource.abort(self)
+                except Exception as exc:
+                    log.error("abort on %r raised", resource, exc_info=True)
+                    errors.append(exc)
+            self._resources.clear()
+            self._run_after_abort_hooks(errors)
+            self._notify_synchs("afterCompletion", errors)
+        finally:
+            self._finish()
+        if errors:
+            raise errors[0]
+
+    def _finish(self) -> None:
+        self._finished = True
+        self._resources.clear()
+        self._before_commit.clear()
+        self._after_commit.clear()
+        self._after_abort.clear()
+        self._data.clear()
+        self._invalidate_savepoints("the transaction is finished")
+        # Drop the link to the manager's synchronizers: a finished transaction has no more news.
+        self._synchs = weakref.WeakSet()
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            manager._free(self)
+
+    # -- savepoints -----------------------------------------------------------------------
+
+    def savepoint(self, optimistic: bool = False) -> Savepoint:
+        """Take a savepoint of every joined data manager.
+
+        A data manager without a ``savepoint`` method makes this raise ``TypeError``, unless
+        ``optimistic`` is true: then the savepoint is taken, but rolling back to it raises
+        :class:`InvalidSavepointRollbackError`.
+        """
+        self._check_usable("take a savepoint")
+        if self._status == Status.COMMITTING:
+            raise TransactionError("cannot take a savepoint: the transaction is committing")
+        if not optimistic:
+            for resource in self._resources:
+                if not callable(getattr(resource, "savepoint", None)):
+                    raise TypeError(
+                        f"cannot take a savepoint: data manager {resource!r} does not support "
+                        "savepoints (it has no savepoint() method); savepoint(optimistic=True) "
+                        "takes one that cannot be rolled back"
+                    )
+        entries: list[tuple[DataManager, DataManagerSavepoint]] = []
+        try:
+            for resource in self._resources:
+                make = getattr(resource, "savepoint", None)
+                entries.append((resource, make() if callable(make) else NoRollbackSavepoint(resource)))
+        except BaseException as exc:
+            # Some data managers may be half-way through; only an abort is safe now.
+            self._fail("savepoint", exc)
+            raise
+        savepoint = Savepoint(self, entries)
+        self._savepoint_count += 1
+        self._savepoints[savepoint] = self._savepoint_count
+        return savepoint
+
+    def _rollback_to(self, savepoint: Savepoint) -> None:
+        # Called by Savepoint.rollback() for a savepoint that is still valid.
+        self._check_usable("roll back to a savepoint")
+        if self._status == Status.COMMITTING:
+            raise TransactionError("cannot roll back to a savepoint: the transaction is committing")
+        entries = savepoint._entries
+        # Refuse before touching anything, so an optimistic savepoint leaves the state intact.
+        for _, entry in entries:
+            if isinstance(entry, NoRollbackSavepoint):
+                entry.rollback()
+        index = self._savepoints[savepoint]
+        for other, other_index in list(self._savepoints.items()):
+            if other_index > index:
+                other._invalidate("a rollback to an earlier savepoint invalidated it")
+                del self._savepoints[other]
+        in_savepoint = {id(resource) for resource, _ in entries}
+        try:
+            for _, entry in entries:
+                entry.rollback()
+            # Data managers that joined after the savepoint had nothing then.
+            for resource in [r for r in self._resources if id(r) not in in_savepoint]:
+                resource.abort(self)
+                self._unjoin(resource)
+        except BaseException as exc:
+            self._fail("savepoint rollback", exc)
+            raise
+
+    def _invalidate_savepoints(self, reason: str) -> None:
+        for savepoint in list(self._savepoints.keys()):
+            savepoint._invalidate(reason)
+        self._savepoints.clear()
+        if self._subtransaction_savepoint is not None:
+            self._subtransaction_savepoint = None
+
+    # -- subtransactions (ZODB's old API, used through the manager) -----------------------
+
+    def _commit_subtransaction(self) -> None:
+        # An optimistic savepoint: data managers without savepoints must not block it.
+        self._subtransaction_savepoint = self.savepoint(optimistic=True)
+
+    def _abort_subtransaction(self) -> None:
+        self._check_usable("abort a subtransaction")
+        savepoint = self._subtransaction_savepoint
+        if savepoint is not None:
+            if not savepoint.valid:
+                raise InvalidSavepointRollbackError(
+                    "cannot abort the subtransaction: the savepoint of the last "
+                    "commit(subtransaction=True) is no longer valid (a rollback to an earlier "
+                    "savepoint invalidated it)"
+                )
+            savepoint.rollback()
+            return
+        # No subtransaction committed yet: back to the transaction's start means aborting
+        # the data managers' changes; they join again when they change something.
+        errors: list[BaseException] = []
+        for resource in self._resources:
+            try:
+                resource.abort(self)
+            except Exception as exc:
+                log.error("abort on %r raised in abort(subtransaction=True)", resource, exc_info=True)
+                errors.append(exc)
+        self._resources.clear()
+        self._invalidate_savepoints("abort(subtransaction=True) discarded the changes it covered")
+        if errors:
+            self._fail("subtransaction abort", errors[0])
+            raise errors[0]
+
+    def __repr__(self) -> str:
+        finished = ", finished" if self._finished else ""
+        return f"<Transaction {self._status}{finished}, {len(self._resources)} data manager(s)>"

@@ -1,0 +1,299 @@
+"""Transaction managers: who keeps track of the current transaction.
+
+A :class:`TransactionManager` has at most one current transaction.  ``get()`` returns it,
+creating one when there is none (unless the manager is *explicit*: then only ``begin()``
+starts one and using the manager without it raises :class:`NoTransactionError`).  Once the
+current transaction is committed or aborted, the manager lets go of it, and the next
+``get()`` starts a fresh one.
+
+:class:`ThreadTransactionManager` gives each thread its own :class:`TransactionManager`, so
+each thread has its own current transaction and its own synchronizers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import TypeVar
+
+from amberdb.exceptions import NoTransactionError, TransactionError, TransientError
+from amberdb.transaction._transaction import Transaction
+from amberdb.transaction.interfaces import Synchronizer
+from amberdb.transaction.savepoint import Savepoint
+
+__all__ = ["ThreadTransactionManager", "TransactionManager"]
+
+log = logging.getLogger("amberdb.transaction")
+
+T = TypeVar("T")
+
+
+class TransactionManager:
+    """Keeps the current transaction and the synchronizers told about each transaction.
+
+    Used as a context manager, ``with tm as txn:`` begins a transaction, commits it when the
+    block ends normally and aborts it when the block raises (the exception propagates).  A
+    commit that fails there is aborted too, so the manager is ready for the next block.
+    """
+
+    def __init__(self, explicit: bool = False) -> None:
+        self._explicit = explicit
+        self._txn: Transaction | None = None
+        self._synchs: weakref.WeakSet[Synchronizer] = weakref.WeakSet()
+
+    @property
+    def explicit(self) -> bool:
+        """Whether transactions must be started with :meth:`begin` (``get()`` never creates one)."""
+        return self._explicit
+
+    @explicit.setter
+    def explicit(self, value: bool) -> None:
+        self._explicit = bool(value)
+
+    # -- the current transaction ----------------------------------------------------------
+
+    def begin(self) -> Transaction:
+        """Start a new transaction, aborting the current one first (explicit: refusing to)."""
+        if self._txn is not None:
+            if self._explicit:
+                raise TransactionError(
+                    "begin() called while a transaction is in progress; commit or abort it first "
+                    "(this transaction manager is explicit)"
+                )
+            self._txn.abort()
+        return self._new_transaction(notify=True)
+
+    def get(self) -> Transaction:
+        """Return the current transaction, starting one if there is none (unless explicit)."""
+        if self._txn is None:
+            if self._explicit:
+                raise NoTransactionError(
+                    "no transaction in progress: call begin() first (this transaction manager is explicit)"
+                )
+            return self._new_transaction()
+        return self._txn
+
+    def _new_transaction(self, notify: bool = False) -> Transaction:
+        # Only an explicit begin() tells synchronizers: an implicit get() happens inside a
+        # data manager's join (its first change), where moving its snapshot would be wrong.
+        txn = self._txn = Transaction(self._synchs, self)
+        if not notify:
+            return txn
+        errors: list[BaseException] = []
+        for synch in list(self._synchs):
+            try:
+                synch.newTransaction(txn)
+            except Exception as exc:
+                log.error("synchronizer %r raised in newTransaction", synch, exc_info=True)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return txn
+
+    def _free(self, txn: Transaction) -> None:
+        # Called by a transaction that finished; an older transaction finishing late must not
+        # make the manager forget a newer one.
+        if self._txn is txn:
+            self._txn = None
+
+    def commit(self, subtransaction: bool | int = False) -> None:
+        """Commit the current transaction.
+
+        ``commit(True)`` is ZODB's old subtransaction commit: it takes an optimistic savepoint
+        that ``abort(True)`` rolls back to, and the transaction stays active.
+        """
+        txn = self.get()
+        if subtransaction:
+            txn._commit_subtransaction()
+        else:
+            txn.commit()
+
+    def abort(self, subtransaction: bool | int = False) -> None:
+        """Abort the current transaction.
+
+        ``abort(True)`` only discards the changes since the last ``commit(True)``; with no
+        subtransaction committed yet, it aborts the data managers' changes.  Either way the
+        transaction stays active.
+        """
+        txn = self.get()
+        if subtransaction:
+            txn._abort_subtransaction()
+        else:
+            txn.abort()
+
+    def savepoint(self, optimistic: bool = False) -> Savepoint:
+        """Take a savepoint of the current transaction."""
+        return self.get().savepoint(optimistic)
+
+    def doom(self) -> None:
+        """Doom the current transaction: it can then only be aborted."""
+        self.get().doom()
+
+    def isDoomed(self) -> bool:
+        """Whether the current transaction is doomed."""
+        return self.get().isDoomed()
+
+    # -- synchronizers --------------------------------------------------------------------
+
+    def registerSynch(self, synch: Synchronizer) -> None:
+        """Tell ``synch`` about every transaction of this manager (held by a weak reference)."""
+        self._synchs.add(synch)
+
+    def unregisterSynch(self, synch: Synchronizer) -> None:
+        """Stop telling ``synch`` about transactions (no error if it was not registered)."""
+        self._synchs.discard(synch)
+
+    def clearSynchs(self) -> None:
+        """Unregister every synchronizer."""
+        self._synchs.clear()
+
+    # -- retrying -------------------------------------------------------------------------
+
+    def isRetryableError(self, error: BaseException) -> bool:
+        """Whether retrying the transaction that raised ``error`` may succeed."""
+        return isinstance(error, TransientError)
+
+    def run(self, func: Callable[[], T], tries: int = 3) -> T:
+        """Call ``func`` in a new transaction and commit it, retrying on a transient error.
+
+        The transaction is noted with the function's name.  After ``tries`` attempts, or on
+        any other error, the transaction is aborted and the exception propagates.
+        """
+        if tries < 1:
+            raise ValueError(f"run() needs tries >= 1, got {tries}")
+        name = getattr(func, "__name__", repr(func))
+        for attempt in range(1, tries + 1):
+            txn = self.begin()
+            txn.note(name)
+            try:
+                result = func()
+                self.commit()
+            except BaseException as exc:
+                self.abort()
+                if attempt < tries and self.isRetryableError(exc):
+                    log.info("retrying %s after %r (attempt %d of %d)", name, exc, attempt, tries)
+                    continue
+                raise
+            return result
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    # -- context manager ------------------------------------------------------------------
+
+    def __enter__(self) -> Transaction:
+        """Begin a transaction."""
+        return self.begin()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Commit when the block ended normally, otherwise abort; never swallow the error."""
+        if self._txn is None:
+            # The block committed or aborted by itself and started nothing since.
+            return
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                self._abort_quietly()
+                raise
+        else:
+            self._abort_quietly()
+
+    def _abort_quietly(self) -> None:
+        # The exception already on its way out is the one the caller needs to see.
+        try:
+            self.abort()
+        except Exception:
+            log.error("abort after a failed transaction block raised", exc_info=True)
+
+
+class ThreadTransactionManager:
+    """A transaction manager per thread: each thread has its own current transaction."""
+
+    def __init__(self, explicit: bool = False) -> None:
+        self._explicit = explicit
+        self._local = threading.local()
+
+    @property
+    def manager(self) -> TransactionManager:
+        """The calling thread's :class:`TransactionManager` (made on first use)."""
+        manager: TransactionManager | None = getattr(self._local, "manager", None)
+        if manager is None:
+            manager = self._local.manager = TransactionManager(self._explicit)
+        return manager
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the calling thread's manager is explicit (see :class:`TransactionManager`)."""
+        return self.manager.explicit
+
+    @explicit.setter
+    def explicit(self, value: bool) -> None:
+        self.manager.explicit = value
+
+    def begin(self) -> Transaction:
+        """Start a new transaction in this thread, aborting its current one first."""
+        return self.manager.begin()
+
+    def get(self) -> Transaction:
+        """Return this thread's current transaction, starting one if there is none."""
+        return self.manager.get()
+
+    def commit(self, subtransaction: bool | int = False) -> None:
+        """Commit this thread's current transaction (``commit(True)``: a subtransaction)."""
+        self.manager.commit(subtransaction)
+
+    def abort(self, subtransaction: bool | int = False) -> None:
+        """Abort this thread's current transaction (``abort(True)``: its last subtransaction)."""
+        self.manager.abort(subtransaction)
+
+    def savepoint(self, optimistic: bool = False) -> Savepoint:
+        """Take a savepoint of this thread's current transaction."""
+        return self.manager.savepoint(optimistic)
+
+    def doom(self) -> None:
+        """Doom this thread's current transaction."""
+        self.manager.doom()
+
+    def isDoomed(self) -> bool:
+        """Whether this thread's current transaction is doomed."""
+        return self.manager.isDoomed()
+
+    def registerSynch(self, synch: Synchronizer) -> None:
+        """Register ``synch`` with this thread's manager."""
+        self.manager.registerSynch(synch)
+
+    def unregisterSynch(self, synch: Synchronizer) -> None:
+        """Unregister ``synch`` from this thread's manager."""
+        self.manager.unregisterSynch(synch)
+
+    def clearSynchs(self) -> None:
+        """Unregister every synchronizer of this thread's manager."""
+        self.manager.clearSynchs()
+
+    def isRetryableError(self, error: BaseException) -> bool:
+        """Whether retrying the transaction that raised ``error`` may succeed."""
+        return self.manager.isRetryableError(error)
+
+    def run(self, func: Callable[[], T], tries: int = 3) -> T:
+        """Run ``func`` in a transaction of this thread (see :meth:`TransactionManager.run`)."""
+        return self.manager.run(func, tries)
+
+    def __enter__(self) -> Transaction:
+        """Begin a transaction in this thread."""
+        return self.manager.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Commit or abort this thread's transaction (see :class:`TransactionManager`)."""
+        self.manager.__exit__(exc_type, exc, tb)
