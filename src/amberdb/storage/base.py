@@ -19,13 +19,15 @@ Invariants every implementation keeps (the conformance suite in ``tests/`` check
 2. ``store`` raises :class:`~amberdb.exceptions.ConflictError` when ``base_tid`` is not the
    tid of the object's newest committed revision (``z64`` for an object never committed).
    The error carries ``oid`` and ``serials=(committed tid, base_tid)``; the transaction stays
-   open, so the caller may store a resolved record for the same oid or ``abort()``.
+   open, so the caller may store a resolved record for the same oid or ``abort()``.  A second
+   store of the same oid in one transaction is checked against the committed tid too.
 3. After ``vote`` returns, the transaction survives a crash (unless the storage was opened
-   with durability relaxed, where its documentation says so).  Nothing stored in a
-   transaction that was aborted, or interrupted before ``vote`` returned, is ever visible.
+   with durability relaxed, where its documentation says so).  A transaction is visible
+   after a crash only if it was completely written; an aborted one never is, and one cut
+   short by a crash before ``vote`` returned may be either complete or absent, never partial.
 4. Tids handed out by ``finish`` increase strictly.
-5. ``new_oid`` never returns an oid that has been returned before by this storage, nor one
-   that has a record.  Oid ``z64`` is the root and is never handed out by ``new_oid``.
+5. ``new_oid`` never returns an oid that this storage instance returned before, nor one that
+   has a record.  Oid ``z64`` is the root and is never handed out by ``new_oid``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,198 @@
+"""A compact map from oid (as an integer) to a file offset.
+
+Oids are handed out sequentially from 0, so most maps are dense: an ``array('q')`` indexed by
+oid (8 bytes per oid, ``-1`` meaning "absent") is an order of magnitude smaller and faster than
+a dict.  Oids far beyond the dense range (stored by hand, or by another allocator) go to an
+overflow dict so one stray huge oid cannot make the array enormous.
+
+Invariant: every oid lives in exactly one place -- oids below ``len(self._dense)`` in the
+array, all others in ``self._overflow``.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from collections.abc import Iterator
+
+__all__ = ["OffsetIndex"]
+
+_MISSING = -1
+_SPREAD = 1 << 20
+"""How far past the dense range an oid may lie and still grow the array instead of overflowing."""
+_MIN_GROW = 1024
+
+_MAGIC = b"AMBOFFS\x01"
+_HEAD = struct.Struct("<8sQQ")  # magic, dense length, overflow count
+_PAIR = struct.Struct("<qq")
+
+
+class OffsetIndex:
+    """Map ``oid -> offset`` (both non-negative integers), dense where oids are dense."""
+
+    __slots__ = ("_count", "_dense", "_overflow")
+
+    def __init__(self) -> None:
+        self._dense: array[int] = array("q")
+        self._overflow: dict[int, int] = {}
+        self._count = 0
+
+    def get(self, oid: int, default: int = _MISSING) -> int:
+        """The offset stored for ``oid``, or ``default`` when there is none."""
+        dense = self._dense
+        if 0 <= oid < len(dense):
+            value = dense[oid]
+            return default if value == _MISSING else value
+        return self._overflow.get(oid, default)
+
+    def __getitem__(self, oid: int) -> int:
+        """The offset stored for ``oid``; KeyError when there is none."""
+        value = self.get(oid)
+        if value == _MISSING:
+            raise KeyError(oid)
+        return value
+
+    def __setitem__(self, oid: int, offset: int) -> None:
+        """Store ``offset`` (>= 0) for ``oid`` (>= 0)."""
+        if oid < 0 or offset < 0:
+            raise ValueError(f"OffsetIndex needs oid >= 0 and offset >= 0, got {oid}, {offset}")
+        dense = self._dense
+        size = len(dense)
+        if oid >= size:
+            if oid >= size + _SPREAD:
+                if oid not in self._overflow:
+                    self._count += 1
+                self._overflow[oid] = offset
+                return
+            self._grow(oid + 1)
+        if dense[oid] == _MISSING:
+            self._count += 1
+        dense[oid] = offset
+
+    def _grow(self, needed: int) -> None:
+        size = len(self._dense)
+        # Doubling keeps sequential inserts amortised O(1).
+        new_size = max(needed, 2 * size, _MIN_GROW)
+        self._dense.extend(array("q", [_MISSING]) * (new_size - size))
+        if self._overflow:
+            # Keep the one-place invariant: pull overflow entries the array now covers.
+            for oid in [o for o in self._overflow if o < new_size]:
+                self._dense[oid] = self._overflow.pop(oid)
+
+    def __delitem__(self, oid: int) -> None:
+        """Remove ``oid``; KeyError when it is absent."""
+        dense = self._dense
+        if 0 <= oid < len(dense) and dense[oid] != _MISSING:
+            dense[oid] = _MISSING
+        elif oid in self._overflow:
+            del self._overflow[oid]
+        else:
+            raise KeyError(oid)
+        self._count -= 1
+
+    def __contains__(self, oid: object) -> bool:
+        """True when ``oid`` has an offset."""
+        return isinstance(oid, int) and self.get(oid) != _MISSING
+
+    def __len__(self) -> int:
+        """The number of oids present."""
+        return self._count
+
+    def __repr__(self) -> str:
+        return f"<OffsetIndex {self._count} oids, max {self.max_oid()}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OffsetIndex):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self.items(), other.items()))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        """Yield ``(oid, offset)`` pairs in increasing oid order."""
+        dense = self._dense
+        for start in range(0, len(dense), 4096):
+            block = dense[start : start + 4096]
+            if block.count(_MISSING) == len(block):
+                continue  # skipping empty blocks in C keeps sparse arrays cheap
+            for oid, offset in enumerate(block, start):
+                if offset != _MISSING:
+                    yield oid, offset
+        for oid in sorted(self._overflow):
+            yield oid, self._overflow[oid]
+
+    def keys(self) -> Iterator[int]:
+        """Yield the oids present, in increasing order."""
+        for oid, _ in self.items():
+            yield oid
+
+    def max_oid(self) -> int:
+        """The largest oid present, or -1 when the index is empty."""
+        if self._overflow:
+            return max(self._overflow)
+        dense = self._dense
+        end = len(dense)
+        # Skip the all-missing tail a block at a time (growth leaves up to half the array empty).
+        while end > 0:
+            start = max(0, end - 4096)
+            block = dense[start:end]
+            if block.count(_MISSING) != len(block):
+                for oid in range(end - 1, start - 1, -1):
+                    if dense[oid] != _MISSING:
+                        return oid
+            end = start
+        return -1
+
+    def copy(self) -> OffsetIndex:
+        """An independent copy."""
+        clone = OffsetIndex()
+        clone._dense = array("q", self._dense)
+        clone._overflow = dict(self._overflow)
+        clone._count = self._count
+        return clone
+
+    def clear(self) -> None:
+        """Remove every entry."""
+        self._dense = array("q")
+        self._overflow = {}
+        self._count = 0
+
+    def to_bytes(self) -> bytes:
+        """Serialise (little-endian, independent of the machine) for :meth:`from_bytes`."""
+        dense = self._dense
+        if sys.byteorder != "little":
+            dense = array("q", dense)
+            dense.byteswap()
+        parts = [_HEAD.pack(_MAGIC, len(dense), len(self._overflow)), dense.tobytes()]
+        parts.extend(_PAIR.pack(oid, off) for oid, off in sorted(self._overflow.items()))
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> OffsetIndex:
+        """Rebuild an index from :meth:`to_bytes` output; ValueError when ``data`` is malformed."""
+        view = memoryview(data)
+        if len(view) < _HEAD.size:
+            raise ValueError("OffsetIndex data too short")
+        magic, dense_len, overflow_len = _HEAD.unpack_from(view, 0)
+        if magic != _MAGIC:
+            raise ValueError("OffsetIndex data has the wrong magic")
+        dense_end = _HEAD.size + 8 * dense_len
+        if len(view) != dense_end + _PAIR.size * overflow_len:
+            raise ValueError("OffsetIndex data has the wrong length")
+        dense = array("q")
+        dense.frombytes(view[_HEAD.size : dense_end])
+        if sys.byteorder != "little":
+            dense.byteswap()
+        if dense and min(dense) < _MISSING:
+            raise ValueError("OffsetIndex data holds a negative offset")
+        overflow: dict[int, int] = {}
+        for oid, off in _PAIR.iter_unpack(view[dense_end:]):
+            if oid < dense_len or off < 0 or oid in overflow:
+                raise ValueError("OffsetIndex data holds a bad overflow entry")
+            overflow[oid] = off
+        index = cls()
+        index._dense = dense
+        index._overflow = overflow
+        index._count = len(dense) - dense.count(_MISSING) + len(overflow)
+        return index

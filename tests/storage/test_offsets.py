@@ -1,0 +1,117 @@
+"""OffsetIndex against a plain dict."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from amberdb.storage.offsets import OffsetIndex
+
+# Mostly small oids (the dense array), some far away (the overflow dict), some in between.
+OIDS = st.one_of(
+    st.integers(0, 3000),
+    st.integers(0, 1 << 21),
+    st.integers(1 << 40, (1 << 40) + 50),
+    st.integers(0, (1 << 63) - 1),
+)
+OFFSETS = st.integers(0, (1 << 63) - 1)
+
+
+class IndexVsDict(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = OffsetIndex()
+        self.model: dict[int, int] = {}
+
+    @rule(oid=OIDS, offset=OFFSETS)
+    def set(self, oid: int, offset: int) -> None:
+        self.index[oid] = offset
+        self.model[oid] = offset
+
+    @rule(oid=OIDS)
+    def delete(self, oid: int) -> None:
+        if oid in self.model:
+            del self.index[oid]
+            del self.model[oid]
+        else:
+            with pytest.raises(KeyError):
+                del self.index[oid]
+
+    @rule(oid=OIDS)
+    def get(self, oid: int) -> None:
+        assert self.index.get(oid) == self.model.get(oid, -1)
+        assert self.index.get(oid, 7) == self.model.get(oid, 7)
+        assert (oid in self.index) == (oid in self.model)
+
+    @rule()
+    def round_trip(self) -> None:
+        clone = OffsetIndex.from_bytes(self.index.to_bytes())
+        assert list(clone.items()) == sorted(self.model.items())
+        assert len(clone) == len(self.model)
+        self.index = clone
+
+    @rule()
+    def copy_is_independent(self) -> None:
+        clone = self.index.copy()
+        clone[5] = 123
+        assert self.index.get(5) == self.model.get(5, -1)
+        assert clone == clone.copy()
+
+    @invariant()
+    def agrees(self) -> None:
+        assert len(self.index) == len(self.model)
+        assert self.index.max_oid() == max(self.model, default=-1)
+
+
+TestIndexVsDict = IndexVsDict.TestCase
+TestIndexVsDict.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+@given(st.dictionaries(OIDS, OFFSETS, max_size=50))
+def test_items_in_oid_order(entries: dict[int, int]) -> None:
+    index = OffsetIndex()
+    for oid, offset in entries.items():
+        index[oid] = offset
+    assert list(index.items()) == sorted(entries.items())
+    assert list(index.keys()) == sorted(entries)
+
+
+def test_sequential_oids_stay_dense() -> None:
+    index = OffsetIndex()
+    for oid in range(100_000):
+        index[oid] = oid * 10
+    assert len(index) == 100_000
+    assert index.max_oid() == 99_999
+    assert len(index.to_bytes()) < 100_000 * 8 * 2 + 100
+    assert index.get(123) == 1230
+
+
+def test_far_oid_overflows_then_migrates() -> None:
+    index = OffsetIndex()
+    index[5_000_000] = 1
+    assert len(index.to_bytes()) < 100  # no giant array for one far oid
+    for oid in range(0, 5_000_001, 1 << 19):
+        index[oid] = 2
+    assert index[5_000_000] == 1
+    assert index.get(4_999_999) == -1
+    assert len(index) == len(range(0, 5_000_001, 1 << 19)) + 1
+
+
+def test_rejects_negative() -> None:
+    index = OffsetIndex()
+    with pytest.raises(ValueError):
+        index[-1] = 0
+    with pytest.raises(ValueError):
+        index[0] = -5
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"junk" * 10, OffsetIndex().to_bytes()[:-1] + b"x", OffsetIndex().to_bytes() + b"x"]
+)
+def test_from_bytes_rejects_garbage(data: bytes) -> None:
+    if data == OffsetIndex().to_bytes():
+        return
+    with pytest.raises(ValueError):
+        OffsetIndex.from_bytes(data)
