@@ -1,1 +1,74 @@
-"""AmberDB: a transactional object database for Python."""
+"""AmberDB: a transactional object database for Python.
+
+Keep ordinary Python objects in a database: everything reachable from the root is saved when
+the transaction commits and loaded, lazily, when code touches it::
+
+    import amberdb
+    import amberdb.transaction as transaction
+
+    conn = amberdb.connection("books.fs")
+    conn.root.books = amberdb.PersistentList()
+    transaction.commit()
+"""
+
+from amberdb.connection import Connection
+from amberdb.containers import PersistentList, PersistentMapping
+from amberdb.db import DB, connection
+from amberdb.exceptions import (
+    ConflictError,
+    ConnectionStateError,
+    DatabaseError,
+    DoomedTransaction,
+    DoomedTransactionError,
+    FileFormatError,
+    InvalidObjectReference,
+    InvalidSavepointRollbackError,
+    NoTransactionError,
+    POSKeyError,
+    ReadOnlyError,
+    RecordDecodeError,
+    SerializationError,
+    StorageError,
+    StorageLockedError,
+    StorageTransactionError,
+    TransactionError,
+    TransactionFailedError,
+    TransientError,
+    UnsafeGlobalError,
+)
+from amberdb.persistent import Persistent
+from amberdb.storage.file import FileStorage
+from amberdb.storage.memory import MemoryStorage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DB",
+    "ConflictError",
+    "Connection",
+    "ConnectionStateError",
+    "DatabaseError",
+    "DoomedTransaction",
+    "DoomedTransactionError",
+    "FileFormatError",
+    "FileStorage",
+    "InvalidObjectReference",
+    "InvalidSavepointRollbackError",
+    "MemoryStorage",
+    "NoTransactionError",
+    "POSKeyError",
+    "Persistent",
+    "PersistentList",
+    "PersistentMapping",
+    "ReadOnlyError",
+    "RecordDecodeError",
+    "SerializationError",
+    "StorageError",
+    "StorageLockedError",
+    "StorageTransactionError",
+    "TransactionError",
+    "TransactionFailedError",
+    "TransientError",
+    "UnsafeGlobalError",
+    "connection",
+]

@@ -144,7 +144,7 @@ class RecordDecodeError(DatabaseError):
     """A record's bytes cannot be turned back into an object state."""
 
 
-class InvalidObjectReference(DatabaseError):
+class InvalidObjectReference(DatabaseError):  # noqa: N818 - the name ZODB users catch
     """An object that belongs to another connection or database was stored here."""
 
 

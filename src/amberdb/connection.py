@@ -1,0 +1,551 @@
+"""Connection: one snapshot's view of the database as Python objects.
+
+A connection loads objects on demand, keeps them in its cache, notices which ones change,
+and takes part in transactions as a *data manager*: the transaction package calls
+``tpc_begin``, ``commit``, ``tpc_vote``, ``tpc_finish`` (or ``abort`` / ``tpc_abort``) and
+``savepoint``; the connection writes records through its storage.
+
+Snapshot isolation: a connection reads the database as of the last transaction committed
+when its own transaction began (``_snapshot``); newer revisions written by other connections
+are skipped by loading ``before`` the snapshot.  Their oids arrive as invalidations and are
+applied (the objects turned into ghosts) only at transaction boundaries.
+
+Savepoints write the records of changed objects to a spill file and let the objects become
+ghosts again, so a transaction can change more objects than fit in memory; the final commit
+streams the spill into the storage.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from amberdb.cache import ObjectCache
+from amberdb.exceptions import (
+    ConflictError,
+    ConnectionStateError,
+    InvalidObjectReference,
+    ReadOnlyError,
+    SerializationError,
+)
+from amberdb.persistent import (
+    CHANGED,
+    GHOST,
+    UPTODATE,
+    Persistent,
+    class_name,
+    ghostify,
+    make_ghost,
+    mark_unchanged,
+    restore_state,
+)
+from amberdb.record import RecordHeader, decode_header
+from amberdb.serialize import ObjectReader, ObjectWriter
+from amberdb.storage.base import TransactionMeta
+from amberdb.storage.spill import SpillFile
+from amberdb.utils import Oid, Tid, oid_repr, p64, u64, z64
+
+if TYPE_CHECKING:
+    from amberdb.containers import PersistentMapping
+    from amberdb.db import DB
+
+__all__ = ["Connection", "RootConvenience"]
+
+_set = object.__setattr__
+
+
+class RootConvenience:
+    """``conn.root``: call it for the root mapping, or use its keys as attributes."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: Connection) -> None:
+        _set(self, "_connection", connection)
+
+    def __call__(self) -> PersistentMapping[Any, Any]:
+        root: PersistentMapping[Any, Any] = self._connection.get(z64)
+        return root
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self()[name]
+        except KeyError:
+            raise AttributeError(f"the root has no {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self()[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self()[name]
+        except KeyError:
+            raise AttributeError(f"the root has no {name!r}") from None
+
+    def __dir__(self) -> list[str]:
+        return sorted(key for key in self() if isinstance(key, str))
+
+    def __repr__(self) -> str:
+        return f"<root of {self._connection!r}: {' '.join(map(str, sorted(map(str, self()))))}>"
+
+
+class _ConnectionSavepoint:
+    """What ``Connection.savepoint`` returns: rolls the connection back to that moment."""
+
+    def __init__(self, connection: Connection, position: int) -> None:
+        self._connection = connection
+        self._position = position
+
+    def rollback(self) -> None:
+        """Undo every change made since the savepoint."""
+        self._connection._rollback(self._position)
+
+
+class Connection:
+    """An object view of the database for one thread and its transaction manager."""
+
+    def __init__(self, db: DB, cache_size: int) -> None:
+        self._db = db
+        self._storage = db.storage
+        self._cache = ObjectCache(cache_size)
+        self._reader = ObjectReader(db._resolver, self._ghost_for)
+        self._writer = ObjectWriter(db._resolver, self._reference)
+        self.root = RootConvenience(self)
+        self.transaction_manager: Any = None
+        self._opened = False
+        self._close_callbacks: list[Callable[[], object]] = []
+        # The transaction in progress:
+        self._joined: Any = None
+        self._registered: list[Persistent] = []
+        self._added: dict[Oid, Persistent] = {}
+        self._spill: SpillFile | None = None
+        self._stored: list[Persistent] = []  # objects written by the commit in progress
+        self._stored_oids: list[Oid] = []
+        # MVCC: reads see transactions up to _snapshot; _pending holds invalidations from
+        # other connections, guarded by the database's lock.
+        self._snapshot: Tid = z64
+        self._read_before: Tid = p64(1)
+        self._pending: set[Oid] = set()
+        self._thread: int | None = None
+
+    # -- opening and closing --------------------------------------------------------------
+
+    def _open(self, transaction_manager: Any) -> None:
+        self.transaction_manager = transaction_manager
+        self._opened = True
+        self._thread = threading.get_ident()
+        transaction_manager.registerSynch(self)
+        self._start_snapshot()
+
+    def close(self) -> None:
+        """Give the connection back to the database's pool.  Idempotent.
+
+        Refused while the connection has uncommitted changes: commit or abort first.
+        """
+        if not self._opened:
+            return
+        if self._joined is not None:
+            raise ConnectionStateError(
+                "cannot close a connection with uncommitted changes; commit or abort the transaction first"
+            )
+        self.transaction_manager.unregisterSynch(self)
+        self._opened = False
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        self._db._release(self)
+        for callback in callbacks:
+            callback()
+
+    def on_close(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once when this connection is closed."""
+        self._close_callbacks.append(callback)
+
+    @property
+    def opened(self) -> bool:
+        """True between ``DB.open()`` and ``close()``."""
+        return self._opened
+
+    def db(self) -> DB:
+        """The database this connection belongs to."""
+        return self._db
+
+    def _check_open(self, action: str) -> None:
+        if not self._opened:
+            raise ConnectionStateError(f"cannot {action}: the connection is closed")
+
+    def __repr__(self) -> str:
+        state = "open" if self._opened else "closed"
+        return f"<Connection {state} on {self._storage.name} at {id(self):#x}>"
+
+    # -- objects --------------------------------------------------------------------------
+
+    def get(self, oid: Oid) -> Persistent:
+        """The object stored under ``oid``, loaded; POSKeyError if there is none."""
+        self._check_open(f"get oid {oid_repr(oid)}")
+        obj = self._cache.get(oid)
+        if obj is not None:
+            if obj._p_state != GHOST:
+                self._cache.touch(oid, obj)
+            return obj
+        record, serial = self._load(oid)
+        header = self._reader.header(oid, record)
+        obj = make_ghost(self._reader.record_class(oid, header), oid, self)
+        self._cache.add(oid, obj)
+        self._restore(obj, oid, record, serial, header)
+        return obj
+
+    def __getitem__(self, oid: Oid) -> Persistent:
+        return self.get(oid)
+
+    def add(self, obj: Persistent) -> None:
+        """Make ``obj`` part of this database; it is written at the next commit.
+
+        Objects reachable from stored objects are added implicitly; call this to get an oid
+        before committing, or for objects nothing refers to yet.
+        """
+        self._check_open("add an object")
+        if not isinstance(obj, Persistent):
+            raise TypeError(f"only persistent objects can be added, not {type(obj).__qualname__} {obj!r:.80}")
+        jar = obj._p_jar
+        if jar is self:
+            return
+        if jar is not None:
+            raise InvalidObjectReference(
+                f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)} already belongs to {jar!r}; "
+                f"an object can belong to one connection only"
+            )
+        self._assign(obj)
+        self._join()
+
+    def _assign(self, obj: Persistent) -> Oid:
+        if self._storage.read_only:
+            raise ReadOnlyError(f"cannot add {class_name(obj.__class__)}: the database is read-only")
+        oid = self._storage.new_oid()
+        _set(obj, "_p_oid", oid)
+        _set(obj, "_p_jar", self)
+        _set(obj, "_p_serial", z64)
+        _set(obj, "_p_state", UPTODATE)
+        self._added[oid] = obj
+        self._cache.add(oid, obj)
+        return oid
+
+    def _reference(self, obj: Persistent) -> Oid:
+        """The oid to store for a reference to ``obj``, adding it when new."""
+        jar = obj._p_jar
+        if jar is self:
+            return obj._p_oid  # type: ignore[return-value]
+        if jar is None:
+            return self._assign(obj)
+        raise InvalidObjectReference(
+            f"cannot store a reference to {class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}: "
+            f"it belongs to {jar!r}, not {self!r}"
+        )
+
+    # hot path: called for every reference in every record loaded.
+    def _ghost_for(self, oid: Oid, name: str) -> Persistent:
+        obj = self._cache.get(oid)
+        if obj is None:
+            obj = make_ghost(self._db._resolver.persistent_class(name), oid, self)
+            self._cache.add(oid, obj)
+        return obj
+
+    def cache_minimize(self) -> None:
+        """Turn every unchanged loaded object into a ghost, freeing memory."""
+        self._cache.minimize()
+        self._cache.drop_ghosts()
+
+    @property
+    def cache_size(self) -> int:
+        """Target number of loaded objects kept between transactions."""
+        return self._cache.target_size
+
+    @cache_size.setter
+    def cache_size(self, value: int) -> None:
+        self._cache.target_size = value
+
+    # -- the jar interface (called by Persistent) ------------------------------------------
+
+    def register(self, obj: Persistent) -> None:
+        """Note that ``obj`` changed in the current transaction."""
+        if not self._opened:
+            what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
+            raise ConnectionStateError(f"cannot change {what}: its connection is closed")
+        self._join()
+        self._registered.append(obj)
+
+    def setstate(self, obj: Persistent) -> None:
+        """Load the state of the ghost ``obj``."""
+        oid: Oid = obj._p_oid  # type: ignore[assignment]
+        if not self._opened:
+            raise ConnectionStateError(
+                f"cannot load {class_name(obj.__class__)} oid {oid_repr(oid)}: its connection is closed"
+            )
+        record, serial = self._load(oid)
+        self._restore(obj, oid, record, serial, self._reader.header(oid, record))
+
+    def _restore(self, obj: Persistent, oid: Oid, record: bytes, serial: Tid, header: RecordHeader) -> None:
+        restore_state(obj, self._reader.state(oid, record, header), serial, len(record))
+        self._cache.touch(oid, obj)
+
+    def _load(self, oid: Oid) -> tuple[bytes, Tid]:
+        spill = self._spill
+        if spill is not None:
+            spilled = spill.load(oid)
+            if spilled is not None:
+                return spilled
+        record, tid = self._storage.load(oid)
+        if tid > self._snapshot:
+            record, tid = self._storage.load(oid, self._read_before)
+        return record, tid
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def _join(self) -> None:
+        if self._joined is None:
+            transaction = self.transaction_manager.get()
+            transaction.join(self)
+            self._joined = transaction
+
+    def sortKey(self) -> str:
+        """Orders data managers in two-phase commit."""
+        return f"amberdb:{self._storage.name}:{id(self):016x}"
+
+    def abort(self, transaction: Any) -> None:
+        """Throw away this transaction's changes: changed objects become ghosts again."""
+        self._revert()
+
+    def tpc_begin(self, transaction: Any) -> None:
+        """Start writing: waits for the storage's commit lock."""
+        if self._storage.read_only:
+            raise ReadOnlyError(f"cannot commit: {self._storage.name} is read-only")
+        self._storage.begin(_meta(transaction))
+
+    def commit(self, transaction: Any) -> None:
+        """Write the records of every new and changed object to the storage."""
+        spill = self._spill
+        if spill is not None:
+            self._write_pending(_spill_sink(spill))
+            for oid, base, record in spill.entries():
+                try:
+                    self._storage.store(oid, base, record)
+                except ConflictError as exc:
+                    raise exc.with_class(decode_header(record).class_name.replace(":", ".")) from None
+                self._stored_oids.append(oid)
+            return
+        storage = self._storage
+        stored = self._stored
+        stored_oids = self._stored_oids
+
+        def store(oid: Oid, base: Tid, record: bytes, obj: Persistent) -> None:
+            stored.append(obj)
+            try:
+                storage.store(oid, base, record)
+            except ConflictError as exc:
+                raise exc.with_class(class_name(obj.__class__)) from None
+            stored_oids.append(oid)
+
+        self._write_pending(store)
+
+    def _write_pending(self, sink: Callable[[Oid, Tid, bytes, Persistent], None]) -> None:
+        """Serialize every added and changed object (and objects they newly reach) into sink."""
+        writer = self._writer
+        added = self._added
+        registered = self._registered
+        while added or registered:
+            if added:
+                oid, obj = added.popitem()
+            else:
+                obj = registered.pop()
+                if obj._p_jar is not self or obj._p_state != CHANGED:
+                    continue
+                oid = obj._p_oid  # type: ignore[assignment]
+            try:
+                record = writer.serialize(obj)
+            except SerializationError:
+                if obj._p_serial == z64:
+                    added[oid] = obj
+                else:
+                    registered.append(obj)
+                raise
+            sink(oid, obj._p_serial, record, obj)
+            mark_unchanged(obj)
+            _set(obj, "_p_estimated_size", len(record))
+
+    def tpc_vote(self, transaction: Any) -> None:
+        """Make the transaction durable."""
+        self._storage.vote()
+
+    def tpc_finish(self, transaction: Any) -> None:
+        """Publish the transaction: objects get their new serial, others see the change."""
+        db = self._db
+        with db._lock:
+            tid = self._storage.finish()
+            db._invalidate(self._stored_oids, self)
+            self._take_snapshot()
+        spill = self._spill
+        for obj in self._stored:
+            if obj._p_jar is self:
+                _set(obj, "_p_serial", tid)
+                self._cache.touch(obj._p_oid, obj)
+        if spill is not None:
+            for oid, obj in self._cache.live_objects():
+                if oid in spill:
+                    _set(obj, "_p_serial", tid)
+            spill.close()
+            self._spill = None
+        self._end_transaction()
+
+    def tpc_abort(self, transaction: Any) -> None:
+        """Forget a commit that failed part-way: nothing of it is written."""
+        self._storage.abort()
+        self._revert()
+
+    def _revert(self) -> None:
+        for obj in self._stored:
+            self._discard(obj)
+        for obj in self._added.values():
+            self._discard(obj)
+        for obj in self._registered:
+            self._discard(obj)
+        spill = self._spill
+        if spill is not None:
+            self._discard_spilled(spill.oids())
+            spill.close()
+            self._spill = None
+        self._end_transaction()
+
+    def _discard(self, obj: Persistent) -> None:
+        """Undo this transaction's changes to ``obj``: new objects become unsaved again."""
+        if obj._p_jar is not self:
+            return
+        if obj._p_serial == z64:
+            self._unsave(obj)
+        elif obj._p_state != GHOST:
+            ghostify(obj)
+
+    def _unsave(self, obj: Persistent) -> None:
+        oid: Oid = obj._p_oid  # type: ignore[assignment]
+        if self._cache.get(oid) is obj:
+            self._cache.remove(oid)
+        _set(obj, "_p_jar", None)
+        _set(obj, "_p_oid", None)
+        _set(obj, "_p_serial", z64)
+        mark_unchanged(obj)
+
+    def _discard_spilled(self, oids: Iterable[Oid]) -> None:
+        """Discard spilled changes of live objects; new ones keep their state, unsaved."""
+        spill = self._spill
+        assert spill is not None
+        victims = []
+        for oid in oids:
+            obj = self._cache.get(oid)
+            if obj is not None:
+                victims.append(obj)
+        # A new object that became a ghost has its only state in the spill: load it first,
+        # which may make ghosts of further new objects it refers to.
+        new_ghosts = [obj for obj in victims if obj._p_serial == z64 and obj._p_state == GHOST]
+        while new_ghosts:
+            for obj in new_ghosts:
+                self.setstate(obj)
+            new_ghosts = [
+                obj for _, obj in self._cache.live_objects()
+                if obj._p_serial == z64 and obj._p_state == GHOST and obj._p_oid in spill
+            ]  # fmt: skip
+            victims.extend(new_ghosts)
+        for obj in victims:
+            self._discard(obj)
+
+    def _end_transaction(self) -> None:
+        self._joined = None
+        self._registered = []
+        self._added = {}
+        self._stored = []
+        self._stored_oids = []
+
+    # -- savepoints -------------------------------------------------------------------------
+
+    def savepoint(self) -> _ConnectionSavepoint:
+        """Spill the changes made so far to a temporary file; return a way back to here."""
+        if self._spill is None:
+            self._spill = SpillFile()
+        self._write_pending(_spill_sink(self._spill))
+        self._cache.shrink()
+        self._cache.drop_ghosts()
+        return _ConnectionSavepoint(self, self._spill.position)
+
+    def _rollback(self, position: int) -> None:
+        spill = self._spill
+        if spill is None:
+            raise ConnectionStateError("savepoint rollback after the transaction ended")
+        for obj in list(self._added.values()):
+            self._discard(obj)
+        for obj in self._registered:
+            self._discard(obj)
+        self._added = {}
+        self._registered = []
+        self._discard_spilled(spill.oids_since(position))
+        undone = spill.rollback(position)
+        for oid in undone:
+            spilled = self._cache.get(oid)
+            if spilled is not None and spilled._p_jar is self and spilled._p_state != GHOST:
+                ghostify(spilled)
+
+    # -- synchronisation (called by the transaction manager) --------------------------------
+
+    def newTransaction(self, transaction: Any, sync: bool = True) -> None:
+        """A new transaction began: move to the newest committed state."""
+        if self._joined is None and self._opened:
+            self._start_snapshot()
+
+    def beforeCompletion(self, transaction: Any) -> None:
+        """Nothing to do before commit or abort."""
+
+    def afterCompletion(self, transaction: Any) -> None:
+        """The transaction ended: move to the newest state and trim the cache."""
+        if self._joined is None and self._opened:
+            self._start_snapshot()
+            self._cache.shrink()
+            self._cache.drop_ghosts()
+
+    def sync(self) -> None:
+        """Abort the current transaction and move to the newest committed state."""
+        self.transaction_manager.abort()
+        self._start_snapshot()
+
+    def _start_snapshot(self) -> None:
+        with self._db._lock:
+            pending = self._pending
+            self._pending = set()
+            self._take_snapshot()
+        for oid in pending:
+            obj = self._cache.get(oid)
+            if obj is not None and obj._p_state != GHOST:
+                ghostify(obj)
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = self._storage.last_tid()
+        self._read_before = p64(u64(self._snapshot) + 1)
+
+    def _invalidate(self, oids: Iterable[Oid]) -> None:
+        """Other connections committed changes to ``oids`` (called under the db lock)."""
+        self._pending.update(oids)
+
+
+def _spill_sink(spill: SpillFile) -> Callable[[Oid, Tid, bytes, Persistent], None]:
+    def sink(oid: Oid, base: Tid, record: bytes, obj: Persistent) -> None:
+        spill.store(oid, base, record)
+
+    return sink
+
+
+def _meta(transaction: Any) -> TransactionMeta:
+    extension = dict(getattr(transaction, "extension", {}) or {})
+    try:
+        encoded = json.dumps(extension, sort_keys=True).encode("utf-8") if extension else b""
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"transaction extension metadata must be JSON data: {exc}") from None
+    return TransactionMeta(
+        user=str(getattr(transaction, "user", "") or ""),
+        description=str(getattr(transaction, "description", "") or ""),
+        extension=encoded,
+    )

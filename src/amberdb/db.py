@@ -1,0 +1,193 @@
+"""DB: a database: one storage, the class allow-list, and a pool of connections.
+
+``DB(None)`` is an in-memory database, ``DB("path/to/file.fs")`` opens (creating if needed)
+a FileStorage, and ``DB(storage)`` uses any :class:`~amberdb.storage.base.Storage`.
+``db.open()`` hands out a connection, reusing closed ones (and their warm caches) from a
+pool; ``amberdb.connection(...)`` is the one-line shortcut whose close also closes the
+database.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from amberdb import transaction as _transaction
+from amberdb.connection import Connection
+from amberdb.containers import PersistentMapping
+from amberdb.exceptions import ConnectionStateError, POSKeyError
+from amberdb.serialize import ClassResolver, ObjectWriter
+from amberdb.storage.base import Storage, TransactionMeta
+from amberdb.utils import Oid, oid_repr, z64
+
+__all__ = ["DB", "connection"]
+
+DEFAULT_CACHE_SIZE = 10_000
+DEFAULT_POOL_SIZE = 7
+
+
+def _open_storage(storage: Storage | str | os.PathLike[str] | None, read_only: bool) -> Storage:
+    if storage is None:
+        from amberdb.storage.memory import MemoryStorage
+
+        return MemoryStorage()
+    if isinstance(storage, (str, os.PathLike)):
+        from amberdb.storage.file import FileStorage
+
+        return FileStorage(os.fspath(storage), read_only=read_only)
+    if not isinstance(storage, Storage):
+        raise TypeError(
+            f"DB() takes None, a file path or a storage, not {type(storage).__qualname__} {storage!r:.80}"
+        )
+    return storage
+
+
+class DB:
+    """A database: hands out connections to one storage."""
+
+    def __init__(
+        self,
+        storage: Storage | str | os.PathLike[str] | None = None,
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        allowed_modules: Iterable[str] = (),
+        allowed_classes: Iterable[Any] | Mapping[str, Any] = (),
+        read_only: bool = False,
+    ) -> None:
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        if pool_size < 0:
+            raise ValueError(f"pool_size must be >= 0, got {pool_size}")
+        self.storage: Storage = _open_storage(storage, read_only)
+        self.cache_size = cache_size
+        self.pool_size = pool_size
+        self._resolver = ClassResolver(allowed_modules, allowed_classes)
+        # Guards the pool, the set of connections, and the pairing of a storage's newest
+        # tid with the invalidations a connection has not applied yet.
+        self._lock = threading.RLock()
+        self._pool: list[Connection] = []
+        self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._closed = False
+        self._ensure_root()
+
+    def _ensure_root(self) -> None:
+        try:
+            self.storage.load(z64)
+        except POSKeyError:
+            if self.storage.read_only:
+                return
+            root: PersistentMapping[Any, Any] = PersistentMapping()
+            record = ObjectWriter(self._resolver, _no_references).serialize(root)
+            self.storage.begin(TransactionMeta(description="initial database creation"))
+            try:
+                self.storage.store(z64, z64, record)
+                self.storage.vote()
+                self.storage.finish()
+            except BaseException:
+                self.storage.abort()
+                raise
+
+    @property
+    def read_only(self) -> bool:
+        """True when the storage refuses writes."""
+        return self.storage.read_only
+
+    def register_class(self, cls: Any, name: str | None = None) -> None:
+        """Allow records to load ``cls``; ``name`` maps an old ``module.Class`` name to it."""
+        self._resolver.register(cls, name)
+
+    def open(self, transaction_manager: Any = None) -> Connection:
+        """A connection, bound to ``transaction_manager`` (default: the thread's manager)."""
+        if self._closed:
+            raise ConnectionStateError(
+                f"cannot open a connection: the database on {self.storage.name} is closed"
+            )
+        manager = _transaction.manager if transaction_manager is None else transaction_manager
+        with self._lock:
+            connection = self._pool.pop() if self._pool else None
+            if connection is None:
+                connection = Connection(self, self.cache_size)
+                self._connections.add(connection)
+        connection._open(manager)
+        return connection
+
+    def _release(self, connection: Connection) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._pool.append(connection)
+            while len(self._pool) > self.pool_size:
+                dropped = self._pool.pop(0)
+                self._connections.discard(dropped)
+
+    def _invalidate(self, oids: list[Oid], origin: Connection) -> None:
+        """Tell every other connection that ``oids`` changed (called under ``_lock``)."""
+        if not oids:
+            return
+        for connection in list(self._connections):
+            if connection is not origin:
+                connection._invalidate(oids)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """``with db.transaction() as conn:`` commits on success, aborts on an exception.
+
+        The connection has a transaction manager of its own, so this works alongside
+        whatever transaction the thread has open.
+        """
+        manager = _transaction.TransactionManager()
+        connection = self.open(manager)
+        manager.begin()
+        try:
+            yield connection
+            manager.commit()
+        except BaseException:
+            manager.abort()
+            raise
+        finally:
+            connection.close()
+
+    def __len__(self) -> int:
+        return len(self.storage)
+
+    def close(self) -> None:
+        """Close the storage; open connections can no longer load.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._pool.clear()
+        self.storage.close()
+
+    @property
+    def closed(self) -> bool:
+        """True after ``close()``."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<DB on {self.storage.name}{' (closed)' if self._closed else ''}>"
+
+    def __enter__(self) -> DB:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _no_references(obj: Any) -> Oid:
+    raise ValueError(
+        f"the initial root cannot refer to other objects ({oid_repr(getattr(obj, '_p_oid', None))})"
+    )
+
+
+def connection(storage: Storage | str | os.PathLike[str] | None = None, **options: Any) -> Connection:
+    """Open a database and return a connection to it; closing the connection closes the db."""
+    db = DB(storage, **options)
+    conn = db.open()
+    conn.on_close(db.close)
+    return conn

@@ -1,0 +1,338 @@
+"""Objects <-> records: pickled state, references by oid, and an allow-list for loading.
+
+Loading a record never imports or calls anything the application did not allow.  Every
+class or function a record names goes through :class:`ClassResolver`, which accepts only:
+
+1. persistent classes already defined in this process (including aliases left in an
+   imported module after a rename: ``from catalog import Publication as Book``);
+2. classes and functions the application registered (``DB(allowed_classes=...)``);
+3. names in modules the application listed (``DB(allowed_modules=["myapp"])``);
+4. a fixed set of safe standard types (:data:`SAFE_GLOBALS`): containers, ``datetime``,
+   ``decimal``, ``fractions``, ``uuid``, ``pathlib`` paths, ``zoneinfo``.
+
+Anything else, ``os.system`` or ``builtins.eval`` for instance, raises
+:class:`~amberdb.exceptions.UnsafeGlobalError` naming the global and the oid before it is
+called.  The writer applies the same rule when committing, so a value that could not be
+loaded back is refused at commit time, naming the attribute that holds it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+import sys
+import types
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from amberdb.exceptions import RecordDecodeError, SerializationError, UnsafeGlobalError
+from amberdb.persistent import Persistent, class_name, persistent_class_named
+from amberdb.record import RecordHeader, decode_header, encode_record
+from amberdb.utils import Oid, oid_repr
+
+__all__ = ["SAFE_GLOBALS", "ClassResolver", "ObjectReader", "ObjectWriter"]
+
+PICKLE_PROTOCOL = 5
+
+SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    [("builtins", name) for name in (
+        "bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list",
+        "object", "range", "set", "slice", "str", "tuple",
+    )]
+    + [("collections", name) for name in ("Counter", "OrderedDict", "defaultdict", "deque")]
+    + [("datetime", name) for name in ("date", "datetime", "time", "timedelta", "timezone")]
+    + [("decimal", "Decimal"), ("fractions", "Fraction"), ("uuid", "UUID"), ("uuid", "SafeUUID")]
+    + [("pathlib", name) for name in ("PurePath", "PurePosixPath", "PureWindowsPath", "Path", "PosixPath")]
+    + [("zoneinfo", "ZoneInfo"), ("zoneinfo", "ZoneInfo._unpickle")]
+)  # fmt: skip
+"""Standard globals every database may load: plain data types that run no user code."""
+
+# Types whose instances the pickler writes without naming any global.
+_PLAIN_TYPES: frozenset[type] = frozenset(
+    {str, int, float, bool, type(None), bytes, tuple, list, dict, set, frozenset}
+)
+_GLOBAL_TYPES = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def _split(name: str) -> tuple[str, str]:
+    module, _, qualname = name.partition(":")
+    return module, qualname
+
+
+def _lookup(module_obj: Any, qualname: str) -> Any:
+    obj = module_obj
+    for part in qualname.split("."):
+        if part.startswith("<"):
+            raise AttributeError(qualname)
+        obj = getattr(obj, part)
+    return obj
+
+
+class ClassResolver:
+    """Turns the global names records mention into classes, following the allow-list."""
+
+    def __init__(
+        self,
+        allowed_modules: Iterable[str] = (),
+        allowed_classes: Iterable[Any] | Mapping[str, Any] = (),
+    ) -> None:
+        if isinstance(allowed_modules, str):
+            allowed_modules = [allowed_modules]
+        self._allowed_modules = tuple(allowed_modules)
+        self._registered: dict[str, Any] = {}
+        self._found: dict[tuple[str, str], Any] = {}
+        self._persistent_found: dict[str, type[Persistent]] = {}
+        if isinstance(allowed_classes, Mapping):
+            for name, obj in allowed_classes.items():
+                self.register(obj, name)
+        else:
+            for obj in allowed_classes:
+                self.register(obj)
+
+    def register(self, obj: Any, name: str | None = None) -> None:
+        """Allow ``obj`` (a class or function) to be loaded, under its own name or ``name``.
+
+        ``name`` is ``"module:qualname"`` (or ``"module.qualname"``); use it to load records
+        written under an old name after a class was renamed or moved.
+        """
+        if name is None:
+            name = f"{obj.__module__}:{obj.__qualname__}"
+        elif ":" not in name:
+            module, _, attr = name.rpartition(".")
+            name = f"{module}:{attr}"
+        self._registered[name] = obj
+        self._found.clear()
+        self._persistent_found.clear()
+
+    def _module_allowed(self, module: str) -> bool:
+        return any(module == allowed or module.startswith(allowed + ".") for allowed in self._allowed_modules)
+
+    def find(self, module: str, qualname: str) -> Any:
+        """The object a record names as ``module``/``qualname``; UnsafeGlobalError if not allowed."""
+        key = (module, qualname)
+        found = self._found.get(key)
+        if found is not None:
+            return found
+        found = self._resolve(module, qualname)
+        self._found[key] = found
+        return found
+
+    def _resolve(self, module: str, qualname: str) -> Any:
+        name = f"{module}:{qualname}"
+        if name in self._registered:
+            return self._registered[name]
+        if (module, qualname) in SAFE_GLOBALS:
+            return _lookup(importlib.import_module(module), qualname)
+        cls = persistent_class_named(name)
+        if cls is not None:
+            return cls
+        imported = sys.modules.get(module)
+        if imported is not None:
+            try:
+                candidate = _lookup(imported, qualname)
+            except AttributeError:
+                candidate = None
+            if isinstance(candidate, type) and issubclass(candidate, Persistent):
+                return candidate
+        if self._module_allowed(module):
+            try:
+                return _lookup(importlib.import_module(module), qualname)
+            except (ImportError, AttributeError) as exc:
+                raise UnsafeGlobalError(f"global {module}.{qualname} cannot be found: {exc}") from None
+        raise UnsafeGlobalError(
+            f"global {module}.{qualname} is not allowed to load; import the module that defines it "
+            f"if it is a persistent class, or allow it with DB(..., allowed_modules=[{module!r}]) "
+            f"or DB(..., allowed_classes=[...])"
+        )
+
+    def persistent_class(self, name: str) -> type[Persistent]:
+        """The persistent class a record names as ``"module:qualname"``."""
+        cls = self._persistent_found.get(name)
+        if cls is not None:
+            return cls
+        module, qualname = _split(name)
+        found = self.find(module, qualname)
+        if not (isinstance(found, type) and issubclass(found, Persistent)):
+            raise UnsafeGlobalError(f"global {module}.{qualname} is not a persistent class")
+        self._persistent_found[name] = found
+        return found
+
+    def check_storable(self, obj: Any) -> None:
+        """Raise SerializationError unless ``obj`` (a class or function) can be loaded back."""
+        module = getattr(obj, "__module__", None)
+        qualname = getattr(obj, "__qualname__", None)
+        if not isinstance(module, str) or not isinstance(qualname, str):
+            return  # pickle itself will refuse or name it; loading stays guarded by find()
+        if "<" in qualname and not (isinstance(obj, type) and issubclass(obj, Persistent)):
+            raise SerializationError(
+                f"{module}.{qualname} is a lambda or is defined inside a function, so it cannot be "
+                f"loaded back; store data (or a module-level class), not functions"
+            )
+        try:
+            found = self.find(module, qualname)
+        except UnsafeGlobalError as exc:
+            raise SerializationError(str(exc)) from None
+        if found is not obj and not _same_function(found, obj):
+            raise SerializationError(f"global {module}.{qualname} does not name {obj!r}")
+
+
+def _same_function(a: Any, b: Any) -> bool:
+    # Bound class methods are new objects on each access; compare what they wrap.
+    return (
+        isinstance(a, types.MethodType)
+        and isinstance(b, types.MethodType)
+        and a.__func__ is b.__func__
+        and a.__self__ is b.__self__
+    )
+
+
+class ObjectWriter:
+    """Turns a persistent object's state into a record.
+
+    ``reference`` is called for each persistent object the state refers to and returns its
+    oid (adding new objects to the connection as a side effect).
+    """
+
+    def __init__(self, resolver: ClassResolver, reference: Callable[[Persistent], Oid]) -> None:
+        self._resolver = resolver
+        self._reference = reference
+        self._buffer = io.BytesIO()
+        self._pickler = pickle.Pickler(self._buffer, PICKLE_PROTOCOL)
+        self._pickler.persistent_id = self._persistent_id  # type: ignore[method-assign]
+        self._refs: list[tuple[Oid, str]] = []
+        self._ref_index: dict[Oid, int] = {}
+        self._checked_types: set[type] = set(_PLAIN_TYPES)
+
+    # hot path: called by the pickler for every object in every state it writes.
+    def _persistent_id(self, obj: Any) -> int | None:
+        cls = type(obj)
+        if cls in self._checked_types:
+            return None
+        if isinstance(obj, Persistent):
+            oid = self._reference(obj)
+            index = self._ref_index.get(oid)
+            if index is None:
+                index = self._ref_index[oid] = len(self._refs)
+                self._refs.append((oid, class_name(obj.__class__)))
+            return index
+        if isinstance(obj, _GLOBAL_TYPES):
+            self._resolver.check_storable(obj)
+            return None
+        self._resolver.check_storable(cls)
+        self._checked_types.add(cls)
+        return None
+
+    def serialize(self, obj: Persistent) -> bytes:
+        """The record for ``obj``'s current state."""
+        state = obj.__getstate__()
+        self._refs = []
+        self._ref_index = {}
+        buffer = self._buffer
+        buffer.seek(0)
+        buffer.truncate()
+        self._pickler.clear_memo()
+        try:
+            self._pickler.dump(state)
+        except SerializationError as exc:
+            raise self._explain(obj, state, exc) from None
+        except (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+            raise self._explain(obj, state, exc) from exc
+        return encode_record(class_name(obj.__class__), self._refs, buffer.getvalue())
+
+    def _explain(self, obj: Persistent, state: Any, error: BaseException) -> SerializationError:
+        """Find which attribute of ``obj`` holds the value that cannot be stored."""
+        what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
+        items: list[tuple[str, Any]] = []
+        if isinstance(state, dict):
+            items = list(state.items())
+        elif isinstance(state, tuple) and len(state) == 2:
+            for part in state:
+                if isinstance(part, dict):
+                    items.extend(part.items())
+        for name, value in items:
+            try:
+                self._probe(value)
+            except Exception as exc:
+                return SerializationError(
+                    f"cannot store {what}: attribute {name!r} holds a {type(value).__qualname__} "
+                    f"that cannot be stored: {exc}"
+                )
+        return SerializationError(f"cannot store {what}: {error}")
+
+    def _probe(self, value: Any) -> None:
+        probe = pickle.Pickler(io.BytesIO(), PICKLE_PROTOCOL)
+
+        def persistent_id(obj: Any) -> int | None:
+            if isinstance(obj, Persistent):
+                return 0
+            if isinstance(obj, _GLOBAL_TYPES):
+                self._resolver.check_storable(obj)
+            elif type(obj) not in _PLAIN_TYPES:
+                self._resolver.check_storable(type(obj))
+            return None
+
+        probe.persistent_id = persistent_id  # type: ignore[method-assign]
+        probe.dump(value)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes | memoryview, resolver: ClassResolver, ghosts: list[Any]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._resolver = resolver
+        self._ghosts = ghosts
+
+    def find_class(self, module: str, name: str) -> Any:
+        return self._resolver.find(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if type(pid) is not int or not 0 <= pid < len(self._ghosts):
+            raise RecordDecodeError(f"reference {pid!r} is not in the record's reference table")
+        return self._ghosts[pid]
+
+
+class ObjectReader:
+    """Turns records back into classes and states, through the allow-list.
+
+    ``ghost`` is called with ``(oid, class name)`` for each reference and returns the
+    object to use (the connection's cached object, or a new ghost).
+    """
+
+    def __init__(self, resolver: ClassResolver, ghost: Callable[[Oid, str], Persistent]) -> None:
+        self._resolver = resolver
+        self._ghost = ghost
+
+    def header(self, oid: Oid, record: bytes) -> RecordHeader:
+        """The record's header; RecordDecodeError naming ``oid`` when damaged."""
+        try:
+            return decode_header(record)
+        except RecordDecodeError as exc:
+            raise RecordDecodeError(f"record of oid {oid_repr(oid)}: {exc}") from None
+
+    def record_class(self, oid: Oid, header: RecordHeader) -> type[Persistent]:
+        """The persistent class of the record, checked against the allow-list."""
+        try:
+            return self._resolver.persistent_class(header.class_name)
+        except UnsafeGlobalError as exc:
+            raise UnsafeGlobalError(f"record of oid {oid_repr(oid)}: {exc}") from None
+
+    # hot path: every load of every object passes here.
+    def state(self, oid: Oid, record: bytes, header: RecordHeader) -> Any:
+        """Unpickle the state of ``record``, making ghosts for its references."""
+        try:
+            ghost = self._ghost
+            ghosts = [ghost(ref_oid, ref_class) for ref_oid, ref_class in header.refs] if header.refs else []
+            data = memoryview(record)[header.state_offset :]
+            return _SafeUnpickler(data, self._resolver, ghosts).load()
+        except UnsafeGlobalError as exc:
+            what = _describe(oid, header)
+            raise UnsafeGlobalError(f"record of {what}: {exc}; nothing in it was run") from None
+        except RecordDecodeError as exc:
+            raise RecordDecodeError(f"record of {_describe(oid, header)}: {exc}") from None
+        except Exception as exc:
+            raise RecordDecodeError(f"record of {_describe(oid, header)} cannot be decoded: {exc!r}") from exc
+
+
+def _describe(oid: Oid, header: RecordHeader) -> str:
+    module, qualname = _split(header.class_name)
+    return f"oid {oid_repr(oid)} ({module}.{qualname})"

@@ -1,0 +1,167 @@
+"""The spill file: where a transaction's savepoints put changed records, out of memory.
+
+A connection that takes a savepoint (or a subtransaction commit) writes the records of its
+changed objects here, so the objects themselves can be turned back into ghosts and freed.
+A huge transaction therefore holds only the spill's index in memory.  The file is an
+anonymous temporary file: it vanishes when closed or when the process dies.
+
+Entry layout (integers big-endian):
+
+======  ====  =========================================================================
+offset  size  meaning
+======  ====  =========================================================================
+0       8     oid
+8       8     base tid: the committed revision the change started from (z64: new)
+16      8     offset of the entry it replaced for the same oid, or all ones for none
+24      4     record length n
+28      n     record
+======  ====  =========================================================================
+
+Rolling back to a position walks the entries written after it, newest first, and puts
+back the entry each one replaced; no per-savepoint copy of the index is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+
+from amberdb.storage.offsets import OffsetIndex
+from amberdb.utils import Oid, Tid, p64
+
+__all__ = ["SpillFile"]
+
+_ENTRY = struct.Struct(">8s8sqI")
+_NONE = -1
+_FLUSH_AT = 1 << 20
+
+
+class SpillFile:
+    """Records of one transaction's savepoints, by oid, in a temporary file."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - lives as long as the spill
+        self._fd = self._file.fileno()
+        # oid (as int) -> offset of its newest entry; 8 bytes per oid where oids are dense
+        self._index = OffsetIndex()
+        self._flushed = 0  # bytes already in the file
+        self._pending = bytearray()  # bytes after _flushed, not yet written
+
+    @property
+    def position(self) -> int:
+        """The end of the spill: what a savepoint remembers to roll back to."""
+        return self._flushed + len(self._pending)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, oid: object) -> bool:
+        return isinstance(oid, bytes) and int.from_bytes(oid, "big") in self._index
+
+    def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
+        """Add ``record`` as the newest spilled state of ``oid``."""
+        offset = self.position
+        key = int.from_bytes(oid, "big")
+        self._pending += _ENTRY.pack(oid, base_tid, self._index.get(key, _NONE), len(record))
+        self._pending += record
+        self._index[key] = offset
+        if len(self._pending) >= _FLUSH_AT:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            os.pwrite(self._fd, self._pending, self._flushed)
+            self._flushed += len(self._pending)
+            self._pending = bytearray()
+
+    def _read(self, offset: int, size: int) -> bytes:
+        if offset >= self._flushed:
+            start = offset - self._flushed
+            return bytes(self._pending[start : start + size])
+        self._flush()
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"spill file short read at {offset}: {len(data)} of {size} bytes")
+        return data
+
+    def _entry(self, offset: int) -> tuple[Oid, Tid, int, bytes]:
+        oid, base, previous, length = _ENTRY.unpack(self._read(offset, _ENTRY.size))
+        return oid, base, previous, self._read(offset + _ENTRY.size, length)
+
+    def load(self, oid: Oid) -> tuple[bytes, Tid] | None:
+        """``(record, base tid)`` of the newest spilled state of ``oid``, or None."""
+        offset = self._index.get(int.from_bytes(oid, "big"))
+        if offset == _NONE:
+            return None
+        _, base, _, record = self._entry(offset)
+        return record, base
+
+    def entries(self) -> Iterator[tuple[Oid, Tid, bytes]]:
+        """The newest ``(oid, base tid, record)`` of every spilled oid, in file order.
+
+        Reads the file front to back in large chunks: no per-entry seeks, no sorted copy of
+        the index.
+        """
+        self._flush()
+        index = self._index
+        buffer = b""
+        start = 0  # file offset of buffer[0]
+        offset = 0
+        end = self._flushed
+        while offset < end:
+            need = offset - start + _ENTRY.size
+            if need > len(buffer):
+                buffer = buffer[offset - start :] + os.pread(self._fd, _FLUSH_AT, start + len(buffer))
+                start = offset
+                need = _ENTRY.size
+            oid, base, _, length = _ENTRY.unpack_from(buffer, need - _ENTRY.size)
+            stop = need + length
+            while stop > len(buffer):
+                more = os.pread(self._fd, max(_FLUSH_AT, stop - len(buffer)), start + len(buffer))
+                if not more:
+                    raise OSError(f"spill file ends inside the entry at {offset}")
+                buffer += more
+            if index.get(int.from_bytes(oid, "big")) == offset:
+                yield oid, base, buffer[need:stop]
+            offset += _ENTRY.size + length
+
+    def oids(self) -> list[Oid]:
+        """Every spilled oid."""
+        return [p64(key) for key in self._index.keys()]  # noqa: SIM118 - OffsetIndex is not iterable
+
+    def oids_since(self, position: int) -> list[Oid]:
+        """The oids with entries written at or after ``position``."""
+        return [oid for oid, _ in self._walk(position)]
+
+    def _walk(self, position: int) -> list[tuple[Oid, int]]:
+        found = []
+        offset = position
+        end = self.position
+        while offset < end:
+            oid, _, previous, length = _ENTRY.unpack(self._read(offset, _ENTRY.size))
+            found.append((oid, previous))
+            offset += _ENTRY.size + length
+        return found
+
+    def rollback(self, position: int) -> list[Oid]:
+        """Forget every entry written at or after ``position``; return their oids."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"spill position {position} is outside 0..{self.position}")
+        walked = self._walk(position)
+        for oid, previous in reversed(walked):
+            key = int.from_bytes(oid, "big")
+            if previous == _NONE:
+                if key in self._index:
+                    del self._index[key]
+            else:
+                self._index[key] = previous
+        self._flush()
+        os.ftruncate(self._fd, position)
+        self._flushed = position
+        return [oid for oid, _ in walked]
+
+    def close(self) -> None:
+        """Delete the file."""
+        self._file.close()

@@ -1,0 +1,47 @@
+"""The public names users import: changing them breaks users, so a test pins them."""
+
+from __future__ import annotations
+
+import amberdb
+import amberdb.exceptions
+import amberdb.transaction as transaction
+import amberdb.utils
+
+
+def test_top_level_exports_are_pinned() -> None:
+    assert sorted(amberdb.__all__) == sorted(
+        [
+            "DB", "ConflictError", "Connection", "ConnectionStateError", "DatabaseError",
+            "DoomedTransaction", "DoomedTransactionError", "FileFormatError", "FileStorage",
+            "InvalidObjectReference", "InvalidSavepointRollbackError", "MemoryStorage",
+            "NoTransactionError", "POSKeyError", "Persistent", "PersistentList", "PersistentMapping",
+            "ReadOnlyError", "RecordDecodeError", "SerializationError", "StorageError",
+            "StorageLockedError", "StorageTransactionError", "TransactionError",
+            "TransactionFailedError", "TransientError", "UnsafeGlobalError", "connection",
+        ]
+    )  # fmt: skip
+    for name in amberdb.__all__:
+        assert getattr(amberdb, name) is not None
+
+
+def test_every_exception_derives_from_database_error() -> None:
+    for name in amberdb.exceptions.__all__:
+        error = getattr(amberdb.exceptions, name)
+        assert issubclass(error, amberdb.DatabaseError), name
+        assert getattr(amberdb, name) is error
+    assert issubclass(amberdb.POSKeyError, KeyError)
+    assert issubclass(amberdb.ConflictError, amberdb.TransientError)
+
+
+def test_transaction_module_api() -> None:
+    for name in (
+        "begin", "get", "commit", "abort", "savepoint", "doom", "isDoomed", "manager",
+        "TransactionManager", "ThreadTransactionManager", "Transaction", "Savepoint",
+    ):  # fmt: skip
+        assert hasattr(transaction, name), name
+
+
+def test_utils() -> None:
+    assert amberdb.utils.z64 == b"\0" * 8
+    assert amberdb.utils.p64(1) == b"\0" * 7 + b"\1"
+    assert amberdb.utils.u64(amberdb.utils.p64(2**64 - 1)) == 2**64 - 1

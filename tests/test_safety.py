@@ -1,0 +1,211 @@
+"""Safe loading: a record runs nothing the application did not allow."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import os
+import pickle
+import uuid
+from collections import OrderedDict, defaultdict, deque
+from fractions import Fraction
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+
+import amberdb
+import amberdb.transaction as transaction
+from amberdb.exceptions import SerializationError, UnsafeGlobalError
+from amberdb.persistent import class_name
+from amberdb.record import decode_header, encode_record, references
+from amberdb.storage.base import TransactionMeta
+from amberdb.utils import p64, z64
+from tests.models import Address, Book, Node
+
+
+class _Exploit:
+    """Pickles as a call of ``func(*args)``, the way a tampered record would."""
+
+    def __init__(self, func: Any, *args: Any) -> None:
+        self.func = func
+        self.args = args
+
+    def __reduce__(self) -> Any:
+        return (self.func, self.args)
+
+
+def _write_raw(storage: Any, oid: bytes, record: bytes) -> None:
+    base = z64
+    try:
+        _, base = storage.load(oid)
+    except KeyError:
+        pass
+    storage.begin(TransactionMeta(description="tampering"))
+    storage.store(oid, base, record)
+    storage.vote()
+    storage.finish()
+
+
+def _tampered_book_record(payload: Any) -> bytes:
+    state = pickle.dumps({"title": payload}, protocol=5)
+    return encode_record(class_name(Book), [], state)
+
+
+@pytest.mark.parametrize(
+    ("func", "shown"),
+    [(os.system, "posix.system"), (eval, "builtins.eval"), (getattr, "builtins.getattr")],
+)
+def test_record_naming_a_dangerous_global_fails_and_runs_nothing(
+    tmp_path: Path, func: Any, shown: str
+) -> None:
+    marker = tmp_path / "pwned"
+    db = amberdb.DB(None)
+    conn = db.open()
+    conn.root.book = Book("ZODB")
+    transaction.commit()
+    oid = conn.root.book._p_oid
+    argument = f"open({str(marker)!r}, 'w')" if func is eval else f"touch {marker}"
+    args = (argument,) if func is not getattr else ("text", "upper")
+    _write_raw(db.storage, oid, _tampered_book_record(_Exploit(func, *args)))
+    reader = db.open(transaction.TransactionManager())
+    with pytest.raises(UnsafeGlobalError) as caught:
+        reader.get(oid)
+    message = str(caught.value)
+    assert shown in message
+    assert "oid 0x1" in message and "tests.models.Book" in message
+    assert not marker.exists()
+    reader.close()
+    conn.close()
+    db.close()
+
+
+def test_record_whose_class_is_not_persistent_is_refused(db: amberdb.DB) -> None:
+    _write_raw(db.storage, p64(7), encode_record("subprocess:Popen", [], pickle.dumps({}, protocol=5)))
+    conn = db.open()
+    with pytest.raises(UnsafeGlobalError, match=r"oid 0x7.*subprocess\.Popen"):
+        conn.get(p64(7))
+    conn.close()
+
+
+def test_reference_to_a_non_persistent_class_is_refused(db: amberdb.DB) -> None:
+    state = pickle.dumps({"x": 1}, protocol=5)
+    _write_raw(db.storage, p64(8), encode_record(class_name(Book), [(p64(9), "os:_wrap_close")], state))
+    conn = db.open()
+    with pytest.raises(UnsafeGlobalError, match=r"os\._wrap_close"):
+        conn.get(p64(8))
+    conn.close()
+
+
+def test_safe_standard_types_round_trip(conn: amberdb.Connection) -> None:
+    values = {
+        "when": datetime.datetime(2026, 11, 23, 9, 30, tzinfo=datetime.timezone.utc),
+        "day": datetime.date(2026, 1, 2),
+        "span": datetime.timedelta(hours=3),
+        "money": decimal.Decimal("12.34"),
+        "ratio": Fraction(1, 3),
+        "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "ordered": OrderedDict(a=1),
+        "counts": defaultdict(int, {"x": 2}),
+        "queue": deque([1, 2], maxlen=5),
+        "path": PurePosixPath("/tmp/x"),
+        "misc": {1, 2, frozenset({3})},
+        "number": complex(1, 2),
+        "raw": bytearray(b"ab"),
+    }
+    conn.root.values = values
+    transaction.commit()
+    fresh = conn.db().open(transaction.TransactionManager())
+    assert fresh.root.values == values
+    fresh.close()
+
+
+def test_plain_application_class_needs_its_module_allowed(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.fs")
+    db = amberdb.DB(path)
+    conn = db.open()
+    conn.root.home = Book("x")
+    conn.root.home.address = Address("Main St")
+    with pytest.raises(SerializationError) as caught:
+        transaction.commit()
+    message = str(caught.value)
+    assert "attribute 'address'" in message and "tests.models.Address" in message
+    assert "allowed_modules" in message
+    transaction.abort()
+    conn.close()
+    db.close()
+
+    db = amberdb.DB(path, allowed_modules=["tests.models"])
+    conn = db.open()
+    conn.root.home = Book("x")
+    conn.root.home.address = Address("Main St")
+    transaction.commit()
+    conn.close()
+    db.close()
+
+    db = amberdb.DB(path, allowed_classes=[Address])
+    conn = db.open()
+    assert conn.root.home.address == Address("Main St")
+    conn.close()
+    db.close()
+
+    db = amberdb.DB(path)
+    conn = db.open()
+    with pytest.raises(UnsafeGlobalError, match=r"tests\.models\.Address is not allowed"):
+        conn.root.home.address  # noqa: B018
+    conn.close()
+    db.close()
+
+
+def test_renamed_class_loads_through_registered_old_name(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.fs")
+
+    class Publication(amberdb.Persistent):
+        pass
+
+    old_name = "library:Book"
+    db = amberdb.DB(path)
+    db.register_class(Publication, old_name)
+    raw = encode_record(old_name, [], pickle.dumps({"title": "old"}, protocol=5))
+    _write_raw(db.storage, p64(50), raw)
+    conn = db.open()
+    obj = conn.get(p64(50))
+    assert isinstance(obj, Publication) and obj.title == "old"  # type: ignore[attr-defined]
+    conn.close()
+    db.close()
+
+
+def test_references_are_readable_without_unpickling(conn: amberdb.Connection) -> None:
+    tail = Node("tail")
+    head = Node("head", tail)
+    conn.root.head = head
+    transaction.commit()
+    record, _ = conn.db().storage.load(head._p_oid)
+    header = decode_header(record)
+    assert header.class_name == "tests.models:Node"
+    assert header.refs == [(tail._p_oid, "tests.models:Node")]
+    assert references(record) == [tail._p_oid]
+
+
+def test_lambda_attribute_is_refused_naming_class_oid_and_attribute(conn: amberdb.Connection) -> None:
+    conn.root.book = book = Book("ZODB")
+    transaction.commit()
+    serial = book._p_serial
+    book.callback = lambda: None
+    with pytest.raises(SerializationError) as caught:
+        transaction.commit()
+    message = str(caught.value)
+    assert "tests.models:Book" in message and "oid 0x1" in message and "'callback'" in message
+    transaction.abort()
+    # nothing was written: the stored revision is unchanged
+    assert conn.db().storage.load(book._p_oid)[1] == serial
+    assert not hasattr(book, "callback")
+
+
+def test_open_file_attribute_is_refused(conn: amberdb.Connection, tmp_path: Path) -> None:
+    with open(tmp_path / "f", "w") as handle:
+        conn.root.book = book = Book("ZODB")
+        book.handle = handle
+        with pytest.raises(SerializationError, match="'handle'"):
+            transaction.commit()
+    transaction.abort()
