@@ -245,3 +245,20 @@ def test_db_rejects_bad_arguments() -> None:
         DB(42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cache_size must be >= 0"):
         DB(None, cache_size=-1)
+
+
+def test_cache_gc_bounds_memory_within_one_transaction() -> None:
+    db = DB(None, cache_size=20)
+    conn = db.open()
+    conn.root.nodes = PersistentList(Node(i) for i in range(500))
+    transaction.commit()
+    conn.cache_minimize()
+    total = 0
+    for i, node in enumerate(conn.root.nodes):
+        total += node.value
+        if i % 50 == 49:
+            conn.cache_gc()
+            assert conn._cache.loaded_count <= 20
+    assert total == sum(range(500))
+    conn.close()
+    db.close()

@@ -254,6 +254,17 @@ class Connection:
         self._cache.minimize()
         self._cache.drop_ghosts()
 
+    def cache_gc(self) -> None:
+        """Trim the cache to ``cache_size`` now, as a transaction boundary would.
+
+        For reading through more objects than fit in memory within one transaction.  Like
+        any eviction it drops unsaved in-place changes of objects not yet marked changed
+        (a plain list appended to before ``_p_changed = True``), so call it between units
+        of work, not in the middle of one.
+        """
+        self._cache.shrink()
+        self._cache.drop_ghosts()
+
     @property
     def cache_size(self) -> int:
         """Target number of loaded objects kept between transactions."""

@@ -277,18 +277,24 @@ class ObjectWriter:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes | memoryview, resolver: ClassResolver, ghosts: list[Any]) -> None:
-        super().__init__(io.BytesIO(data))
-        self._resolver = resolver
-        self._ghosts = ghosts
+    """Resolves globals through the allow-list and references through a ghost table.
+
+    Constructed per record with the C initializer (no Python ``__init__``: this is on the
+    path of every load); the caller sets ``resolver`` and ``ghosts``.  Reusing one instance
+    would be cheaper still, but clearing the C unpickler's memo costs more than a new one.
+    """
+
+    __slots__ = ("ghosts", "resolver")
+    resolver: ClassResolver
+    ghosts: list[Any]
 
     def find_class(self, module: str, name: str) -> Any:
-        return self._resolver.find(module, name)
+        return self.resolver.find(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is not int or not 0 <= pid < len(self._ghosts):
+        if type(pid) is not int or not 0 <= pid < len(self.ghosts):
             raise RecordDecodeError(f"reference {pid!r} is not in the record's reference table")
-        return self._ghosts[pid]
+        return self.ghosts[pid]
 
 
 class ObjectReader:
@@ -322,8 +328,10 @@ class ObjectReader:
         try:
             ghost = self._ghost
             ghosts = [ghost(ref_oid, ref_class) for ref_oid, ref_class in header.refs] if header.refs else []
-            data = memoryview(record)[header.state_offset :]
-            return _SafeUnpickler(data, self._resolver, ghosts).load()
+            unpickler = _SafeUnpickler(io.BytesIO(memoryview(record)[header.state_offset :]))
+            unpickler.resolver = self._resolver
+            unpickler.ghosts = ghosts
+            return unpickler.load()
         except UnsafeGlobalError as exc:
             what = _describe(oid, header)
             raise UnsafeGlobalError(f"record of {what}: {exc}; nothing in it was run") from None

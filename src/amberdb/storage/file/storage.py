@@ -148,10 +148,10 @@ class FileStorage:
         self._next_oid = 1
         self._file_id = b""
         self._file_id_crc = 0
-        # _cond guards the index/_end/_last_tid publication and counts readers so close can
-        # wait for preads in flight instead of closing the fd under them.
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
+        # _lock guards the index/_end/_last_tid publication and every pread of a load, so a
+        # load never sees half a transaction and close never closes the fd under a read.
+        # (A plain lock held across the pread is cheaper than counting readers.)
+        self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._oid_lock = threading.Lock()
         self._state = _IDLE
@@ -325,13 +325,12 @@ class FileStorage:
 
     def load(self, oid: Oid, before: Tid | None = None) -> tuple[bytes, Tid]:
         """Return ``(record, tid)`` of the newest revision (strictly before ``before``)."""
-        with self._cond:
-            self._check_open()
-            offset = self._index.get(u64(oid))
+        with self._lock:
+            if self._closed:
+                self._check_open()
+            offset = self._index.get(int.from_bytes(oid, "big"))
             if offset < 0:
                 raise POSKeyError(oid)
-            self._readers += 1
-        try:
             while True:
                 data = os.pread(self._fd, READ_AHEAD, offset)
                 if len(data) < _D:
@@ -350,11 +349,6 @@ class FileStorage:
                 if back == 0:
                     raise POSKeyError(oid, f"no revision before tid {oid_repr(before)}")
                 offset = back
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
 
     def last_tid(self) -> Tid:
         """The tid of the newest finished transaction (z64 when empty)."""
@@ -509,7 +503,7 @@ class FileStorage:
             raise StorageTransactionError(f"finish() needs a voted transaction, state is {self._state}")
         tid = self._tid
         index = self._index
-        with self._cond:
+        with self._lock:
             for oid, offset in zip(self._pending_oids, self._pending_offsets):
                 index[oid] = offset
             self._end = self._txn_pos + self._written
@@ -551,16 +545,14 @@ class FileStorage:
         try:
             self.abort()
         finally:
-            with self._cond:
-                while self._readers:
-                    self._cond.wait()
-            try:
-                if not self._read_only and self._broken is None and self._fd >= 0:
-                    os.fsync(self._fd)  # the index must not describe bytes not yet on disk
-                    self._write_index_file()
-            finally:
-                self._release_files()
-                self._closed = True
+            with self._lock:
+                try:
+                    if not self._read_only and self._broken is None and self._fd >= 0:
+                        os.fsync(self._fd)  # the index must not describe bytes not yet on disk
+                        self._write_index_file()
+                finally:
+                    self._release_files()
+                    self._closed = True
 
     def _release_files(self) -> None:
         if self._fd >= 0:
