@@ -17,16 +17,19 @@ streams the spill into the storage.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from amberdb.cache import ObjectCache
+from amberdb.conflict import resolve
 from amberdb.exceptions import (
     ConflictError,
     ConnectionStateError,
     InvalidObjectReference,
+    POSKeyError,
     ReadOnlyError,
     SerializationError,
 )
@@ -54,6 +57,21 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "RootConvenience"]
 
 _set = object.__setattr__
+_T = TypeVar("_T")
+
+
+def _exclusive(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Refuse the call while another thread is inside the connection (see ``_enter``)."""
+
+    @functools.wraps(method)
+    def guarded(self: Connection, *args: Any) -> _T:
+        self._enter(method.__name__)
+        try:
+            return method(self, *args)
+        finally:
+            self._leave()
+
+    return guarded
 
 
 class RootConvenience:
@@ -122,19 +140,22 @@ class Connection:
         self._spill: SpillFile | None = None
         self._stored: list[Persistent] = []  # objects written by the commit in progress
         self._stored_oids: list[Oid] = []
+        self._resolved: list[Oid] = []  # stored as a merge: the objects in memory are stale
         # MVCC: reads see transactions up to _snapshot; _pending holds invalidations from
         # other connections, guarded by the database's lock.
         self._snapshot: Tid = z64
         self._read_before: Tid = p64(1)
         self._pending: set[Oid] = set()
-        self._thread: int | None = None
+        # One thread at a time inside the connection: _user is that thread, _depth its nesting.
+        self._use_lock = threading.Lock()
+        self._user: int | None = None
+        self._depth = 0
 
     # -- opening and closing --------------------------------------------------------------
 
     def _open(self, transaction_manager: Any) -> None:
         self.transaction_manager = transaction_manager
         self._opened = True
-        self._thread = threading.get_ident()
         transaction_manager.registerSynch(self)
         self._start_snapshot()
 
@@ -169,6 +190,32 @@ class Connection:
         """The database this connection belongs to."""
         return self._db
 
+    def _enter(self, action: str, obj: Persistent | None = None) -> None:
+        """Note that this thread uses the connection; refuse if another thread is using it.
+
+        A connection serves one thread at a time (its objects, cache and transaction are not
+        thread-safe); handing it from thread to thread between uses is fine.
+        """
+        me = threading.get_ident()
+        if self._user == me:
+            self._depth += 1
+            return
+        if not self._use_lock.acquire(blocking=False):
+            if obj is not None:
+                action = f"{action} {class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
+            raise ConnectionStateError(
+                f"cannot {action}: {self!r} is in use by another thread at the same moment; "
+                f"open one connection per thread (db.open() in each thread)"
+            )
+        self._user = me
+        self._depth = 1
+
+    def _leave(self) -> None:
+        self._depth -= 1
+        if not self._depth:
+            self._user = None
+            self._use_lock.release()
+
     def _check_open(self, action: str) -> None:
         if not self._opened:
             raise ConnectionStateError(f"cannot {action}: the connection is closed")
@@ -179,6 +226,7 @@ class Connection:
 
     # -- objects --------------------------------------------------------------------------
 
+    @_exclusive
     def get(self, oid: Oid) -> Persistent:
         """The object stored under ``oid``, loaded; POSKeyError if there is none."""
         self._check_open(f"get oid {oid_repr(oid)}")
@@ -197,6 +245,7 @@ class Connection:
     def __getitem__(self, oid: Oid) -> Persistent:
         return self.get(oid)
 
+    @_exclusive
     def add(self, obj: Persistent) -> None:
         """Make ``obj`` part of this database; it is written at the next commit.
 
@@ -276,6 +325,7 @@ class Connection:
 
     # -- the jar interface (called by Persistent) ------------------------------------------
 
+    @_exclusive
     def register(self, obj: Persistent) -> None:
         """Note that ``obj`` changed in the current transaction."""
         if not self._opened:
@@ -291,8 +341,12 @@ class Connection:
             raise ConnectionStateError(
                 f"cannot load {class_name(obj.__class__)} oid {oid_repr(oid)}: its connection is closed"
             )
-        record, serial = self._load(oid)
-        self._restore(obj, oid, record, serial, self._reader.header(oid, record))
+        self._enter("load", obj)
+        try:
+            record, serial = self._load(oid)
+            self._restore(obj, oid, record, serial, self._reader.header(oid, record))
+        finally:
+            self._leave()
 
     def _restore(self, obj: Persistent, oid: Oid, record: bytes, serial: Tid, header: RecordHeader) -> None:
         restore_state(obj, self._reader.state(oid, record, header), serial, len(record))
@@ -321,41 +375,56 @@ class Connection:
         """Orders data managers in two-phase commit."""
         return f"amberdb:{self._storage.name}:{id(self):016x}"
 
+    @_exclusive
     def abort(self, transaction: Any) -> None:
         """Throw away this transaction's changes: changed objects become ghosts again."""
         self._revert()
 
+    @_exclusive
     def tpc_begin(self, transaction: Any) -> None:
         """Start writing: waits for the storage's commit lock."""
         if self._storage.read_only:
             raise ReadOnlyError(f"cannot commit: {self._storage.name} is read-only")
         self._storage.begin(_meta(transaction))
 
+    @_exclusive
     def commit(self, transaction: Any) -> None:
         """Write the records of every new and changed object to the storage."""
         spill = self._spill
         if spill is not None:
             self._write_pending(_spill_sink(spill))
             for oid, base, record in spill.entries():
-                try:
-                    self._storage.store(oid, base, record)
-                except ConflictError as exc:
-                    raise exc.with_class(decode_header(record).class_name.replace(":", ".")) from None
-                self._stored_oids.append(oid)
+                self._store(oid, base, record)
             return
-        storage = self._storage
         stored = self._stored
-        stored_oids = self._stored_oids
 
         def store(oid: Oid, base: Tid, record: bytes, obj: Persistent) -> None:
             stored.append(obj)
-            try:
-                storage.store(oid, base, record)
-            except ConflictError as exc:
-                raise exc.with_class(class_name(obj.__class__)) from None
-            stored_oids.append(oid)
+            self._store(oid, base, record)
 
         self._write_pending(store)
+
+    def _store(self, oid: Oid, base: Tid, record: bytes) -> None:
+        try:
+            self._storage.store(oid, base, record)
+        except ConflictError as conflict:
+            self._store_resolved(conflict, oid, base, record)
+        self._stored_oids.append(oid)
+
+    def _store_resolved(self, conflict: ConflictError, oid: Oid, base: Tid, record: bytes) -> None:
+        """Store the merge of ``record`` with what another transaction committed meanwhile."""
+        name = decode_header(record).class_name
+        cls = self._db._resolver.persistent_class(name)
+        if getattr(cls, "_p_resolveConflict", None) is None or base == z64:
+            raise conflict.with_class(name) from None
+        storage = self._storage
+        try:
+            old_record, _ = storage.load(oid, p64(u64(base) + 1))
+            saved_record, saved_tid = storage.load(oid)
+        except POSKeyError:
+            raise conflict.with_class(name) from None
+        storage.store(oid, saved_tid, resolve(self._db._resolver, oid, old_record, saved_record, record))
+        self._resolved.append(oid)
 
     def _write_pending(self, sink: Callable[[Oid, Tid, bytes, Persistent], None]) -> None:
         """Serialize every added and changed object (and objects they newly reach) into sink."""
@@ -382,10 +451,12 @@ class Connection:
             mark_unchanged(obj)
             _set(obj, "_p_estimated_size", len(record))
 
+    @_exclusive
     def tpc_vote(self, transaction: Any) -> None:
         """Make the transaction durable."""
         self._storage.vote()
 
+    @_exclusive
     def tpc_finish(self, transaction: Any) -> None:
         """Publish the transaction: objects get their new serial, others see the change."""
         db = self._db
@@ -404,8 +475,13 @@ class Connection:
                     _set(obj, "_p_serial", tid)
             spill.close()
             self._spill = None
+        for oid in self._resolved:
+            merged = self._cache.get(oid)
+            if merged is not None:
+                ghostify(merged)
         self._end_transaction()
 
+    @_exclusive
     def tpc_abort(self, transaction: Any) -> None:
         """Forget a commit that failed part-way: nothing of it is written."""
         self._storage.abort()
@@ -472,9 +548,11 @@ class Connection:
         self._added = {}
         self._stored = []
         self._stored_oids = []
+        self._resolved = []
 
     # -- savepoints -------------------------------------------------------------------------
 
+    @_exclusive
     def savepoint(self) -> _ConnectionSavepoint:
         """Spill the changes made so far to a temporary file; return a way back to here."""
         if self._spill is None:
@@ -484,6 +562,7 @@ class Connection:
         self._cache.drop_ghosts()
         return _ConnectionSavepoint(self, self._spill.position)
 
+    @_exclusive
     def _rollback(self, position: int) -> None:
         spill = self._spill
         if spill is None:

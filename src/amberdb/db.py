@@ -9,12 +9,12 @@ database.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from amberdb import transaction as _transaction
 from amberdb.connection import Connection
@@ -25,6 +25,8 @@ from amberdb.storage.base import Storage, TransactionMeta
 from amberdb.utils import Oid, oid_repr, z64
 
 __all__ = ["DB", "connection"]
+
+_R = TypeVar("_R")
 
 DEFAULT_CACHE_SIZE = 10_000
 DEFAULT_POOL_SIZE = 7
@@ -133,24 +135,16 @@ class DB:
             if connection is not origin:
                 connection._invalidate(oids)
 
-    @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """``with db.transaction() as conn:`` commits on success, aborts on an exception.
+    def transaction(self, attempts: int = 1) -> TransactionScope:
+        """A transaction on a connection of its own, as a ``with`` block or a decorator.
 
-        The connection has a transaction manager of its own, so this works alongside
-        whatever transaction the thread has open.
+        ``with db.transaction() as conn:`` commits when the block ends and aborts if it
+        raises.  ``@db.transaction(attempts=3)`` on a function ``f(conn, ...)`` runs it in a
+        transaction and retries it on ConflictError and other transient errors.  The
+        connection has a transaction manager of its own, so either works alongside whatever
+        transaction the thread has open.
         """
-        manager = _transaction.TransactionManager()
-        connection = self.open(manager)
-        manager.begin()
-        try:
-            yield connection
-            manager.commit()
-        except BaseException:
-            manager.abort()
-            raise
-        finally:
-            connection.close()
+        return TransactionScope(self, attempts)
 
     def __len__(self) -> int:
         return len(self.storage)
@@ -177,6 +171,66 @@ class DB:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class TransactionScope:
+    """What :meth:`DB.transaction` returns: a context manager, or a retrying decorator."""
+
+    def __init__(self, db: DB, attempts: int) -> None:
+        if attempts < 1:
+            raise ValueError(f"db.transaction() needs attempts >= 1, got {attempts}")
+        self._db = db
+        self._attempts = attempts
+        self._manager: _transaction.TransactionManager | None = None
+        self._connection: Connection | None = None
+
+    def __enter__(self) -> Connection:
+        if self._attempts > 1:
+            raise TypeError(
+                "db.transaction(attempts=N) retries only as a decorator (a with block cannot run "
+                "again); use it as @db.transaction(attempts=N), or loop over "
+                "manager.attempts(N) around your with block"
+            )
+        if self._connection is not None:
+            raise RuntimeError("this db.transaction() block is already in use; call db.transaction() again")
+        manager = self._manager = _transaction.TransactionManager()
+        self._connection = self._db.open(manager)
+        manager.begin()
+        return self._connection
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        manager, connection = self._manager, self._connection
+        assert manager is not None and connection is not None
+        self._manager = self._connection = None
+        try:
+            if exc_type is None:
+                try:
+                    manager.commit()
+                except BaseException:
+                    manager.abort()
+                    raise
+            else:
+                manager.abort()
+        finally:
+            connection.close()
+
+    def __call__(self, func: Callable[..., _R]) -> Callable[..., _R]:
+        """Decorate ``func(conn, *args, **kwargs)`` to run in a (retried) transaction."""
+
+        @functools.wraps(func)
+        def run_in_transaction(*args: Any, **kwargs: Any) -> _R:
+            manager = _transaction.TransactionManager()
+            connection = self._db.open(manager)
+            try:
+                for attempt in manager.attempts(self._attempts):
+                    with attempt:
+                        result = func(connection, *args, **kwargs)
+                return result
+            finally:
+                manager.abort()
+                connection.close()
+
+        return run_in_transaction
 
 
 def _no_references(obj: Any) -> Oid:

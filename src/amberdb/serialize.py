@@ -210,12 +210,7 @@ class ObjectWriter:
         if cls in self._checked_types:
             return None
         if isinstance(obj, Persistent):
-            oid = self._reference(obj)
-            index = self._ref_index.get(oid)
-            if index is None:
-                index = self._ref_index[oid] = len(self._refs)
-                self._refs.append((oid, class_name(obj.__class__)))
-            return index
+            return self._reference_index(self._reference(obj), class_name(obj.__class__))
         if isinstance(obj, _GLOBAL_TYPES):
             self._resolver.check_storable(obj)
             return None
@@ -223,22 +218,33 @@ class ObjectWriter:
         self._checked_types.add(cls)
         return None
 
+    def _reference_index(self, oid: Oid, ref_class: str) -> int:
+        index = self._ref_index.get(oid)
+        if index is None:
+            index = self._ref_index[oid] = len(self._refs)
+            self._refs.append((oid, ref_class))
+        return index
+
     def serialize(self, obj: Persistent) -> bytes:
         """The record for ``obj``'s current state."""
         state = obj.__getstate__()
+        try:
+            return self.serialize_state(class_name(obj.__class__), state)
+        except SerializationError as exc:
+            raise self._explain(obj, state, exc) from None
+        except (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+            raise self._explain(obj, state, exc) from exc
+
+    def serialize_state(self, record_class: str, state: Any) -> bytes:
+        """The record for an object of class ``record_class`` (``module:qualname``) in ``state``."""
         self._refs = []
         self._ref_index = {}
         buffer = self._buffer
         buffer.seek(0)
         buffer.truncate()
         self._pickler.clear_memo()
-        try:
-            self._pickler.dump(state)
-        except SerializationError as exc:
-            raise self._explain(obj, state, exc) from None
-        except (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError) as exc:
-            raise self._explain(obj, state, exc) from exc
-        return encode_record(class_name(obj.__class__), self._refs, buffer.getvalue())
+        self._pickler.dump(state)
+        return encode_record(record_class, self._refs, buffer.getvalue())
 
     def _explain(self, obj: Persistent, state: Any, error: BaseException) -> SerializationError:
         """Find which attribute of ``obj`` holds the value that cannot be stored."""

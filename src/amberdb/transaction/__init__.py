@@ -16,6 +16,8 @@ thread has its own current transaction.  Anything implementing the data-manager 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from amberdb.exceptions import (
     DoomedTransaction,
     DoomedTransactionError,
@@ -26,10 +28,12 @@ from amberdb.exceptions import (
     TransientError,
 )
 from amberdb.transaction._transaction import Status, Transaction
+from amberdb.transaction.attempts import DEFAULT_ATTEMPTS, Attempt
 from amberdb.transaction.manager import ThreadTransactionManager, TransactionManager
 from amberdb.transaction.savepoint import Savepoint
 
 __all__ = [
+    "Attempt",
     "DoomedTransaction",
     "DoomedTransactionError",
     "InvalidSavepointRollbackError",
@@ -43,6 +47,7 @@ __all__ = [
     "TransactionManager",
     "TransientError",
     "abort",
+    "attempts",
     "begin",
     "commit",
     "doom",
@@ -84,6 +89,11 @@ def savepoint(optimistic: bool = False) -> Savepoint:
 def doom() -> None:
     """Doom this thread's current transaction: it can then only be aborted."""
     manager.doom()
+
+
+def attempts(number: int = DEFAULT_ATTEMPTS) -> Iterator[Attempt]:
+    """Retry this thread's transaction on transient errors: ``for a in attempts(3): with a: ...``."""
+    return manager.attempts(number)
 
 
 def isDoomed() -> bool:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TypeVar
 
 from amberdb.exceptions import NoTransactionError, TransactionError, TransientError
 from amberdb.transaction._transaction import Transaction
+from amberdb.transaction.attempts import DEFAULT_ATTEMPTS, Attempt, attempts
 from amberdb.transaction.interfaces import Synchronizer
 from amberdb.transaction.savepoint import Savepoint
 
@@ -156,6 +157,10 @@ class TransactionManager:
         """Whether retrying the transaction that raised ``error`` may succeed."""
         return isinstance(error, TransientError)
 
+    def attempts(self, number: int = DEFAULT_ATTEMPTS) -> Iterator[Attempt]:
+        """``for attempt in tm.attempts(3): with attempt: ...`` retries on transient errors."""
+        return attempts(self, number)
+
     def run(self, func: Callable[[], T], tries: int = 3) -> T:
         """Call ``func`` in a new transaction and commit it, retrying on a transient error.
 
@@ -280,6 +285,10 @@ class ThreadTransactionManager:
     def isRetryableError(self, error: BaseException) -> bool:
         """Whether retrying the transaction that raised ``error`` may succeed."""
         return self.manager.isRetryableError(error)
+
+    def attempts(self, number: int = DEFAULT_ATTEMPTS) -> Iterator[Attempt]:
+        """Attempts on this thread's manager (see :meth:`TransactionManager.attempts`)."""
+        return self.manager.attempts(number)
 
     def run(self, func: Callable[[], T], tries: int = 3) -> T:
         """Run ``func`` in a transaction of this thread (see :meth:`TransactionManager.run`)."""
