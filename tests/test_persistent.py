@@ -279,3 +279,13 @@ def test_p_changed_false_returns_a_changed_object_to_its_class(conn: amberdb.Con
     assert type(book) is Book
     book.title = "y"  # tracked again
     assert book._p_changed is True
+
+
+def test_non_string_keys_in_instance_dict_round_trip(conn: amberdb.Connection) -> None:
+    conn.root.book = book = Book("x")
+    book.__dict__[1] = "one"  # odd, but Python allows it, so loading must keep it
+    book._p_changed = True
+    transaction.commit()
+    book._p_deactivate()
+    assert book.__dict__ == {} and book.title == "x"
+    assert book.__dict__[1] == "one"

@@ -205,7 +205,14 @@ class Persistent:
         except AttributeError:
             state: dict[str, Any] | None = None
         else:
-            state = {k: v for k, v in instance_dict.items() if not k.startswith(_MACHINERY_PREFIXES)}
+            try:
+                state = {k: v for k, v in instance_dict.items() if not k.startswith(_MACHINERY_PREFIXES)}
+            except AttributeError:  # a non-string key: rare enough for the slow path
+                state = {
+                    k: v
+                    for k, v in instance_dict.items()
+                    if not (isinstance(k, str) and k.startswith(_MACHINERY_PREFIXES))
+                }
         slot_names = _slot_names(type(self))
         if not slot_names:
             return state if state is not None else {}
@@ -368,11 +375,18 @@ def ghostify(obj: Persistent) -> None:
 
 def make_ghost(cls: type[Persistent], oid: Oid, jar: Jar) -> Persistent:
     """A new ghost of class ``cls`` for ``oid``, to be loaded through ``jar`` when touched."""
-    obj: Persistent = cls.__new__(cls)
+    twin = _ghost_twins.get(cls) or _ghost_twin(cls)
+    if cls.__new__ is Persistent.__new__:
+        # hot path (one ghost per reference loaded): skip the Python-level __new__.
+        obj: Persistent = _object_new(twin)
+        _object_setattr(obj, "_p_serial", z64)
+        _object_setattr(obj, "_p_estimated_size", 0)
+    else:
+        obj = cls.__new__(cls)
+        _set_class(obj, twin)
     _object_setattr(obj, "_p_oid", oid)
     _object_setattr(obj, "_p_jar", jar)
     _object_setattr(obj, "_p_state", GHOST)
-    _set_class(obj, _ghost_twin(cls))
     return obj
 
 
@@ -385,15 +399,32 @@ def restore_state(obj: Persistent, state: Any, serial: bytes, size: int) -> None
     real = _real_classes.get(type(obj))
     if real is not None:
         _set_class(obj, real)
+    else:
+        real = type(obj)
     _object_setattr(obj, "_p_state", CHANGED)
     try:
-        obj.__setstate__(state)
+        if type(state) is dict and real.__setstate__ is _default_setstate:
+            # hot path (every load): Persistent.__setstate__ inlined for a plain state
+            try:
+                interned = {_intern(key): value for key, value in state.items()}
+            except TypeError:  # a non-string key: the general path keeps it as it is
+                obj.__setstate__(state)
+            else:
+                instance_dict = _object_getattribute(obj, "__dict__")
+                instance_dict.clear()
+                instance_dict.update(interned)
+        else:
+            obj.__setstate__(state)
     except BaseException:
         ghostify(obj)
         raise
     _object_setattr(obj, "_p_serial", serial)
     _object_setattr(obj, "_p_estimated_size", size)
     _object_setattr(obj, "_p_state", UPTODATE)
+
+
+_default_setstate = Persistent.__setstate__
+_object_new = object.__new__
 
 
 def mark_changed(obj: Persistent) -> None:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import threading
 import zlib
@@ -98,8 +99,6 @@ __all__ = ["FileStorage"]
 
 FLUSH_SIZE = 1 << 20
 """A transaction buffer larger than this is written out before vote (I2)."""
-READ_AHEAD = 4096
-"""Bytes ``load`` reads in its first pread; most records fit, so one system call suffices."""
 
 _H = TXN_HEADER.size
 _T = TXN_TRAILER.size
@@ -139,6 +138,8 @@ class FileStorage:
         self._fsync = fsync
         self._fd = -1
         self._lock_fd = -1
+        self._map: mmap.mmap | None = None
+        self._mapped = 0  # bytes of the file the map covers
         self._closed = False
         self._closing = False
         self._broken: BaseException | None = None
@@ -331,24 +332,42 @@ class FileStorage:
             offset = self._index.get(int.from_bytes(oid, "big"))
             if offset < 0:
                 raise POSKeyError(oid)
+            view = self._map
             while True:
-                data = os.pread(self._fd, READ_AHEAD, offset)
-                if len(data) < _D:
-                    raise FileFormatError(f"{self._path}: data record of oid {oid_repr(oid)} at {offset} cut")
-                roid, rtid, back, rlen = DATA_HEADER.unpack_from(data, 0)
+                start = offset + _D
+                if view is None or start > self._mapped:
+                    view = self._remap(oid, offset, start)
+                roid, rtid, back, rlen = DATA_HEADER.unpack_from(view, offset)
                 if roid != oid:
                     raise FileFormatError(
                         f"{self._path}: looking for oid {oid_repr(oid)} at offset {offset}"
                         f" found a record of oid {oid_repr(roid)}"
                     )
                 if before is None or rtid < before:
-                    if _D + rlen <= len(data):
-                        return data[_D : _D + rlen], rtid
-                    rest = pread_exact(self._fd, _D + rlen - len(data), offset + len(data))
-                    return data[_D:] + rest, rtid
+                    stop = start + rlen
+                    if stop > self._mapped:
+                        view = self._remap(oid, offset, stop)
+                    return view[start:stop], rtid
                 if back == 0:
                     raise POSKeyError(oid, f"no revision before tid {oid_repr(before)}")
                 offset = back
+
+    def _remap(self, oid: Oid, offset: int, needed: int) -> mmap.mmap:
+        """Map the file again, now that it has grown past the old mapping (under ``_lock``).
+
+        Loads read through a read-only memory map: no system call per load.  Only offsets
+        below ``_end`` are ever read (I1), so pages the committer is writing or truncating
+        beyond it are never touched.
+        """
+        size = os.fstat(self._fd).st_size
+        if needed > size:
+            raise FileFormatError(f"{self._path}: data record of oid {oid_repr(oid)} at {offset} is cut short")
+        old = self._map
+        self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
+        self._mapped = size
+        if old is not None:
+            old.close()
+        return self._map
 
     def last_tid(self) -> Tid:
         """The tid of the newest finished transaction (z64 when empty)."""
@@ -555,6 +574,10 @@ class FileStorage:
                     self._closed = True
 
     def _release_files(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+            self._mapped = 0
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
