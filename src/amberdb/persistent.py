@@ -403,7 +403,7 @@ def restore_state(obj: Persistent, state: Any, serial: bytes, size: int) -> None
         real = type(obj)
     _object_setattr(obj, "_p_state", CHANGED)
     try:
-        if type(state) is dict and real.__setstate__ is _default_setstate:
+        if type(state) is dict and real.__setstate__ is _default_setstate:  # type: ignore[attr-defined]
             # hot path (every load): Persistent.__setstate__ inlined for a plain state
             try:
                 interned = {_intern(key): value for key, value in state.items()}

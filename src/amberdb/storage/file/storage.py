@@ -361,7 +361,7 @@ class FileStorage:
         """
         size = os.fstat(self._fd).st_size
         if needed > size:
-            raise FileFormatError(f"{self._path}: data record of oid {oid_repr(oid)} at {offset} is cut short")
+            raise FileFormatError(f"{self._path}: data record of oid {oid_repr(oid)} at {offset} is cut")
         old = self._map
         self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
         self._mapped = size
