@@ -106,7 +106,11 @@ class ObjectCache:
             self.target_size = target
 
     def drop_ghosts(self) -> None:
-        """Release the strong references the LRU list holds to objects now ghosts."""
+        """Release the strong references the LRU list holds to objects now ghosts.
+
+        A full scan: ``shrink`` drops ghosts it meets on its own, so only ``minimize``
+        callers need this.
+        """
         for oid in [oid for oid, obj in self._lru.items() if obj._p_state == GHOST]:
             del self._lru[oid]
 

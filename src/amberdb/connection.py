@@ -312,7 +312,6 @@ class Connection:
         of work, not in the middle of one.
         """
         self._cache.shrink()
-        self._cache.drop_ghosts()
 
     @property
     def cache_size(self) -> int:
@@ -559,7 +558,6 @@ class Connection:
             self._spill = SpillFile()
         self._write_pending(_spill_sink(self._spill))
         self._cache.shrink()
-        self._cache.drop_ghosts()
         return _ConnectionSavepoint(self, self._spill.position)
 
     @_exclusive
@@ -595,7 +593,6 @@ class Connection:
         if self._joined is None and self._opened:
             self._start_snapshot()
             self._cache.shrink()
-            self._cache.drop_ghosts()
 
     def sync(self) -> None:
         """Abort the current transaction and move to the newest committed state."""

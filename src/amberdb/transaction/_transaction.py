@@ -101,7 +101,8 @@ class Transaction:
         self._after_commit: list[Hook] = []
         self._after_abort: list[Hook] = []
         # Weak: a savepoint the application dropped should free its data managers' state.
-        self._savepoints: weakref.WeakKeyDictionary[Savepoint, int] = weakref.WeakKeyDictionary()
+        # Made on the first savepoint: most transactions take none, and commit is a hot path.
+        self._savepoints: weakref.WeakKeyDictionary[Savepoint, int] | None = None
         self._savepoint_count = 0
         self._subtransaction_savepoint: Savepoint | None = None
         self._data: dict[int, tuple[object, Any]] = {}
@@ -486,6 +487,8 @@ class Transaction:
             raise
         savepoint = Savepoint(self, entries)
         self._savepoint_count += 1
+        if self._savepoints is None:
+            self._savepoints = weakref.WeakKeyDictionary()
         self._savepoints[savepoint] = self._savepoint_count
         return savepoint
 
@@ -499,11 +502,13 @@ class Transaction:
         for _, entry in entries:
             if isinstance(entry, NoRollbackSavepoint):
                 entry.rollback()
-        index = self._savepoints[savepoint]
-        for other, other_index in list(self._savepoints.items()):
+        savepoints = self._savepoints
+        assert savepoints is not None, "a valid savepoint is always registered"
+        index = savepoints[savepoint]
+        for other, other_index in list(savepoints.items()):
             if other_index > index:
                 other._invalidate("a rollback to an earlier savepoint invalidated it")
-                del self._savepoints[other]
+                del savepoints[other]
         in_savepoint = {id(resource) for resource, _ in entries}
         try:
             for _, entry in entries:
@@ -517,11 +522,12 @@ class Transaction:
             raise
 
     def _invalidate_savepoints(self, reason: str) -> None:
-        for savepoint in list(self._savepoints.keys()):
-            savepoint._invalidate(reason)
-        self._savepoints.clear()
-        if self._subtransaction_savepoint is not None:
-            self._subtransaction_savepoint = None
+        savepoints = self._savepoints
+        if savepoints is not None:
+            for savepoint in list(savepoints.keys()):
+                savepoint._invalidate(reason)
+            savepoints.clear()
+        self._subtransaction_savepoint = None
 
     # -- subtransactions (ZODB's old API, used through the manager) -----------------------
 
