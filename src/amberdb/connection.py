@@ -139,7 +139,6 @@ class Connection:
         self._added: dict[Oid, Persistent] = {}
         self._spill: SpillFile | None = None
         self._stored: list[Persistent] = []  # objects written by the commit in progress
-        self._stored_oids: list[Oid] = []
         self._resolved: list[Oid] = []  # stored as a merge: the objects in memory are stale
         # MVCC: reads see transactions up to _snapshot; _pending holds invalidations from
         # other connections, guarded by the database's lock.
@@ -408,7 +407,12 @@ class Connection:
             self._storage.store(oid, base, record)
         except ConflictError as conflict:
             self._store_resolved(conflict, oid, base, record)
-        self._stored_oids.append(oid)
+
+    def _written_oids(self) -> list[Oid]:
+        """Every oid the commit in progress wrote (listed only when others must be told)."""
+        if self._spill is not None:
+            return self._spill.oids()
+        return [obj._p_oid for obj in self._stored if obj._p_oid is not None]
 
     def _store_resolved(self, conflict: ConflictError, oid: Oid, base: Tid, record: bytes) -> None:
         """Store the merge of ``record`` with what another transaction committed meanwhile."""
@@ -461,7 +465,8 @@ class Connection:
         db = self._db
         with db._lock:
             tid = self._storage.finish()
-            db._invalidate(self._stored_oids, self)
+            if db._has_other_connections(self):
+                db._invalidate(self._written_oids(), self)
             self._take_snapshot()
         spill = self._spill
         for obj in self._stored:
@@ -546,7 +551,6 @@ class Connection:
         self._registered = []
         self._added = {}
         self._stored = []
-        self._stored_oids = []
         self._resolved = []
 
     # -- savepoints -------------------------------------------------------------------------

@@ -127,6 +127,10 @@ class DB:
                 dropped = self._pool.pop(0)
                 self._connections.discard(dropped)
 
+    def _has_other_connections(self, connection: Connection) -> bool:
+        """Whether any connection besides ``connection`` (open or pooled) has a cache."""
+        return len(self._connections) > 1 or connection not in self._connections
+
     def _invalidate(self, oids: list[Oid], origin: Connection) -> None:
         """Tell every other connection that ``oids`` changed (called under ``_lock``)."""
         if not oids:
