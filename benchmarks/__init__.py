@@ -1,0 +1,7 @@
+"""AmberDB's benchmark suite: the same workloads on AmberDB and ZODB 6, side by side.
+
+Run ``./scripts/bench --help``.  Layout: :mod:`benchmarks.run` (command line, orchestration),
+:mod:`benchmarks.worker` (one sample in a fresh process), :mod:`benchmarks.workloads` (the
+workloads), :mod:`benchmarks.engines` (AmberDB and ZODB behind one interface),
+:mod:`benchmarks.spec` (metrics and targets), :mod:`benchmarks.sizes`, :mod:`benchmarks.report`.
+"""

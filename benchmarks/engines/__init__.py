@@ -1,0 +1,66 @@
+"""The two databases behind one small interface, so that each workload is written once.
+
+``load("amberdb")`` / ``load("zodb")`` import only the engine asked for: a worker process
+measuring AmberDB never imports ZODB, so peak-memory figures are not skewed by the other
+engine's modules.  Both engines define the same module-level classes (``Item`` with five
+attributes, ``Counter`` with a conflict resolver), so records name importable classes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Protocol
+
+__all__ = ["ENGINE_NAMES", "Engine", "UnavailableError", "load", "zodb_available"]
+
+ENGINE_NAMES = ("amberdb", "zodb")
+
+
+class UnavailableError(Exception):
+    """A workload cannot run on this engine (e.g. a package is not installed yet)."""
+
+
+class Engine(Protocol):
+    """What a workload needs from a database implementation."""
+
+    name: str
+    Item: type[Any]
+    Counter: type[Any]
+    PersistentList: type[Any]
+    ConflictError: type[BaseException]
+
+    def open_db(self, path: str | None, cache_size: int) -> Any:
+        """A database on a FileStorage at ``path`` (None: in memory) with that cache size."""
+
+    def transaction_manager(self) -> Any:
+        """A new explicit-object (but implicitly beginning) transaction manager."""
+
+    def subtransaction(self, manager: Any) -> None:
+        """Spill the changes so far to a temporary file (``commit(True)`` / ``savepoint(True)``)."""
+
+    def btree_class(self) -> type[Any]:
+        """The integer-to-integer BTree class; raises :class:`UnavailableError` if it is missing."""
+
+    def minimize_cache(self, conn: Any) -> None:
+        """Turn every unchanged loaded object of ``conn`` into a ghost."""
+
+    def object_count(self, db: Any) -> int:
+        """How many objects the database's storage holds."""
+
+
+def load(name: str) -> Engine:
+    """The engine called ``name`` (``amberdb`` or ``zodb``)."""
+    if name == "amberdb":
+        from benchmarks.engines.amber import ENGINE
+    elif name == "zodb":
+        from benchmarks.engines.zodb import ENGINE
+    else:
+        raise ValueError(f"unknown engine {name!r}; expected one of {ENGINE_NAMES}")
+    return ENGINE
+
+
+def zodb_available() -> bool:
+    """Whether ZODB, persistent, BTrees and transaction are importable (the ``bench`` extra)."""
+    return all(
+        importlib.util.find_spec(name) is not None for name in ("ZODB", "persistent", "BTrees", "transaction")
+    )

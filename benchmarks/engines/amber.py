@@ -1,0 +1,66 @@
+"""AmberDB side of the benchmarks: model classes and the :class:`~benchmarks.engines.Engine`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import amberdb
+import amberdb.transaction
+
+
+class Item(amberdb.Persistent):
+    """A small object with five attributes (the same shape as the ZODB one)."""
+
+    def __init__(self, n: int) -> None:
+        self.a = n
+        self.b = f"item {n}"
+        self.c = n * 0.5
+        self.d = n % 7
+        self.e = "x"
+
+
+class Counter(amberdb.Persistent):
+    """A shared counter whose concurrent increments merge instead of conflicting."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def _p_resolveConflict(self, old: Any, saved: Any, new: Any) -> Any:
+        return {**new, "count": saved["count"] + new["count"] - old["count"]}
+
+
+class AmberEngine:
+    """AmberDB: its FileStorage (fsync on every commit) and its transaction package."""
+
+    name = "amberdb"
+    Item = Item
+    Counter = Counter
+    PersistentList = amberdb.PersistentList
+    ConflictError = amberdb.ConflictError
+
+    def open_db(self, path: str | None, cache_size: int) -> Any:
+        return amberdb.DB(path, cache_size=cache_size)
+
+    def transaction_manager(self) -> Any:
+        return amberdb.transaction.TransactionManager()
+
+    def subtransaction(self, manager: Any) -> None:
+        manager.commit(True)
+
+    def btree_class(self) -> type[Any]:
+        from benchmarks.engines import UnavailableError
+
+        try:
+            from amberdb.btrees import IIBTree  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:
+            raise UnavailableError(f"amberdb.btrees not available ({exc})") from None
+        return IIBTree  # type: ignore[no-any-return,unused-ignore]
+
+    def minimize_cache(self, conn: Any) -> None:
+        conn.cache_minimize()
+
+    def object_count(self, db: Any) -> int:
+        return len(db.storage)
+
+
+ENGINE = AmberEngine()

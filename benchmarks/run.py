@@ -1,0 +1,244 @@
+"""The benchmark suite: AmberDB next to ZODB 6 on the same workloads, in one run.
+
+Run it with ``./scripts/bench [options]`` (installs the ``bench`` extra, then runs
+``python -m benchmarks``).  Every sample runs in a fresh worker process
+(``python -m benchmarks.worker``), so memory figures and caches are isolated; within each
+repeat the engines alternate (amberdb, zodb, amberdb, zodb, ...).  The table shows medians;
+``--json PATH`` writes every sample for comparisons between commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+from benchmarks.engines import zodb_available
+from benchmarks.sizes import DEFAULT, FULL, QUICK, Sizes
+from benchmarks.spec import WORKLOADS
+from benchmarks.worker import RESULT_PREFIX
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; carries its stderr."""
+
+
+class Results:
+    """Samples per metric key and engine, the peak RSS of the process behind each."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, dict[str, list[float]]] = {}
+        self.rss: dict[str, dict[str, list[float]]] = {}
+        self.skipped: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+
+    def add(self, engine: str, result: dict[str, Any]) -> None:
+        for key, value in result["metrics"].items():
+            self.samples.setdefault(key, {}).setdefault(engine, []).append(float(value))
+            self.rss.setdefault(key, {}).setdefault(engine, []).append(float(result["peak_rss_mb"]))
+
+
+class Runner:
+    """Runs the workloads' tasks in worker processes and collects their results."""
+
+    def __init__(self, sizes: Sizes, engines: Sequence[str], repeat: int, base_dir: str | None) -> None:
+        self.sizes = sizes
+        self.engines = list(engines)
+        self.repeat = repeat
+        self.base_dir = base_dir
+        self.results = Results()
+
+    def task(self, task: str, engine: str, directory: str, **params: Any) -> dict[str, Any]:
+        """Run one task in a fresh process; its result record."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        spec = json.dumps({"task": task, "engine": engine, "directory": directory, "params": params})
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.worker", spec],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            check=False,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if proc.returncode or not lines:
+            raise WorkerError(
+                f"worker for task {task!r} on {engine} failed (exit {proc.returncode}):\n"
+                + proc.stderr.strip()
+            )
+        result: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX) :])
+        return result
+
+    def tempdir(self) -> tempfile.TemporaryDirectory[str]:
+        return tempfile.TemporaryDirectory(prefix="amberdb-bench-", dir=self.base_dir)
+
+    def measure(self, workload: str, task: str, engine: str, directory: str, **params: Any) -> bool:
+        """Run a measuring task and keep its figures; False if the workload was skipped."""
+        result = self.task(task, engine, directory, **params)
+        if "skipped" in result:
+            self.results.skipped[workload] = result["skipped"]
+            return False
+        self.results.add(engine, result)
+        return True
+
+    def rounds(self, workload: str) -> list[tuple[int, str]]:
+        """(repeat, engine) pairs in running order: the engines alternate within each repeat."""
+        return [(r, engine) for r in range(self.repeat) for engine in self.engines]
+
+    def progress(self, workload: str, r: int, engine: str, began: float) -> None:
+        print(
+            f"  {workload:<16} repeat {r + 1}/{self.repeat}  {engine:<8} {time.perf_counter() - began:6.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    # -- the workloads --------------------------------------------------------------------
+
+    def objects(self, cold: bool) -> None:
+        s = self.sizes
+        for r, engine in self.rounds("objects"):
+            began = time.perf_counter()
+            with self.tempdir() as directory:
+                self.measure("add", "objects", engine, directory, n=s.objects, batch=s.objects_batch)
+                if cold:
+                    self.measure("cold_read", "cold_read", engine, directory, n=s.objects)
+            self.progress("add..hot read", r, engine, began)
+
+    def simple(self, workload: str, task: str, **params: Any) -> None:
+        for r, engine in self.rounds(workload):
+            began = time.perf_counter()
+            with self.tempdir() as directory:
+                if not self.measure(workload, task, engine, directory, **params):
+                    return
+            self.progress(workload, r, engine, began)
+
+    def btree_persisted(self) -> None:
+        s = self.sizes
+        for r, engine in self.rounds("btree_persisted"):
+            began = time.perf_counter()
+            with self.tempdir() as directory:
+                params = {"n": s.btree_persisted}
+                if not self.measure(
+                    "btree_persisted",
+                    "btree_build",
+                    engine,
+                    directory,
+                    per_commit=s.btree_per_commit,
+                    **params,
+                ):
+                    return
+                self.measure("btree_persisted", "btree_cold_scan", engine, directory, **params)
+            self.progress("btree_persisted", r, engine, began)
+
+    def open(self) -> None:
+        s = self.sizes
+        directories = {engine: self.tempdir() for engine in self.engines}
+        try:
+            for engine, directory in directories.items():
+                began = time.perf_counter()
+                self.task("open_build", engine, directory.name, n=s.open_objects, batch=s.open_batch)
+                print(f"  open: built {s.open_objects} objects for {engine} in "
+                      f"{time.perf_counter() - began:.1f}s", file=sys.stderr)  # fmt: skip
+            for r, engine in self.rounds("open"):
+                began = time.perf_counter()
+                for index in (True, False):
+                    self.measure(
+                        "open", "open", engine, directories[engine].name, n=s.open_objects, index=index
+                    )
+                self.progress("open", r, engine, began)
+        finally:
+            for directory in directories.values():
+                directory.cleanup()
+
+    def run(self, workloads: Sequence[str]) -> None:
+        """Run the selected workloads, in the order of the issue."""
+        s = self.sizes
+        selected = set(workloads)
+        plan = {
+            "attribute": lambda: self.simple("attribute", "attribute", loops=s.attribute_loops),
+            "btree_memory": lambda: self.simple("btree_memory", "btree_memory", n=s.btree_keys),
+            "btree_persisted": self.btree_persisted,
+            "commit": lambda: self.simple("commit", "commit", n=s.commits),
+            "big_transaction": lambda: self.simple(
+                "big_transaction",
+                "big_transaction",
+                n=s.big_objects,
+                every=s.big_every,
+                cache_size=s.big_cache,
+            ),
+            "open": self.open,
+            "concurrency": lambda: self.simple("concurrency", "concurrency", commits=s.concurrency_commits),
+        }
+        if selected & {"add", "update", "cold_read", "warm_read", "hot_read"}:
+            began = time.perf_counter()
+            self.objects(cold="cold_read" in selected)
+            self.results.seconds["objects"] = time.perf_counter() - began
+        for workload, action in plan.items():
+            if workload in selected:
+                began = time.perf_counter()
+                action()
+                self.results.seconds[workload] = time.perf_counter() - began
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="./scripts/bench",
+        description="Run the same workloads on AmberDB and ZODB 6 and print medians and ratios "
+        "(ratio > 1 means AmberDB is better).",
+    )
+    parser.add_argument("--only", help=f"comma-separated workloads (default: all): {', '.join(WORKLOADS)}")
+    parser.add_argument("--repeat", type=int, default=3, help="samples per engine and workload (default 3)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
+    size.add_argument("--full", action="store_true", help="the issue's sizes (slower than the defaults)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every count by this factor")
+    parser.add_argument("--json", metavar="PATH", help="also write every sample and verdict to PATH as JSON")
+    parser.add_argument("--dir", help="where the temporary databases go (default: the system temp dir)")
+    parser.add_argument("--amberdb-only", action="store_true", help="do not run ZODB even if it is installed")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.scale <= 0:
+        parser.error("--scale must be positive")
+    workloads = WORKLOADS if not args.only else tuple(w.strip() for w in args.only.split(",") if w.strip())
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    args.workloads = workloads
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the suite; 0 when every selected workload ran (missed targets are not errors)."""
+    args = parse_args(argv)
+    base = QUICK if args.quick else FULL if args.full else DEFAULT
+    sizes = base.scaled(args.scale) if args.scale != 1.0 else base
+    engines = ["amberdb"] + (["zodb"] if zodb_available() and not args.amberdb_only else [])
+    header = report.header(sizes, engines, args, base_dir=args.dir or tempfile.gettempdir())
+    print(header, flush=True)
+    runner = Runner(sizes, engines, args.repeat, args.dir)
+    began = time.perf_counter()
+    runner.run(args.workloads)
+    elapsed = time.perf_counter() - began
+    rows = report.rows(runner.results, args.workloads, engines)
+    print(report.table(rows, runner.results, elapsed), flush=True)
+    if args.json:
+        document = report.document(rows, runner.results, sizes, engines, args, elapsed)
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+        print(f"JSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

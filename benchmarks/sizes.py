@@ -1,0 +1,81 @@
+"""Workload sizes: the issue's (``--full``), the defaults, and tiny ones (``--quick``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT", "FULL", "QUICK", "Sizes"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every size parameter of the suite."""
+
+    objects: int = 10_000  # add / update / cold, warm, hot read
+    objects_batch: int = 1_000
+    attribute_loops: int = 200_000  # timeit loops of 10 accesses, 5 rounds per subject
+    btree_keys: int = 1_000_000
+    btree_persisted: int = 200_000
+    btree_per_commit: int = 10_000
+    commits: int = 500
+    big_objects: int = 1_000_000
+    big_every: int = 10_000
+    big_cache: int = 5_000
+    open_objects: int = 1_000_000
+    open_batch: int = 10_000
+    concurrency_commits: int = 200  # per thread
+
+    # The counts --scale multiplies (batch sizes and cache sizes stay).
+    SCALED = (
+        "objects",
+        "attribute_loops",
+        "btree_keys",
+        "btree_persisted",
+        "commits",
+        "big_objects",
+        "open_objects",
+        "concurrency_commits",
+    )
+
+    def scaled(self, factor: float) -> Sizes:
+        """These sizes with every count multiplied by ``factor`` (at least 10)."""
+        changes = {name: max(10, round(getattr(self, name) * factor)) for name in self.SCALED}
+        return dataclasses.replace(self, **changes)
+
+    def differences(self, other: Sizes) -> dict[str, tuple[int, int]]:
+        """``{name: (mine, other's)}`` for every size that differs."""
+        return {
+            field.name: (getattr(self, field.name), getattr(other, field.name))
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) != getattr(other, field.name)
+        }
+
+    def as_dict(self) -> dict[str, int]:
+        """Plain dict for the JSON output."""
+        return dataclasses.asdict(self)
+
+
+FULL = Sizes()
+"""The sizes the issue states."""
+
+DEFAULT = dataclasses.replace(FULL, big_objects=200_000, open_objects=200_000)
+"""What ``./scripts/bench`` runs: the issue's sizes, except the two million-object
+workloads, cut to 200,000 objects so that a run takes a few minutes on two cores."""
+
+QUICK = Sizes(
+    objects=300,
+    objects_batch=100,
+    attribute_loops=2_000,
+    btree_keys=3_000,
+    btree_persisted=3_000,
+    btree_per_commit=1_000,
+    commits=10,
+    big_objects=3_000,
+    big_every=1_000,
+    big_cache=500,
+    open_objects=2_000,
+    open_batch=1_000,
+    concurrency_commits=5,
+)
+"""Tiny sizes for smoke tests: does every workload run, are the results sane."""

@@ -1,0 +1,115 @@
+"""What is measured: workload names, the metrics each reports, and the targets.
+
+Every metric row compares the AmberDB median with the ZODB median.  ``ratio`` is always
+expressed so that > 1 means AmberDB is better: AmberDB/ZODB for rates, ZODB/AmberDB for
+times and sizes.  A target is either a minimum for that ratio, or a maximum for AmberDB's
+own value (for figures that are already relative: commit vs floor, read vs plain object,
+memory growth).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["METRICS", "WORKLOADS", "Metric", "Target"]
+
+WORKLOADS = (
+    "add",
+    "update",
+    "cold_read",
+    "warm_read",
+    "hot_read",
+    "attribute",
+    "btree_memory",
+    "btree_persisted",
+    "commit",
+    "big_transaction",
+    "open",
+    "concurrency",
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """``ratio_min``: ratio >= value; ``amber_max``: AmberDB's median <= value."""
+
+    kind: str
+    value: float
+    text: str
+
+    def verdict(self, amber: float | None, ratio: float | None) -> str:
+        """OK, MISSED, or n/a when a figure it needs is missing."""
+        figure = ratio if self.kind == "ratio_min" else amber
+        if figure is None:
+            return "n/a"
+        passed = figure >= self.value if self.kind == "ratio_min" else figure <= self.value
+        return "OK" if passed else "MISSED"
+
+
+def at_least(times: float, text: str | None = None) -> Target:
+    """AmberDB at least ``times`` as good as ZODB (ratio >= times)."""
+    return Target("ratio_min", times, text or f">= {times:g}x")
+
+
+def at_most(value: float, text: str) -> Target:
+    """AmberDB's own figure at most ``value``."""
+    return Target("amber_max", value, text)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the table."""
+
+    key: str
+    workload: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    target: Target | None = None
+
+    def ratio(self, amber: float | None, zodb: float | None) -> float | None:
+        """> 1 means AmberDB is better."""
+        if amber is None or zodb is None or amber <= 0 or zodb <= 0:
+            return None
+        return amber / zodb if self.higher_is_better else zodb / amber
+
+
+def _concurrency() -> list[Metric]:
+    rows = []
+    for mode in ("disjoint", "counter"):
+        for threads in (1, 2, 4):
+            key = f"conc_{mode}_{threads}"
+            rows.append(Metric(key, "concurrency", f"{mode}, {threads} thr", "commit/s", True))
+            rows.append(
+                Metric(f"{key}_conflicts", "concurrency", f"{mode}, {threads} thr", "confl/commit", False)
+            )
+    return rows
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("add", "add", "add", "obj/s", True, at_least(1.5)),
+    Metric("update", "update", "update", "obj/s", True, at_least(1.5)),
+    Metric("cold_read", "cold_read", "cold read", "obj/s", True, at_least(1.5)),
+    Metric("warm_read", "warm_read", "warm read", "obj/s", True, at_least(1.0)),
+    Metric("hot_read", "hot_read", "hot read", "obj/s", True, at_least(1.0)),
+    Metric("attr_read", "attribute", "attr read", "ns", False, at_least(2.0)),
+    Metric("attr_read_vs_plain", "attribute", "read / plain", "x", False, at_most(1.5, "amber <= 1.5x")),
+    Metric("attr_write", "attribute", "attr write", "ns", False, at_least(1 / 3, ">= 0.33x")),
+    Metric("attr_plain_read", "attribute", "plain read", "ns", False),
+    Metric("attr_plain_write", "attribute", "plain write", "ns", False),
+    Metric("btree_insert", "btree_memory", "insert", "key/s", True, at_least(1 / 3, ">= 0.33x")),
+    Metric("btree_lookup", "btree_memory", "lookup", "key/s", True, at_least(1 / 3, ">= 0.33x")),
+    Metric("btree_range", "btree_memory", "range scan", "item/s", True, at_least(1.0)),
+    Metric("btree_build", "btree_persisted", "build", "entry/s", True, at_least(1.5)),
+    Metric("btree_cold_scan", "btree_persisted", "cold range", "item/s", True),
+    Metric("commit_ms", "commit", "commit", "ms", False),
+    Metric("commit_floor_ms", "commit", "write+sync", "ms", False),
+    Metric("commit_vs_floor", "commit", "commit/floor", "x", False, at_most(1.2, "amber <= 1.2x")),
+    Metric("big_wall_s", "big_transaction", "wall time", "s", False),
+    Metric("big_peak_rss_mb", "big_transaction", "peak RSS", "MB", False, at_least(1.0, "<= zodb")),
+    Metric("big_rss_growth", "big_transaction", "RSS growth", "x", False, at_most(1.2, "amber <= 1.2x")),
+    Metric("big_rss_per_object", "big_transaction", "RSS slope", "B/obj", False),
+    Metric("open_index_ms", "open", "with index", "ms", False),
+    Metric("open_noindex_ms", "open", "no index", "ms", False, at_least(1.5)),
+    *_concurrency(),
+)

@@ -1,0 +1,30 @@
+"""The workloads, one module per family.  Each task runs inside a worker process.
+
+A task is ``task(engine, directory, **sizes) -> {metric key: value}``; it checks its own
+results (counts of objects read, sums) and raises if they are wrong, so a fast but broken
+run can never be reported.  :data:`TASKS` maps task names to functions for the worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from benchmarks.workloads import attribute, bigtxn, btree, commit, concurrency, objects, opening
+
+__all__ = ["TASKS", "Task"]
+
+Task = Callable[..., dict[str, float]]
+
+TASKS: dict[str, Task] = {
+    "objects": objects.add_update_read,
+    "cold_read": objects.cold_read,
+    "attribute": attribute.attribute_access,
+    "btree_memory": btree.in_memory,
+    "btree_build": btree.persisted_build,
+    "btree_cold_scan": btree.persisted_cold_scan,
+    "commit": commit.commit_latency,
+    "big_transaction": bigtxn.big_transaction,
+    "open_build": opening.build,
+    "open": opening.open_database,
+    "concurrency": concurrency.writers,
+}

@@ -1,0 +1,120 @@
+"""Smoke run of the benchmark suite: every workload at tiny sizes, results sane.
+
+These are not timed assertions: only that each workload runs, reads the right number of
+objects, reports positive figures, and that the JSON output parses.  ZODB is measured too
+when it is installed (the ``bench`` extra); without it the suite runs AmberDB alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from benchmarks import run
+from benchmarks.engines import zodb_available
+from benchmarks.sizes import QUICK
+from benchmarks.spec import METRICS, WORKLOADS, at_least, at_most
+
+BTREE_WORKLOADS = {"btree_memory", "btree_persisted"}
+
+
+@pytest.fixture(scope="module")
+def document(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One quick run of the whole suite, its JSON output."""
+    directory = tmp_path_factory.mktemp("bench")
+    path = directory / "results.json"
+    assert run.main(["--quick", "--repeat", "1", "--json", str(path), "--dir", str(directory)]) == 0
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result
+
+
+def _engines() -> list[str]:
+    return ["amberdb", "zodb"] if zodb_available() else ["amberdb"]
+
+
+def test_every_workload_ran_or_was_skipped_for_a_reason(document: dict[str, Any]) -> None:
+    assert document["engines"] == _engines()
+    ran = {row["workload"] for row in document["results"]}
+    skipped = set(document["skipped"])
+    assert ran | skipped == set(WORKLOADS)
+    assert skipped <= BTREE_WORKLOADS, document["skipped"]
+    for reason in document["skipped"].values():
+        assert "amberdb.btrees not available" in reason
+
+
+def test_figures_are_positive_and_complete(document: dict[str, Any]) -> None:
+    by_key = {row["metric"]: row for row in document["results"]}
+    for metric in METRICS:
+        if metric.workload in document["skipped"]:
+            continue
+        row = by_key[metric.key]
+        for engine in _engines():
+            figures = row["engines"][engine]
+            assert len(figures["samples"]) == 1
+            assert figures["peak_rss_mb"] > 0
+            if metric.unit in ("confl/commit", "B/obj"):  # may well be zero
+                assert figures["median"] >= 0
+            else:
+                assert figures["median"] > 0, (metric.key, engine)
+        if metric.target is not None:
+            allowed = {"OK", "MISSED"} if len(_engines()) == 2 else {"OK", "MISSED", "no ZODB"}
+            assert row["verdict"] in allowed
+
+
+def test_every_object_was_read(document: dict[str, Any]) -> None:
+    # The workloads check counts and sums themselves and fail the run otherwise; the figure
+    # they report must match the size asked for.
+    objects_read = document["extras"]["objects_read"]
+    for engine in _engines():
+        assert objects_read[engine] == [QUICK.objects, QUICK.objects]  # warm/hot, then cold
+
+
+def test_environment_is_recorded(document: dict[str, Any]) -> None:
+    env = document["environment"]
+    assert env["python"] and env["date"] and env["cpus"]
+    assert document["sizes"]["objects"] == QUICK.objects
+    assert document["preset"] == "quick"
+
+
+def test_targets_judge_the_right_figure() -> None:
+    assert at_least(1.5).verdict(amber=1.0, ratio=1.6) == "OK"
+    assert at_least(1.5).verdict(amber=1.0, ratio=1.4) == "MISSED"
+    assert at_most(1.2, "x").verdict(amber=1.3, ratio=5.0) == "MISSED"
+    assert at_most(1.2, "x").verdict(amber=1.1, ratio=None) == "OK"
+    assert at_least(1.0).verdict(amber=1.0, ratio=None) == "n/a"
+
+
+def test_unknown_workload_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run.main(["--only", "nonsense"])
+    assert "unknown workload" in capsys.readouterr().err
+
+
+def test_wrappers_exist() -> None:
+    root = Path(run.__file__).resolve().parent
+    for name in ("attribute", "commit", "concurrency"):
+        assert f'"--only", "{name}"' in (root / f"bench_{name}.py").read_text()
+
+
+def test_amberdb_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without ZODB (as in CI) the suite still runs, and says which targets it cannot judge."""
+    path = tmp_path / "alone.json"
+    argv = ["--quick", "--repeat", "1", "--only", "add,commit", "--amberdb-only", "--json", str(path)]
+    assert run.main([*argv, "--dir", str(tmp_path)]) == 0
+    document = json.loads(path.read_text())
+    assert document["engines"] == ["amberdb"]
+    verdicts = {row["metric"]: row["verdict"] for row in document["results"]}
+    assert verdicts["add"] == "no ZODB"
+    assert verdicts["commit_vs_floor"] in ("OK", "MISSED")
+    assert "no ZODB" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not zodb_available(), reason="ZODB (the bench extra) is not installed")
+def test_btree_workloads_run_on_zodb(tmp_path: Path) -> None:
+    """The BTree workloads' code is exercised even while amberdb.btrees is missing."""
+    runner = run.Runner(QUICK, ["zodb"], 1, str(tmp_path))
+    runner.run(["btree_memory", "btree_persisted"])
+    for key in ("btree_insert", "btree_lookup", "btree_range", "btree_build", "btree_cold_scan"):
+        assert runner.results.samples[key]["zodb"][0] > 0, key
