@@ -378,7 +378,6 @@ class Connection:
         """Throw away this transaction's changes: changed objects become ghosts again."""
         self._revert()
 
-    @_exclusive
     def tpc_begin(self, transaction: Any) -> None:
         """Start writing: waits for the storage's commit lock."""
         if self._storage.read_only:
@@ -454,7 +453,6 @@ class Connection:
             mark_unchanged(obj)
             _set(obj, "_p_estimated_size", len(record))
 
-    @_exclusive
     def tpc_vote(self, transaction: Any) -> None:
         """Make the transaction durable."""
         self._storage.vote()
@@ -485,7 +483,6 @@ class Connection:
                 ghostify(merged)
         self._end_transaction()
 
-    @_exclusive
     def tpc_abort(self, transaction: Any) -> None:
         """Forget a commit that failed part-way: nothing of it is written."""
         self._storage.abort()
@@ -604,6 +601,8 @@ class Connection:
         self._start_snapshot()
 
     def _start_snapshot(self) -> None:
+        if not self._pending and self._storage.last_tid() == self._snapshot:
+            return  # nothing new (checked in this order, a commit in between is seen next time)
         with self._db._lock:
             pending = self._pending
             self._pending = set()
@@ -629,14 +628,18 @@ def _spill_sink(spill: SpillFile) -> Callable[[Oid, Tid, bytes, Persistent], Non
     return sink
 
 
+_NO_META = TransactionMeta()
+
+
 def _meta(transaction: Any) -> TransactionMeta:
-    extension = dict(getattr(transaction, "extension", {}) or {})
+    user = getattr(transaction, "user", "")
+    description = getattr(transaction, "description", "")
+    extension = getattr(transaction, "extension", None)
+    if not (user or description or extension):
+        return _NO_META
+    extension = dict(extension or {})
     try:
         encoded = json.dumps(extension, sort_keys=True).encode("utf-8") if extension else b""
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"transaction extension metadata must be JSON data: {exc}") from None
-    return TransactionMeta(
-        user=str(getattr(transaction, "user", "") or ""),
-        description=str(getattr(transaction, "description", "") or ""),
-        extension=encoded,
-    )
+    return TransactionMeta(user=str(user or ""), description=str(description or ""), extension=encoded)

@@ -51,6 +51,7 @@ from amberdb.transaction.interfaces import (
     Synchronizer,
 )
 from amberdb.transaction.savepoint import NoRollbackSavepoint, Savepoint
+from amberdb.transaction.weakset import WeakRegistry
 
 if TYPE_CHECKING:
     from amberdb.transaction.manager import TransactionManager
@@ -58,6 +59,9 @@ if TYPE_CHECKING:
 __all__ = ["Status", "Transaction"]
 
 log = logging.getLogger("amberdb.transaction")
+
+# Data-manager classes already checked to provide every protocol method (join is per commit).
+_checked_resource_types: set[type] = set()
 
 Hook = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
@@ -86,14 +90,14 @@ class Transaction:
 
     def __init__(
         self,
-        synchronizers: weakref.WeakSet[Synchronizer] | None = None,
+        synchronizers: WeakRegistry[Synchronizer] | None = None,
         manager: TransactionManager | None = None,
     ) -> None:
         self._status = Status.ACTIVE
         self._doomed = False
         # Shared with the manager, so synchronizers registered mid-transaction are told too.
-        self._synchs: weakref.WeakSet[Synchronizer] = (
-            synchronizers if synchronizers is not None else weakref.WeakSet()
+        self._synchs: WeakRegistry[Synchronizer] = (
+            synchronizers if synchronizers is not None else WeakRegistry()
         )
         self._manager = manager
         self._resources: list[DataManager] = []
@@ -209,15 +213,25 @@ class Transaction:
         self._check_usable("join")
         if self._status == Status.COMMITTING:
             raise TransactionError(f"cannot join {resource!r}: the transaction is committing")
+        if type(resource) not in _checked_resource_types:
+            self._check_data_manager(resource)
+        if any(joined is resource for joined in self._resources):
+            return
+        self._resources.append(resource)
+
+    @staticmethod
+    def _check_data_manager(resource: DataManager) -> None:
         missing = [name for name in DATA_MANAGER_METHODS if not callable(getattr(resource, name, None))]
         if missing:
             raise TypeError(
                 f"cannot join {resource!r} to a transaction: it has no {', '.join(missing)} "
                 "(see amberdb.transaction.interfaces.DataManager)"
             )
-        if any(joined is resource for joined in self._resources):
-            return
-        self._resources.append(resource)
+        if not isinstance(resource, type) and all(
+            callable(getattr(type(resource), name, None)) for name in DATA_MANAGER_METHODS
+        ):
+            # The class provides them all: later instances need no check (join is per commit).
+            _checked_resource_types.add(type(resource))
 
     def _unjoin(self, resource: DataManager) -> None:
         self._resources = [joined for joined in self._resources if joined is not resource]
@@ -299,7 +313,7 @@ class Transaction:
         # ``errors`` list the first exception is raised once all were told.
         collected: list[BaseException] = [] if errors is None else errors
         first = len(collected)
-        for synch in list(self._synchs):
+        for synch in self._synchs.live():
             try:
                 getattr(synch, event)(self)
             except Exception as exc:
@@ -451,7 +465,7 @@ class Transaction:
         self._data.clear()
         self._invalidate_savepoints("the transaction is finished")
         # Drop the link to the manager's synchronizers: a finished transaction has no more news.
-        self._synchs = weakref.WeakSet()
+        self._synchs = WeakRegistry()
         manager, self._manager = self._manager, None
         if manager is not None:
             manager._free(self)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TypeVar
@@ -24,6 +23,7 @@ from amberdb.transaction._transaction import Transaction
 from amberdb.transaction.attempts import DEFAULT_ATTEMPTS, Attempt, attempts
 from amberdb.transaction.interfaces import Synchronizer
 from amberdb.transaction.savepoint import Savepoint
+from amberdb.transaction.weakset import WeakRegistry
 
 __all__ = ["ThreadTransactionManager", "TransactionManager"]
 
@@ -43,7 +43,7 @@ class TransactionManager:
     def __init__(self, explicit: bool = False) -> None:
         self._explicit = explicit
         self._txn: Transaction | None = None
-        self._synchs: weakref.WeakSet[Synchronizer] = weakref.WeakSet()
+        self._synchs: WeakRegistry[Synchronizer] = WeakRegistry()
 
     @property
     def explicit(self) -> bool:
@@ -84,7 +84,7 @@ class TransactionManager:
         if not notify:
             return txn
         errors: list[BaseException] = []
-        for synch in list(self._synchs):
+        for synch in self._synchs.live():
             try:
                 synch.newTransaction(txn)
             except Exception as exc:

@@ -93,7 +93,7 @@ from amberdb.storage.file.format import (
 )
 from amberdb.storage.file.recovery import pread_exact, read_transaction, scan, txn_is_valid
 from amberdb.storage.offsets import OffsetIndex
-from amberdb.utils import Oid, Tid, next_tid, oid_repr, p64, u64, z64
+from amberdb.utils import Oid, Tid, next_tid, oid_repr, p64, z64
 
 __all__ = ["FileStorage"]
 
@@ -450,10 +450,15 @@ class FileStorage:
             raise ValueError("oid and base_tid must be 8 bytes")
         if len(record) > MAX_U32:
             raise StorageError(f"record of oid {oid_repr(oid)} is larger than 4 GiB")
-        oid_int = u64(oid)
+        oid_int = int.from_bytes(oid, "big")
         # Only the committer (us) changes the index, so no lock is needed to read it here.
         current = self._index.get(oid_int)
-        committed = z64 if current < 0 else pread_exact(self._fd, _D, current)[8:16]
+        if current < 0:
+            committed = z64
+        elif current + _D <= self._mapped and self._map is not None:
+            committed = self._map[current + 8 : current + 16]  # no system call
+        else:
+            committed = pread_exact(self._fd, _D, current)[8:16]
         if committed != base_tid:
             raise ConflictError(oid=oid, serials=(committed, base_tid))
         buf = self._buf
