@@ -68,8 +68,12 @@ class ObjectCache:
     def touch(self, oid: Oid, obj: Persistent) -> None:
         """Note that ``obj`` (loaded) was just used: it becomes the most recent."""
         lru = self._lru
-        lru[oid] = obj
-        lru.move_to_end(oid)
+        try:
+            lru.move_to_end(oid)
+        except KeyError:
+            lru[oid] = obj  # new entries go to the end already
+        else:
+            lru[oid] = obj
 
     def remove(self, oid: Oid) -> None:
         """Forget ``oid`` entirely (used when an added object goes back to unsaved)."""

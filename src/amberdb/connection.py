@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "RootConvenience"]
 
 _set = object.__setattr__
+_get_ident = threading.get_ident
+_get_slot = object.__getattribute__
 _T = TypeVar("_T")
 
 
@@ -334,17 +336,33 @@ class Connection:
 
     def setstate(self, obj: Persistent) -> None:
         """Load the state of the ghost ``obj``."""
-        oid: Oid = obj._p_oid  # type: ignore[assignment]
+        oid: Oid = _get_slot(obj, "_p_oid")  # not through the ghost's attribute hook
         if not self._opened:
             raise ConnectionStateError(
                 f"cannot load {class_name(obj.__class__)} oid {oid_repr(oid)}: its connection is closed"
             )
-        self._enter("load", obj)
+        # hot path: every ghost touched.  _enter/_leave and _load are inlined here.
+        me = _get_ident()
+        if self._user == me:
+            self._depth += 1
+        else:
+            self._enter("load", obj)
         try:
-            record, serial = self._load(oid)
-            self._restore(obj, oid, record, serial, self._reader.header(oid, record))
+            spilled = None if self._spill is None else self._spill.load(oid)
+            if spilled is None:
+                record, serial = self._storage.load(oid)
+                if serial > self._snapshot:
+                    record, serial = self._storage.load(oid, self._read_before)
+            else:
+                record, serial = spilled
+            reader = self._reader
+            restore_state(obj, reader.state(oid, record, reader.header(oid, record)), serial, len(record))
+            self._cache.touch(oid, obj)
         finally:
-            self._leave()
+            self._depth -= 1
+            if not self._depth:
+                self._user = None
+                self._use_lock.release()
 
     def _restore(self, obj: Persistent, oid: Oid, record: bytes, serial: Tid, header: RecordHeader) -> None:
         restore_state(obj, self._reader.state(oid, record, header), serial, len(record))

@@ -8,7 +8,7 @@ changed, so code never needs to set ``_p_changed`` for them.
 from __future__ import annotations
 
 from collections import UserDict, UserList
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from amberdb.persistent import Persistent, mark_changed
@@ -22,6 +22,13 @@ _V = TypeVar("_V")
 
 class PersistentList(UserList[_T], Persistent):
     """A list stored as one record; changing it marks it changed."""
+
+    def __iter__(self) -> Iterator[_T]:
+        # UserList leaves iteration to Sequence.__iter__, one Python-level __getitem__ per item.
+        return iter(self.data)
+
+    def __reversed__(self) -> Iterator[_T]:
+        return reversed(self.data)
 
     def __setitem__(self, index: Any, item: Any) -> None:
         self.data[index] = item

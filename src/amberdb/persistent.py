@@ -290,7 +290,10 @@ def _make_twin(cls: type, namespace: dict[str, Any]) -> type:
 def _ghost_getattribute(self: Persistent, name: str) -> Any:
     if name.startswith("_p_") or name in _GHOST_SAFE_NAMES:
         return _object_getattribute(self, name)
-    _load(self)
+    jar = _object_getattribute(self, "_p_jar")
+    if jar is None:
+        _load(self)  # raises the error that says why
+    jar.setstate(self)
     return getattr(self, name)
 
 
