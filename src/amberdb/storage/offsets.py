@@ -23,8 +23,8 @@ _SPREAD = 1 << 20
 """How far past the dense range an oid may lie and still grow the array instead of overflowing."""
 _MIN_GROW = 1024
 
-_MAGIC = b"AMBOFFS\x01"
-_HEAD = struct.Struct("<8sQQ")  # magic, dense length, overflow count
+_MAGIC = b"AMBOFFS\x02"
+_HEAD = struct.Struct("<8sQQQ")  # magic, dense length, overflow count, entry count
 _PAIR = struct.Struct("<qq")
 
 
@@ -164,7 +164,7 @@ class OffsetIndex:
         if sys.byteorder != "little":
             dense = array("q", dense)
             dense.byteswap()
-        parts = [_HEAD.pack(_MAGIC, len(dense), len(self._overflow)), dense.tobytes()]
+        parts = [_HEAD.pack(_MAGIC, len(dense), len(self._overflow), self._count), dense.tobytes()]
         parts.extend(_PAIR.pack(oid, off) for oid, off in sorted(self._overflow.items()))
         return b"".join(parts)
 
@@ -174,7 +174,7 @@ class OffsetIndex:
         view = memoryview(data)
         if len(view) < _HEAD.size:
             raise ValueError("OffsetIndex data too short")
-        magic, dense_len, overflow_len = _HEAD.unpack_from(view, 0)
+        magic, dense_len, overflow_len, count = _HEAD.unpack_from(view, 0)
         if magic != _MAGIC:
             raise ValueError("OffsetIndex data has the wrong magic")
         dense_end = _HEAD.size + 8 * dense_len
@@ -184,8 +184,8 @@ class OffsetIndex:
         dense.frombytes(view[_HEAD.size : dense_end])
         if sys.byteorder != "little":
             dense.byteswap()
-        if dense and min(dense) < _MISSING:
-            raise ValueError("OffsetIndex data holds a negative offset")
+        # No scan of the entries here (it would cost more than the read): the index file
+        # around this data carries a checksum, and loads check each record's oid.
         overflow: dict[int, int] = {}
         for oid, off in _PAIR.iter_unpack(view[dense_end:]):
             if oid < dense_len or off < 0 or oid in overflow:
@@ -194,5 +194,7 @@ class OffsetIndex:
         index = cls()
         index._dense = dense
         index._overflow = overflow
-        index._count = len(dense) - dense.count(_MISSING) + len(overflow)
+        if not len(overflow) <= count <= len(dense) + len(overflow):
+            raise ValueError("OffsetIndex data has an impossible entry count")
+        index._count = count
         return index

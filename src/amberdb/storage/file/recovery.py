@@ -82,8 +82,14 @@ def _stream_crc(fd: int, start: int, end: int, crc: int) -> int | None:
     return crc
 
 
-def txn_is_valid(fd: int, file_id_crc: int, pos: int, file_size: int, prev_tid: bytes) -> TxnHeader | None:
-    """The header of the transaction at ``pos`` if it is complete and valid, else None."""
+def txn_is_valid(
+    fd: int, file_id_crc: int, pos: int, file_size: int, prev_tid: bytes, check_body: bool = True
+) -> TxnHeader | None:
+    """The header of the transaction at ``pos`` if it is complete and valid, else None.
+
+    ``check_body=False`` checks only that header and trailer agree, without reading the body
+    for its checksum: for a transaction already verified (the one a saved index ends at).
+    """
     head = pread_exact(fd, _H, pos)
     if len(head) < _H:
         return None
@@ -97,6 +103,8 @@ def txn_is_valid(fd: int, file_id_crc: int, pos: int, file_size: int, prev_tid: 
     length, crc, magic = TXN_TRAILER.unpack(trailer)
     if length != h.length or magic != TRAILER_MAGIC:
         return None
+    if not check_body:
+        return h
     body_crc = _stream_crc(fd, pos + _H, end, file_id_crc)
     if body_crc is None or zlib.crc32(head, body_crc) != crc:
         return None

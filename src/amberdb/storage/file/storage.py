@@ -31,8 +31,9 @@ I5  Abort after vote cannot resurrect.  The voted transaction is valid on disk, 
     Abort before vote only truncates: streamed bytes carry an invalid header (I2).
 
 I6  The index file describes a prefix.  It records the position and tid of the transaction
-    it ends at, plus the file id; opening uses it only if that transaction exists there
-    with that tid and is valid, then scans forward from it for later transactions.  As the
+    it ends at, plus the file id, and is written only at a clean close; opening uses it only
+    if that transaction is still there (header and trailer agree, same tid, same file id),
+    then scans forward from it for later transactions.  As the
     file only grows past positions the index could name (I1), a stale index is still right
     for its prefix; a missing, corrupt or mismatched one is ignored and the file rescanned.
 
@@ -263,7 +264,9 @@ class FileStorage:
                 txn_pos = h.position - length
                 if not FILE_HEADER.size <= txn_pos < h.position:
                     return None
-                found = txn_is_valid(self._fd, self._file_id_crc, txn_pos, size, z64)
+                # Verified in full when the index was saved (at a clean close); a header and
+                # trailer that agree and the same tid show it is still that transaction.
+                found = txn_is_valid(self._fd, self._file_id_crc, txn_pos, size, z64, check_body=False)
                 if found is None or found.tid != h.last_tid:
                     return None
             index = OffsetIndex.from_bytes(view[INDEX_HEADER.size :])
