@@ -1,0 +1,222 @@
+"""Walking the bucket chain: range iteration in chunks, and lazy range sequences.
+
+Iteration hands out one chunk per bucket (a slice of its key list, of its value list, or a
+``zip`` of both), chained by ``itertools.chain.from_iterable``, so the per-item work runs
+in C.  A chunk is a copy taken when the iteration reaches its bucket; when the consumer has
+used it up, the bucket's length is checked again, and a bucket that changed size (an insert,
+a delete, a split) raises RuntimeError instead of letting the walk skip or repeat items.
+
+The upper bound is checked once per bucket: a bucket whose last key is in range is taken
+whole, otherwise one ``bisect`` finds where the range ends and the walk stops there.  So a
+range search reads the buckets on one root-to-leaf path and then only the buckets in range.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+from itertools import chain
+from typing import Any
+
+__all__ = ["ITEMS", "KEYS", "VALUES", "RangeView", "chunks", "count"]
+
+KEYS = 0
+VALUES = 1
+ITEMS = 2
+
+_CHANGED = "the bucket being iterated changed size (the tree was changed during iteration)"
+
+
+def chunks(
+    start: Any,
+    what: int,
+    lo: Any,
+    lo_incl: bool,
+    hi: Any,
+    hi_incl: bool,
+    skip: int = 0,
+    limit: int = -1,
+    single: bool = False,
+) -> Iterator[Any]:
+    """Yield per-bucket chunks of the range [lo, hi] from ``start.position(lo, lo_incl)``.
+
+    ``start`` is a tree or a bucket (anything with ``_position``).  ``skip`` items are passed
+    over first (whole buckets at a time where possible), then at most ``limit`` items are
+    produced (-1: no limit).  ``single`` stops after the first bucket (standalone buckets).
+    The start position is found when the walk begins, not when this is called.
+    """
+    bucket, i = start._position(lo, lo_incl)
+    while bucket is not None:
+        keys = bucket._keys
+        n = len(keys)
+        last = single
+        if not n:
+            if last:
+                return
+            bucket = bucket._next
+            i = 0
+            continue
+        if hi is None or (keys[-1] <= hi if hi_incl else keys[-1] < hi):
+            stop = n
+        else:
+            stop = bisect_right(keys, hi) if hi_incl else bisect_left(keys, hi)
+            last = True
+        if skip:
+            available = stop - i
+            if available <= skip:
+                skip -= max(available, 0)
+                i = stop
+            else:
+                i += skip
+                skip = 0
+        if limit >= 0 and stop - i >= limit:
+            stop = i + limit
+            last = True
+        if i < stop:
+            if limit > 0:
+                limit -= stop - i
+            if what == KEYS:
+                yield keys[i:stop]
+            elif what == VALUES:
+                yield bucket._values[i:stop]
+            else:
+                yield zip(keys[i:stop], bucket._values[i:stop])
+            if len(bucket._keys) != n:
+                raise RuntimeError(_CHANGED)
+        if last:
+            return
+        bucket = bucket._next
+        i = 0
+
+
+def count(start: Any, lo: Any, lo_incl: bool, hi: Any, hi_incl: bool, single: bool = False) -> int:
+    """How many keys the range [lo, hi] from ``start`` holds (reads each bucket in range)."""
+    bucket, i = start._position(lo, lo_incl)
+    total = 0
+    while bucket is not None:
+        keys = bucket._keys
+        n = len(keys)
+        if n:
+            if hi is None or (keys[-1] <= hi if hi_incl else keys[-1] < hi):
+                if n > i:
+                    total += n - i
+            else:
+                stop = bisect_right(keys, hi) if hi_incl else bisect_left(keys, hi)
+                return total + max(int(stop) - int(i), 0)
+        if single:
+            break
+        bucket = bucket._next
+        i = 0
+    return total
+
+
+def iterate(
+    start: Any, what: int, lo: Any, lo_incl: bool, hi: Any, hi_incl: bool, single: bool = False
+) -> Iterator[Any]:
+    """An iterator over the keys, values or items of the range."""
+    return chain.from_iterable(chunks(start, what, lo, lo_incl, hi, hi_incl, single=single))
+
+
+def empty_range(lo: Any, lo_incl: bool, hi: Any, hi_incl: bool) -> bool:
+    """True when the bounds themselves leave nothing (min above max)."""
+    if lo is None or hi is None:
+        return False
+    return bool(lo > hi or (lo == hi and not (lo_incl and hi_incl)))
+
+
+class RangeView:
+    """The keys, values or items of a tree between two bounds: a lazy sequence.
+
+    Supports ``len`` (which reads every bucket in range), iteration, indexing (negative too)
+    and slicing (giving another view).  Like a dict view it reflects the tree as it is when
+    used; changing the tree while iterating over the view raises RuntimeError.
+    """
+
+    __slots__ = ("_hi", "_hi_incl", "_limit", "_lo", "_lo_incl", "_skip", "_tree", "_what")
+
+    def __init__(
+        self,
+        tree: Any,
+        what: int,
+        lo: Any,
+        lo_incl: bool,
+        hi: Any,
+        hi_incl: bool,
+        skip: int = 0,
+        limit: int = -1,
+    ) -> None:
+        self._tree = tree
+        self._what = what
+        self._lo = lo
+        self._lo_incl = lo_incl
+        self._hi = hi
+        self._hi_incl = hi_incl
+        self._skip = skip
+        self._limit = limit
+
+    def __iter__(self) -> Iterator[Any]:
+        if empty_range(self._lo, self._lo_incl, self._hi, self._hi_incl):
+            return iter(())
+        return chain.from_iterable(
+            chunks(
+                self._tree,
+                self._what,
+                self._lo,
+                self._lo_incl,
+                self._hi,
+                self._hi_incl,
+                self._skip,
+                self._limit,
+            )
+        )
+
+    def __len__(self) -> int:
+        if empty_range(self._lo, self._lo_incl, self._hi, self._hi_incl):
+            return 0
+        n = max(count(self._tree, self._lo, self._lo_incl, self._hi, self._hi_incl) - self._skip, 0)
+        return n if self._limit < 0 else min(n, self._limit)
+
+    def __bool__(self) -> bool:
+        for _ in self._sub(0, 1):
+            return True
+        return False
+
+    def _sub(self, skip: int, limit: int) -> RangeView:
+        """The view of ``limit`` items after the first ``skip`` of this one."""
+        if self._limit >= 0:
+            limit = max(min(limit, self._limit - skip), 0)
+        return RangeView(
+            self._tree,
+            self._what,
+            self._lo,
+            self._lo_incl,
+            self._hi,
+            self._hi_incl,
+            self._skip + skip,
+            limit,
+        )
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            start, stop, step = index.start, index.stop, index.step
+            if step not in (None, 1):
+                return list(self)[index]
+            if (start is not None and start < 0) or stop is None or stop < 0:
+                start, stop, _ = index.indices(len(self))
+            start = start or 0
+            return self._sub(start, max(stop - start, 0))
+        index = index.__index__()
+        if index < 0:
+            index += len(self)
+            if index < 0:
+                raise IndexError(index - len(self))
+        for item in self._sub(index, 1):
+            return item
+        raise IndexError(index)
+
+    def __reversed__(self) -> Iterator[Any]:
+        return iter(list(self)[::-1])
+
+    def __repr__(self) -> str:
+        what = ("keys", "values", "items")[self._what]
+        return f"<{self._tree.__class__.__name__} {what} view>"
