@@ -6,6 +6,8 @@ import datetime
 import decimal
 import os
 import pickle
+import subprocess
+import sys
 import uuid
 from collections import OrderedDict, defaultdict, deque
 from fractions import Fraction
@@ -209,3 +211,32 @@ def test_open_file_attribute_is_refused(conn: amberdb.Connection, tmp_path: Path
         with pytest.raises(SerializationError, match="'handle'"):
             transaction.commit()
     transaction.abort()
+
+
+def test_amberdb_btrees_load_in_a_process_that_never_imported_them(tmp_path: Path) -> None:
+    path = str(tmp_path / "trees.fs")
+    db = amberdb.DB(path)
+    with db.transaction() as conn:
+        from amberdb.btrees import IIBTree, Length
+
+        conn.root()["tree"] = IIBTree({1: 2, 3: 4})
+        conn.root()["count"] = Length(7)
+    db.close()
+    program = (
+        "import sys, amberdb\n"
+        f"db = amberdb.DB({path!r})\n"
+        "root = db.open().root()\n"
+        "print(dict(root['tree'].items()), root['count'](), 'amberdb.btrees' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["{1:", "2,", "3:", "4}", "7", "True"]
+
+
+def test_amberdb_functions_that_are_not_persistent_classes_are_still_refused(db: amberdb.DB) -> None:
+    record = encode_record("amberdb.utils:p64", [], pickle.dumps({}, protocol=5))
+    _write_raw(db.storage, p64(5), record)
+    conn = db.open()
+    with pytest.raises(UnsafeGlobalError, match=r"amberdb\.utils\.p64"):
+        conn.get(p64(5))
+    conn.close()

@@ -69,6 +69,9 @@ def _lookup(module_obj: Any, qualname: str) -> Any:
     return obj
 
 
+_OWN_PACKAGE = "amberdb."
+
+
 class ClassResolver:
     """Turns the global names records mention into classes, following the allow-list."""
 
@@ -128,6 +131,13 @@ class ClassResolver:
         if cls is not None:
             return cls
         imported = sys.modules.get(module)
+        if imported is None and module.startswith(_OWN_PACKAGE):
+            # AmberDB's own persistent classes (the BTrees) load without the application
+            # importing their module first: importing it runs only AmberDB's code.
+            try:
+                imported = importlib.import_module(module)
+            except ImportError:
+                imported = None
         if imported is not None:
             try:
                 candidate = _lookup(imported, qualname)
