@@ -50,7 +50,7 @@ class TreeBase(FamilyMember):
     _is_tree = True
 
     _leaf: bool
-    _keys: Any  # a list, or an array for numeric keys
+    _keys: list[Any]  # a list even for numeric keys: bisect is faster on a list than an array
     _children: list[Any]
     _bucket_class: ClassVar[type[LeafBase]]
     _max_bucket_size: ClassVar[int]
@@ -58,7 +58,7 @@ class TreeBase(FamilyMember):
 
     def __init__(self, items: Any = None) -> None:
         self._leaf = True
-        self._keys = self._kkind.empty()
+        self._keys = []
         self._children = []
         if items is not None:
             self.update(items)
@@ -75,7 +75,7 @@ class TreeBase(FamilyMember):
 
     def __setstate__(self, state: Any) -> None:
         self._leaf = bool(state[0])
-        self._keys = self._kkind.unpack(state[1])
+        self._keys = list(self._kkind.unpack(state[1]))
         self._children = list(state[2])
         if self._children and len(self._keys) != len(self._children) - 1:
             raise ValueError(
@@ -158,7 +158,7 @@ class TreeBase(FamilyMember):
                 left = self._new_node(node._leaf, keys[: at - 1], children[:at])
                 right = self._new_node(node._leaf, keys[at:], children[at:])
                 self._leaf = False
-                self._keys = self._kkind.make((separator,))
+                self._keys = [separator]
                 self._children = [left, right]
                 return
             right = self._new_node(node._leaf, keys[at:], children[at:])
@@ -205,7 +205,7 @@ class TreeBase(FamilyMember):
         """Remove everything."""
         if self._children:
             self._leaf = True
-            self._keys = self._kkind.empty()
+            self._keys = []
             self._children = []
 
     # -- whole-tree queries ---------------------------------------------------------------
@@ -446,7 +446,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             bucket._values = vkind.make((value,))
         bucket._next = None
         self._leaf = True
-        self._keys = kkind.empty()
+        self._keys = []
         self._children = [bucket]
 
     if vkind is None:
