@@ -285,6 +285,60 @@ def test_threads_transferring_money_keep_the_total_and_lose_no_transfer(db_path:
     db.close()
 
 
+def test_threads_writing_disjoint_btree_keys_in_different_buckets_never_conflict(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from amberdb.btrees import IIBTree, IIBucket
+
+    # Not even a resolved conflict: each commit changes a bucket no other thread touches.
+    resolutions: list[int] = []
+    resolve = IIBucket._p_resolveConflict
+
+    def counting_resolve(self: Any, old: Any, saved: Any, new: Any) -> Any:
+        resolutions.append(1)
+        return resolve(self, old, saved, new)
+
+    monkeypatch.setattr(IIBucket, "_p_resolveConflict", counting_resolve)
+    db = DB(db_path)
+    keys = list(range(0, 20_000, 2))
+    random.Random(7).shuffle(keys)
+    with db.transaction() as conn:
+        conn.root.tree = tree = IIBTree((k, k) for k in keys)
+        # Each thread owns the key range of one bucket with room to grow (no split).
+        buckets = [b for b in tree._buckets() if len(b) < tree._max_bucket_size - 40][:THREADS]
+        ranges = [(b.minKey(), b.maxKey()) for b in buckets]
+    assert len(ranges) == THREADS
+    writes_each = 30
+    conflicts: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        low, high = ranges[n]
+        rng = random.Random(n)
+        conn = db.open()
+        for _ in range(writes_each):
+            tree = conn.root.tree
+            new_key = rng.randrange(low, high) | 1  # odd: a key the tree does not have yet
+            tree[new_key] = -n
+            existing = rng.randrange(low, high + 1) & ~1
+            tree[existing] = tree[existing] + 1
+            try:
+                transaction.commit()
+            except ConflictError as exc:
+                conflicts.append(exc)
+                transaction.abort()
+        conn.close()
+
+    _run_threads(worker)
+    assert conflicts == []
+    assert resolutions == []
+    with db.transaction() as conn:
+        tree = conn.root.tree
+        tree._check()
+        for n, (low, high) in enumerate(ranges):
+            assert any(v == -n for v in tree.values(low, high))
+    db.close()
+
+
 def test_reader_sees_consistent_snapshots_while_writer_commits(db: DB) -> None:
     with db.transaction() as conn:
         conn.root.a = Account(500)
