@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_NOTE = (
-    "cache sizes (objects, both engines): add..hot read n+1000; BTrees 10,000; big transaction "
-    "{big_cache:,}; commit, open, concurrency 1,000"
+    "cache sizes (objects, both engines): add..hot read n+1000; BTrees 10,000 (scale: 2,000); "
+    "big transaction {big_cache:,}; commit, open, concurrency 1,000"
 )
 
 

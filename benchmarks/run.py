@@ -141,6 +141,17 @@ class Runner:
                 self.measure("btree_persisted", "btree_cold_scan", engine, directory, **params)
             self.progress("btree_persisted", r, engine, began)
 
+    def btree_scale(self) -> None:
+        s = self.sizes
+        for r, engine in self.rounds("btree_scale"):
+            began = time.perf_counter()
+            with self.tempdir() as directory:
+                params = {"n": s.scale_entries, "per_commit": s.scale_per_commit}
+                if not self.measure("btree_scale", "scale_build", engine, directory, **params):
+                    return
+                self.measure("btree_scale", "scale_scan", engine, directory, **params)
+            self.progress("btree_scale", r, engine, began)
+
     def open(self) -> None:
         s = self.sizes
         directories = {engine: self.tempdir() for engine in self.engines}
@@ -169,6 +180,7 @@ class Runner:
             "attribute": lambda: self.simple("attribute", "attribute", loops=s.attribute_loops),
             "btree_memory": lambda: self.simple("btree_memory", "btree_memory", n=s.btree_keys),
             "btree_persisted": self.btree_persisted,
+            "btree_scale": self.btree_scale,
             "commit": lambda: self.simple("commit", "commit", n=s.commits),
             "big_transaction": lambda: self.simple(
                 "big_transaction",

@@ -18,6 +18,8 @@ class Sizes:
     btree_keys: int = 1_000_000
     btree_persisted: int = 200_000
     btree_per_commit: int = 10_000
+    scale_entries: int = 10_000_000
+    scale_per_commit: int = 100_000
     commits: int = 500
     big_objects: int = 1_000_000
     big_every: int = 10_000
@@ -32,6 +34,7 @@ class Sizes:
         "attribute_loops",
         "btree_keys",
         "btree_persisted",
+        "scale_entries",
         "commits",
         "big_objects",
         "open_objects",
@@ -59,9 +62,10 @@ class Sizes:
 FULL = Sizes()
 """The sizes the issue states."""
 
-DEFAULT = dataclasses.replace(FULL, big_objects=200_000, open_objects=200_000)
+DEFAULT = dataclasses.replace(FULL, big_objects=200_000, open_objects=200_000, scale_entries=1_000_000)
 """What ``./scripts/bench`` runs: the issue's sizes, except the two million-object
-workloads, cut to 200,000 objects so that a run takes a few minutes on two cores."""
+workloads, cut to 200,000 objects, and the 10-million-entry tree, cut to a million, so that
+a run takes a few minutes on two cores."""
 
 QUICK = Sizes(
     objects=300,
@@ -70,6 +74,8 @@ QUICK = Sizes(
     btree_keys=3_000,
     btree_persisted=3_000,
     btree_per_commit=1_000,
+    scale_entries=4_000,
+    scale_per_commit=500,
     commits=10,
     big_objects=3_000,
     big_every=1_000,

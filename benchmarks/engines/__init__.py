@@ -44,6 +44,9 @@ class Engine(Protocol):
     def minimize_cache(self, conn: Any) -> None:
         """Turn every unchanged loaded object of ``conn`` into a ghost."""
 
+    def incremental_gc(self, conn: Any) -> None:
+        """Shrink ``conn``'s cache to its size now, in the middle of a transaction."""
+
     def object_count(self, db: Any) -> int:
         """How many objects the database's storage holds."""
 

@@ -48,16 +48,15 @@ class AmberEngine:
         manager.commit(True)
 
     def btree_class(self) -> type[Any]:
-        from benchmarks.engines import UnavailableError
+        from amberdb.btrees import IIBTree
 
-        try:
-            from amberdb.btrees import IIBTree  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            raise UnavailableError(f"amberdb.btrees not available ({exc})") from None
-        return IIBTree  # type: ignore[no-any-return,unused-ignore]
+        return IIBTree  # type: ignore[no-any-return]
 
     def minimize_cache(self, conn: Any) -> None:
         conn.cache_minimize()
+
+    def incremental_gc(self, conn: Any) -> None:
+        conn.cache_gc()
 
     def object_count(self, db: Any) -> int:
         return len(db.storage)

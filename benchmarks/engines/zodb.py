@@ -61,6 +61,9 @@ class ZodbEngine:
     def minimize_cache(self, conn: Any) -> None:
         conn.cacheMinimize()
 
+    def incremental_gc(self, conn: Any) -> None:
+        conn.cacheGC()
+
     def object_count(self, db: Any) -> int:
         return len(db.storage)
 

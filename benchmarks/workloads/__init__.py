@@ -22,6 +22,8 @@ TASKS: dict[str, Task] = {
     "btree_memory": btree.in_memory,
     "btree_build": btree.persisted_build,
     "btree_cold_scan": btree.persisted_cold_scan,
+    "scale_build": btree.scale_build,
+    "scale_scan": btree.scale_scan,
     "commit": commit.commit_latency,
     "big_transaction": bigtxn.big_transaction,
     "open_build": opening.build,
