@@ -465,3 +465,26 @@ def test_unicode_meta_round_trip(tmp_path: Path) -> None:
         commit(fs, {z64: (z64, b"x")}, meta)
     with FileStorage(path) as fs:
         assert next(iter(fs.iterator())).meta == meta
+
+
+def test_loads_stay_correct_after_the_map_releases_its_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading far more than the release threshold drops mapped pages from the resident
+    # set again and again; every load must still return exactly what was stored.
+    monkeypatch.setattr(storage_module, "_RELEASE_AFTER", 256 << 10)
+    releases: list[int] = []
+    release = FileStorage._release_pages
+
+    def counting(self: FileStorage) -> None:
+        releases.append(1)
+        release(self)
+
+    monkeypatch.setattr(FileStorage, "_release_pages", counting)
+    records = {p64(i): bytes([i % 251]) * (20_000 + i) for i in range(1, 101)}
+    with FileStorage(tmp_path / "big.fs") as fs:
+        commit(fs, {oid: (z64, record) for oid, record in records.items()})
+        for _ in range(3):
+            for oid, record in records.items():
+                assert fs.load(oid)[0] == record
+    assert len(releases) >= 10

@@ -104,6 +104,10 @@ FLUSH_SIZE = 1 << 20
 _H = TXN_HEADER.size
 _T = TXN_TRAILER.size
 _D = DATA_HEADER.size
+_PAGE = mmap.PAGESIZE
+# Loads drop the map's pages from the resident set after reading about this much.
+_RELEASE_AFTER = 8 << 20
+_MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _IDLE, _OPEN, _VOTED, _DIRTY = "idle", "open", "voted", "dirty"
 
 
@@ -141,6 +145,7 @@ class FileStorage:
         self._lock_fd = -1
         self._map: mmap.mmap | None = None
         self._mapped = 0  # bytes of the file the map covers
+        self._touched = 0  # about how many bytes of the map loads have read since it was released
         self._closed = False
         self._closing = False
         self._broken: BaseException | None = None
@@ -350,10 +355,28 @@ class FileStorage:
                     stop = start + rlen
                     if stop > self._mapped:
                         view = self._remap(oid, offset, stop)
+                    self._touched += rlen + _PAGE
+                    if self._touched > _RELEASE_AFTER:
+                        self._release_pages()
                     return view[start:stop], rtid
                 if back == 0:
                     raise POSKeyError(oid, f"no revision before tid {oid_repr(before)}")
                 offset = back
+
+    def _release_pages(self) -> None:
+        """Let the pages loads have read leave this process's resident set (under ``_lock``).
+
+        Pages of a file mapping count in the process's RSS for as long as the map lives, so
+        a scan of a large database would look like it holds the whole file in memory.
+        Dropping them is cheap: the data stays in the OS page cache, and the next load of
+        a dropped page costs a minor fault.
+        """
+        self._touched = 0
+        if self._map is not None and _MADV_DONTNEED is not None:
+            try:
+                self._map.madvise(_MADV_DONTNEED)
+            except OSError:  # pragma: no cover - an advice the platform refuses is only advice
+                pass
 
     def _remap(self, oid: Oid, offset: int, needed: int) -> mmap.mmap:
         """Map the file again, now that it has grown past the old mapping (under ``_lock``).
