@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import amberdb
 import amberdb.transaction as transaction
 from amberdb import DB, Persistent, PersistentList, PersistentMapping
+from amberdb.btrees import IOBTree, Length, OOTreeSet
 
 
 class Author(Persistent):
@@ -55,6 +56,12 @@ def store(path: str) -> None:
         ):
             books[book.title] = book
         conn.root.books = books
+        # An index kept by the application: year -> titles, searchable by range.
+        by_year: IOBTree = IOBTree()
+        for book in books.values():
+            by_year.setdefault(book.year, OOTreeSet()).add(book.title)
+        conn.root.by_year = by_year
+        conn.root.book_count = Length(len(books))
         conn.root.authors = PersistentList([fulton, guido, knuth])
         conn.transaction_manager.get().note("demo: initial library")
     _say(
@@ -76,6 +83,8 @@ def reload_and_query(path: str) -> None:
     _say(f"books by Donald Knuth: {sorted(knuth)}")
     recent = sorted((b.year, b.title) for b in books.values() if b.year >= 2000)
     _say(f"published since 2000: {recent}")
+    nineties = [(year, list(titles)) for year, titles in conn.root.by_year.items(1990, 2005)]
+    _say(f"the year index (an IOBTree), range 1990..2005: {nineties}")
     first = books["Python Internals"]
     _say(
         f"'{first.title}' is {first._p_status}, oid {amberdb.utils.u64(first._p_oid)}, "
