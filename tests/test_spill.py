@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import tracemalloc
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -61,3 +64,30 @@ class SpillMachine(RuleBasedStateMachine):
 
 SpillMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
 test_spill_matches_model = SpillMachine.TestCase
+
+
+def test_entries_read_across_chunk_boundaries_in_bounded_memory() -> None:
+    # 60k entries (about 12 MB, records of every size around the 1 MB read chunk): the
+    # iteration must see each exactly once and hold about one chunk, not the file.
+    rng = random.Random(5)
+    spill = SpillFile()
+    expected = {}
+    try:
+        for n in range(60_000):
+            size = rng.choice((0, 7, 150, 300)) if n % 5000 else rng.choice((1 << 20, 1_500_000))
+            record = b"%d:" % n + bytes([n % 256]) * size
+            spill.store(p64(n), p64(n + 1), record)
+            expected[p64(n)] = (p64(n + 1), record)
+        tracemalloc.start()
+        try:
+            seen = 0
+            for oid, base, record in spill.entries():
+                assert expected[oid] == (base, record)
+                seen += 1
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert seen == len(expected)
+        assert peak < 8 << 20, f"entries() held {peak >> 20} MB"
+    finally:
+        spill.close()

@@ -36,6 +36,7 @@ __all__ = ["SpillFile"]
 _ENTRY = struct.Struct(">8s8sqI")
 _NONE = -1
 _FLUSH_AT = 1 << 20
+_READ_CHUNK = 256 << 10  # entries() reads this much at a time: a few of them are alive at once
 
 
 class SpillFile:
@@ -106,25 +107,31 @@ class SpillFile:
         """
         self._flush()
         index = self._index
+        fd = self._fd
         buffer = b""
-        start = 0  # file offset of buffer[0]
+        start = 0  # file offset of buffer[0]; the buffer never keeps bytes before the entry in hand
         offset = 0
         end = self._flushed
         while offset < end:
-            need = offset - start + _ENTRY.size
-            if need > len(buffer):
-                buffer = buffer[offset - start :] + os.pread(self._fd, _FLUSH_AT, start + len(buffer))
-                start = offset
-                need = _ENTRY.size
-            oid, base, _, length = _ENTRY.unpack_from(buffer, need - _ENTRY.size)
-            stop = need + length
-            while stop > len(buffer):
-                more = os.pread(self._fd, max(_FLUSH_AT, stop - len(buffer)), start + len(buffer))
-                if not more:
-                    raise OSError(f"spill file ends inside the entry at {offset}")
-                buffer += more
+            at = offset - start
+            if at + _ENTRY.size > len(buffer):
+                buffer = buffer[at:] + os.pread(fd, _READ_CHUNK, start + len(buffer))
+                start, at = offset, 0
+                if _ENTRY.size > len(buffer):
+                    raise OSError(f"spill file ends inside the entry header at {offset}")
+            oid, base, _, length = _ENTRY.unpack_from(buffer, at)
+            body = at + _ENTRY.size
+            stop = body + length
+            if stop > len(buffer):
+                buffer = buffer[at:]
+                start, body, stop = offset, body - at, stop - at
+                while stop > len(buffer):
+                    more = os.pread(fd, max(_READ_CHUNK, stop - len(buffer)), start + len(buffer))
+                    if not more:
+                        raise OSError(f"spill file ends inside the entry at {offset}")
+                    buffer += more
             if index.get(int.from_bytes(oid, "big")) == offset:
-                yield oid, base, buffer[need:stop]
+                yield oid, base, buffer[body:stop]
             offset += _ENTRY.size + length
 
     def oids(self) -> list[Oid]:
