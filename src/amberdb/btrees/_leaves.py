@@ -25,7 +25,15 @@ from amberdb.btrees._kinds import Kind
 from amberdb.btrees._seq import ITEMS, KEYS, VALUES, empty_range, iterate
 from amberdb.persistent import Persistent, mark_changed
 
-__all__ = ["BucketBase", "FamilyMember", "LeafBase", "SetBase", "extra_state", "set_extra_state"]
+__all__ = [
+    "BucketBase",
+    "FamilyMember",
+    "LeafBase",
+    "MappingIteration",
+    "SetBase",
+    "extra_state",
+    "set_extra_state",
+]
 
 _MISSING: Any = object()
 
@@ -166,7 +174,28 @@ class LeafBase(FamilyMember):
         return self._next
 
 
-class BucketBase(LeafBase):
+class MappingIteration:
+    """``itervalues`` and ``iteritems``, shared by buckets and trees (which define ``_iter``)."""
+
+    __slots__ = ()
+
+    def _iter(self, what: int, min: Any, max: Any, excludemin: bool, excludemax: bool) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def itervalues(
+        self, min: Any = None, max: Any = None, excludemin: bool = False, excludemax: bool = False
+    ) -> Iterator[Any]:
+        """An iterator over the values of the keys in [min, max]."""
+        return self._iter(VALUES, min, max, excludemin, excludemax)
+
+    def iteritems(
+        self, min: Any = None, max: Any = None, excludemin: bool = False, excludemax: bool = False
+    ) -> Iterator[tuple[Any, Any]]:
+        """An iterator over the (key, value) pairs of the keys in [min, max]."""
+        return self._iter(ITEMS, min, max, excludemin, excludemax)
+
+
+class BucketBase(LeafBase, MappingIteration):
     """A mapping bucket (``<P>Bucket``): a small sorted mapping stored as one record."""
 
     __slots__ = ("_values",)
@@ -312,18 +341,6 @@ class BucketBase(LeafBase):
     ) -> list[tuple[Any, Any]]:
         """The (key, value) pairs of the keys in [min, max], as a list."""
         return list(self._iter(ITEMS, min, max, excludemin, excludemax))
-
-    def itervalues(
-        self, min: Any = None, max: Any = None, excludemin: bool = False, excludemax: bool = False
-    ) -> Iterator[Any]:
-        """An iterator over the values of the keys in [min, max]."""
-        return self._iter(VALUES, min, max, excludemin, excludemax)
-
-    def iteritems(
-        self, min: Any = None, max: Any = None, excludemin: bool = False, excludemax: bool = False
-    ) -> Iterator[tuple[Any, Any]]:
-        """An iterator over the (key, value) pairs of the keys in [min, max]."""
-        return self._iter(ITEMS, min, max, excludemin, excludemax)
 
     def _split(self, at: int) -> BucketBase:
         cls = self.__class__

@@ -167,7 +167,15 @@ def _weighted_family(default: Any, c1: Any, c2: Any) -> Any:
 
 
 def _weighted(c1: Any, c2: Any, w1: Any, w2: Any, default: Any, union_: bool) -> tuple[Any, Any]:
+    if c1 is None:
+        return (0, None) if c2 is None else (w2, c2)
+    if c2 is None:
+        return w1, c1
     family = _weighted_family(default, c1, c2)
+    if not _is_map(c1) and not _is_map(c2):
+        if union_:
+            return 1, union(c1, c2, default)
+        return w1 + w2, intersection(c1, c2, default)
     keys1, values1 = _items(c1, family)
     keys2, values2 = _items(c2, family)
     check = family.value_kind.check
@@ -188,13 +196,6 @@ def weightedUnion(
     c1: Any, c2: Any, weight1: Any = 1, weight2: Any = 1, _default: Any = None
 ) -> tuple[Any, Any]:
     """``(weight, result)``: the union of two sets, or a bucket of weighted value sums."""
-    if c1 is None:
-        return (0, None) if c2 is None else (weight2, c2)
-    if c2 is None:
-        return weight1, c1
-    if not _is_map(c1) and not _is_map(c2):
-        _weighted_family(_default, c1, c2)
-        return 1, union(c1, c2, _default)
     return _weighted(c1, c2, weight1, weight2, _default, True)
 
 
@@ -202,13 +203,6 @@ def weightedIntersection(
     c1: Any, c2: Any, weight1: Any = 1, weight2: Any = 1, _default: Any = None
 ) -> tuple[Any, Any]:
     """``(weight, result)``: the intersection of two sets, or a bucket of weighted value sums."""
-    if c1 is None:
-        return (0, None) if c2 is None else (weight2, c2)
-    if c2 is None:
-        return weight1, c1
-    if not _is_map(c1) and not _is_map(c2):
-        _weighted_family(_default, c1, c2)
-        return weight1 + weight2, intersection(c1, c2, _default)
     return _weighted(c1, c2, weight1, weight2, _default, False)
 
 

@@ -29,7 +29,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from amberdb.btrees._kinds import Kind
-from amberdb.btrees._leaves import FamilyMember, LeafBase, _pairs, extra_state, set_extra_state
+from amberdb.btrees._leaves import (
+    FamilyMember,
+    LeafBase,
+    MappingIteration,
+    _pairs,
+    extra_state,
+    set_extra_state,
+)
 from amberdb.btrees._seq import ITEMS, KEYS, VALUES, RangeView, empty_range, iterate
 from amberdb.persistent import mark_changed
 
@@ -296,7 +303,7 @@ def _max_at_most(node: Any, key: Any) -> Any:
     return _MISSING
 
 
-class BTreeBase(TreeBase):
+class BTreeBase(TreeBase, MappingIteration):
     """A mapping tree (``<P>BTree``): the mapping API over the bucket chain."""
 
     __slots__ = ()
@@ -353,18 +360,6 @@ class BTreeBase(TreeBase):
     ) -> RangeView:
         """The (key, value) pairs of the keys in [min, max]: a lazy sequence."""
         return self._view(ITEMS, min, max, excludemin, excludemax)
-
-    def itervalues(
-        self, min: Any = None, max: Any = None, excludemin: bool = False, excludemax: bool = False
-    ) -> Iterator[Any]:
-        """An iterator over the values of the keys in [min, max]."""
-        return self._iter(VALUES, min, max, excludemin, excludemax)
-
-    def iteritems(
-        self, min: Any = None, max: Any = None, excludemin: bool = False, excludemax: bool = False
-    ) -> Iterator[tuple[Any, Any]]:
-        """An iterator over the (key, value) pairs of the keys in [min, max]."""
-        return self._iter(ITEMS, min, max, excludemin, excludemax)
 
 
 class TreeSetBase(TreeBase):
