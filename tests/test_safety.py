@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import io
 import os
 import pickle
 import subprocess
@@ -18,9 +19,9 @@ import pytest
 
 import amberdb
 import amberdb.transaction as transaction
-from amberdb.exceptions import SerializationError, UnsafeGlobalError
+from amberdb.exceptions import RecordDecodeError, SerializationError, UnsafeGlobalError
 from amberdb.persistent import class_name
-from amberdb.record import decode_header, encode_record, references
+from amberdb.record import decode_header, encode_record, ref, references
 from amberdb.storage.base import TransactionMeta
 from amberdb.utils import p64, z64
 from tests.models import Address, Book, Node
@@ -240,3 +241,53 @@ def test_amberdb_functions_that_are_not_persistent_classes_are_still_refused(db:
     with pytest.raises(UnsafeGlobalError, match=r"amberdb\.utils\.p64"):
         conn.get(p64(5))
     conn.close()
+
+
+def _node_record(state: bytes, refs: list[tuple[bytes, str]]) -> bytes:
+    return encode_record(class_name(Node), refs, state)
+
+
+def test_records_with_persistent_id_references_still_load(db: amberdb.DB) -> None:
+    # The first record format wrote references as pickle persistent ids; readers keep it.
+    class OldStyle(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            return 0 if obj == "<tail>" else None
+
+    buffer = io.BytesIO()
+    OldStyle(buffer, 5).dump({"value": "head", "next": "<tail>"})
+    _write_raw(db.storage, p64(30), _node_record(pickle.dumps({"value": "tail", "next": None}, 5), []))
+    _write_raw(db.storage, p64(31), _node_record(buffer.getvalue(), [(p64(30), class_name(Node))]))
+    conn = db.open()
+    head = conn.get(p64(31))
+    assert head.value == "head"
+    assert head.next is conn.get(p64(30))
+    assert head.next.value == "tail"
+    conn.close()
+
+
+def test_a_reference_outside_the_records_table_is_a_decode_error(db: amberdb.DB) -> None:
+    state = pickle.dumps({"value": "x", "next": _Exploit(ref, 3)}, 5)
+    _write_raw(db.storage, p64(32), _node_record(state, [(p64(30), class_name(Node))]))
+    conn = db.open()
+    with pytest.raises(RecordDecodeError, match=r"oid 0x20"):
+        conn.get(p64(32))
+    conn.close()
+
+
+def test_a_state_of_plain_values_is_written_without_calling_back(conn: amberdb.Connection) -> None:
+    calls: list[Any] = []
+    writer = conn._writer
+    reduce = writer._reduce
+
+    def counting(obj: Any) -> Any:
+        calls.append(obj)
+        return reduce(obj)
+
+    writer._pickler.reducer_override = counting  # the C pickler reads its hook at creation...
+    writer._pickler.__init__(writer._buffer, counting)  # ...so create it again with the spy
+    conn.root.book = Book("Plain")
+    conn.root.book.authors = ("a", "b")
+    transaction.commit()
+    # The root's reference to the book (and, once, the global that writes references);
+    # nothing for the book's own state of strings and a tuple.
+    assert calls == [conn.root.book, ref]

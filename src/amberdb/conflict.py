@@ -19,7 +19,7 @@ from typing import Any
 
 from amberdb.exceptions import ConflictError, UnsafeGlobalError
 from amberdb.persistent import Persistent
-from amberdb.record import decode_header
+from amberdb.record import REFERENCE_GLOBAL, decode_header, ref
 from amberdb.serialize import ClassResolver, ObjectWriter
 from amberdb.utils import Oid, oid_repr
 
@@ -51,6 +51,8 @@ class _ReferenceUnpickler(pickle.Unpickler):
     references: list[PersistentReference]
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == REFERENCE_GLOBAL:
+            return self.references.__getitem__
         return self.resolver.find(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
@@ -73,10 +75,10 @@ class _ResolvedStateWriter(ObjectWriter):
     def __init__(self, resolver: ClassResolver) -> None:
         super().__init__(resolver, _no_live_objects)
 
-    def _persistent_id(self, obj: Any) -> int | None:
-        if isinstance(obj, PersistentReference):
-            return self._reference_index(obj.oid, obj.class_name)
-        return super()._persistent_id(obj)
+    def _reduce(self, obj: Any) -> Any:
+        if type(obj) is PersistentReference:
+            return ref, (self._reference_index(obj.oid, obj.class_name),)
+        return super()._reduce(obj)
 
 
 def _no_live_objects(obj: Persistent) -> Oid:

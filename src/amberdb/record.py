@@ -16,9 +16,15 @@ offset  size        meaning
 ...     K x (2+n)   each: 2-byte length n, then the UTF-8 class name
 ...     4           number R of references
 ...     R x 10      each: 8-byte oid, then 2-byte index into the K class names
-...     rest        the state: a pickle (protocol 5) whose persistent ids are the
-                    integers 0..R-1, indexes into the reference table
+...     rest        the state: a pickle (protocol 5) in which the reference at index
+                    i of the table is written as the call ``amberdb.record.ref(i)``
 ======  ==========  ==================================================================
+
+References are calls of a named global rather than pickle's persistent ids because the
+pickler asks about persistent ids for every value it writes, strings and numbers included,
+while the hook that writes a call runs only for objects that are not plain values: a state
+of plain values is pickled without calling back into Python at all.  Readers also accept
+states whose persistent ids are the indexes 0..R-1 (what the first records used).
 """
 
 from __future__ import annotations
@@ -29,9 +35,21 @@ from typing import NamedTuple
 from amberdb.exceptions import RecordDecodeError
 from amberdb.utils import Oid
 
-__all__ = ["RECORD_VERSION", "RecordHeader", "decode_header", "encode_record", "references"]
+__all__ = ["RECORD_VERSION", "RecordHeader", "decode_header", "encode_record", "ref", "references"]
 
 RECORD_VERSION = 1
+
+
+def ref(index: int) -> int:
+    """Stands for the reference at ``index`` in a pickled state; readers map it to the object.
+
+    Only its name matters: the writer names it, and a reader's ``find_class`` replaces it
+    with a lookup in the record's reference table, so this body never runs on a load.
+    """
+    return index
+
+
+REFERENCE_GLOBAL = (ref.__module__, ref.__qualname__)
 
 _VERSION_AND_NAME_LEN = struct.Struct(">BH")
 _U16 = struct.Struct(">H")

@@ -28,7 +28,7 @@ from typing import Any
 
 from amberdb.exceptions import RecordDecodeError, SerializationError, UnsafeGlobalError
 from amberdb.persistent import Persistent, class_name, persistent_class_named
-from amberdb.record import RecordHeader, decode_header, encode_record
+from amberdb.record import REFERENCE_GLOBAL, RecordHeader, decode_header, encode_record, ref
 from amberdb.utils import Oid, oid_repr
 
 __all__ = ["SAFE_GLOBALS", "ClassResolver", "ObjectReader", "ObjectWriter"]
@@ -197,6 +197,18 @@ def _same_function(a: Any, b: Any) -> bool:
     )
 
 
+_BIG_STATE = 4096  # bytes of pickle after which the next state gets a new pickler
+
+
+class _StatePickler(pickle.Pickler):
+    """A pickler calling ``reduce`` for every value that is not a plain value or container."""
+
+    def __init__(self, file: io.BytesIO, reduce: Callable[[Any], Any]) -> None:
+        # Set before the C initializer runs: it looks the hook up once, there.
+        self.reducer_override = reduce  # type: ignore[method-assign]
+        super().__init__(file, PICKLE_PROTOCOL)
+
+
 class ObjectWriter:
     """Turns a persistent object's state into a record.
 
@@ -208,25 +220,27 @@ class ObjectWriter:
         self._resolver = resolver
         self._reference = reference
         self._buffer = io.BytesIO()
-        self._pickler = pickle.Pickler(self._buffer, PICKLE_PROTOCOL)
-        self._pickler.persistent_id = self._persistent_id  # type: ignore[method-assign]
+        self._pickler = _StatePickler(self._buffer, self._reduce)
         self._refs: list[tuple[Oid, str]] = []
         self._ref_index: dict[Oid, int] = {}
         self._checked_types: set[type] = set(_PLAIN_TYPES)
 
-    # hot path: called by the pickler for every object in every state it writes.
-    def _persistent_id(self, obj: Any) -> int | None:
+    # hot path: called by the pickler for each value of a state that is not a plain value
+    # or container (persistent objects, instances of other classes, classes, functions).
+    def _reduce(self, obj: Any) -> Any:
         cls = type(obj)
         if cls in self._checked_types:
-            return None
+            return NotImplemented
         if isinstance(obj, Persistent):
-            return self._reference_index(self._reference(obj), class_name(obj.__class__))
+            return ref, (self._reference_index(self._reference(obj), class_name(obj.__class__)),)
+        if obj is ref:
+            return NotImplemented
         if isinstance(obj, _GLOBAL_TYPES):
             self._resolver.check_storable(obj)
-            return None
+            return NotImplemented
         self._resolver.check_storable(cls)
         self._checked_types.add(cls)
-        return None
+        return NotImplemented
 
     def _reference_index(self, oid: Oid, ref_class: str) -> int:
         index = self._ref_index.get(oid)
@@ -252,8 +266,13 @@ class ObjectWriter:
         buffer = self._buffer
         buffer.seek(0)
         buffer.truncate()
-        self._pickler.clear_memo()
-        self._pickler.dump(state)
+        pickler = self._pickler
+        pickler.clear_memo()
+        pickler.dump(state)
+        if buffer.tell() > _BIG_STATE:
+            # The C pickler's memo table keeps the size a big state gave it, and clearing it
+            # costs that size every time: start the next state with a new pickler instead.
+            self._pickler = _StatePickler(buffer, self._reduce)
         return encode_record(record_class, self._refs, buffer.getvalue())
 
     def _explain(self, obj: Persistent, state: Any, error: BaseException) -> SerializationError:
@@ -305,6 +324,10 @@ class _SafeUnpickler(pickle.Unpickler):
     ghosts: list[Any]
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == REFERENCE_GLOBAL:
+            # Any index names one of the record's own references: a tampered record can
+            # point at the wrong one of them, never at anything else.
+            return self.ghosts.__getitem__
         return self.resolver.find(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
