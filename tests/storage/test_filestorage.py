@@ -488,3 +488,43 @@ def test_loads_stay_correct_after_the_map_releases_its_pages(
             for oid, record in records.items():
                 assert fs.load(oid)[0] == record
     assert len(releases) >= 10
+
+
+def test_a_big_transaction_is_indexed_from_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past the limit, finish() reads the records' headers back instead of keeping them.
+    monkeypatch.setattr(storage_module, "_PENDING_LIMIT", 7)
+    monkeypatch.setattr(storage_module, "_RELEASE_AFTER", 1 << 30)
+    path = tmp_path / "big.fs"
+    records = {p64(i): (z64, b"r%d-" % i + b"x" * (i * 37 % 5000)) for i in range(1, 400)}
+    with FileStorage(path) as fs:
+        first = commit(fs, records)
+        second = commit(fs, {p64(5): (first, b"five again"), p64(400): (z64, b"new")})
+        assert len(fs) == 400
+        for oid, (_, record) in records.items():
+            if oid != p64(5):
+                assert fs.load(oid) == (record, first)
+        assert fs.load(p64(5)) == (b"five again", second)
+        assert fs.load(p64(5), second) == (records[p64(5)][1], first)
+    with FileStorage(path) as fs:  # the saved index agrees with the file
+        assert fs.load(p64(399)) == (records[p64(399)][1], first)
+
+
+def test_failing_to_index_a_durable_transaction_stops_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage_module, "_PENDING_LIMIT", 1)
+
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise OSError("disk went away")
+
+    path = tmp_path / "broken.fs"
+    fs = FileStorage(path)
+    monkeypatch.setattr(storage_module, "index_transaction", unreadable)
+    with pytest.raises(OSError, match="disk went away"):
+        commit(fs, {p64(1): (z64, b"one"), p64(2): (z64, b"two")})
+    with pytest.raises(StorageError, match="failed an I/O operation"):
+        fs.begin(TransactionMeta())
+    fs.close()
+    monkeypatch.undo()
+    with FileStorage(path) as reopened:  # the durable transaction is there
+        assert reopened.load(p64(2))[0] == b"two"

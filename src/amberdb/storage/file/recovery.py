@@ -26,7 +26,15 @@ from amberdb.storage.file.format import (
 from amberdb.storage.offsets import OffsetIndex
 from amberdb.utils import oid_repr, z64
 
-__all__ = ["ScanResult", "find_valid_txn", "pread_exact", "read_transaction", "scan", "txn_is_valid"]
+__all__ = [
+    "ScanResult",
+    "find_valid_txn",
+    "index_transaction",
+    "pread_exact",
+    "read_transaction",
+    "scan",
+    "txn_is_valid",
+]
 
 CHUNK = 8 << 20
 _H = TXN_HEADER.size
@@ -171,7 +179,6 @@ def scan(
     last_tid = prev_tid
     unpack_txn = TXN_HEADER.unpack_from
     unpack_trailer = TXN_TRAILER.unpack_from
-    unpack_data = DATA_HEADER_INTS.unpack_from
     crc32 = zlib.crc32
     min_length = MIN_TXN_LENGTH
     while pos < file_size:
@@ -208,27 +215,10 @@ def scan(
         elif txn_is_valid(fd, file_id_crc, pos, file_size, last_tid) is None:
             break
         if index is not None:
-            tid_int = int.from_bytes(tid, "big")
-            p = pos + _H + meta_len
-            data_end = pos + length - _T
-            for _ in range(n):
-                r = p - base
-                if r + _D > len(buf):
-                    buf = pread_exact(fd, CHUNK, p)
-                    view = memoryview(buf)
-                    base, r = p, 0
-                if p + _D > data_end:
-                    raise FileFormatError(f"{name}: data records overrun transaction at offset {pos}")
-                oid, rtid, back, rlen = unpack_data(buf, r)
-                if rtid != tid_int or back >= pos:
-                    raise FileFormatError(
-                        f"{name}: inconsistent data record at offset {p}"
-                        f" (oid {oid_repr(oid.to_bytes(8, 'big'))})"
-                    )
-                index[oid] = p
-                p += _D + rlen
-            if p != data_end:
-                raise FileFormatError(f"{name}: data records do not fill transaction at offset {pos}")
+            refilled = _index_records(fd, name, pos, tid, meta_len, n, length, index, buf, base, CHUNK)
+            if refilled is not None:
+                buf, base = refilled
+                view = memoryview(buf)
         last_tid = tid
         pos += length
         count += 1
@@ -240,6 +230,63 @@ def scan(
                 f"{name}: damaged transaction at offset {pos}, followed by a valid one at offset {follower}"
             )
     return ScanResult(end=pos, last_tid=last_tid, transactions=count, torn=torn)
+
+
+def _index_records(
+    fd: int,
+    name: str,
+    pos: int,
+    tid: bytes,
+    meta_len: int,
+    count: int,
+    length: int,
+    index: OffsetIndex,
+    buf: bytes,
+    base: int,
+    chunk: int,
+) -> tuple[bytes, int] | None:
+    """Point ``index`` at the ``count`` data records of the transaction at ``pos``.
+
+    ``buf`` holds the file from offset ``base`` on (possibly nothing useful); more is read
+    ``chunk`` bytes at a time.  Returns the last buffer read and its offset, or None when
+    ``buf`` sufficed.
+    """
+    unpack_data = DATA_HEADER_INTS.unpack_from
+    tid_int = int.from_bytes(tid, "big")
+    p = pos + _H + meta_len
+    data_end = pos + length - _T
+    refilled = None
+    for _ in range(count):
+        r = p - base
+        if r < 0 or r + _D > len(buf):
+            buf = pread_exact(fd, chunk, p)
+            base, r = p, 0
+            refilled = buf, base
+        if p + _D > data_end:
+            raise FileFormatError(f"{name}: data records overrun transaction at offset {pos}")
+        oid, rtid, back, rlen = unpack_data(buf, r)
+        if rtid != tid_int or back >= pos:
+            raise FileFormatError(
+                f"{name}: inconsistent data record at offset {p} (oid {oid_repr(oid.to_bytes(8, 'big'))})"
+            )
+        index[oid] = p
+        p += _D + rlen
+    if p != data_end:
+        raise FileFormatError(f"{name}: data records do not fill transaction at offset {pos}")
+    return refilled
+
+
+def index_transaction(fd: int, name: str, pos: int, index: OffsetIndex, chunk: int = 1 << 20) -> None:
+    """Point ``index`` at every data record of the complete transaction at ``pos``.
+
+    For a transaction this process has just written and synced: its checksum is not read
+    again, only its headers, ``chunk`` bytes at a time.
+    """
+    head = pread_exact(fd, _H, pos)
+    if len(head) < _H:
+        raise FileFormatError(f"{name}: no transaction header at offset {pos}")
+    h = decode_txn_header(head)
+    _index_records(fd, name, pos, h.tid, h.meta_len, h.records, h.length, index, b"", pos, chunk)
 
 
 def read_transaction(fd: int, name: str, pos: int) -> tuple[TxnHeader, TransactionRecord]:

@@ -92,7 +92,13 @@ from amberdb.storage.file.format import (
     encode_index_header,
     encode_txn_header,
 )
-from amberdb.storage.file.recovery import pread_exact, read_transaction, scan, txn_is_valid
+from amberdb.storage.file.recovery import (
+    index_transaction,
+    pread_exact,
+    read_transaction,
+    scan,
+    txn_is_valid,
+)
 from amberdb.storage.offsets import OffsetIndex
 from amberdb.utils import Oid, Tid, next_tid, oid_repr, p64, z64
 
@@ -107,6 +113,9 @@ _D = DATA_HEADER.size
 _PAGE = mmap.PAGESIZE
 # Loads drop the map's pages from the resident set after reading about this much.
 _RELEASE_AFTER = 8 << 20
+# Records a transaction's (oid, offset) pairs are kept for in memory; beyond, finish() reads
+# them back from the file.
+_PENDING_LIMIT = 1 << 16
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _IDLE, _OPEN, _VOTED, _DIRTY = "idle", "open", "voted", "dirty"
 
@@ -497,8 +506,14 @@ class FileStorage:
             buf += record
             if len(buf) >= FLUSH_SIZE:
                 self._flush()
-        self._pending_oids.append(oid_int)
-        self._pending_offsets.append(offset)
+        if self._count < _PENDING_LIMIT:
+            self._pending_oids.append(oid_int)
+            self._pending_offsets.append(offset)
+        elif self._pending_oids:
+            # A big transaction: finish() reads the records' headers back from the file
+            # instead of holding 16 bytes per record until then.
+            self._pending_oids = array("q")
+            self._pending_offsets = array("q")
         self._count += 1
         if oid_int >= self._next_oid:
             # An oid chosen by the caller: new_oid must not hand it out meanwhile (invariant 5).
@@ -554,8 +569,20 @@ class FileStorage:
         tid = self._tid
         index = self._index
         with self._lock:
-            for oid, offset in zip(self._pending_oids, self._pending_offsets):
-                index[oid] = offset
+            if self._count > len(self._pending_oids):
+                try:
+                    index_transaction(self._fd, self._path, self._txn_pos, index)
+                except BaseException as exc:
+                    # Durable but only partly indexed: writing more would build on a wrong
+                    # index, and aborting would destroy synced data.  End the transaction as
+                    # it is; reopening rebuilds the index from the file, this transaction
+                    # included (close() saves no index for a broken storage).
+                    self._broken = exc
+                    self._end_txn()
+                    raise
+            else:
+                for oid, offset in zip(self._pending_oids, self._pending_offsets):
+                    index[oid] = offset
             self._end = self._txn_pos + self._written
             self._last_tid = tid
         self._end_txn()
