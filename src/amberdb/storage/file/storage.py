@@ -44,6 +44,13 @@ I8  Tids grow.  Tids are assigned in ``begin`` from :func:`~amberdb.utils.next_t
     last finished tid under the commit lock, and a scan rejects a transaction whose tid is
     not above its predecessor's.
 
+``finish`` publishes a voted transaction by updating the in-memory index: from the (oid,
+offset) pairs ``store`` kept or, past ``_PENDING_LIMIT`` records, by reading the records'
+headers back from the file.  If that read fails, the storage is marked broken: the durable
+transaction stays in the file (it is not aborted), nothing more is written (I1 would be at
+risk, since ``_end`` was not advanced) and no index file is saved (I6), so the next open
+scans and finds it.
+
 With ``fsync=False`` vote does not sync (I4 is relaxed): a crash may lose the most recent
 commits, and since the kernel may then write a later transaction before an earlier one, an
 open after such a crash can report a damaged transaction followed by a valid one (I3); the
