@@ -423,3 +423,38 @@ def test_connections_are_pooled_and_reused(db: DB) -> None:
     assert third is not second
     second.close()
     third.close()
+
+
+def test_threads_inserting_into_one_btree_with_splits_and_retries_lose_nothing(db_path: str) -> None:
+    from amberdb.btrees import IIBTree, Length, check
+
+    db = DB(db_path)
+    with db.transaction() as conn:
+        conn.root.tree = IIBTree()
+        conn.root.count = Length()
+    per_thread, batch = 1_500, 50
+    retried: list[int] = []
+
+    def worker(n: int) -> None:
+        rng = random.Random(500 + n)
+        keys = rng.sample(range(n, 4_000_000, THREADS), per_thread)  # disjoint between threads
+        conn = db.open()
+        for start in range(0, per_thread, batch):
+            for attempt in transaction.manager.attempts(100):
+                with attempt:
+                    tree = conn.root.tree
+                    for key in keys[start : start + batch]:
+                        tree[key] = n
+                    conn.root.count.change(batch)
+                    if attempt.number > 1:
+                        retried.append(n)
+        conn.close()
+
+    _run_threads(worker)
+    with db.transaction() as conn:
+        tree = conn.root.tree
+        check(tree)
+        assert len(tree) == THREADS * per_thread == conn.root.count()
+        for n in range(THREADS):
+            assert sum(1 for key, value in tree.items() if value == n and key % THREADS == n) == per_thread
+    db.close()
