@@ -301,7 +301,7 @@ def test_object_keys_need_a_total_order(prefix: str) -> None:
     ):
         c = cls()
         store = c.add if hasattr(c, "add") else (lambda k, c=c: c.__setitem__(k, value(prefix, 1)))
-        for bad in (_Unordered(), object(), None):
+        for bad in (_Unordered(), object()):
             with pytest.raises(TypeError, match="default identity comparison"):
                 store(bad)
         store(_Ordered(2))
@@ -310,6 +310,36 @@ def test_object_keys_need_a_total_order(prefix: str) -> None:
         with pytest.raises(TypeError):
             store("a string among _Ordered keys")
         assert _Unordered() not in c
+        check(c)
+
+
+@pytest.mark.parametrize("prefix", [p for p in PREFIXES if p[0] == "O"])
+def test_none_is_a_key_sorting_first_as_in_zodb(prefix: str) -> None:
+    btree, treeset = small_classes(prefix)  # many buckets: None must stay in the first
+    names = [f"k{i:03}" for i in range(40)]
+    for cls in (btree, treeset, FAMILIES[prefix].Bucket, FAMILIES[prefix].Set):
+        c = cls()
+        is_map = not hasattr(c, "add")
+        store = (lambda k, c=c: c.__setitem__(k, value(prefix, 1))) if is_map else c.add
+        for name in names[20:]:
+            store(name)
+        store(None)
+        for name in names[:20]:
+            store(name)
+        assert list(c) == [None, *names]
+        assert None in c and c.has_key(None)
+        assert c.minKey() is None and c.maxKey() == names[-1]
+        assert list(c.keys())[:2] == [None, "k000"]
+        assert list(c.keys(max="k000")) == [None, "k000"]  # None as a bound means "no bound"
+        if is_map:
+            assert c[None] == c.get(None) == value(prefix, 1)
+            assert next(iter(c.items())) == (None, value(prefix, 1))
+            assert c.insert(None, value(prefix, 1)) == 0
+            del c[None]
+        else:
+            assert c.add(None) == 0
+            c.remove(None)
+        assert None not in c and list(c) == names
         check(c)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from amberdb.btrees import (
 )
 from amberdb.conflict import PersistentReference
 from amberdb.exceptions import ConflictError
+from amberdb.record import decode_header
 from amberdb.utils import p64
 from tests.btrees.families import PREFIXES, key, small_classes, value
 
@@ -369,3 +371,22 @@ def test_length_changes_in_two_connections_add_up(db: amberdb.DB) -> None:
     tm2.commit()
     tm1.begin()
     assert n1() == 12
+
+
+def test_none_keys_are_stored_as_none_and_merge_like_any_key(db: amberdb.DB) -> None:
+    tm1, t1, tm2, t2 = _two_connections(db, OOBTree({"b": 2, "d": 4}))
+    t1[None] = 0  # None sorts first: into the same (only) bucket as t2's change
+    t2["c"] = 3
+    tm1.commit()
+    tm2.commit()
+    tm2.begin()
+    assert list(t2.items()) == [(None, 0), ("b", 2), ("c", 3), ("d", 4)]
+    bucket = t2._first_bucket()
+    record, _ = db.storage.load(bucket._p_oid)
+    assert pickle.loads(record[decode_header(record).state_offset :])[0][0] is None
+    t1[None] = 1
+    t2[None] = 2
+    tm1.commit()
+    with pytest.raises(ConflictError, match=r"same key changed in both transactions: key None"):
+        tm2.commit()
+    tm2.abort()

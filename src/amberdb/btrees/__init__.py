@@ -10,8 +10,8 @@ classes: ``<P>BTree`` (a mapping), ``<P>Bucket`` (a small mapping in one record)
 Prefixes: OO, IO, OI, II, IF, LO, OL, LL, LF, QQ, QO, OQ.  ``family32`` and ``family64``
 group them the way ZODB code picks them (``family64.IO.BTree`` is ``LOBTree``), each
 family namespace with its set operations (``family32.II.multiunion``).  Porting from ZODB
-means changing the imports; see the modules for what differs (64-bit floats, ``None`` is
-not a key, range errors are both OverflowError and TypeError).
+means changing the imports; see the modules for what differs (64-bit floats; range errors
+are both OverflowError and TypeError).
 
 Trees are B+trees of separate records: interior nodes (instances of the tree class, the
 tree object being the root) and buckets chained for range scans.  ``check(tree)`` verifies

@@ -43,7 +43,7 @@ class BTreesConflictError(ConflictError):
 
 
 def _decode(kkind: Kind, vkind: Kind | None, state: Any) -> tuple[list[Any], list[Any] | None, Any, Any]:
-    keys = kkind.unpack(state[0])
+    keys = kkind.unpack_keys(state[0])
     if vkind is None:
         return keys, None, state[1], state[2] if len(state) > 2 else None
     return keys, vkind.unpack(state[1]), state[2], state[3] if len(state) > 3 else None
@@ -120,7 +120,7 @@ def resolve_bucket(kkind: Kind, vkind: Kind | None, old: Any, saved: Any, new: A
 
     if not keys:
         raise BTreesConflictError("bucket emptied", "the merge leaves the bucket empty")
-    packed_keys = kkind.pack(keys)
+    packed_keys = kkind.pack_keys(keys)
     if vkind is None:
         state: tuple[Any, ...] = (packed_keys, old_next)
     else:

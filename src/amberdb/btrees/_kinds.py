@@ -16,8 +16,10 @@ Checking rules (those of ZODB's BTrees):
 * ``F`` floats: ``int`` and ``float`` are accepted and stored as ``float`` (a Python float,
   so 64-bit: BTrees stores 32-bit C floats).
 * ``O`` objects: any value; a key's class must define an ordering of its own: objects that
-  only have ``object``'s identity comparison (and ``None``) are refused, since their order
-  would change from one process to the next.
+  only have ``object``'s identity comparison are refused, since their order would change
+  from one process to the next.  ``None`` is a key, as in ZODB's BTrees, sorting before
+  every other key: inside the containers it is :data:`NONE_KEY`, which compares that way,
+  and it is ``None`` again wherever a key comes out (iteration, ``minKey``, records).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from array import array
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["FLOAT", "KINDS", "BTreesOverflowError", "Kind"]
+__all__ = ["FLOAT", "KINDS", "NONE_KEY", "BTreesOverflowError", "Kind", "key_out"]
 
 _BIG_ENDIAN = sys.byteorder == "big"
 
@@ -37,6 +39,44 @@ class BTreesOverflowError(OverflowError, TypeError):
 
 
 _OBJECT_LT: Any = vars(object)["__lt__"]
+
+
+class _NoneKey:
+    """What a ``None`` key is inside object-keyed containers: below every other key."""
+
+    __slots__ = ()
+
+    def __lt__(self, other: object) -> bool:
+        return other is not self
+
+    def __le__(self, other: object) -> bool:
+        return True
+
+    def __gt__(self, other: object) -> bool:
+        return False
+
+    def __ge__(self, other: object) -> bool:
+        return other is self
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __hash__(self) -> int:
+        return hash(None)
+
+    def __repr__(self) -> str:
+        return "None"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("NONE_KEY is stored as None; it never leaves its container")
+
+
+NONE_KEY: Any = _NoneKey()
+
+
+def key_out(key: Any) -> Any:
+    """A key as users see it: None for NONE_KEY."""
+    return None if key is NONE_KEY else key
 
 
 class _Never:
@@ -79,6 +119,14 @@ class Kind:
             packed = array(typecode, packed)
             packed.byteswap()
         return packed.tobytes()
+
+    def pack_keys(self, keys: Any) -> Any:
+        """``pack`` for a container of keys (object keys turn NONE_KEY back into None)."""
+        return self.pack(keys)
+
+    def unpack_keys(self, data: Any) -> Any:
+        """``unpack`` for what ``pack_keys`` gave."""
+        return self.unpack(data)
 
     def unpack(self, data: Any) -> Any:
         """A new container holding what ``pack`` was given."""
@@ -151,7 +199,9 @@ class _ObjectKind(Kind):
         cls = type(obj)
         if cls in self._ordered:
             return obj
-        if obj is None or getattr(cls, "__lt__", None) is _OBJECT_LT:
+        if obj is None or obj is NONE_KEY:
+            return NONE_KEY
+        if getattr(cls, "__lt__", None) is _OBJECT_LT:
             raise TypeError(
                 f"{owner} key of class {cls.__qualname__} has only the default identity comparison, "
                 f"so its order is not stable: keys need a total order (define __lt__ and __eq__, "
@@ -159,6 +209,19 @@ class _ObjectKind(Kind):
             )
         self._ordered.add(cls)
         return obj
+
+    # The smallest key is the only place NONE_KEY can be, so only the first item is looked at.
+    def pack_keys(self, keys: Any) -> Any:
+        packed = list(keys)
+        if packed and packed[0] is NONE_KEY:
+            packed[0] = None
+        return packed
+
+    def unpack_keys(self, data: Any) -> Any:
+        keys = list(data)
+        if keys and keys[0] is None:
+            keys[0] = NONE_KEY
+        return keys
 
 
 INT32 = _IntKind("I", 32, True, "i")

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 from amberdb.btrees import _conflict
-from amberdb.btrees._kinds import Kind
+from amberdb.btrees._kinds import NONE_KEY, Kind, key_out
 from amberdb.btrees._seq import ITEMS, KEYS, VALUES, empty_range, iterate
 from amberdb.persistent import Persistent, mark_changed
 
@@ -116,6 +116,8 @@ class LeafBase(FamilyMember):
 
     def __contains__(self, key: Any) -> bool:
         keys = self._keys
+        if key is None:
+            key = NONE_KEY
         try:
             i = bisect_left(keys, key)
         except TypeError:
@@ -144,11 +146,11 @@ class LeafBase(FamilyMember):
         if not keys:
             raise ValueError("empty bucket")
         if key is None:
-            return keys[0]
+            return key_out(keys[0])
         i = bisect_left(keys, self._check_key(key))
         if i == len(keys):
             raise ValueError("no key satisfies the conditions")
-        return keys[i]
+        return key_out(keys[i])
 
     def maxKey(self, key: Any = None) -> Any:
         """The largest key (at most ``key`` when given); ValueError when there is none."""
@@ -156,11 +158,11 @@ class LeafBase(FamilyMember):
         if not keys:
             raise ValueError("empty bucket")
         if key is None:
-            return keys[-1]
+            return key_out(keys[-1])
         i = bisect_right(keys, self._check_key(key))
         if i == 0:
             raise ValueError("no key satisfies the conditions")
-        return keys[i - 1]
+        return key_out(keys[i - 1])
 
     def _changed(self) -> None:
         if self._p_jar is not None:
@@ -214,7 +216,7 @@ class BucketBase(LeafBase, MappingIteration):
 
     def __getstate__(self) -> Any:
         state: tuple[Any, ...] = (
-            self._kkind.pack(self._keys),
+            self._kkind.pack_keys(self._keys),
             self._vkind.pack(self._values),
             self._next,
         )
@@ -222,7 +224,7 @@ class BucketBase(LeafBase, MappingIteration):
         return state if extra is None else (*state, extra)
 
     def __setstate__(self, state: Any) -> None:
-        self._keys = self._kkind.unpack(state[0])
+        self._keys = self._kkind.unpack_keys(state[0])
         self._values = self._vkind.unpack(state[1])
         self._next = state[2]
         if len(self._keys) != len(self._values):
@@ -239,6 +241,8 @@ class BucketBase(LeafBase, MappingIteration):
 
     def _find(self, key: Any) -> int:
         keys = self._keys
+        if key is None:
+            key = NONE_KEY
         try:
             i = bisect_left(keys, key)
         except TypeError:
@@ -312,7 +316,7 @@ class BucketBase(LeafBase, MappingIteration):
         """Remove and return the item with the smallest key; KeyError when empty."""
         if not self._keys:
             raise KeyError("popitem(): empty bucket")
-        item = (self._keys.pop(0), self._values.pop(0))
+        item = (key_out(self._keys.pop(0)), self._values.pop(0))
         self._changed()
         return item
 
@@ -370,12 +374,12 @@ class SetBase(LeafBase):
             self.update(items)
 
     def __getstate__(self) -> Any:
-        state: tuple[Any, ...] = (self._kkind.pack(self._keys), self._next)
+        state: tuple[Any, ...] = (self._kkind.pack_keys(self._keys), self._next)
         extra = extra_state(self)
         return state if extra is None else (*state, extra)
 
     def __setstate__(self, state: Any) -> None:
-        self._keys = self._kkind.unpack(state[0])
+        self._keys = self._kkind.unpack_keys(state[0])
         self._next = state[1]
         set_extra_state(self, state[2] if len(state) > 2 else None)
 
@@ -399,6 +403,8 @@ class SetBase(LeafBase):
     def remove(self, key: Any) -> None:
         """Remove ``key``; KeyError when missing."""
         keys = self._keys
+        if key is None:
+            key = NONE_KEY
         try:
             i = bisect_left(keys, key)
         except TypeError:
@@ -421,7 +427,7 @@ class SetBase(LeafBase):
             raise KeyError("pop from an empty set")
         key = self._keys.pop(0)
         self._changed()
-        return key
+        return key_out(key)
 
     def update(self, items: Iterable[Any]) -> int:
         """Add every key of ``items``; return how many were added."""

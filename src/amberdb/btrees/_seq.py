@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from itertools import chain
 from typing import Any
 
+from amberdb.btrees._kinds import NONE_KEY
+
 __all__ = ["ITEMS", "KEYS", "VALUES", "RangeView", "chunks", "count"]
 
 KEYS = 0
@@ -75,12 +77,13 @@ def chunks(
         if i < stop:
             if limit > 0:
                 limit -= stop - i
-            if what == KEYS:
-                yield keys[i:stop]
-            elif what == VALUES:
+            if what == VALUES:
                 yield bucket._values[i:stop]
             else:
-                yield zip(keys[i:stop], bucket._values[i:stop])
+                part = keys[i:stop]
+                if part[0] is NONE_KEY:  # only ever the first key of the first bucket
+                    part[0] = None
+                yield part if what == KEYS else zip(part, bucket._values[i:stop])
             if len(bucket._keys) != n:
                 raise RuntimeError(_CHANGED)
         if last:

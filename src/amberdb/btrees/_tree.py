@@ -28,7 +28,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from amberdb.btrees._kinds import Kind
+from amberdb.btrees._kinds import NONE_KEY, Kind, key_out
 from amberdb.btrees._leaves import (
     FamilyMember,
     LeafBase,
@@ -76,13 +76,13 @@ class TreeBase(FamilyMember):
     # -- state ---------------------------------------------------------------------------
 
     def __getstate__(self) -> Any:
-        state: tuple[Any, ...] = (self._leaf, self._kkind.pack(self._keys), list(self._children))
+        state: tuple[Any, ...] = (self._leaf, self._kkind.pack_keys(self._keys), list(self._children))
         extra = extra_state(self)
         return state if extra is None else (*state, extra)
 
     def __setstate__(self, state: Any) -> None:
         self._leaf = bool(state[0])
-        self._keys = list(self._kkind.unpack(state[1]))
+        self._keys = list(self._kkind.unpack_keys(state[1]))
         self._children = list(state[2])
         if self._children and len(self._keys) != len(self._children) - 1:
             raise ValueError(
@@ -273,7 +273,7 @@ class TreeBase(FamilyMember):
         found = _max_at_most(self, None if key is None else self._check_key(key))
         if found is _MISSING:
             raise ValueError("no key satisfies the conditions")
-        return found
+        return key_out(found)
 
     def _check(self) -> None:
         """Raise AssertionError if the tree's structure is damaged (see ``check``)."""
@@ -397,8 +397,12 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
     """Lookup, insert and delete for a tree of the given kinds, with the checks inlined."""
     key_type, key_lo, key_hi = kkind.fast_type, kkind.lo, kkind.hi
     check_key = kkind.check
+    # Lookups skip the key check; for object keys they still map None to its stand-in.
+    none_keys = not kkind.numeric
 
     def contains(self: TreeBase, key: Any) -> bool:
+        if none_keys and key is None:
+            key = NONE_KEY
         node = self
         try:
             while not node._leaf:
@@ -411,6 +415,8 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
 
     def _remove(self: TreeBase, key: Any) -> Any:
         """Delete ``key`` and return its value (None for sets); KeyError when missing."""
+        if none_keys and key is None:
+            key = NONE_KEY
         node = self
         try:
             while not node._leaf:
@@ -481,6 +487,8 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
     compare_values = vkind.numeric
 
     def getitem(self: TreeBase, key: Any) -> Any:
+        if none_keys and key is None:
+            key = NONE_KEY
         node = self
         try:
             while not node._leaf:
@@ -496,6 +504,8 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
 
     def get(self: TreeBase, key: Any, default: Any = None) -> Any:
         """The value for ``key``, or ``default``."""
+        if none_keys and key is None:
+            key = NONE_KEY
         node = self
         try:
             while not node._leaf:
