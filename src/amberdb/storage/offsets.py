@@ -5,8 +5,12 @@ oid (8 bytes per oid, ``-1`` meaning "absent") is an order of magnitude smaller 
 a dict.  Oids far beyond the dense range (stored by hand, or by another allocator) go to an
 overflow dict so one stray huge oid cannot make the array enormous.
 
-Invariant: every oid lives in exactly one place -- oids below ``len(self._dense)`` in the
-array, all others in ``self._overflow``.
+The array covers oids from ``_base`` on: 0 for a storage's index, and for a ``floating``
+index (a transaction's spill file, whose oids are the newest of a database that may
+already hold millions) the first oid stored in it.
+
+Invariant: every oid lives in exactly one place -- oids in ``[_base, _base +
+len(self._dense))`` in the array, all others in ``self._overflow``.
 """
 
 from __future__ import annotations
@@ -38,18 +42,22 @@ def _missing_block(n: int) -> array[int]:
 class OffsetIndex:
     """Map ``oid -> offset`` (both non-negative integers), dense where oids are dense."""
 
-    __slots__ = ("_count", "_dense", "_overflow")
+    __slots__ = ("_base", "_count", "_dense", "_floating", "_overflow")
 
-    def __init__(self) -> None:
+    def __init__(self, floating: bool = False) -> None:
+        """An empty index; ``floating``: the array starts at the first oid stored, not at 0."""
         self._dense: array[int] = array("q")
         self._overflow: dict[int, int] = {}
         self._count = 0
+        self._base = 0
+        self._floating = floating
 
     def get(self, oid: int, default: int = _MISSING) -> int:
         """The offset stored for ``oid``, or ``default`` when there is none."""
         dense = self._dense
-        if 0 <= oid < len(dense):
-            value = dense[oid]
+        i = oid - self._base
+        if 0 <= i < len(dense):
+            value = dense[i]
             return default if value == _MISSING else value
         return self._overflow.get(oid, default)
 
@@ -66,16 +74,19 @@ class OffsetIndex:
             raise ValueError(f"OffsetIndex needs oid >= 0 and offset >= 0, got {oid}, {offset}")
         dense = self._dense
         size = len(dense)
-        if oid >= size:
-            if oid >= size + _SPREAD:
+        if not size and self._floating:
+            self._base = oid
+        i = oid - self._base
+        if not 0 <= i < size:
+            if i < 0 or i >= size + _SPREAD:
                 if oid not in self._overflow:
                     self._count += 1
                 self._overflow[oid] = offset
                 return
-            self._grow(oid + 1)
-        if dense[oid] == _MISSING:
+            self._grow(i + 1)
+        if dense[i] == _MISSING:
             self._count += 1
-        dense[oid] = offset
+        dense[i] = offset
 
     def _grow(self, needed: int) -> None:
         size = len(self._dense)
@@ -88,14 +99,16 @@ class OffsetIndex:
             dense.extend(missing[: new_size - len(dense)])
         if self._overflow:
             # Keep the one-place invariant: pull overflow entries the array now covers.
-            for oid in [o for o in self._overflow if o < new_size]:
-                self._dense[oid] = self._overflow.pop(oid)
+            base = self._base
+            for oid in [o for o in self._overflow if base <= o < base + new_size]:
+                dense[oid - base] = self._overflow.pop(oid)
 
     def __delitem__(self, oid: int) -> None:
         """Remove ``oid``; KeyError when it is absent."""
         dense = self._dense
-        if 0 <= oid < len(dense) and dense[oid] != _MISSING:
-            dense[oid] = _MISSING
+        i = oid - self._base
+        if 0 <= i < len(dense) and dense[i] != _MISSING:
+            dense[i] = _MISSING
         elif oid in self._overflow:
             del self._overflow[oid]
         else:
@@ -122,15 +135,19 @@ class OffsetIndex:
 
     def items(self) -> Iterator[tuple[int, int]]:
         """Yield ``(oid, offset)`` pairs in increasing oid order."""
-        dense = self._dense
+        dense, base = self._dense, self._base
+        overflow = sorted(self._overflow)
+        below = [oid for oid in overflow if oid < base]  # only in a floating index
+        for oid in below:
+            yield oid, self._overflow[oid]
         for start in range(0, len(dense), 4096):
             block = dense[start : start + 4096]
             if block.count(_MISSING) == len(block):
                 continue  # skipping empty blocks in C keeps sparse arrays cheap
-            for oid, offset in enumerate(block, start):
+            for oid, offset in enumerate(block, base + start):
                 if offset != _MISSING:
                     yield oid, offset
-        for oid in sorted(self._overflow):
+        for oid in overflow[len(below) :]:
             yield oid, self._overflow[oid]
 
     def keys(self) -> Iterator[int]:
@@ -140,7 +157,7 @@ class OffsetIndex:
 
     def max_oid(self) -> int:
         """The largest oid present, or -1 when the index is empty."""
-        if self._overflow:
+        if self._overflow and max(self._overflow) >= self._base:
             return max(self._overflow)
         dense = self._dense
         end = len(dense)
@@ -149,15 +166,16 @@ class OffsetIndex:
             start = max(0, end - 4096)
             block = dense[start:end]
             if block.count(_MISSING) != len(block):
-                for oid in range(end - 1, start - 1, -1):
-                    if dense[oid] != _MISSING:
-                        return oid
+                for i in range(end - 1, start - 1, -1):
+                    if dense[i] != _MISSING:
+                        return self._base + i
             end = start
-        return -1
+        return max(self._overflow, default=-1)
 
     def copy(self) -> OffsetIndex:
         """An independent copy."""
-        clone = OffsetIndex()
+        clone = OffsetIndex(self._floating)
+        clone._base = self._base
         clone._dense = array("q", self._dense)
         clone._overflow = dict(self._overflow)
         clone._count = self._count
@@ -171,6 +189,8 @@ class OffsetIndex:
 
     def to_bytes(self) -> bytes:
         """Serialise (little-endian, independent of the machine) for :meth:`from_bytes`."""
+        if self._base:
+            raise ValueError("only an index whose array starts at oid 0 can be saved")
         dense = self._dense
         if sys.byteorder != "little":
             dense = array("q", dense)

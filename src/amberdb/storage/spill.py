@@ -46,7 +46,7 @@ class SpillFile:
         self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - lives as long as the spill
         self._fd = self._file.fileno()
         # oid (as int) -> offset of its newest entry; 8 bytes per oid where oids are dense
-        self._index = OffsetIndex()
+        self._index = OffsetIndex(floating=True)
         self._flushed = 0  # bytes already in the file
         self._pending = bytearray()  # bytes after _flushed, not yet written
 
