@@ -12,6 +12,7 @@ import amberdb
 import amberdb.transaction as transaction
 from amberdb import DB, ConflictError, Persistent, PersistentMapping
 from amberdb.exceptions import ConnectionStateError
+from amberdb.utils import z64
 from tests.models import Book
 
 THREADS = 4
@@ -458,3 +459,25 @@ def test_threads_inserting_into_one_btree_with_splits_and_retries_lose_nothing(d
         for n in range(THREADS):
             assert sum(1 for key, value in tree.items() if value == n and key % THREADS == n) == per_thread
     db.close()
+
+
+@pytest.mark.parametrize("spilled", [False, True])
+def test_other_connections_are_told_only_about_changed_objects(db: DB, spilled: bool) -> None:
+    with db.transaction() as conn:
+        conn.root.account = Account(100)
+    tm = transaction.TransactionManager()
+    other = db.open(transaction_manager=tm)
+    seen = other.root()["account"]
+    assert seen.balance == 100
+    with db.transaction() as conn:
+        conn.root.account.balance = 50
+        conn.root.items = PersistentMapping({i: Book(f"b{i}") for i in range(300)})
+        if spilled:
+            conn.transaction_manager.commit(True)  # the records go through the spill file
+    # New objects cannot be in the other connection's cache: only the root and the account
+    # are worth invalidating.
+    assert other._pending == {z64, seen._p_oid}
+    tm.begin()
+    assert seen.balance == 50
+    assert len(other.root()["items"]) == 300
+    other.close()

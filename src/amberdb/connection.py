@@ -426,10 +426,15 @@ class Connection:
             self._store_resolved(conflict, oid, base, record)
 
     def _written_oids(self) -> list[Oid]:
-        """Every oid the commit in progress wrote (listed only when others must be told)."""
+        """The oids other connections must invalidate: those the commit in progress changed.
+
+        Objects this commit created are left out: no other connection can have them cached,
+        and a big transaction creating a million objects would otherwise hand every other
+        connection a million oids to hold until its next transaction.
+        """
         if self._spill is not None:
-            return self._spill.oids()
-        return [obj._p_oid for obj in self._stored if obj._p_oid is not None]
+            return self._spill.existing_oids()
+        return [obj._p_oid for obj in self._stored if obj._p_oid is not None and obj._p_serial != z64]
 
     def _store_resolved(self, conflict: ConflictError, oid: Oid, base: Tid, record: bytes) -> None:
         """Store the merge of ``record`` with what another transaction committed meanwhile."""

@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 
 from amberdb.storage.offsets import OffsetIndex
-from amberdb.utils import Oid, Tid, p64
+from amberdb.utils import Oid, Tid, p64, z64
 
 __all__ = ["SpillFile"]
 
@@ -47,6 +47,9 @@ class SpillFile:
         self._fd = self._file.fileno()
         # oid (as int) -> offset of its newest entry; 8 bytes per oid where oids are dense
         self._index = OffsetIndex(floating=True)
+        # oids stored with a base tid: objects that existed before the transaction (new ones
+        # cannot be in any other connection's cache, so only these need invalidating)
+        self._existing: set[int] = set()
         self._flushed = 0  # bytes already in the file
         self._pending = bytearray()  # bytes after _flushed, not yet written
 
@@ -68,6 +71,8 @@ class SpillFile:
         self._pending += _ENTRY.pack(oid, base_tid, self._index.get(key, _NONE), len(record))
         self._pending += record
         self._index[key] = offset
+        if base_tid != z64:
+            self._existing.add(key)
         if len(self._pending) >= _FLUSH_AT:
             self._flush()
 
@@ -137,6 +142,11 @@ class SpillFile:
     def oids(self) -> list[Oid]:
         """Every spilled oid."""
         return [p64(key) for key in self._index.keys()]  # noqa: SIM118 - OffsetIndex is not iterable
+
+    def existing_oids(self) -> list[Oid]:
+        """The spilled oids of objects that existed before this transaction."""
+        index = self._index
+        return [p64(key) for key in self._existing if key in index]
 
     def oids_since(self, position: int) -> list[Oid]:
         """The oids with entries written at or after ``position``."""
