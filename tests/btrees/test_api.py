@@ -340,6 +340,9 @@ def test_none_is_a_key_sorting_first_as_in_zodb(prefix: str) -> None:
             assert c.add(None) == 0
             c.remove(None)
         assert None not in c and list(c) == names
+        with pytest.raises(KeyError) as missing:
+            c.__delitem__(None) if is_map else c.remove(None)
+        assert missing.value.args == (None,)  # the key as given, not its stand-in
         check(c)
 
 

@@ -114,15 +114,19 @@ class LeafBase(FamilyMember):
     def __iter__(self) -> Iterator[Any]:
         return iterate(self, KEYS, None, True, None, True, single=True)
 
-    def __contains__(self, key: Any) -> bool:
+    def _find(self, key: Any) -> int:
+        """The index of ``key`` in ``_keys``, or -1."""
         keys = self._keys
         if key is None:
             key = NONE_KEY
         try:
             i = bisect_left(keys, key)
-        except TypeError:
-            return False
-        return i != len(keys) and keys[i] == key
+        except TypeError:  # a key not comparable with the keys
+            return -1
+        return i if i != len(keys) and keys[i] == key else -1
+
+    def __contains__(self, key: Any) -> bool:
+        return self._find(key) >= 0
 
     def has_key(self, key: Any) -> bool:
         """True when ``key`` is present."""
@@ -238,16 +242,6 @@ class BucketBase(LeafBase, MappingIteration):
         return _conflict.resolve_bucket(self._kkind, self._vkind, oldState, savedState, newState)
 
     # -- mapping API ----------------------------------------------------------------------
-
-    def _find(self, key: Any) -> int:
-        keys = self._keys
-        if key is None:
-            key = NONE_KEY
-        try:
-            i = bisect_left(keys, key)
-        except TypeError:
-            return -1
-        return i if i != len(keys) and keys[i] == key else -1
 
     def __getitem__(self, key: Any) -> Any:
         i = self._find(key)
@@ -402,16 +396,10 @@ class SetBase(LeafBase):
 
     def remove(self, key: Any) -> None:
         """Remove ``key``; KeyError when missing."""
-        keys = self._keys
-        if key is None:
-            key = NONE_KEY
-        try:
-            i = bisect_left(keys, key)
-        except TypeError:
-            raise KeyError(key) from None
-        if i == len(keys) or keys[i] != key:
+        i = self._find(key)
+        if i < 0:
             raise KeyError(key)
-        del keys[i]
+        del self._keys[i]
         self._changed()
 
     def discard(self, key: Any) -> None:

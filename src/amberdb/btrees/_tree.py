@@ -425,9 +425,9 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             keys = bucket._keys
             i = bisect_left(keys, key)
         except (IndexError, TypeError):
-            raise KeyError(key) from None
+            raise KeyError(key_out(key)) from None
         if i == len(keys) or keys[i] != key:
-            raise KeyError(key)
+            raise KeyError(key_out(key))
         del keys[i]
         value = None
         if vkind is not None:
@@ -497,10 +497,10 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             keys = bucket._keys
             i = bisect_left(keys, key)
         except (IndexError, TypeError):
-            raise KeyError(key) from None
+            raise KeyError(key_out(key)) from None
         if i != len(keys) and keys[i] == key:
             return bucket._values[i]
-        raise KeyError(key)
+        raise KeyError(key_out(key))
 
     def get(self: TreeBase, key: Any, default: Any = None) -> Any:
         """The value for ``key``, or ``default``."""
