@@ -157,8 +157,9 @@ class OffsetIndex:
 
     def max_oid(self) -> int:
         """The largest oid present, or -1 when the index is empty."""
-        if self._overflow and max(self._overflow) >= self._base:
-            return max(self._overflow)
+        top = max(self._overflow, default=-1)
+        if top >= self._base:  # overflow entries at or above the base lie past the array
+            return top
         dense = self._dense
         end = len(dense)
         # Skip the all-missing tail a block at a time (growth leaves up to half the array empty).
@@ -170,7 +171,7 @@ class OffsetIndex:
                     if dense[i] != _MISSING:
                         return self._base + i
             end = start
-        return max(self._overflow, default=-1)
+        return top  # the array holds nothing: the largest oid, if any, lies below it
 
     def copy(self) -> OffsetIndex:
         """An independent copy."""

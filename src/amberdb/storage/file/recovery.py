@@ -258,7 +258,7 @@ def _index_records(
     refilled = None
     for _ in range(count):
         r = p - base
-        if r < 0 or r + _D > len(buf):
+        if r + _D > len(buf):
             buf = pread_exact(fd, chunk, p)
             base, r = p, 0
             refilled = buf, base
