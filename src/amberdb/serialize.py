@@ -12,12 +12,19 @@ class or function a record names goes through :class:`ClassResolver`, which acce
 
 Anything else, ``os.system`` or ``builtins.eval`` for instance, raises
 :class:`~amberdb.exceptions.UnsafeGlobalError` naming the global and the oid before it is
-called.  The writer applies the same rule when committing, so a value that could not be
-loaded back is refused at commit time, naming the attribute that holds it.
+called.  A name is looked up only in a module already imported, in AmberDB's own modules
+that define persistent classes, or in an allowed module; a module path with a ``__main__``
+part is never imported, and a name reached through a dunder attribute or defined outside
+the allowed modules (``myapp.os.system``) is refused.  How the state itself is unpickled
+safely -- no imports, no extension codes, bounded memory -- is :mod:`amberdb.unpickler`'s job.
+
+The writer applies the same rules when committing, so a value that could not be loaded back
+is refused at commit time, naming the attribute that holds it.
 """
 
 from __future__ import annotations
 
+import copyreg
 import importlib
 import io
 import pickle
@@ -29,24 +36,12 @@ from typing import Any
 from amberdb.exceptions import RecordDecodeError, SerializationError, UnsafeGlobalError
 from amberdb.persistent import Persistent, class_name, persistent_class_named
 from amberdb.record import REFERENCE_GLOBAL, RecordHeader, decode_header, encode_record, ref
+from amberdb.unpickler import ImportRefusedError, install_import_guard, load_state, permitted_import
 from amberdb.utils import Oid, oid_repr
 
 __all__ = ["SAFE_GLOBALS", "ClassResolver", "ObjectReader", "ObjectWriter"]
 
 PICKLE_PROTOCOL = 5
-
-SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
-    [("builtins", name) for name in (
-        "bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list",
-        "object", "range", "set", "slice", "str", "tuple",
-    )]
-    + [("collections", name) for name in ("Counter", "OrderedDict", "defaultdict", "deque")]
-    + [("datetime", name) for name in ("date", "datetime", "time", "timedelta", "timezone")]
-    + [("decimal", "Decimal"), ("fractions", "Fraction"), ("uuid", "UUID"), ("uuid", "SafeUUID")]
-    + [("pathlib", name) for name in ("PurePath", "PurePosixPath", "PureWindowsPath", "Path", "PosixPath")]
-    + [("zoneinfo", "ZoneInfo"), ("zoneinfo", "ZoneInfo._unpickle")]
-)  # fmt: skip
-"""Standard globals every database may load: plain data types that run no user code."""
 
 # Types whose instances the pickler writes without naming any global.
 _PLAIN_TYPES: frozenset[type] = frozenset(
@@ -63,13 +58,57 @@ def _split(name: str) -> tuple[str, str]:
 def _lookup(module_obj: Any, qualname: str) -> Any:
     obj = module_obj
     for part in qualname.split("."):
-        if part.startswith("<"):
+        # "<locals>" parts cannot be looked up; dunder parts lead out of the module
+        # (Model.__init__.__globals__ is every name the module can see).
+        if part.startswith(("<", "__")):
             raise AttributeError(qualname)
         obj = getattr(obj, part)
     return obj
 
 
-_OWN_PACKAGE = "amberdb."
+SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    [("builtins", name) for name in (
+        "bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list",
+        "object", "range", "set", "slice", "str", "tuple",
+    )]
+    + [("collections", name) for name in ("Counter", "OrderedDict", "defaultdict", "deque")]
+    + [("datetime", name) for name in ("date", "datetime", "time", "timedelta", "timezone")]
+    + [("decimal", "Decimal"), ("fractions", "Fraction"), ("uuid", "UUID"), ("uuid", "SafeUUID")]
+    + [("pathlib", name) for name in ("PurePath", "PurePosixPath", "PureWindowsPath", "Path", "PosixPath")]
+    + [("zoneinfo", "ZoneInfo"), ("zoneinfo", "ZoneInfo._unpickle")]
+)  # fmt: skip
+"""Standard globals every database may load: plain data types that run no user code."""
+
+# Imported now, once: a record may name them at any time, and a load imports nothing.
+_SAFE_OBJECTS: dict[tuple[str, str], Any] = {
+    (module, name): _lookup(importlib.import_module(module), name) for module, name in SAFE_GLOBALS
+}
+
+# AmberDB's own modules whose persistent classes (BTrees, containers) a record may name
+# before the application imported them: importing them only defines classes.
+_LOADABLE_OWN_MODULES = frozenset(
+    {
+        "amberdb.btrees",
+        "amberdb.btrees._leaves",
+        "amberdb.btrees._tree",
+        "amberdb.btrees.length",
+        "amberdb.containers",
+    }
+)
+
+
+def _never_imported(module: str) -> bool:
+    """A module path that running code must never import on behalf of a record."""
+    return "__main__" in module.split(".")
+
+
+def _defining_module(obj: Any) -> str | None:
+    """The module that defines ``obj`` (a class or function), or its class's module."""
+    if isinstance(obj, types.ModuleType):
+        return None
+    owner = obj if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)) else type(obj)
+    module = getattr(owner, "__module__", None)
+    return module if isinstance(module, str) else None
 
 
 class ClassResolver:
@@ -111,6 +150,10 @@ class ClassResolver:
     def _module_allowed(self, module: str) -> bool:
         return any(module == allowed or module.startswith(allowed + ".") for allowed in self._allowed_modules)
 
+    def import_allowed(self, module: str) -> bool:
+        """Whether a load may import ``module``: inside ``allowed_modules``, no ``__main__``."""
+        return self._module_allowed(module) and not _never_imported(module)
+
     def find(self, module: str, qualname: str) -> Any:
         """The object a record names as ``module``/``qualname``; UnsafeGlobalError if not allowed."""
         key = (module, qualname)
@@ -125,19 +168,15 @@ class ClassResolver:
         name = f"{module}:{qualname}"
         if name in self._registered:
             return self._registered[name]
-        if (module, qualname) in SAFE_GLOBALS:
-            return _lookup(importlib.import_module(module), qualname)
+        safe = _SAFE_OBJECTS.get((module, qualname))
+        if safe is not None:
+            return safe
         cls = persistent_class_named(name)
         if cls is not None:
             return cls
         imported = sys.modules.get(module)
-        if imported is None and module.startswith(_OWN_PACKAGE):
-            # AmberDB's own persistent classes (the BTrees) load without the application
-            # importing their module first: importing it runs only AmberDB's code.
-            try:
-                imported = importlib.import_module(module)
-            except ImportError:
-                imported = None
+        if imported is None and module in _LOADABLE_OWN_MODULES:
+            imported = permitted_import(module)
         if imported is not None:
             try:
                 candidate = _lookup(imported, qualname)
@@ -145,16 +184,28 @@ class ClassResolver:
                 candidate = None
             if isinstance(candidate, type) and issubclass(candidate, Persistent):
                 return candidate
-        if self._module_allowed(module):
-            try:
-                return _lookup(importlib.import_module(module), qualname)
-            except (ImportError, AttributeError) as exc:
-                raise UnsafeGlobalError(f"global {module}.{qualname} cannot be found: {exc}") from None
+        if self.import_allowed(module):
+            return self._resolve_allowed(module, qualname)
         raise UnsafeGlobalError(
             f"global {module}.{qualname} is not allowed to load; import the module that defines it "
             f"if it is a persistent class, or allow it with DB(..., allowed_modules=[{module!r}]) "
             f"or DB(..., allowed_classes=[...])"
         )
+
+    def _resolve_allowed(self, module: str, qualname: str) -> Any:
+        """A name in one of ``allowed_modules``, which must also be defined there."""
+        try:
+            found = _lookup(permitted_import(module), qualname)
+        except (ImportError, AttributeError) as exc:
+            raise UnsafeGlobalError(f"global {module}.{qualname} cannot be found: {exc}") from None
+        owner = _defining_module(found)
+        if owner is None or not self._module_allowed(owner):
+            where = "a module" if owner is None else f"defined in {owner}"
+            raise UnsafeGlobalError(
+                f"global {module}.{qualname} is {where}, outside the allowed modules "
+                f"{list(self._allowed_modules)}; allow it with DB(..., allowed_classes=[...])"
+            )
+        return found
 
     def persistent_class(self, name: str) -> type[Persistent]:
         """The persistent class a record names as ``"module:qualname"``."""
@@ -179,6 +230,12 @@ class ClassResolver:
                 f"{module}.{qualname} is a lambda or is defined inside a function, so it cannot be "
                 f"loaded back; store data (or a module-level class), not functions"
             )
+        if (module, qualname) in _EXTENSION_NAMES:
+            # The pickler would write its copyreg extension code, which loading refuses.
+            raise SerializationError(
+                f"{module}.{qualname} is registered with copyreg.add_extension, and records never "
+                f"use extension codes; remove the registration to store it"
+            )
         try:
             found = self.find(module, qualname)
         except UnsafeGlobalError as exc:
@@ -196,6 +253,9 @@ def _same_function(a: Any, b: Any) -> bool:
         and a.__self__ is b.__self__
     )
 
+
+# copyreg's (module, name) -> extension code table, mutated in place, never replaced.
+_EXTENSION_NAMES: dict[tuple[str, str], int] = getattr(copyreg, "_extension_registry")  # noqa: B009
 
 _BIG_STATE = 4096  # bytes of pickle after which the next state gets a new pickler
 
@@ -311,31 +371,6 @@ class ObjectWriter:
         probe.dump(value)
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Resolves globals through the allow-list and references through a ghost table.
-
-    Constructed per record with the C initializer (no Python ``__init__``: this is on the
-    path of every load); the caller sets ``resolver`` and ``ghosts``.  Reusing one instance
-    would be cheaper still, but clearing the C unpickler's memo costs more than a new one.
-    """
-
-    __slots__ = ("ghosts", "resolver")
-    resolver: ClassResolver
-    ghosts: list[Any]
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == REFERENCE_GLOBAL:
-            # Any index names one of the record's own references: a tampered record can
-            # point at the wrong one of them, never at anything else.
-            return self.ghosts.__getitem__
-        return self.resolver.find(module, name)
-
-    def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is not int or not 0 <= pid < len(self.ghosts):
-            raise RecordDecodeError(f"reference {pid!r} is not in the record's reference table")
-        return self.ghosts[pid]
-
-
 class ObjectReader:
     """Turns records back into classes and states, through the allow-list.
 
@@ -346,6 +381,7 @@ class ObjectReader:
     def __init__(self, resolver: ClassResolver, ghost: Callable[[Oid, str], Persistent]) -> None:
         self._resolver = resolver
         self._ghost = ghost
+        install_import_guard()  # again: something may have put its own hook first meanwhile
 
     def header(self, oid: Oid, record: bytes) -> RecordHeader:
         """The record's header; RecordDecodeError naming ``oid`` when damaged."""
@@ -367,11 +403,8 @@ class ObjectReader:
         try:
             ghost = self._ghost
             ghosts = [ghost(ref_oid, ref_class) for ref_oid, ref_class in header.refs] if header.refs else []
-            unpickler = _SafeUnpickler(io.BytesIO(memoryview(record)[header.state_offset :]))
-            unpickler.resolver = self._resolver
-            unpickler.ghosts = ghosts
-            return unpickler.load()
-        except UnsafeGlobalError as exc:
+            return load_state(record[header.state_offset :], self._resolver, ghosts, REFERENCE_GLOBAL)
+        except (UnsafeGlobalError, ImportRefusedError) as exc:
             what = _describe(oid, header)
             raise UnsafeGlobalError(f"record of {what}: {exc}; nothing in it was run") from None
         except RecordDecodeError as exc:

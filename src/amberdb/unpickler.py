@@ -1,0 +1,304 @@
+"""Unpickling untrusted record states: nothing runs, nothing is imported, memory stays bounded.
+
+A record's state is a pickle, and a pickle is a program for a small stack machine.  Anyone
+who can write a record (a tampered file, a hostile client of a server) writes that program.
+:func:`load_state` runs it so that:
+
+* every global it names goes through the caller's allow-list, and pickle's extension codes
+  (EXT1/EXT2/EXT4), which resolve through :mod:`copyreg`'s process-wide cache without asking
+  anyone, are refused;
+* no module is imported while it runs, except through :func:`permitted_import` (the
+  allow-list importing a module it allows) or one the allow-list says may be -- an import
+  hook checks;
+* memory and time stay proportional to the record: no memo table sized by a number in the
+  record, no constructor turning a few bytes into a gigabyte, no nesting deep enough to
+  overflow the C stack when a nested tuple is hashed.
+
+Two machines can run the program.  CPython's C unpickler is fast, and runs a record only
+when a pre-check shows it cannot reach its dangers: no byte of the record could be an
+opcode that makes it allocate by a number in the record (PUT and LONG_BINPUT size its memo
+table by their index; BINBYTES, BINBYTES8 and BYTEARRAY8 allocate the length they announce
+before reading it) or -- once :mod:`copyreg` has any -- an extension opcode, or else a scan
+of the opcodes shows those are harmless; and the record has too few nesting opcodes to nest
+deeply.  If it meets a global whose calls need
+their arguments checked (containers, ``bytes``, ``str``, ``int``, ``Fraction``, see
+:mod:`amberdb.checked_unpickler`), it gives up and the checked machine starts over.  The
+checked machine runs everything else: legacy protocols, ``defaultdict(list)``, hostile input.
+Both produce the same states for every pickle AmberDB's writer makes; a test runs them side
+by side.
+
+Not prevented: hash flooding (many integer keys of one dict sharing a hash) costs time
+quadratic in the record's size; a record may make a constructor iterate over an object it
+references (loading that object); allowed application classes run their own code.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import copyreg
+import io
+import pickle
+import re
+import sys
+import types
+from collections.abc import Sequence
+from importlib.abc import MetaPathFinder
+from importlib.machinery import ModuleSpec
+from typing import Any, Protocol
+
+from amberdb.checked_unpickler import FIXED, LEN1, LEN4, LEN8, LINE, LINES2, OPCODES, CheckedUnpickler
+from amberdb.checked_unpickler import needs_checked_calls as _needs_checked_calls
+from amberdb.exceptions import RecordDecodeError
+
+__all__ = [
+    "FAST_NESTING_BUDGET",
+    "GlobalFinder",
+    "ImportRefusedError",
+    "install_import_guard",
+    "load_state",
+    "permitted_import",
+]
+
+FAST_NESTING_BUDGET = 2000
+"""At most this many nesting opcodes for the C unpickler: hashing a nested tuple recurses in
+C once per level, and 2000 levels fit in a 256 KiB thread stack."""
+
+
+class GlobalFinder(Protocol):
+    """What the allow-list gives :func:`load_state`."""
+
+    def find(self, module: str, qualname: str) -> Any:
+        """The object named ``module``/``qualname``; UnsafeGlobalError if not allowed."""
+        ...
+
+    def import_allowed(self, module: str) -> bool:
+        """Whether code running during a load may import ``module``."""
+        ...
+
+
+class ImportRefusedError(ImportError):
+    """Something tried to import a module while a record was being loaded."""
+
+
+# -- the pre-check -------------------------------------------------------------------------
+
+_MEMO_PUTS = frozenset(b"pr")  # PUT, LONG_BINPUT
+_EXTENSIONS = frozenset(b"\x82\x83\x84")
+# Opcodes that can build a container around objects already built: each level of nesting
+# needs one (REDUCE and the NEWOBJs too, as a constructor may wrap its arguments).
+_NESTING_OPS = frozenset(b"\x85\x86\x87tRlod\x81\x92i\x91")
+_NOT_NESTING_OPS = bytes(sorted(set(range(256)) - _NESTING_OPS))
+
+# Scan steps: > 0 is the opcode's whole size; the negative codes name the argument layout.
+_S_LEN1, _S_LEN4, _S_LEN8, _S_LINE, _S_LINES2, _S_STOP, _S_UNSAFE, _S_UNKNOWN = range(-1, -9, -1)
+_LAYOUT_STEPS = {LEN1: _S_LEN1, LEN4: _S_LEN4, LEN8: _S_LEN8, LINE: _S_LINE, LINES2: _S_LINES2}
+
+
+def _scan_steps() -> tuple[int, ...]:
+    steps = [_S_UNKNOWN] * 256
+    for code, layout, size in OPCODES.values():
+        steps[code[0]] = 1 + size if layout == FIXED else _LAYOUT_STEPS[layout]
+    for op in _MEMO_PUTS | _EXTENSIONS:
+        steps[op] = _S_UNSAFE
+    steps[OPCODES["STOP"][0][0]] = _S_STOP
+    return tuple(steps)
+
+
+_SCAN_STEPS = _scan_steps()
+_INST = OPCODES["INST"][0][0]
+
+
+# hot path: every record holding a byte that could be a memo opcode (text with "p" or "r").
+def _scan(data: bytes, steps: Sequence[int] = _SCAN_STEPS, nesting_ops: frozenset[int] = _NESTING_OPS) -> int:
+    """The number of nesting opcodes in ``data``, or -1 if the C unpickler must not run it.
+
+    Walks the opcodes (not the argument bytes) up to STOP.  -1 means a memo or extension
+    opcode, an unknown opcode, or a length running past the end (which the C unpickler
+    would allocate before noticing): the checked machine deals with all of those.
+    """
+    pos = 0
+    end = len(data)
+    nesting = 0
+    try:
+        while True:
+            op = data[pos]
+            step = steps[op]
+            if step > 0:
+                if op in nesting_ops:
+                    nesting += 1
+                pos += step
+            elif step == _S_LEN1:
+                pos += 2 + data[pos + 1]
+            elif step == _S_STOP:
+                return nesting
+            elif step == _S_LEN4:
+                pos += 5 + int.from_bytes(data[pos + 1 : pos + 5], "little")
+            elif step == _S_LEN8:
+                pos += 9 + int.from_bytes(data[pos + 1 : pos + 9], "little")
+            elif step in (_S_LINE, _S_LINES2):
+                nesting += op == _INST
+                pos = data.index(b"\n", pos) + 1
+                if step == _S_LINES2:
+                    pos = data.index(b"\n", pos) + 1
+            else:
+                return -1
+            if pos > end:
+                return -1
+    except (IndexError, ValueError):
+        return -1  # ran off the end: the checked machine reports the truncation
+
+
+# copyreg's extension tables: mutated in place by copyreg.add_extension, never replaced.
+_EXTENSION_CODES: dict[int, tuple[str, str]] = getattr(copyreg, "_inverted_registry")  # noqa: B009
+_EXTENSION_CACHE: dict[int, Any] = getattr(copyreg, "_extension_cache")  # noqa: B009
+# A byte that may be an opcode the C unpickler sizes an allocation by: PUT, LONG_BINPUT (its
+# memo table), BINBYTES, BINBYTES8, BYTEARRAY8 (a buffer of the length they announce, before
+# reading); also the extension opcodes once copyreg has any.
+_SIZING_BYTE = re.compile(rb"[prB\x8e\x96]")
+_SIZING_OR_EXTENSION_BYTE = re.compile(rb"[prB\x8e\x96\x82-\x84]")
+
+
+def _fast_unpickler_may_run(data: bytes) -> bool:
+    """Whether the C unpickler can run ``data`` without reaching one of its dangers."""
+    # With copyreg's tables empty (unless the application registered extension codes), an
+    # extension opcode only raises "unregistered extension code".
+    suspicious = _SIZING_OR_EXTENSION_BYTE if _EXTENSION_CODES or _EXTENSION_CACHE else _SIZING_BYTE
+    if suspicious.search(data) is None and (
+        len(data) <= FAST_NESTING_BUDGET  # cannot hold more nesting opcodes than bytes
+        or len(data.translate(None, _NOT_NESTING_OPS)) <= FAST_NESTING_BUDGET
+    ):
+        return True
+    return 0 <= _scan(data) <= FAST_NESTING_BUDGET
+
+
+# -- the import guard ----------------------------------------------------------------------
+
+
+class _ImportGuard(MetaPathFinder):
+    """Refuses imports made, in the same thread, while :func:`load_state` runs.
+
+    It costs nothing per load: only an actual import (a module not yet in ``sys.modules``)
+    consults it, and it then looks through the calling thread's frames for ``load_state``.
+    """
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: types.ModuleType | None = None
+    ) -> ModuleSpec | None:
+        """Raise ImportRefusedError when a record load is importing ``fullname``."""
+        frame: types.FrameType | None = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if code is _PERMITTED_IMPORT_CODE:
+                return None  # the allow-list importing a module it allows
+            if code is _LOAD_STATE_CODE:
+                finder = frame.f_locals.get("finder")
+                if finder is not None and finder.import_allowed(fullname):
+                    return None
+                raise ImportRefusedError(
+                    f"loading a record tried to import module {fullname!r}, which is neither "
+                    "imported yet nor in allowed_modules; import it before loading if it is "
+                    "yours to trust",
+                    name=fullname,
+                )
+            frame = frame.f_back
+        return None
+
+
+_GUARD = _ImportGuard()
+
+
+def install_import_guard() -> None:
+    """Put the import guard first in ``sys.meta_path`` (again, if something moved it)."""
+    meta_path = sys.meta_path
+    if not meta_path or meta_path[0] is not _GUARD:
+        if _GUARD in meta_path:
+            meta_path.remove(_GUARD)
+        meta_path.insert(0, _GUARD)
+
+
+def permitted_import(module: str) -> types.ModuleType:
+    """Import ``module`` on behalf of the allow-list, past the import guard."""
+    __import__(module)
+    return sys.modules[module]
+
+
+_PERMITTED_IMPORT_CODE = permitted_import.__code__
+
+
+# -- loading -------------------------------------------------------------------------------
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """The Python 3 name of a global a protocol 0-2 pickle names the Python 2 way."""
+    renamed = _compat_pickle.NAME_MAPPING.get((module, name))
+    if renamed is not None:
+        return renamed
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+class _NeedsCheckedLoad(Exception):  # noqa: N818 - a signal between the machines
+    """The C unpickler met a global whose calls need checking: start over, checked."""
+
+
+class _FastUnpickler(pickle.Unpickler):
+    """The C unpickler behind the allow-list.
+
+    Constructed per record with the C initializer (no Python ``__init__``: this is on the
+    path of every load); :func:`load_state` sets the attributes.  Reusing one instance would
+    be cheaper still, but clearing the C unpickler's memo costs more than a new one.
+    """
+
+    __slots__ = ("finder", "ghosts", "reference")
+    finder: GlobalFinder
+    ghosts: list[Any]
+    reference: tuple[str, str]
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == self.reference:
+            # Any index names one of the record's own references: a tampered record can
+            # point at the wrong one of them, never at anything else.
+            return self.ghosts.__getitem__
+        found = self.finder.find(*_python3_name(module, name))
+        if _needs_checked_calls(found):
+            raise _NeedsCheckedLoad
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _persistent_load(self.ghosts, pid)
+
+
+def _persistent_load(ghosts: list[Any], pid: Any) -> Any:
+    if type(pid) is not int or not 0 <= pid < len(ghosts):
+        raise RecordDecodeError(f"reference {pid!r} is not in the record's reference table")
+    return ghosts[pid]
+
+
+# hot path: every load of every object passes here.
+def load_state(data: bytes, finder: GlobalFinder, ghosts: list[Any], reference: tuple[str, str]) -> Any:
+    """Run the pickle ``data`` safely (see the module docstring) and return what it builds.
+
+    ``ghosts`` are the objects the record's references stand for: the global
+    ``reference`` (``(module, name)``) called with an index yields one of them.  Raises what
+    ``finder`` raises for globals it refuses, ImportRefusedError, or RecordDecodeError (and
+    whatever an allowed constructor raises) for the rest.
+    """
+    if _fast_unpickler_may_run(data):
+        unpickler = _FastUnpickler(io.BytesIO(data))
+        unpickler.finder = finder
+        unpickler.ghosts = ghosts
+        unpickler.reference = reference
+        try:
+            return unpickler.load()
+        except _NeedsCheckedLoad:
+            pass
+
+    def find_global(module: str, name: str) -> Any:
+        if (module, name) == reference:
+            return ghosts.__getitem__
+        return finder.find(*_python3_name(module, name))
+
+    return CheckedUnpickler(data, find_global, lambda pid: _persistent_load(ghosts, pid)).load()
+
+
+_LOAD_STATE_CODE = load_state.__code__
+install_import_guard()

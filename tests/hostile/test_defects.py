@@ -1,0 +1,357 @@
+"""Loading hostile records: each defect found by trying, as a test that fails on the old code.
+
+Import checks run in a fresh process (this one has imported half the standard library by
+the time they run); the rest load through a real database and connection.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import json
+import pickle
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import amberdb
+import amberdb.transaction as transaction
+from amberdb.exceptions import DatabaseError, RecordDecodeError, SerializationError, UnsafeGlobalError
+from amberdb.persistent import class_name
+from amberdb.record import encode_record
+from amberdb.storage.base import TransactionMeta
+from amberdb.utils import p64, z64
+from tests.hostile import sentinels
+from tests.hostile.assemble import call, data, name, number, op, program, text
+from tests.models import Book
+
+ROOT = Path(__file__).resolve().parents[2]
+BOOK = class_name(Book)
+OID = p64(0x42)
+
+
+def store_raw(db: amberdb.DB, oid: bytes, record: bytes) -> None:
+    """Write ``record`` under ``oid`` behind the object layer's back, as a tampered file would."""
+    storage = db.storage
+    try:
+        base = storage.load(oid)[1]
+    except KeyError:
+        base = z64
+    storage.begin(TransactionMeta(description="tampering"))
+    storage.store(oid, base, record)
+    storage.vote()
+    storage.finish()
+
+
+def book_record(state: bytes, refs: list[tuple[bytes, str]] | None = None, cls: str = BOOK) -> bytes:
+    """A record of class ``cls`` whose pickled state is ``state``."""
+    return encode_record(cls, refs or [], state)
+
+
+def load_fails(db: amberdb.DB, oid: bytes = OID) -> DatabaseError:
+    """Load ``oid`` on a fresh connection; the DatabaseError it raises (naming the oid)."""
+    conn = db.open(transaction.TransactionManager())
+    try:
+        with pytest.raises(DatabaseError) as caught:
+            conn.get(oid)._p_activate()
+    finally:
+        conn.close()
+    assert f"oid {hex(int.from_bytes(oid, 'big'))}" in str(caught.value)
+    return caught.value
+
+
+@pytest.fixture(autouse=True)
+def _no_sentinel_calls() -> Iterator[None]:
+    sentinels.CALLS.clear()
+    yield
+    assert sentinels.CALLS == [], "a hostile record ran code it had no right to"
+
+
+# -- imports -------------------------------------------------------------------------------
+
+_LOADER = textwrap.dedent(
+    """
+    import json, sys
+    import amberdb, amberdb.transaction as transaction
+    import tests.models
+    db = amberdb.DB(sys.argv[1])
+    root = db.open().root()
+    root["pending"] = "uncommitted"        # must stay uncommitted whatever the load does
+    before = set(sys.modules)
+    argv = list(sys.argv)
+    conn = db.open(transaction.TransactionManager())
+    try:
+        conn.get(bytes.fromhex(sys.argv[2]))._p_activate()
+        error = None
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    transaction.abort()
+    print(json.dumps({"error": error, "new_modules": sorted(set(sys.modules) - before),
+                      "argv_unchanged": sys.argv == argv}))
+    """
+)
+
+
+def load_in_fresh_process(path: Path, oid: bytes = OID) -> dict[str, Any]:
+    """Load ``oid`` from the file database at ``path`` in a new interpreter; what happened."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADER, str(path), oid.hex()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def file_db_with(path: Path, record: bytes) -> None:
+    with amberdb.DB(str(path)) as db:
+        store_raw(db, OID, record)
+
+
+@pytest.mark.parametrize(
+    ("where", "record"),
+    [
+        ("record class", book_record(program(op("EMPTY_DICT")), cls="amberdb.demo.__main__:Book")),
+        ("reference class", book_record(program(op("EMPTY_DICT")), [(p64(7), "amberdb.demo.__main__:Book")])),
+        ("global in the state", book_record(program(call("amberdb.demo.__main__", "main")))),
+        ("allowed module's __main__", book_record(program(name("tests.__main__", "x")))),
+    ],
+    ids=["record-class", "reference-class", "global", "allowed-module-main"],
+)
+def test_record_naming_a_main_module_imports_nothing_and_runs_nothing(
+    tmp_path: Path, where: str, record: bytes
+) -> None:
+    path = tmp_path / "data.fs"
+    file_db_with(path, record)
+    outcome = load_in_fresh_process(path)
+    assert outcome["error"] is not None and "UnsafeGlobalError" in outcome["error"], where
+    assert "__main__" in outcome["error"]
+    assert outcome["new_modules"] == []
+    assert outcome["argv_unchanged"]
+    with amberdb.DB(str(path), read_only=True) as db:
+        conn = db.open(transaction.TransactionManager())
+        assert "pending" not in conn.root()  # the host's uncommitted change stayed so
+        conn.close()
+
+
+def test_main_module_is_never_imported_even_inside_allowed_modules(db: amberdb.DB) -> None:
+    resolver = amberdb.DB(None, allowed_modules=["amberdb", "tests"])._resolver
+    for module in ("amberdb.demo.__main__", "tests.__main__", "tests.hostile.__main__"):
+        with pytest.raises(UnsafeGlobalError):
+            resolver.find(module, "main")
+        assert module not in sys.modules
+
+
+@pytest.mark.parametrize(
+    ("what", "state"),
+    [
+        ("idna codec", program(call("builtins", "str", data(b"xn--bcher-kva"), text("idna")))),
+        ("codec via bytes", program(call("builtins", "bytes", text("abc"), text("punycode")))),
+        ("module never imported", program(call("tests.hostile.never_imported", "anything"))),
+    ],
+    ids=["idna", "punycode", "never-imported"],
+)
+def test_loading_imports_no_module(tmp_path: Path, what: str, state: bytes) -> None:
+    path = tmp_path / "data.fs"
+    file_db_with(path, book_record(state))
+    outcome = load_in_fresh_process(path)
+    assert outcome["error"] is not None, what
+    assert outcome["new_modules"] == [], what
+
+
+def test_amberdb_btrees_load_without_the_application_importing_them(tmp_path: Path) -> None:
+    path = tmp_path / "data.fs"
+    script = (
+        "from amberdb.btrees import OOBTree; import amberdb, amberdb.transaction as t\n"
+        f"c = amberdb.connection({str(path)!r}); c.root.tree = OOBTree({{'a': 1}}); t.commit(); c.close()"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=120)
+    check = "import amberdb, sys; c = amberdb.connection(sys.argv[1]); print(dict(c.root.tree))"
+    done = subprocess.run(
+        [sys.executable, "-c", check, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert done.stdout.strip() == "{'a': 1}", done.stderr
+
+
+# -- extension codes -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sentinel_extension() -> Iterator[int]:
+    """The sentinel registered as a copyreg extension, already resolved once (so cached)."""
+    code = 0x7ABC
+    copyreg.add_extension(sentinels.__name__, "sentinel", code)
+    try:
+        assert pickle.loads(b"\x80\x02\x83" + code.to_bytes(2, "little") + b".") is sentinels.sentinel
+        yield code
+    finally:
+        copyreg.remove_extension(sentinels.__name__, "sentinel", code)
+
+
+@pytest.mark.parametrize("opcode", ["EXT1", "EXT2", "EXT4"])
+def test_extension_codes_are_refused_even_when_cached(db: amberdb.DB, opcode: str) -> None:
+    copyreg.add_extension(sentinels.__name__, "SentinelClass", 0x7F)
+    try:
+        pickle.loads(b"\x80\x02\x82\x7f.")  # the cache now holds it
+        size = {"EXT1": 1, "EXT2": 2, "EXT4": 4}[opcode]
+        state = program(op(opcode, (0x7F).to_bytes(size, "little")), op("EMPTY_TUPLE"), op("REDUCE"))
+        store_raw(db, OID, book_record(state))
+        error = load_fails(db)
+        assert "extension code" in str(error)
+    finally:
+        copyreg.remove_extension(sentinels.__name__, "SentinelClass", 0x7F)
+
+
+def test_extension_code_of_a_dangerous_function_runs_nothing(db: amberdb.DB, sentinel_extension: int) -> None:
+    code = sentinel_extension.to_bytes(2, "little")
+    state = program(op("EXT2", code), text("rm -rf /"), op("TUPLE1"), op("REDUCE"))
+    store_raw(db, OID, book_record(state))
+    load_fails(db)
+
+
+def test_writer_refuses_what_would_need_an_extension_code(conn: amberdb.Connection) -> None:
+    copyreg.add_extension(sentinels.__name__, "sentinel", 0x7ABD)
+    try:
+        conn.root.book = book = Book("x")
+        book.hook = sentinels.sentinel
+        with pytest.raises(SerializationError, match=r"copyreg\.add_extension.*attribute 'hook'|hook"):
+            transaction.commit()
+    finally:
+        transaction.abort()
+        copyreg.remove_extension(sentinels.__name__, "sentinel", 0x7ABD)
+
+
+# -- resource bombs ------------------------------------------------------------------------
+
+MEMORY_LIMIT = 32 << 20
+
+HUGE_RANGE = call("builtins", "range", number(10**10))
+HUGE_DECIMAL = call("decimal", "Decimal", text("1e100000000"))
+DEEP_TUPLE = op("NONE") + op("TUPLE1") * 500_000
+
+BOMBS = {
+    "Fraction with a huge exponent": program(call("fractions", "Fraction", text("1e100000000"))),
+    "Fraction of a huge Decimal": program(call("fractions", "Fraction", HUGE_DECIMAL)),
+    "int of a huge Decimal": program(call("builtins", "int", HUGE_DECIMAL)),
+    "bytearray(10**9)": program(call("builtins", "bytearray", number(10**9))),
+    "bytes(10**9)": program(call("builtins", "bytes", number(10**9))),
+    "list(range(10**10))": program(call("builtins", "list", HUGE_RANGE)),
+    "tuple(range(10**10))": program(call("builtins", "tuple", HUGE_RANGE)),
+    "frozenset(range(10**10))": program(call("builtins", "frozenset", HUGE_RANGE)),
+    "Counter(range(10**10))": program(call("collections", "Counter", HUGE_RANGE)),
+    "deque(range(10**10))": program(call("collections", "deque", HUGE_RANGE)),
+    "NEWOBJ tuple of a range": program(name("builtins", "tuple"), HUGE_RANGE, op("TUPLE1"), op("NEWOBJ")),
+    "LONG_BINPUT 2**26": program(op("NONE"), op("LONG_BINPUT", (2**26).to_bytes(4, "little"))),
+    "LONG_BINPUT 2**32-1": program(op("NONE"), op("LONG_BINPUT", (2**32 - 1).to_bytes(4, "little"))),
+    "PUT 2**26": b"(N" + b"p67108864\n.",
+    "BINBYTES of 2**31 bytes": program(op("BINBYTES", (2**31).to_bytes(4, "little") + b"abc")),
+    "BYTEARRAY8 of 10**9 bytes": program(op("BYTEARRAY8", (10**9).to_bytes(8, "little") + b"abc")),
+    "BINBYTES8 of 10**9 bytes": program(op("BINBYTES8", (10**9).to_bytes(8, "little") + b"abc")),
+    "FRAME of 2**62 bytes": b"\x80\x05\x95" + (2**62).to_bytes(8, "little") + b"N.",
+    "500,000-deep tuple as a dict key": program(op("EMPTY_DICT"), DEEP_TUPLE, op("NONE"), op("SETITEM")),
+    "500,000-deep tuple in a frozenset": program(op("MARK"), DEEP_TUPLE, op("FROZENSET")),
+    "5,000-deep tuple(list) calls as a dict key": program(
+        op("EMPTY_DICT"),
+        (name("builtins", "tuple") + op("EMPTY_LIST")) * 5000,
+        op("NONE"),
+        (op("APPEND") + op("TUPLE1") + op("REDUCE")) * 5000,
+        op("NONE"),
+        op("SETITEM"),
+    ),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bomb", sorted(BOMBS))
+def test_resource_bomb_fails_quickly_in_bounded_memory_naming_the_oid(db: amberdb.DB, bomb: str) -> None:
+    store_raw(db, OID, book_record(BOMBS[bomb]))
+    tracemalloc.start()
+    try:
+        error = load_fails(db)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MEMORY_LIMIT, f"{bomb}: {peak / 1e6:.0f} MB"
+    assert isinstance(error, (RecordDecodeError, UnsafeGlobalError))
+    assert BOOK.replace(":", ".") in str(error)
+
+
+def test_nesting_within_the_limit_loads(db: amberdb.DB) -> None:
+    deep: Any = "leaf"
+    for _ in range(900):
+        deep = (deep,)
+    store_raw(db, OID, book_record(pickle.dumps({"deep": deep, "key": {deep: 1}}, protocol=5)))
+    conn = db.open(transaction.TransactionManager())
+    loaded = conn.get(OID)
+    assert loaded.deep == deep and loaded.key == {deep: 1}
+    conn.close()
+
+
+def test_standard_constructors_still_load_what_their_pickling_writes(db: amberdb.DB) -> None:
+    import collections
+    import fractions
+
+    values = {
+        "fraction": fractions.Fraction(-22, 7),
+        "counter": collections.Counter("abracadabra"),
+        "deque": collections.deque([1, 2, 3], maxlen=5),
+        "lists": collections.defaultdict(list, {"a": [1]}),
+        "sets": collections.defaultdict(set),
+        "types": [int, str, bytes, frozenset, tuple],
+    }
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        store_raw(db, OID, book_record(pickle.dumps(values, protocol=protocol)))
+        conn = db.open(transaction.TransactionManager())
+        loaded = conn.get(OID).__dict__
+        assert loaded == values, protocol
+        assert loaded["lists"].default_factory is list and loaded["deque"].maxlen == 5
+        conn.close()
+
+
+# -- the allow-list --------------------------------------------------------------------------
+
+
+def test_allowed_module_does_not_reach_what_it_imported(db: amberdb.DB) -> None:
+    """``allowed_modules=["tests"]`` allows what tests define, not ``os.system`` via ``tests.x.os``."""
+    allowed = amberdb.DB(None, allowed_modules=["tests"])
+    for module, qualname in [
+        ("tests.hostile.test_defects", "subprocess.run"),  # a module this one imported
+        ("tests.hostile.test_defects", "pickle.loads"),
+        ("tests.hostile.test_defects", "Book.__init__.__globals__"),  # dunder paths lead anywhere
+        ("tests.hostile.test_defects", "__builtins__"),
+        ("tests.hostile.sentinels", "Any"),  # typing.Any, imported there
+    ]:
+        with pytest.raises(UnsafeGlobalError):
+            allowed._resolver.find(module, qualname)
+    assert allowed._resolver.find("tests.hostile.sentinels", "sentinel") is sentinels.sentinel
+    allowed.close()
+
+
+def test_every_amberdb_persistent_class_loads_without_importing_its_module_first() -> None:
+    """The own modules a load may import are exactly those defining AmberDB's persistent classes."""
+    import amberdb.btrees  # noqa: F401 - defines the classes looked at below
+    from amberdb import serialize
+    from amberdb.persistent import Persistent
+
+    defined = {
+        cls.__module__
+        for cls in _subclasses(Persistent)
+        if cls.__module__.startswith("amberdb.") and not cls.__module__.startswith("amberdb.demo")
+    }
+    assert defined <= serialize._LOADABLE_OWN_MODULES
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_subclasses(sub))
+    return found
