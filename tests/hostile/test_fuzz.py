@@ -1,0 +1,215 @@
+"""Hostile records by the thousand: generated pickle programs fed to a real connection's loader.
+
+Whatever a program does, loading it must: call nothing outside the allow-list (the sentinels
+record any call), import nothing (``sys.modules`` does not grow), stay within bounded memory
+(tracemalloc) and time (the test's timeout), and either return a state or raise a
+DatabaseError that names the oid.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import pickle
+import sys
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import amberdb
+import amberdb.btrees  # imported on demand otherwise, which is allowed but not what this tests
+from amberdb.checked_unpickler import OPCODES
+from amberdb.exceptions import DatabaseError
+from amberdb.persistent import class_name
+from amberdb.record import decode_header, encode_record
+from amberdb.utils import p64
+from tests.hostile import sentinels
+from tests.hostile.assemble import call, data, name, number, op, text
+from tests.models import Book
+
+EXTENSION_CODE = 0x7FF0
+GLOBALS = [
+    ("os", "system"),
+    ("posix", "system"),
+    ("builtins", "eval"),
+    ("builtins", "exec"),
+    ("builtins", "getattr"),
+    ("builtins", "__import__"),
+    ("builtins", "open"),
+    ("subprocess", "Popen"),
+    ("importlib", "import_module"),
+    ("codecs", "decode"),
+    ("pickle", "loads"),
+    ("copyreg", "_reconstructor"),
+    ("functools", "partial"),
+    ("amberdb.demo.__main__", "main"),
+    ("amberdb.demo", "main"),
+    ("tests.hostile.sentinels", "sentinel"),
+    ("tests.hostile.sentinels", "SentinelClass"),
+    ("tests.hostile.never_imported", "anything"),
+    ("tests.hostile.test_fuzz", "sentinels.sentinel"),
+    ("__builtin__", "eval"),
+    ("builtins", "bytearray"),
+    ("builtins", "bytes"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "dict"),
+    ("builtins", "str"),
+    ("builtins", "int"),
+    ("builtins", "range"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
+    ("builtins", "object"),
+    ("fractions", "Fraction"),
+    ("decimal", "Decimal"),
+    ("collections", "Counter"),
+    ("collections", "deque"),
+    ("collections", "OrderedDict"),
+    ("collections", "defaultdict"),
+    ("datetime", "datetime"),
+    ("datetime", "timedelta"),
+    ("zoneinfo", "ZoneInfo"),
+    ("zoneinfo", "ZoneInfo._unpickle"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "Path"),
+    ("uuid", "UUID"),
+    ("amberdb.record", "ref"),
+    ("amberdb.btrees", "OOBTree"),
+    (Book.__module__, "Book"),
+]
+STRINGS = ["", "a", "1e100000000", "1/3", "idna", "latin-1", "utf-8", "punycode", "UTC", "../../etc/passwd"]
+STRINGS += ["os", "system", "__main__", "\udcff", "x" * 300]
+NUMBERS = [0, 1, 2, 3, -1, 7, 255, 256, 65535, 2**26, 2**31 - 1, 2**31, 2**32 - 1, 10**9, 10**10]
+NUMBERS += [2**62, 2**64]
+
+_no_argument = st.sampled_from(
+    [opcode for opcode, (_, layout, size) in OPCODES.items() if (layout, size) == ("fixed", 0)]
+).filter(lambda opcode: opcode != "STOP")
+
+
+def _with(opcodes: list[str], arguments: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
+    return st.tuples(st.sampled_from(opcodes), arguments).map(lambda pair: op(*pair))
+
+
+def _sized(size: int) -> st.SearchStrategy[bytes]:
+    return st.sampled_from(NUMBERS).map(lambda n: (n % 2 ** (8 * size)).to_bytes(size, "little"))
+
+
+def _lying_length(opcode: str, size: int) -> st.SearchStrategy[bytes]:
+    """An opcode announcing a length (often far) beyond the bytes that follow."""
+    return st.tuples(st.sampled_from(NUMBERS), st.binary(max_size=8)).map(
+        lambda pair: op(opcode, (pair[0] % 2 ** (8 * size)).to_bytes(size, "little") + pair[1])
+    )
+
+
+_plain_value = st.one_of(
+    st.sampled_from(STRINGS).map(text),
+    st.sampled_from(NUMBERS).map(number),
+    st.binary(max_size=12).map(data),
+    st.just(op("NONE")),
+)
+# Values built by calls of calls: bombs need a producer inside a consumer (list(range(...))).
+_value = st.recursive(
+    _plain_value,
+    lambda inner: st.tuples(st.sampled_from(GLOBALS), st.lists(inner, max_size=2)).map(
+        lambda g: call(*g[0], *g[1])
+    ),
+    max_leaves=4,
+)
+_risky = [g for g in GLOBALS if g[0] in ("builtins", "collections", "fractions") and g[1] != "range"]
+_amplifier = st.sampled_from(
+    [
+        number(10**9),
+        call("builtins", "range", number(10**10)),
+        text("1e100000000"),
+        call("decimal", "Decimal", text("1e100000000")),
+    ]
+)
+_bomb = st.tuples(st.sampled_from(_risky), _amplifier, st.lists(_plain_value, max_size=1)).map(
+    lambda b: call(*b[0], b[1], *b[2])
+)
+_global = st.sampled_from(GLOBALS).map(lambda g: name(*g))
+_instruction = st.one_of(
+    _no_argument.map(op),
+    _value,
+    _global,
+    _bomb,
+    _with(["BINPUT", "BINGET", "EXT1"], _sized(1)),
+    _with(["LONG_BINPUT", "LONG_BINGET", "EXT4"], _sized(4)),
+    _with(["EXT2"], _sized(2)),
+    _with(["PUT", "GET", "INT", "LONG", "FLOAT", "PERSID"], st.sampled_from([b"%d\n" % n for n in NUMBERS])),
+    st.just(op("EXT2", EXTENSION_CODE.to_bytes(2, "little"))),
+    st.sampled_from(GLOBALS).map(lambda g: op("GLOBAL", f"{g[0]}\n{g[1]}\n".encode())),
+    st.sampled_from(GLOBALS).map(lambda g: op("MARK") + op("INST", f"{g[0]}\n{g[1]}\n".encode())),
+    st.just(op("LONG", b"9" * 5000 + b"\n")),
+    st.sampled_from(STRINGS).map(lambda s: op("STRING", repr(s).encode("ascii", "backslashreplace") + b"\n")),
+    st.sampled_from(STRINGS).map(lambda s: op("UNICODE", s.encode("raw-unicode-escape") + b"\n")),
+    st.sampled_from([("BINBYTES", 4), ("BINUNICODE", 4), ("BINSTRING", 4), ("LONG4", 4)]).flatmap(
+        lambda pair: _lying_length(*pair)
+    ),
+    st.sampled_from(["BINBYTES8", "BINUNICODE8", "BYTEARRAY8", "FRAME"]).flatmap(
+        lambda opcode: _lying_length(opcode, 8)
+    ),
+    st.integers(0, 6).map(lambda p: op("PROTO", bytes([p]))),
+    st.sampled_from([10, 999, 1001, 3000]).map(lambda depth: op("NONE") + op("TUPLE1") * depth),
+)
+programs = st.one_of(
+    st.lists(_instruction, max_size=25).map(lambda parts: b"\x80\x05" + b"".join(parts) + op("STOP")),
+    st.lists(_instruction, max_size=25).map(lambda parts: b"".join(parts) + op("STOP")),
+    st.binary(max_size=64),
+)
+
+OID = p64(0x99)
+MEMORY_LIMIT = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def reader_connection() -> Iterator[amberdb.Connection]:
+    """A connection whose loader gets the records, with the sentinel as a cached extension."""
+    copyreg.add_extension(sentinels.__name__, "sentinel", EXTENSION_CODE)
+    pickle.loads(b"\x80\x02\x83" + EXTENSION_CODE.to_bytes(2, "little") + b".")
+    db = amberdb.DB(None)
+    conn = db.open(amberdb.transaction.TransactionManager())
+    try:
+        yield conn
+    finally:
+        conn.close()
+        db.close()
+        copyreg.remove_extension(sentinels.__name__, "sentinel", EXTENSION_CODE)
+
+
+def load(conn: amberdb.Connection, state: bytes, refs: list[tuple[bytes, str]]) -> Any:
+    record = encode_record(class_name(Book), refs, state)
+    return conn._reader.state(OID, record, decode_header(record))
+
+
+@pytest.mark.timeout(600)
+@settings(
+    max_examples=1500,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
+@given(state=programs, with_references=st.booleans())
+def test_hostile_program_runs_nothing_imports_nothing_and_stays_bounded(
+    reader_connection: amberdb.Connection, state: bytes, with_references: bool
+) -> None:
+    refs = [(p64(0x7), class_name(Book)), (p64(0x8), "amberdb.btrees:OOBTree")] if with_references else []
+    modules = set(sys.modules)
+    sentinels.CALLS.clear()
+    tracemalloc.start()
+    try:
+        load(reader_connection, state, refs)
+    except DatabaseError as exc:
+        assert "oid 0x99" in str(exc), exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert sentinels.CALLS == []
+    assert set(sys.modules) - modules == set()
+    assert peak < MEMORY_LIMIT + 64 * len(state)
