@@ -24,6 +24,9 @@ from amberdb.unpickler import load_state
 
 RESOLVER = ClassResolver()
 
+# Hypothesis may describe these (deeply nested) strategies while running; the text is long.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+
 _LAYOUTS = {
     pickletools.UP_TO_NEWLINE: LINE,
     pickletools.TAKEN_FROM_ARGUMENT1: LEN1,
