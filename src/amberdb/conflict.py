@@ -13,14 +13,13 @@ damaged record.
 
 from __future__ import annotations
 
-import io
-import pickle
 from typing import Any
 
 from amberdb.exceptions import ConflictError, UnsafeGlobalError
 from amberdb.persistent import Persistent
 from amberdb.record import REFERENCE_GLOBAL, decode_header, ref
 from amberdb.serialize import ClassResolver, ObjectWriter
+from amberdb.unpickler import load_state
 from amberdb.utils import Oid, oid_repr
 
 __all__ = ["PersistentReference", "resolve"]
@@ -45,28 +44,11 @@ class PersistentReference:
         return f"<PersistentReference {self.class_name} oid {oid_repr(self.oid)}>"
 
 
-class _ReferenceUnpickler(pickle.Unpickler):
-    __slots__ = ("references", "resolver")
-    resolver: ClassResolver
-    references: list[PersistentReference]
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == REFERENCE_GLOBAL:
-            return self.references.__getitem__
-        return self.resolver.find(module, name)
-
-    def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is not int or not 0 <= pid < len(self.references):
-            raise ValueError(f"reference {pid!r} is not in the record's reference table")
-        return self.references[pid]
-
-
 def _decode(resolver: ClassResolver, record: bytes) -> Any:
+    """The state of ``record`` with placeholders for its references, loaded as safely as any."""
     header = decode_header(record)
-    unpickler = _ReferenceUnpickler(io.BytesIO(memoryview(record)[header.state_offset :]))
-    unpickler.resolver = resolver
-    unpickler.references = [PersistentReference(oid, name) for oid, name in header.refs]
-    return unpickler.load()
+    references = [PersistentReference(oid, name) for oid, name in header.refs]
+    return load_state(record[header.state_offset :], resolver, references, REFERENCE_GLOBAL)
 
 
 class _ResolvedStateWriter(ObjectWriter):

@@ -355,3 +355,45 @@ def _subclasses(cls: type) -> list[type]:
         found.append(sub)
         found.extend(_subclasses(sub))
     return found
+
+
+# -- conflict resolution reads states too ----------------------------------------------------
+
+
+class Tally(amberdb.Persistent):
+    """A counter whose concurrent increments merge."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def _p_resolveConflict(self, old: Any, saved: Any, new: Any) -> Any:
+        return {**new, "count": saved["count"] + new["count"] - old["count"]}
+
+
+RESOLUTION_BOMBS = ["bytearray(10**9)", "LONG_BINPUT 2**26", "500,000-deep tuple as a dict key"]
+
+
+@pytest.mark.parametrize("bomb", RESOLUTION_BOMBS)
+def test_conflict_resolution_reads_hostile_states_as_safely_as_loads(
+    db: amberdb.DB, sentinel_extension: int, bomb: str
+) -> None:
+    writer = db.open(transaction.TransactionManager())
+    writer.root()["tally"] = Tally()
+    writer.transaction_manager.commit()
+    oid = writer.root()["tally"]._p_oid
+    reader = db.open(transaction.TransactionManager())
+    tally = reader.root()["tally"]
+    assert tally.count == 0
+    store_raw(db, oid, encode_record(class_name(Tally), [], BOMBS[bomb]))  # what "saved" will be
+    tally.count += 1
+    tracemalloc.start()
+    try:
+        with pytest.raises(amberdb.ConflictError, match="cannot be read for resolution"):
+            reader.transaction_manager.commit()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        reader.transaction_manager.abort()
+    assert peak < MEMORY_LIMIT
+    reader.close()
+    writer.close()
