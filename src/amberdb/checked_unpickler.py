@@ -246,6 +246,7 @@ class CheckedUnpickler:
         self._built: list[Any] = []
         self._stopped = False
         self._result: Any = None
+        self._frame_end: int | None = None
 
     # -- reading ------------------------------------------------------------------------
 
@@ -254,6 +255,7 @@ class CheckedUnpickler:
         end = start + size
         if size < 0 or end > len(self._data):
             raise RecordDecodeError("pickle data was truncated")
+        self._check_frame(end)
         self._pos = end
         return self._data[start:end]
 
@@ -263,8 +265,15 @@ class CheckedUnpickler:
         end = data.find(b"\n", start)
         if end < 0:
             raise RecordDecodeError("pickle data was truncated (a line without its end)")
+        self._check_frame(end + 1)
         self._pos = end + 1
         return data[start:end]
+
+    def _check_frame(self, end: int) -> None:
+        # As Python's own unpicklers do (the C one since 3.13.15 / 3.14.7): an argument may
+        # not run past the end of the frame it starts in.
+        if self._frame_end is not None and end > self._frame_end:
+            raise RecordDecodeError(f"an argument runs past the end of its frame at offset {self._frame_end}")
 
     def _length(self, size: int) -> int:
         raw = self._take(size)
@@ -319,6 +328,8 @@ class CheckedUnpickler:
         while not self._stopped:
             if self._pos >= len(data):
                 raise RecordDecodeError("pickle data was truncated (no STOP opcode)")
+            if self._frame_end is not None and self._pos >= self._frame_end:
+                self._frame_end = None
             op = data[self._pos]
             self._pos += 1
             handler = handlers.get(op)
@@ -683,9 +694,12 @@ class CheckedUnpickler:
             raise RecordDecodeError(f"unsupported pickle protocol: {proto}")
 
     def op_frame(self) -> None:
+        if self._frame_end is not None:
+            raise RecordDecodeError("a FRAME begins before the previous frame ends")
         size = _UNPACK_U8(self._take(8))[0]
         if size > len(self._data) - self._pos:
             raise RecordDecodeError("pickle frame runs past the end of the data")
+        self._frame_end = self._pos + size
 
 
 _HANDLERS: dict[int, Callable[[CheckedUnpickler], None]] = {

@@ -256,6 +256,11 @@ BOMBS = {
     "BYTEARRAY8 of 10**9 bytes": program(op("BYTEARRAY8", (10**9).to_bytes(8, "little") + b"abc")),
     "BINBYTES8 of 10**9 bytes": program(op("BINBYTES8", (10**9).to_bytes(8, "little") + b"abc")),
     "FRAME of 2**62 bytes": b"\x80\x05\x95" + (2**62).to_bytes(8, "little") + b"N.",
+    # An argument running past the end of its frame: older C unpicklers read it from after the
+    # frame, so the LONG_BINPUT a walk in byte order sees as bytes data is what they run.
+    "LONG_BINPUT hidden by a frame": b"\x80\x05\x95\x05\x00\x00\x00\x00\x00\x00\x00NC\x05ZZQQQC\x08r"
+    + (2**26).to_bytes(4, "little")
+    + b"0N..",
     "500,000-deep tuple as a dict key": program(op("EMPTY_DICT"), DEEP_TUPLE, op("NONE"), op("SETITEM")),
     "500,000-deep tuple in a frozenset": program(op("MARK"), DEEP_TUPLE, op("FROZENSET")),
     "5,000-deep tuple(list) calls as a dict key": program(
