@@ -232,14 +232,16 @@ class CheckedUnpickler:
         data: bytes,
         find_global: Callable[[str, str], Any],
         persistent_load: Callable[[Any], Any],
+        memo: dict[int, Any] | None = None,
     ) -> None:
+        """Ready to run ``data``; ``memo`` holds entries the pickle expects to find there."""
         self._data = data
         self._pos = 0
         self._find_global = find_global
         self._persistent_load = persistent_load
         self._stack: list[Any] = []
         self._marks: list[int] = []
-        self._memo: dict[int, Any] = {}
+        self._memo: dict[int, Any] = dict(memo or {})
         # Nesting depth of each container built here, by id; _built keeps them alive so an
         # id is never reused while the load runs.
         self._depths: dict[int, int] = {}

@@ -48,7 +48,8 @@ def _decode(resolver: ClassResolver, record: bytes) -> Any:
     """The state of ``record`` with placeholders for its references, loaded as safely as any."""
     header = decode_header(record)
     references = [PersistentReference(oid, name) for oid, name in header.refs]
-    return load_state(record[header.state_offset :], resolver, references, REFERENCE_GLOBAL)
+    state = record[header.state_offset :]
+    return load_state(state, resolver, references, REFERENCE_GLOBAL, header.reference_in_memo)
 
 
 class _ResolvedStateWriter(ObjectWriter):

@@ -9,7 +9,7 @@ Record layout (integers big-endian):
 ======  ==========  ==================================================================
 offset  size        meaning
 ======  ==========  ==================================================================
-0       1           format version, ``RECORD_VERSION`` (1)
+0       1           format version, ``RECORD_VERSION`` (2; version 1 is read too)
 1       2           length C of the object's class name
 3       C           class name, UTF-8, ``"module:qualname"``
 3+C     2           number K of distinct class names used by references
@@ -17,14 +17,21 @@ offset  size        meaning
 ...     4           number R of references
 ...     R x 10      each: 8-byte oid, then 2-byte index into the K class names
 ...     rest        the state: a pickle (protocol 5) in which the reference at index
-                    i of the table is written as the call ``amberdb.record.ref(i)``
+                    i of the table is written as the call ``ref(i)``
 ======  ==========  ==================================================================
 
-References are calls of a named global rather than pickle's persistent ids because the
-pickler asks about persistent ids for every value it writes, strings and numbers included,
-while the hook that writes a call runs only for objects that are not plain values: a state
-of plain values is pickled without calling back into Python at all.  Readers also accept
-states whose persistent ids are the indexes 0..R-1 (what the first records used).
+In version 2 the function ``ref`` is entry 0 of the pickle's memo: the writer starts its
+pickler with that entry, so a reference is ``BINGET 0``, the index, a call -- and a reader
+must put the function at memo index 0 before running the state, numbering the state's own
+memo entries from 1.  (Version 1 named it as the global ``amberdb.record.ref``; naming it
+once per record cost bytes, and the "r" in those names sent every record with references
+through the slower safety checks of :mod:`amberdb.unpickler`.)
+
+References are calls rather than pickle's persistent ids because the pickler asks about
+persistent ids for every value it writes, strings and numbers included, while the hook that
+writes a call runs only for objects that are not plain values: a state of plain values is
+pickled without calling back into Python at all.  Readers also accept states whose
+persistent ids are the indexes 0..R-1 (what the first records used).
 """
 
 from __future__ import annotations
@@ -35,9 +42,20 @@ from typing import NamedTuple
 from amberdb.exceptions import RecordDecodeError
 from amberdb.utils import Oid
 
-__all__ = ["RECORD_VERSION", "RecordHeader", "decode_header", "encode_record", "ref", "references"]
+__all__ = [
+    "RECORD_VERSION",
+    "REFERENCE_IN_MEMO",
+    "RecordHeader",
+    "decode_header",
+    "encode_record",
+    "ref",
+    "references",
+]
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+REFERENCE_IN_MEMO = 2
+"""The first record version whose state finds ``ref`` at memo index 0 (see the docstring)."""
+_READABLE_VERSIONS = (1, 2)
 
 
 def ref(index: int) -> int:
@@ -67,14 +85,28 @@ class RecordHeader(NamedTuple):
     class_name: str
     refs: list[tuple[Oid, str]]
     state_offset: int
+    version: int = RECORD_VERSION
+
+    @property
+    def reference_in_memo(self) -> bool:
+        """Whether the state expects ``ref`` at memo index 0 (version 2 on)."""
+        return self.version >= REFERENCE_IN_MEMO
 
 
-def encode_record(class_name: str, refs: list[tuple[Oid, str]], state: bytes) -> bytes:
-    """Build a record from the class name, ``(oid, class name)`` references and a pickle."""
+def encode_record(
+    class_name: str, refs: list[tuple[Oid, str]], state: bytes, *, reference_in_memo: bool = False
+) -> bytes:
+    """Build a record from the class name, ``(oid, class name)`` references and a pickle.
+
+    ``reference_in_memo``: the pickle was written with ``ref`` at memo index 0 (what
+    :class:`amberdb.serialize.ObjectWriter` does), making a version 2 record; otherwise it is
+    an ordinary pickle naming ``ref`` as a global, and the record is version 1.
+    """
     name = class_name.encode("utf-8")
     if len(name) > MAX_NAME_BYTES:
         raise ValueError(f"class name too long for a record: {class_name[:80]!r}...")
-    parts = [_VERSION_AND_NAME_LEN.pack(RECORD_VERSION, len(name)), name]
+    version = REFERENCE_IN_MEMO if reference_in_memo else 1
+    parts = [_VERSION_AND_NAME_LEN.pack(version, len(name)), name]
     class_index: dict[str, int] = {}
     ref_entries = []
     for oid, ref_class in refs:
@@ -99,7 +131,7 @@ def decode_header(record: bytes) -> RecordHeader:
     """Read a record's class name and references without touching the state."""
     try:
         version, name_len = _VERSION_AND_NAME_LEN.unpack_from(record, 0)
-        if version != RECORD_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise RecordDecodeError(f"unknown record format version {version}")
         pos = 3 + name_len
         class_name = record[3:pos].decode("utf-8")
@@ -107,7 +139,7 @@ def decode_header(record: bytes) -> RecordHeader:
         if n_classes == 0:  # fast path: a record without references
             if n_refs:
                 raise RecordDecodeError("references without class names")
-            return RecordHeader(class_name, [], pos + 6)
+            return RecordHeader(class_name, [], pos + 6, version)
         pos += 2
         classes = []
         for _ in range(n_classes):
@@ -123,7 +155,7 @@ def decode_header(record: bytes) -> RecordHeader:
         raise RecordDecodeError(f"damaged record header: {exc}") from None
     if pos > len(record):
         raise RecordDecodeError("damaged record header: references run past the end of the record")
-    return RecordHeader(class_name, refs, pos)
+    return RecordHeader(class_name, refs, pos, version)
 
 
 def references(record: bytes) -> list[Oid]:

@@ -260,6 +260,10 @@ _EXTENSION_NAMES: dict[tuple[str, str], int] = getattr(copyreg, "_extension_regi
 _BIG_STATE = 4096  # bytes of pickle after which the next state gets a new pickler
 
 
+# The memo every state starts with: ``ref`` at index 0, so references need no global.
+_REFERENCE_MEMO = {id(ref): (0, ref)}
+
+
 class _StatePickler(pickle.Pickler):
     """A pickler calling ``reduce`` for every value that is not a plain value or container."""
 
@@ -267,6 +271,7 @@ class _StatePickler(pickle.Pickler):
         # Set before the C initializer runs: it looks the hook up once, there.
         self.reducer_override = reduce  # type: ignore[method-assign]
         super().__init__(file, PICKLE_PROTOCOL)
+        self.memo = _REFERENCE_MEMO
 
 
 class ObjectWriter:
@@ -327,13 +332,13 @@ class ObjectWriter:
         buffer.seek(0)
         buffer.truncate()
         pickler = self._pickler
-        pickler.clear_memo()
+        pickler.memo = _REFERENCE_MEMO  # ref at index 0: see amberdb.record
         pickler.dump(state)
         if buffer.tell() > _BIG_STATE:
             # The C pickler's memo table keeps the size a big state gave it, and clearing it
             # costs that size every time: start the next state with a new pickler instead.
             self._pickler = _StatePickler(buffer, self._reduce)
-        return encode_record(record_class, self._refs, buffer.getvalue())
+        return encode_record(record_class, self._refs, buffer.getvalue(), reference_in_memo=True)
 
     def _explain(self, obj: Persistent, state: Any, error: BaseException) -> SerializationError:
         """Find which attribute of ``obj`` holds the value that cannot be stored."""
@@ -403,7 +408,8 @@ class ObjectReader:
         try:
             ghost = self._ghost
             ghosts = [ghost(ref_oid, ref_class) for ref_oid, ref_class in header.refs] if header.refs else []
-            return load_state(record[header.state_offset :], self._resolver, ghosts, REFERENCE_GLOBAL)
+            state = record[header.state_offset :]
+            return load_state(state, self._resolver, ghosts, REFERENCE_GLOBAL, header.reference_in_memo)
         except (UnsafeGlobalError, ImportRefusedError) as exc:
             what = _describe(oid, header)
             raise UnsafeGlobalError(f"record of {what}: {exc}; nothing in it was run") from None

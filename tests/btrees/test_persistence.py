@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +25,8 @@ from amberdb.btrees import (
 )
 from amberdb.conflict import PersistentReference
 from amberdb.exceptions import ConflictError
-from amberdb.record import decode_header
+from amberdb.record import REFERENCE_GLOBAL, decode_header
+from amberdb.unpickler import load_state
 from amberdb.utils import p64
 from tests.btrees.families import PREFIXES, key, small_classes, value
 
@@ -383,7 +383,10 @@ def test_none_keys_are_stored_as_none_and_merge_like_any_key(db: amberdb.DB) -> 
     assert list(t2.items()) == [(None, 0), ("b", 2), ("c", 3), ("d", 4)]
     bucket = t2._first_bucket()
     record, _ = db.storage.load(bucket._p_oid)
-    assert pickle.loads(record[decode_header(record).state_offset :])[0][0] is None
+    header = decode_header(record)
+    ghosts = [object()] * len(header.refs)
+    state = load_state(record[header.state_offset :], db._resolver, ghosts, REFERENCE_GLOBAL, True)
+    assert state[0][0] is None
     t1[None] = 1
     t2[None] = 2
     tm1.commit()
