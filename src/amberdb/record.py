@@ -139,7 +139,7 @@ def decode_header(record: bytes) -> RecordHeader:
         if n_classes == 0:  # fast path: a record without references
             if n_refs:
                 raise RecordDecodeError("references without class names")
-            return RecordHeader(class_name, [], pos + 6, version)
+            return _new_header(RecordHeader, (class_name, [], pos + 6, version))
         pos += 2
         classes = []
         for _ in range(n_classes):
@@ -155,7 +155,11 @@ def decode_header(record: bytes) -> RecordHeader:
         raise RecordDecodeError(f"damaged record header: {exc}") from None
     if pos > len(record):
         raise RecordDecodeError("damaged record header: references run past the end of the record")
-    return RecordHeader(class_name, refs, pos, version)
+    return _new_header(RecordHeader, (class_name, refs, pos, version))
+
+
+# hot path: tuple.__new__ skips the Python-level __new__ a NamedTuple has.
+_new_header = tuple.__new__
 
 
 def references(record: bytes) -> list[Oid]:

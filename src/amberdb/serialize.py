@@ -35,7 +35,14 @@ from typing import Any
 
 from amberdb.exceptions import RecordDecodeError, SerializationError, UnsafeGlobalError
 from amberdb.persistent import Persistent, class_name, persistent_class_named
-from amberdb.record import REFERENCE_GLOBAL, RecordHeader, decode_header, encode_record, ref
+from amberdb.record import (
+    REFERENCE_GLOBAL,
+    REFERENCE_IN_MEMO,
+    RecordHeader,
+    decode_header,
+    encode_record,
+    ref,
+)
 from amberdb.unpickler import ImportRefusedError, install_import_guard, load_state, permitted_import
 from amberdb.utils import Oid, oid_repr
 
@@ -409,7 +416,8 @@ class ObjectReader:
             ghost = self._ghost
             ghosts = [ghost(ref_oid, ref_class) for ref_oid, ref_class in header.refs] if header.refs else []
             state = record[header.state_offset :]
-            return load_state(state, self._resolver, ghosts, REFERENCE_GLOBAL, header.reference_in_memo)
+            in_memo = header.version >= REFERENCE_IN_MEMO  # header.reference_in_memo, without a call
+            return load_state(state, self._resolver, ghosts, REFERENCE_GLOBAL, in_memo)
         except (UnsafeGlobalError, ImportRefusedError) as exc:
             what = _describe(oid, header)
             raise UnsafeGlobalError(f"record of {what}: {exc}; nothing in it was run") from None

@@ -38,6 +38,7 @@ import _compat_pickle
 import copyreg
 import io
 import pickle
+import re
 import sys
 import types
 from collections.abc import Sequence
@@ -171,29 +172,77 @@ def _scan(data: bytes, count_nesting: bool = False, steps: Sequence[int] = _SCAN
 # copyreg's extension tables: mutated in place by copyreg.add_extension, never replaced.
 _EXTENSION_CODES: dict[int, tuple[str, str]] = getattr(copyreg, "_inverted_registry")  # noqa: B009
 _EXTENSION_CACHE: dict[int, Any] = getattr(copyreg, "_extension_cache")  # noqa: B009
+
 # The bytes of the opcodes by which the C unpickler could size an allocation by a number in
 # the record: PUT and LONG_BINPUT (its memo table grows to twice their index), BINBYTES,
 # BINBYTES8 and BYTEARRAY8 (it allocates the length they announce before reading them); and,
 # once copyreg has any, the extension opcodes.  A record with none of these byte values
-# cannot reach them, however its opcodes are parsed.  translate() keeping only them is the
-# cheapest test for their presence (a regular expression costs half as much again).
+# cannot reach them, however its opcodes are parsed.  Marked too: the memo-get opcodes
+# (BINGET, LONG_BINGET, GET), since without them the memo's numbering does not matter.
+# translate() keeping only the marked bytes is the cheapest test for their presence.
 _SIZING_OPS = frozenset(b"prB\x8e\x96")
-_ALL_BUT_SIZING_OPS = bytes(sorted(set(range(256)) - _SIZING_OPS))
-_ALL_BUT_SIZING_OR_EXTENSION_OPS = bytes(sorted(set(range(256)) - _SIZING_OPS - _EXTENSIONS))
+_MEMO_GETS = b"hjg"
+_ALL_BUT_MARKED = bytes(sorted(set(range(256)) - _SIZING_OPS - set(_MEMO_GETS)))
+_ALL_BUT_MARKED_OR_EXTENSION = bytes(sorted(set(_ALL_BUT_MARKED) - _EXTENSIONS))
 
 
-def _fast_unpickler_may_run(data: bytes) -> bool:
-    """Whether the C unpickler can run ``data`` without reaching one of its dangers."""
-    # With copyreg's tables empty (unless the application registered extension codes), an
-    # extension opcode only raises "unregistered extension code".
-    others = _ALL_BUT_SIZING_OR_EXTENSION_OPS if _EXTENSION_CODES or _EXTENSION_CACHE else _ALL_BUT_SIZING_OPS
-    # A record cannot hold more nesting opcodes than bytes, nor more than bytes of their values.
-    shallow = len(data) <= FAST_NESTING_BUDGET or (
-        len(data.translate(None, _NOT_NESTING_OPS)) <= FAST_NESTING_BUDGET
+def _token_pattern() -> re.Pattern[bytes]:
+    """The opcodes of an ordinary record, none of which sizes an allocation, as a regex.
+
+    Every alternative starts with its own opcode bytes and, for short strings, length byte,
+    so there is one way to match at each position -- the parse the C unpickler makes -- and
+    a failing match backtracks in linear time.  Short strings come first: they are most of a
+    record's opcodes.
+    """
+    short: set[int] = set()
+    by_argument_size: dict[int, set[int]] = {0: set(), 1: set(), 2: set(), 4: set(), 8: set()}
+    for name, (code, layout, size) in OPCODES.items():
+        if name in ("STOP", "LONG_BINPUT", "EXT1", "EXT2", "EXT4", "FRAME"):
+            continue
+        if layout == LEN1:
+            short.add(code[0])
+        elif layout == FIXED:
+            by_argument_size[size].add(code[0])
+
+    def any_of(codes: set[int]) -> bytes:
+        return b"[" + b"".join(re.escape(bytes([code])) for code in sorted(codes)) + b"]"
+
+    lengths = b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(256))
+    alternatives = [any_of(short) + b"(?:" + lengths + b")"]
+    alternatives += [any_of(codes) + b"." * size for size, codes in by_argument_size.items()]
+    return re.compile(b"(?:" + b"|".join(alternatives) + b")*" + re.escape(OPCODES["STOP"][0]), re.DOTALL)
+
+
+_ordinary_tokens: list[re.Pattern[bytes]] = []  # compiled on first use: it takes milliseconds
+_FRAMED = OPCODES["PROTO"][0] + b"\x05" + OPCODES["FRAME"][0]
+_FRAMED_BODY = 3 + 8
+
+
+def _ordinary(data: bytes) -> bool:
+    """Whether ``data`` is one frame of ordinary opcodes ending in STOP: what AmberDB writes.
+
+    A regular expression walks the opcodes in C, twice as fast as :func:`_scan`; whatever it
+    does not know goes to the scan.  The frame must end where the data ends, so no argument
+    can run past it.
+    """
+    if not _ordinary_tokens:
+        _ordinary_tokens.append(_token_pattern())
+    return (
+        data.startswith(_FRAMED)
+        and int.from_bytes(data[3:_FRAMED_BODY], "little") == len(data) - _FRAMED_BODY
+        and _ordinary_tokens[0].fullmatch(data, _FRAMED_BODY) is not None
     )
-    if shallow:
-        return not data.translate(None, others) or _scan(data) == 0
-    return 0 <= _scan(data, count_nesting=True) <= FAST_NESTING_BUDGET
+
+
+def _fast_unpickler_may_run(data: bytes, marked: bytes) -> bool:
+    """Whether the C unpickler can run ``data`` without reaching one of its dangers.
+
+    ``marked`` is what :func:`load_state` found of the marked bytes.
+    """
+    # A record cannot hold more nesting opcodes than bytes, nor more than bytes of their values.
+    if len(data) > FAST_NESTING_BUDGET and len(data.translate(None, _NOT_NESTING_OPS)) > FAST_NESTING_BUDGET:
+        return 0 <= _scan(data, count_nesting=True) <= FAST_NESTING_BUDGET
+    return not marked.strip(_MEMO_GETS) or _ordinary(data) or _scan(data) == 0
 
 
 # -- the import guard ----------------------------------------------------------------------
@@ -335,9 +384,15 @@ def load_state(
     refuses, ImportRefusedError, or RecordDecodeError (and whatever an allowed constructor
     raises) for the rest.
     """
-    if _fast_unpickler_may_run(data):
+    # With copyreg's tables empty (unless the application registered extension codes), an
+    # extension opcode only raises "unregistered extension code".
+    marked = data.translate(
+        None, _ALL_BUT_MARKED_OR_EXTENSION if _EXTENSION_CODES or _EXTENSION_CACHE else _ALL_BUT_MARKED
+    )
+    # hot path: most records hold none of the marked bytes and are small.
+    if (not marked and len(data) <= FAST_NESTING_BUDGET) or _fast_unpickler_may_run(data, marked):
         source = data
-        if reference_in_memo:
+        if reference_in_memo and (ghosts or marked):
             # The prologue is ours: the checks above looked at the record's bytes alone.
             source = (_reference_prologue(reference) if ghosts else _PLACEHOLDER_PROLOGUE) + data
         unpickler = _FastUnpickler(io.BytesIO(source))

@@ -177,16 +177,23 @@ def test_shared_and_recursive_references_keep_their_identity() -> None:
             assert loaded["cycle"][1] is loaded["cycle"]
 
 
-def test_fast_machine_runs_ordinary_records() -> None:
+def test_fast_machine_runs_ordinary_records(monkeypatch: pytest.MonkeyPatch) -> None:
     """The common records never fall back to the slow machine (the speed of every load)."""
     ordinary = [
         {"a": 1, "b": "item 1", "c": 0.5, "d": 1, "e": "x"},
         {"title": "The quick brown fox", "authors": ["Peter Parker"], "price": 12.5},  # has p and r
         {"data": list(range(1000))},
+        {"shared": ["x"] * 3, "pairs": [(i, str(i)) for i in range(100)]},
         (b"\x00" * 4096, b"B" * 2048),
+        {"long text": "pr" * 5000},
     ]
+
+    def no_checked_machine(*args: Any) -> Any:
+        raise AssertionError("went to the checked machine")
+
+    monkeypatch.setattr(unpickler, "CheckedUnpickler", no_checked_machine)
     for value in ordinary:
-        assert unpickler._fast_unpickler_may_run(pickle.dumps(value, protocol=5)), value
+        assert same(load_state(pickle.dumps(value, protocol=5), RESOLVER, [], REFERENCE_GLOBAL), value)
 
 
 @pytest.mark.parametrize(
