@@ -59,9 +59,10 @@ __all__ = [
     "permitted_import",
 ]
 
-FAST_NESTING_BUDGET = 2000
+FAST_NESTING_BUDGET = 1000
 """At most this many nesting opcodes for the C unpickler: hashing a nested tuple recurses in
-C once per level, and 2000 levels fit in a 256 KiB thread stack."""
+C once per level, about 70 bytes of stack each, and 1,000 levels fit in the smallest thread
+stacks in use (128 KiB on musl)."""
 
 
 class GlobalFinder(Protocol):
@@ -186,14 +187,11 @@ _ALL_BUT_MARKED = bytes(sorted(set(range(256)) - _SIZING_OPS - set(_MEMO_GETS)))
 _ALL_BUT_MARKED_OR_EXTENSION = bytes(sorted(set(_ALL_BUT_MARKED) - _EXTENSIONS))
 
 
-def _token_pattern() -> re.Pattern[bytes]:
-    """The opcodes of an ordinary record, none of which sizes an allocation, as a regex.
-
-    Every alternative starts with its own opcode bytes and, for short strings, length byte,
-    so there is one way to match at each position -- the parse the C unpickler makes -- and
-    a failing match backtracks in linear time.  Short strings come first: they are most of a
-    record's opcodes.
-    """
+def _token_alternatives() -> list[bytes]:
+    """Regular expressions for the opcodes of an ordinary record, none of which sizes an
+    allocation: each starts with its own opcode byte and, for short strings, length byte, so
+    at each position at most one matches -- the parse the C unpickler makes.  Short strings
+    come first: they are most of a record's opcodes."""
     short: set[int] = set()
     by_argument_size: dict[int, set[int]] = {0: set(), 1: set(), 2: set(), 4: set(), 8: set()}
     for name, (code, layout, size) in OPCODES.items():
@@ -210,12 +208,26 @@ def _token_pattern() -> re.Pattern[bytes]:
     lengths = b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(256))
     alternatives = [any_of(short) + b"(?:" + lengths + b")"]
     alternatives += [any_of(codes) + b"." * size for size, codes in by_argument_size.items()]
-    return re.compile(b"(?:" + b"|".join(alternatives) + b")*" + re.escape(OPCODES["STOP"][0]), re.DOTALL)
+    return alternatives
 
 
-_ordinary_tokens: list[re.Pattern[bytes]] = []  # compiled on first use: it takes milliseconds
+# How AmberDB writes a reference in a version 2 state.
+_REFERENCE_CALL = rb"h\x00(?:K.|M..|J....)\x85\x94R"
+# Compiled on first use: they take milliseconds.
+_ordinary_tokens: list[re.Pattern[bytes]] = []
 _FRAMED = OPCODES["PROTO"][0] + b"\x05" + OPCODES["FRAME"][0]
-_FRAMED_BODY = 3 + 8
+_FRAMED_BODY = 3 + 8  # where the opcodes start after PROTO 5 and FRAME n
+
+
+def _patterns() -> list[re.Pattern[bytes]]:
+    """[a record of ordinary opcodes up to STOP; one opcode, or a reference call as a group]."""
+    if not _ordinary_tokens:
+        tokens = b"(?:" + b"|".join(_token_alternatives()) + b")"
+        stop = re.escape(OPCODES["STOP"][0])
+        # A failing match backtracks in linear time: one way to match at each position.
+        _ordinary_tokens.append(re.compile(tokens + b"*" + stop, re.DOTALL))
+        _ordinary_tokens.append(re.compile(b"(" + _REFERENCE_CALL + b")|" + tokens, re.DOTALL))
+    return _ordinary_tokens
 
 
 def _ordinary(data: bytes) -> bool:
@@ -225,22 +237,36 @@ def _ordinary(data: bytes) -> bool:
     does not know goes to the scan.  The frame must end where the data ends, so no argument
     can run past it.
     """
-    if not _ordinary_tokens:
-        _ordinary_tokens.append(_token_pattern())
     return (
         data.startswith(_FRAMED)
         and int.from_bytes(data[3:_FRAMED_BODY], "little") == len(data) - _FRAMED_BODY
-        and _ordinary_tokens[0].fullmatch(data, _FRAMED_BODY) is not None
+        and _patterns()[0].fullmatch(data, _FRAMED_BODY) is not None
     )
 
 
-def _fast_unpickler_may_run(data: bytes, marked: bytes) -> bool:
+def _nesting_bound(data: bytes, reference_in_memo: bool) -> int:
+    """An upper bound on how deeply the containers ``data`` builds can nest.
+
+    Each level needs an opcode whose byte is one of the nesting opcodes, so their count
+    bounds it.  A reference call (BINGET 0, an index, TUPLE1, MEMOIZE, REDUCE) has two of
+    them yet nests nothing -- the call gets a lone integer -- and a record of many
+    references would go to the slow machines for them: in an ordinary version 2 record, the
+    reference calls the parse really makes (opcodes found one after the other from the
+    start, so aligned with the C unpickler's parse) each take off their two.
+    """
+    count = len(data.translate(None, _NOT_NESTING_OPS))
+    if count > FAST_NESTING_BUDGET and reference_in_memo and _ordinary(data):
+        calls = _patterns()[1].findall(data, _FRAMED_BODY)
+        count -= 2 * (len(calls) - calls.count(b""))
+    return count
+
+
+def _fast_unpickler_may_run(data: bytes, marked: bytes, reference_in_memo: bool) -> bool:
     """Whether the C unpickler can run ``data`` without reaching one of its dangers.
 
     ``marked`` is what :func:`load_state` found of the marked bytes.
     """
-    # A record cannot hold more nesting opcodes than bytes, nor more than bytes of their values.
-    if len(data) > FAST_NESTING_BUDGET and len(data.translate(None, _NOT_NESTING_OPS)) > FAST_NESTING_BUDGET:
+    if len(data) > FAST_NESTING_BUDGET and _nesting_bound(data, reference_in_memo) > FAST_NESTING_BUDGET:
         return 0 <= _scan(data, count_nesting=True) <= FAST_NESTING_BUDGET
     return not marked.strip(_MEMO_GETS) or _ordinary(data) or _scan(data) == 0
 
@@ -390,7 +416,9 @@ def load_state(
         None, _ALL_BUT_MARKED_OR_EXTENSION if _EXTENSION_CODES or _EXTENSION_CACHE else _ALL_BUT_MARKED
     )
     # hot path: most records hold none of the marked bytes and are small.
-    if (not marked and len(data) <= FAST_NESTING_BUDGET) or _fast_unpickler_may_run(data, marked):
+    if (not marked and len(data) <= FAST_NESTING_BUDGET) or _fast_unpickler_may_run(
+        data, marked, reference_in_memo
+    ):
         source = data
         if reference_in_memo and (ghosts or marked):
             # The prologue is ours: the checks above looked at the record's bytes alone.

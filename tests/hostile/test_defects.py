@@ -402,3 +402,48 @@ def test_conflict_resolution_reads_hostile_states_as_safely_as_loads(
     assert peak < MEMORY_LIMIT
     reader.close()
     writer.close()
+
+
+# -- references do not count as nesting; what only looks like them does -------------------
+
+
+def test_many_references_load_on_the_fast_machine(db: amberdb.DB, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amberdb import unpickler
+    from amberdb.btrees import OOBTree
+
+    conn = db.open(transaction.TransactionManager())
+    conn.root()["books"] = amberdb.PersistentList(Book(f"b{i}") for i in range(5000))
+    conn.root()["tree"] = tree = OOBTree()
+    for i in range(3000):
+        tree[f"k{i:05}"] = Book(f"t{i}")
+    conn.transaction_manager.commit()
+    conn.close()
+
+    def no_checked_machine(*args: Any) -> Any:
+        raise AssertionError("a record of references went to the checked machine")
+
+    monkeypatch.setattr(unpickler, "CheckedUnpickler", no_checked_machine)
+    reader = db.open(transaction.TransactionManager())
+    assert [book.title for book in reader.root()["books"]][-1] == "b4999"
+    assert reader.root()["tree"]["k02999"].title == "t2999"
+    reader.close()
+
+
+@pytest.mark.parametrize("decoys", [False, True], ids=["plain", "with-reference-lookalikes"])
+def test_deep_nesting_is_refused_even_among_reference_lookalikes(db: amberdb.DB, decoys: bool) -> None:
+    """Bytes that look like reference calls inside string arguments must not hide real nesting."""
+    depth = 3000
+    lookalike = op("SHORT_BINBYTES", b"\x07h\x00K\x00\x85\x94R") + op("POP") if decoys else b""
+    body = (
+        name("builtins", "slice")
+        + op("MEMOIZE")  # memo 1 (0 holds the reference function)
+        + op("POP")
+        + op("BINGET", b"\x01") * depth
+        + op("NONE")
+        + (op("TUPLE1") + op("REDUCE") + lookalike) * depth
+        + op("STOP")
+    )
+    state = b"\x80\x05\x95" + len(body).to_bytes(8, "little") + body
+    store_raw(db, OID, encode_record(BOOK, [(p64(7), BOOK)], state, reference_in_memo=True))
+    error = load_fails(db)
+    assert "nested more than 1000" in str(error)
