@@ -360,7 +360,7 @@ class CheckedUnpickler:
         if check is not None and (kwargs or not check(args)):
             raise _refuse_call(cls, args)
         obj: Any = cls.__new__(cls, *args, **(kwargs or {}))
-        return self._built_from(obj, args)
+        return self._built_from(obj, (*args, *kwargs.values()) if kwargs else args)
 
     def _global(self, module: Any, name: Any) -> Any:
         if type(module) is not str or type(name) is not str:

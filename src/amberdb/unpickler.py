@@ -85,9 +85,13 @@ class ImportRefusedError(ImportError):
 
 _MEMO_PUTS = frozenset(b"pr")  # PUT, LONG_BINPUT
 _EXTENSIONS = frozenset(b"\x82\x83\x84")
-# Opcodes that can build a container around objects already built: each level of nesting
-# needs one (REDUCE and the NEWOBJs too, as a constructor may wrap its arguments).
-_NESTING_OPS = frozenset(b"\x85\x86\x87tRlod\x81\x92i\x91")
+# The danger of nesting is C recursion: hashing a tuple hashes its items, so a chain of
+# tuples inside tuples (or of what wraps its arguments in one: namedtuples, slices) recurses
+# once a level.  Each level of such a chain needs one of these opcodes: TUPLE1-3 and TUPLE
+# build tuples (also the argument tuple any REDUCE or NEWOBJ call needs), OBJ and INST call
+# with arguments taken from the stack, NEWOBJ_EX with keyword arguments too.  Lists and
+# dicts are not hashed; a frozenset keeps the hashes of its items (so it ends a chain).
+_NESTING_OPS = frozenset(b"\x85\x86\x87toi\x92")
 _NOT_NESTING_OPS = bytes(sorted(set(range(256)) - _NESTING_OPS))
 
 # Scan steps: > 0 is the opcode's whole size; the negative codes name the argument layout.
@@ -248,16 +252,16 @@ def _nesting_bound(data: bytes, reference_in_memo: bool) -> int:
     """An upper bound on how deeply the containers ``data`` builds can nest.
 
     Each level needs an opcode whose byte is one of the nesting opcodes, so their count
-    bounds it.  A reference call (BINGET 0, an index, TUPLE1, MEMOIZE, REDUCE) has two of
-    them yet nests nothing -- the call gets a lone integer -- and a record of many
-    references would go to the slow machines for them: in an ordinary version 2 record, the
-    reference calls the parse really makes (opcodes found one after the other from the
-    start, so aligned with the C unpickler's parse) each take off their two.
+    bounds it.  A reference call (BINGET 0, an index, TUPLE1, MEMOIZE, REDUCE) has one of
+    them yet nests nothing -- the tuple holds a lone integer -- and a record of more than a
+    thousand references would go to the slow machines for them: in an ordinary version 2
+    record, the reference calls the parse really makes (opcodes found one after the other
+    from the start, so aligned with the C unpickler's parse) each take theirs off.
     """
     count = len(data.translate(None, _NOT_NESTING_OPS))
     if count > FAST_NESTING_BUDGET and reference_in_memo and _ordinary(data):
         calls = _patterns()[1].findall(data, _FRAMED_BODY)
-        count -= 2 * (len(calls) - calls.count(b""))
+        count -= len(calls) - calls.count(b"")
     return count
 
 

@@ -6,6 +6,7 @@ the time they run); the rest load through a real database and connection.
 
 from __future__ import annotations
 
+import collections
 import copyreg
 import json
 import pickle
@@ -447,3 +448,25 @@ def test_deep_nesting_is_refused_even_among_reference_lookalikes(db: amberdb.DB,
     store_raw(db, OID, encode_record(BOOK, [(p64(7), BOOK)], state, reference_in_memo=True))
     error = load_fails(db)
     assert "nested more than 1000" in str(error)
+
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+def test_deep_namedtuples_built_from_keyword_arguments_are_refused() -> None:
+    """NEWOBJ_EX builds a tuple (subclass) from keyword arguments, with no TUPLE opcode."""
+    db = amberdb.DB(None, allowed_classes=[Pair])
+    depth = 3000
+    body = (
+        name(__name__, "Pair")
+        + op("MEMOIZE")  # memo 1
+        + op("POP")
+        + (op("BINGET", b"\x01") + op("EMPTY_TUPLE") + op("EMPTY_DICT") + text("a")) * depth
+        + op("NONE")
+        + (op("SETITEM") + text("b") + op("NONE") + op("SETITEM") + op("NEWOBJ_EX")) * depth
+        + op("STOP")
+    )
+    state = b"\x80\x05\x95" + len(body).to_bytes(8, "little") + body
+    store_raw(db, OID, encode_record(BOOK, [], state, reference_in_memo=True))
+    assert "nested more than 1000" in str(load_fails(db))
+    db.close()
