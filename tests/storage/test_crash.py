@@ -172,32 +172,41 @@ def test_voted_transaction_survives_crash(tmp_path: Path) -> None:
 
 
 def test_abort_after_vote_never_resurrects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """I5: a crash between abort's zero header and its truncate does not bring the data back."""
+    """I5: a crash inside abort leaves the transaction as voted; once abort synced, it is gone."""
     path = tmp_path / "data.fs"
     tids, _, end = build(path)
-    snapshots: list[bytes] = []
-    real_ftruncate = os.ftruncate
+    snapshots: dict[str, bytes] = {}
+    real_ftruncate, real_fsync = os.ftruncate, os.fsync
 
-    def crash_point(fd: int, length: int) -> None:
-        snapshots.append(path.read_bytes())
+    def before_truncate(fd: int, length: int) -> None:
+        snapshots["before truncate"] = path.read_bytes()
         real_ftruncate(fd, length)
+
+    def at_sync(fd: int) -> None:
+        snapshots["at sync"] = path.read_bytes()  # what a crash before the sync returns may leave
+        real_fsync(fd)
 
     with FileStorage(path) as fs:
         fs.begin(META)
         fs.store(p64(50), z64, b"aborted")
         fs.vote()
-        monkeypatch.setattr(os, "ftruncate", crash_point)
+        monkeypatch.setattr(os, "ftruncate", before_truncate)
+        monkeypatch.setattr(os, "fsync", at_sync)
         fs.abort()
         monkeypatch.undo()
-    (crashed,) = snapshots
-    assert len(crashed) > end  # the voted transaction was still in the file
-    path.write_bytes(crashed)
-    os.unlink(str(path) + ".index")
-    with FileStorage(path) as fs:
-        with pytest.raises(POSKeyError):
-            fs.load(p64(50))
-        assert fs.last_tid() == tids[-1]
-    assert path.stat().st_size == end
+    assert len(snapshots["before truncate"]) > end
+    assert len(snapshots["at sync"]) == end  # nothing of it left to find, not even a header
+    for moment, crashed in snapshots.items():
+        path.write_bytes(crashed)
+        Path(str(path) + ".index").unlink(missing_ok=True)
+        with FileStorage(path) as fs:
+            if moment == "before truncate":  # abort had not returned: as voted, so committed
+                assert fs.load(p64(50))[0] == b"aborted"
+                assert fs.last_tid() > tids[-1]
+            else:
+                with pytest.raises(POSKeyError):
+                    fs.load(p64(50))
+                assert fs.last_tid() == tids[-1]
 
 
 # -- real crashes --------------------------------------------------------------------------------

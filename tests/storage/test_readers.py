@@ -33,7 +33,7 @@ def test_reader_leaves_out_a_live_writers_voted_transaction(tmp_path: Path) -> N
             assert reader.load(z64) == (b"committed", t1)
             with pytest.raises(POSKeyError):
                 reader.load(p64(7))
-            writer.abort()  # zero header, sync, truncate
+            writer.abort()  # truncate, sync
             assert reader.load(z64) == (b"committed", t1)
             assert [t.tid for t in reader.iterator()] == [t1]
         t2 = commit(writer, {z64: (t1, b"finished")})

@@ -133,7 +133,7 @@ def test_failed_sync_in_vote_breaks_the_storage(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(os, "fdatasync", failing)
     with pytest.raises(OSError, match="Input/output"):
         fs.vote()
-    fs.abort()  # zeroes the header and truncates (its own sync succeeds here)
+    fs.abort()  # truncates and syncs (that sync succeeds here)
     with pytest.raises(StorageError, match="failed an I/O operation; reopen it"):
         fs.begin(META)
     fs.close()

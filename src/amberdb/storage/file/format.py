@@ -7,8 +7,8 @@ Data file
 =========
 
 A file header, then transaction records back to back, oldest first.  The file only grows
-at the end; the only bytes ever rewritten are the status byte and header of the last
-transaction (``finish`` marks it finished, ``abort`` zeroes its header, then truncates).
+at the end; the only bytes ever rewritten are those of the last transaction: its header
+when a streamed transaction is voted, its status byte when it is finished.
 
 File header (``FILE_HEADER``, 32 bytes)::
 
@@ -34,8 +34,8 @@ Transaction header (``TXN_HEADER``, 32 bytes)::
         28     4  number of data records
 
 A header of 32 zero bytes means "in progress": a big transaction streamed out before its
-vote carries it, and ``abort`` after vote writes it before truncating.  No other header
-value is ever read as anything but a transaction to be verified.
+vote carries it.  No other header value is ever read as anything but a transaction to be
+verified.
 
 Data record header (``DATA_HEADER``, 32 bytes), followed by the record bytes::
 

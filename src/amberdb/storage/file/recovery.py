@@ -11,7 +11,7 @@ torn may be cut.  Where a scan stops (nothing valid from there on), the bytes ar
 
 ``torn``
     fewer than a transaction header remain; or the header is 32 zero bytes (a streamed
-    transaction not yet voted, or one whose abort had begun); or its length runs past the
+    transaction not yet voted, or a file grown before its data landed); or its length runs past the
     end of the file and the file does not end with a trailer whose length points back
     exactly at this header (a write cut short).  A writable open truncates them.
 ``damaged``
@@ -253,7 +253,7 @@ def judge_stop(
     if remaining < _H or len(head) < _H:
         reason = f"{remaining} bytes at the end, fewer than a transaction header"
     elif head == ZERO_TXN_HEADER:
-        reason = "a zero transaction header (a transaction in progress or being aborted)"
+        reason = "a zero transaction header (a transaction still in progress)"
     else:
         h = decode_txn_header(head)
         if pos + h.length > file_size:

@@ -31,11 +31,12 @@ I4  Vote is durable, finish is one byte.  ``vote`` writes the transaction with s
     ``v`` transaction is committed as soon as no writer that could abort it is alive; a
     writable open marks it ``c`` and syncs.
 
-I5  Abort after vote cannot resurrect.  ``abort`` overwrites the whole 32-byte header of the
-    voted transaction with zeros and fdatasyncs -- from then on it is "in progress" whatever
-    happens, and no single damaged byte can look like that -- and only then truncates the
-    file back to ``_end``.  A crash before the zeros are durable means abort had not
-    returned: the transaction is as voted.  Abort before vote only truncates.
+I5  Abort after vote cannot resurrect.  ``abort`` truncates the file back to ``_end`` and
+    syncs the file (size included) before it returns: from then on the transaction is gone
+    whatever happens.  A crash before that sync means abort had not returned: the
+    transaction is as voted, either gone or committed.  Truncation changes only the file
+    size, which the file system updates as a whole: unlike rewriting the 32-byte header in
+    place, a crash cannot leave half of it changed.  Abort before vote only truncates.
 
 I6  The index file describes a prefix.  It is written only at a clean close, after the data
     file was synced, and records the file id plus the position and tid of the transaction
@@ -81,7 +82,7 @@ With ``fsync=False`` vote does not sync (I4 is relaxed): a crash may lose the mo
 commits, and since the kernel may then write a later transaction before an earlier one, an
 open after such a crash can report damage followed by a valid transaction; the
 transactions before the reported offset are intact (``salvage=True`` reads them).  Abort
-after vote still syncs its zero header (I5 holds in both modes), and ``close`` syncs the
+after vote still syncs its truncation (I5 holds in both modes), and ``close`` syncs the
 file before writing the index.
 """
 
@@ -124,7 +125,6 @@ from amberdb.storage.file.format import (
     TRAILER_MAGIC,
     TXN_HEADER,
     TXN_TRAILER,
-    ZERO_TXN_HEADER,
     decode_index_header,
     encode_file_header,
     encode_index_header,
@@ -856,12 +856,11 @@ class FileStorage:
         if state == _IDLE:
             return
         try:
-            if state in (_VOTED, _DIRTY):
-                # The transaction may be valid on disk: make it "in progress" durably first (I5).
-                _pwrite_all(self._fd, ZERO_TXN_HEADER, self._txn_pos)
-                os.fdatasync(self._fd)
             if state in (_VOTED, _DIRTY) or self._written:
                 os.ftruncate(self._fd, self._txn_pos)
+            if state in (_VOTED, _DIRTY):
+                # The transaction may have been valid on disk: make its removal durable (I5).
+                os.fsync(self._fd)
         except BaseException as exc:
             self._broken = exc
             raise
