@@ -585,21 +585,24 @@ class FileStorage:
         )
 
     def _remap(self) -> mmap.mmap:
-        """Map the file again, now that it has grown past the old mapping (under ``_lock``).
+        """Map the file up to ``_end`` again, now that loads need more than the old map (under ``_lock``).
 
-        Loads read through a read-only memory map: no system call per load.  Only offsets
-        below ``_end`` are ever read (I1, I9), so pages the committer is writing or
-        truncating beyond it are never touched.
+        Loads read through a read-only memory map: no system call per load.  The map never
+        reaches past ``_end`` (I1, I9): bytes a committer is writing, and a tail a writer
+        truncates, are never mapped, so a truncation elsewhere can neither make this fail
+        nor leave pages here that vanished from the file.
         """
-        size = os.fstat(self._fd).st_size
-        if size < self._end:
-            raise self._shrunk(size)
+        end = self._end
+        try:
+            new = mmap.mmap(self._fd, end, access=mmap.ACCESS_READ)
+        except ValueError:  # the file is shorter than its committed end
+            raise self._shrunk(os.fstat(self._fd).st_size) from None
         old = self._map
-        self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
-        self._mapped = size
+        self._map = new
+        self._mapped = end
         if old is not None:
             old.close()
-        return self._map
+        return new
 
     def last_tid(self) -> Tid:
         """The tid of the newest finished transaction (z64 when empty)."""
