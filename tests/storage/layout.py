@@ -48,13 +48,14 @@ def records(data: bytes) -> list[RecordAt]:
     return found
 
 
-def rewrite_record_header(data: bytearray, at: RecordAt, *, back: int) -> None:
-    """Change a record's back pointer *and* its checksum: damage no checksum can see."""
+def rewrite_record_header(data: bytearray, at: RecordAt, *, back: int, oid: bytes | None = None) -> None:
+    """Change a record's back pointer (or oid) *and* its checksum: damage no checksum can see."""
     file_id = bytes(data[8:16])
-    header = fmt.DATA_HEADER.pack(at.oid, at.tid, back, at.length, 0)
+    oid = at.oid if oid is None else oid
+    header = fmt.DATA_HEADER.pack(oid, at.tid, back, at.length, 0)
     record = bytes(data[at.record_start : at.record_start + at.length])
     crc = fmt.record_checksum(zlib.crc32(file_id), header, record)
-    data[at.offset : at.record_start] = fmt.DATA_HEADER.pack(at.oid, at.tid, back, at.length, crc)
+    data[at.offset : at.record_start] = fmt.DATA_HEADER.pack(oid, at.tid, back, at.length, crc)
 
 
 def reseal_transaction(data: bytearray, pos: int) -> None:

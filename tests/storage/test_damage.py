@@ -152,6 +152,27 @@ def test_back_pointer_cycle_is_an_error_not_a_loop(tmp_path: Path) -> None:
                 fs.load(p64(1), tid)
 
 
+@pytest.mark.parametrize(("oid", "back"), [(p64(2**63), None), (None, 10**9)])
+def test_checksummed_records_that_cannot_be_are_refused(
+    tmp_path: Path, oid: bytes | None, back: int | None
+) -> None:
+    """A transaction whose checksums match but whose records are impossible: refused, salvaged before."""
+    path = tmp_path / "data.fs"
+    tids = build(path)
+    os.unlink(str(path) + ".index")
+    data = bytearray(path.read_bytes())
+    target = records(bytes(data))[4]  # in the third transaction
+    rewrite_record_header(data, target, back=target.back if back is None else back, oid=oid)
+    reseal_transaction(data, target.txn)
+    path.write_bytes(data)
+    with pytest.raises(CorruptedDataError, match=rf"offset {target.txn}\b: its data record at offset"):
+        FileStorage(path)
+    with FileStorage(path, read_only=True, salvage=True) as salvaged:
+        assert salvaged.damage is not None and salvaged.damage.offset == target.txn
+        assert salvaged.last_tid() == tids[1]
+    assert not verify(path).ok
+
+
 def test_load_stays_below_the_committed_end(tmp_path: Path) -> None:
     """I9, I10: an index entry pointing past the end (index checksum intact) is an error."""
     path = tmp_path / "data.fs"

@@ -132,8 +132,8 @@ TRAILER_MAGIC = b"AmbT"
 FILE_HEADER = struct.Struct(">8s8s12xI")
 TXN_HEADER = struct.Struct(">8sQcxHIII")
 DATA_HEADER = struct.Struct(">8s8sQII")
-DATA_HEADER_INTS = struct.Struct(">QQQII")
-"""The same bytes as DATA_HEADER with oid and tid read as integers (for scanning)."""
+DATA_HEADER_INTS = struct.Struct(">qQQII")
+"""The same bytes as DATA_HEADER with oid (signed: above MAX_OID it is negative) and tid as integers."""
 TXN_TRAILER = struct.Struct(">QI4s")
 INDEX_HEADER = struct.Struct(">8s8sQ8sQ4xI")
 

@@ -411,22 +411,27 @@ def _index_records(
     p = pos + _H + meta_len
     data_end = pos + length - _T
     refilled = None
-    for _ in range(count):
-        r = p - base
-        if r + _D > len(buf):
-            buf = pread_exact(fd, chunk, p)
-            base, r = p, 0
-            refilled = buf, base
-        if p + _D > data_end or len(buf) < r + _D:
-            raise corruption(name, pos, "data records overrun their transaction")
-        oid, rtid, back, rlen, _ = unpack_data(buf, r)
-        if rtid != tid_int or back >= pos or 0 < back < FIRST_RECORD or oid > MAX_OID:
-            # Named by the transaction's offset: salvage keeps what comes before it.
-            raise corruption(
-                name, pos, f"its data record at offset {p} (oid {hex(oid)}) does not belong in it"
-            )
-        index[oid] = p
-        p += _D + rlen
+    # Errors are named by the transaction's offset: salvage keeps what comes before it.
+    try:
+        for _ in range(count):
+            r = p - base
+            if r + _D > len(buf):
+                buf = pread_exact(fd, chunk, p)
+                base, r = p, 0
+                refilled = buf, base
+                if len(buf) < _D:
+                    raise corruption(name, pos, "the file ends inside the transaction")
+            if p + _D > data_end:
+                raise corruption(name, pos, "data records overrun their transaction")
+            # hot path (once per record of the file when there is no index): the oid is read
+            # signed, so one above MAX_OID comes out negative and the index refuses it.
+            oid, rtid, back, rlen, _ = unpack_data(buf, r)
+            if rtid != tid_int or back >= pos:
+                raise corruption(name, pos, f"its data record at offset {p} does not belong in it")
+            index[oid] = p
+            p += _D + rlen
+    except ValueError:
+        raise corruption(name, pos, f"its data record at offset {p} has an oid above {MAX_OID}") from None
     if p != data_end:
         raise corruption(name, pos, "data records do not fill their transaction")
     return refilled

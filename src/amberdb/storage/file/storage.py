@@ -159,6 +159,8 @@ _H = TXN_HEADER.size
 _T = TXN_TRAILER.size
 _D = DATA_HEADER.size
 _CHECKED = DATA_HEADER_CHECKED
+_unpack_data_header = DATA_HEADER.unpack_from
+_crc32 = zlib.crc32
 _PAGE = mmap.PAGESIZE
 # Loads drop the map's pages from the resident set after reading about this much.
 _RELEASE_AFTER = 8 << 20
@@ -319,18 +321,9 @@ class FileStorage:
         loaded = None if self._salvage else self._read_index_file(size)
         if loaded is not None:
             index, start, prev_tid, self._next_oid = loaded
-        try:
-            result = scan(self._fd, self._path, self._file_id_crc, start, size, prev_tid, index)
-        except CorruptedDataError as exc:
-            if not self._salvage or exc.offset is None:
-                raise
-            # A transaction whose checksum matches but whose records make no sense: keep
-            # what comes before it (the scan filled part of the index: start again).
-            index = OffsetIndex()
-            result = scan(self._fd, self._path, self._file_id_crc, start, exc.offset, prev_tid, index)
-            result = dataclasses.replace(result, tail="damaged", damage=Damage(exc.offset, exc.problem))
+        result, index = self._scan(index, start, size, prev_tid)
         if self._read_only and (result.tail == "damaged" or result.voted_tail is not None):
-            result = self._judge_end_as_reader(result, index)
+            result, index = self._judge_end_as_reader(result, index)
         end, last_tid = result.end, result.last_tid
         voted = list(result.voted)
         if result.tail == "damaged":
@@ -353,17 +346,32 @@ class FileStorage:
         self._last_tid = last_tid
         self._next_oid = max(self._next_oid, index.max_oid() + 1, 1)
 
-    def _judge_end_as_reader(self, result: ScanResult, index: OffsetIndex) -> ScanResult:
+    def _scan(
+        self, index: OffsetIndex, start: int, size: int, prev_tid: bytes
+    ) -> tuple[ScanResult, OffsetIndex]:
+        """:func:`scan` into ``index``; when salvaging, also past a transaction that makes no sense."""
+        try:
+            return scan(self._fd, self._path, self._file_id_crc, start, size, prev_tid, index), index
+        except CorruptedDataError as exc:
+            if not self._salvage or exc.offset is None:
+                raise
+            # Its checksum matches but its records are impossible: keep what comes before
+            # it.  The scan filled part of the index, so start again (salvage reads no index
+            # file: from the file header).
+            index = OffsetIndex()
+            result = scan(self._fd, self._path, self._file_id_crc, FILE_HEADER.size, exc.offset, z64, index)
+            return dataclasses.replace(result, tail="damaged", damage=Damage(exc.offset, exc.problem)), index
+
+    def _judge_end_as_reader(self, result: ScanResult, index: OffsetIndex) -> tuple[ScanResult, OffsetIndex]:
         """Decide a voted tail or damage at the end for a read-only open (I9)."""
         with writers_kept_out(self._path) as no_writer:
             if no_writer:
                 # No writer can start while we look: the end is stable now.  Scan it again
                 # (the file may have grown since the first look).
-                size = os.fstat(self._fd).st_size
-                return scan(self._fd, self._path, self._file_id_crc, result.end, size, result.last_tid, index)
+                return self._scan(index, result.end, os.fstat(self._fd).st_size, result.last_tid)
         # A live writer may still abort its voted transaction, or is still writing the one
         # that looks damaged: leave it out of this snapshot.
-        return dataclasses.replace(result, tail="clean", damage=None, voted_tail=None)
+        return dataclasses.replace(result, tail="clean", damage=None, voted_tail=None), index
 
     def _repair_tail(self, result: ScanResult, voted: list[int]) -> None:
         """Truncate a proven torn tail (I3) and mark committed ``v`` transactions ``c`` (I4)."""
@@ -519,22 +527,19 @@ class FileStorage:
             # hot path: every check below is a compare or two; the CRC is one C call per part.
             end = self._end
             view = self._map
-            crc32 = zlib.crc32
+            if view is None or self._mapped < end:
+                view = self._remap()  # maps [0, end): every offset checked below end is in it
             newer = b""  # tid of the revision the back pointer came from
             while True:
                 start = offset + _D
                 if offset < FIRST_RECORD or start > end:
                     raise self._bad_record(oid, offset, f"offset outside {FIRST_RECORD}..{end - _D}")
-                if view is None or start > self._mapped:
-                    view = self._remap()
-                roid, rtid, back, rlen, rcrc = DATA_HEADER.unpack_from(view, offset)
+                roid, rtid, back, rlen, rcrc = _unpack_data_header(view, offset)
                 stop = start + rlen
                 if stop > end:
                     raise self._bad_record(oid, offset, f"length {rlen} runs past the committed end {end}")
-                if stop > self._mapped:
-                    view = self._remap()
                 record = view[start:stop]
-                if crc32(record, crc32(view[offset : offset + _CHECKED], self._file_id_crc)) != rcrc:
+                if _crc32(record, _crc32(view[offset : offset + _CHECKED], self._file_id_crc)) != rcrc:
                     raise self._bad_record(oid, offset, "data record checksum mismatch")
                 if roid != oid:
                     raise self._bad_record(oid, offset, f"found a record of oid {oid_repr(roid)} instead")
