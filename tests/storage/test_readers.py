@@ -9,7 +9,7 @@ import pytest
 
 from amberdb.exceptions import CorruptedDataError, POSKeyError
 from amberdb.storage.base import TransactionMeta
-from amberdb.storage.file import FileStorage
+from amberdb.storage.file import FileStorage, verify
 from amberdb.storage.file import format as fmt
 from amberdb.utils import p64, z64
 
@@ -106,8 +106,11 @@ def test_reader_leaves_out_damage_at_the_end_while_a_writer_is_alive(tmp_path: P
             f.write(in_flight)
         with FileStorage(path, read_only=True) as reader:
             assert reader.load(z64) == (b"one", t1)
+        report = verify(path)
+        assert report.ok and any("live writer" in note for note in report.notes), str(report)
         os.ftruncate(writer._fd, good)  # keep the writer's own file tidy before it closes
     with open(path, "ab") as f:
         f.write(in_flight)
     with pytest.raises(CorruptedDataError, match=rf"offset {good}\b"):  # no writer: it is damage
         FileStorage(path, read_only=True)
+    assert [p.offset for p in verify(path).problems] == [good]
