@@ -115,7 +115,6 @@ from amberdb.storage.file.format import (
     FILE_MAGIC,
     FILE_MAGIC_PREFIX,
     FORMAT_VERSION,
-    INDEX_HEADER,
     MAX_OID,
     MAX_U32,
     MAX_USER,
@@ -125,18 +124,16 @@ from amberdb.storage.file.format import (
     TRAILER_MAGIC,
     TXN_HEADER,
     TXN_TRAILER,
-    decode_index_header,
     encode_file_header,
-    encode_index_header,
     encode_txn_header,
     file_header_crc_ok,
     is_partial_file_header,
     txn_checksum,
 )
+from amberdb.storage.file.index_file import read_index_file, write_index_file
 from amberdb.storage.file.locking import acquire_writer_lock, writers_kept_out
 from amberdb.storage.file.recovery import (
     FIRST_RECORD,
-    RECOVERY_HINT,
     Damage,
     ScanResult,
     corruption,
@@ -318,9 +315,11 @@ class FileStorage:
         start, prev_tid = FILE_HEADER.size, z64
         index = OffsetIndex()
         # Salvage scans everything: an index is trusted, not verified, for its prefix.
-        loaded = None if self._salvage else self._read_index_file(size)
-        if loaded is not None:
-            index, start, prev_tid, self._next_oid = loaded
+        saved = None
+        if not self._salvage:
+            saved = read_index_file(self._path, self._fd, self._file_id, self._file_id_crc, size)
+        if saved is not None:
+            start, prev_tid, self._next_oid, index = saved
         result, index = self._scan(index, start, size, prev_tid)
         if self._read_only and (result.tail == "damaged" or result.voted_tail is not None):
             result, index = self._judge_end_as_reader(result, index)
@@ -384,75 +383,6 @@ class FileStorage:
             changed = True
         if changed:
             os.fsync(self._fd)
-
-    def _read_index_file(self, size: int) -> tuple[OffsetIndex, int, Tid, int] | None:
-        """The saved index if it is valid and describes this file; None to scan instead.
-
-        Raises CorruptedDataError when a valid index of this file contradicts it (I6).
-        """
-        index_path = self._path + ".index"
-        try:
-            with open(index_path, "rb") as f:
-                data = f.read()
-        except OSError:
-            return None
-        view = memoryview(data)
-        try:
-            h = decode_index_header(view[: INDEX_HEADER.size], view[INDEX_HEADER.size :])
-        except ValueError:
-            return None  # derived data that failed its own check: rebuild it
-        if h.file_id != self._file_id:
-            return None
-        problem = self._index_contradiction(h.position, h.last_tid, size)
-        if problem is not None:
-            raise CorruptedDataError(
-                f"{self._path} disagrees with its index file {index_path}: the index (intact, written"
-                f" for this data file) says the data file holds transactions up to offset"
-                f" {h.position}, the last with tid {oid_repr(h.last_tid)}, but {problem}. Either"
-                " the data file is damaged, or it was replaced by an older copy (say, a backup)"
-                " while its newer index stayed: deleting the index file is right only in that"
-                f" second case. {RECOVERY_HINT}",
-                path=self._path,
-                offset=h.position,
-                problem=problem,
-            )
-        try:
-            index = OffsetIndex.from_bytes(view[INDEX_HEADER.size :])
-        except ValueError:
-            return None
-        return index, h.position, h.last_tid, h.next_oid
-
-    def _index_contradiction(self, position: int, last_tid: bytes, size: int) -> str | None:
-        """What about the data file contradicts an index ending at ``position``, or None."""
-        if position < FILE_HEADER.size or position > size:
-            return f"the data file is {size} bytes long"
-        if position == FILE_HEADER.size:
-            return None if last_tid == z64 else "the index names a tid without any transaction"
-        trailer = pread_exact(self._fd, _T, position - _T)
-        length, _, magic = TXN_TRAILER.unpack(trailer)
-        if magic != TRAILER_MAGIC or not _H + _T <= length <= position - FILE_HEADER.size:
-            return "no transaction trailer ends at that offset"
-        # Verified in full before the index was saved (I6): header and trailer that agree
-        # and the same tid show it is still that transaction.
-        txn_pos = position - length
-        h, problem = describe_txn_problem(self._fd, self._file_id_crc, txn_pos, size, z64, check_body=False)
-        if problem is not None:
-            return f"the transaction at offset {txn_pos} that should end there is damaged: {problem}"
-        assert h is not None
-        if h.tid != last_tid:
-            return f"the transaction at offset {txn_pos} ending there has tid {oid_repr(h.tid)}"
-        return None
-
-    def _write_index_file(self) -> None:
-        payload = self._index.to_bytes()
-        header = encode_index_header(self._file_id, self._end, self._last_tid, self._next_oid, payload)
-        tmp = self._path + ".index.tmp"
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path + ".index")
 
     # -- properties -------------------------------------------------------------------------
 
@@ -905,7 +835,9 @@ class FileStorage:
                 try:
                     if not self._read_only and self._broken is None and self._fd >= 0:
                         os.fsync(self._fd)  # the index must not describe bytes not yet on disk
-                        self._write_index_file()
+                        write_index_file(
+                            self._path, self._file_id, self._end, self._last_tid, self._next_oid, self._index
+                        )
                 finally:
                     self._release_files()
                     self._closed = True

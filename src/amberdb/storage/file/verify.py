@@ -27,10 +27,10 @@ from amberdb.storage.file.format import (
     TXN_HEADER,
     TXN_TRAILER,
     TxnHeader,
-    decode_index_header,
     file_header_crc_ok,
     is_partial_file_header,
 )
+from amberdb.storage.file.index_file import SavedIndex, decode_index_file
 from amberdb.storage.file.locking import writers_kept_out
 from amberdb.storage.file.recovery import (
     describe_txn_problem,
@@ -104,7 +104,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         if file_id is None:
             return report
         saved = _read_index_file(name, file_id, report)
-        walker = _Walker(fd, size, zlib.crc32(file_id), report, None if saved is None else saved[0])
+        walker = _Walker(fd, size, zlib.crc32(file_id), report, None if saved is None else saved.position)
         walker.run()
         if walker.tail_problem is not None:
             with writers_kept_out(name) as no_writer:
@@ -234,11 +234,8 @@ class _Walker:
             self.newest[oid_int] = at
 
 
-_SavedIndex = tuple[int, bytes, int, OffsetIndex]
-
-
-def _read_index_file(name: str, file_id: bytes, report: VerifyReport) -> _SavedIndex | None:
-    """``(position, last tid, next oid, entries)`` of a valid index file of this data file."""
+def _read_index_file(name: str, file_id: bytes, report: VerifyReport) -> SavedIndex | None:
+    """The index file of this data file when it passes its own checks, else None (and a note)."""
     index_path = name + ".index"
     try:
         with open(index_path, "rb") as f:
@@ -248,20 +245,18 @@ def _read_index_file(name: str, file_id: bytes, report: VerifyReport) -> _SavedI
     except OSError as exc:
         report.notes.append(f"index file {index_path} cannot be read ({exc}): an open scans the data file")
         return None
-    view = memoryview(data)
     try:
-        h = decode_index_header(view[: INDEX_HEADER.size], view[INDEX_HEADER.size :])
-        saved = OffsetIndex.from_bytes(view[INDEX_HEADER.size :])
+        h, entries = decode_index_file(data)
     except ValueError as exc:
         report.notes.append(f"index file {index_path} is invalid ({exc}): an open ignores it and scans")
         return None
     if h.file_id != file_id:
         report.notes.append(f"index file {index_path} belongs to another data file: an open ignores it")
         return None
-    return h.position, h.last_tid, h.next_oid, saved
+    return SavedIndex(h.position, h.last_tid, h.next_oid, entries)
 
 
-def _compare_index(saved: _SavedIndex, walker: _Walker, report: VerifyReport) -> None:
+def _compare_index(saved: SavedIndex, walker: _Walker, report: VerifyReport) -> None:
     position, last_tid, next_oid, entries = saved
     if walker.ends.get(position) != last_tid:
         report.problems.append(
