@@ -17,7 +17,7 @@ Usage: ``python fault_child.py MODE PATH [ARGS...]``
     storage open throughout, loading from it again and again.  Prints ``reads N``.
 
 KILL_AT numbers the calls of ``os.pwrite``, ``os.ftruncate``, ``os.fsync``,
-``os.fdatasync`` and ``os.replace`` (0: never).  At that call the process SIGKILLs itself,
+``os.fdatasync`` and ``os.replace`` (0: never, and list them).  At that call the process SIGKILLs itself,
 as HOW says: ``before`` the call, ``after`` it returned, or ``torn``: a write spanning pages
 is done up to a page boundary first (what a SIGKILL between the kernel's page copies
 leaves; a write within one page cannot tear, and dies before instead).
@@ -51,7 +51,11 @@ def record_for(i: int) -> bytes:
 
 
 def install_kill(kill_at: int, how: str) -> Callable[[], int]:
-    """Wrap the writing system calls; returns a function giving how many were made."""
+    """Wrap the writing system calls; returns a function giving how many were made.
+
+    Without a kill point, prints ``call N NAME`` for each (``pwrite-pages`` for a write
+    that spans pages, the only kind a kill can tear).
+    """
     count = [0]
 
     def die() -> None:
@@ -63,6 +67,9 @@ def install_kill(kill_at: int, how: str) -> Callable[[], int]:
 
         def wrapper(*args: Any) -> Any:
             count[0] += 1
+            if not kill_at:
+                spans = name == "pwrite" and args[2] % PAGE + len(args[1]) > PAGE
+                print(f"call {count[0]} {'pwrite-pages' if spans else name}", flush=True)
             if count[0] != kill_at:
                 return real(*args)
             if how == "torn" and name == "pwrite":
