@@ -630,6 +630,7 @@ class FileStorage:
         self._buf += ext
 
     def _check_in_transaction(self, method: str, state: str) -> None:
+        """Raise unless the transaction is in ``state`` (and this is the process that opened us)."""
         if self._generation != GENERATION.value:
             self._check_open()
         if self._state == state:
@@ -638,8 +639,8 @@ class FileStorage:
             raise StorageTransactionError(
                 f"{method}() after a failed write in this transaction ({self._failure!r}): abort it"
             )
-        raise StorageTransactionError(f"{method}() needs a{'n open' if state == _OPEN else ' voted'}"
-                                      f" transaction, state is {self._state}")  # fmt: skip
+        wanted = "an open" if state == _OPEN else "a voted"
+        raise StorageTransactionError(f"{method}() needs {wanted} transaction, state is {self._state}")
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
         """Add a revision of ``oid``; ConflictError if ``base_tid`` is not its newest tid.
@@ -684,10 +685,9 @@ class FileStorage:
     def _append(self, oid: Oid, oid_int: int, back: int, record: bytes) -> None:
         buf = self._buf
         offset = self._txn_pos + self._written + len(buf)
-        header = DATA_HEADER.pack(oid, self._tid, back, len(record), 0)
-        crc = zlib.crc32(record, zlib.crc32(memoryview(header)[:DATA_HEADER_CHECKED], self._file_id_crc))
-        buf += header[:DATA_HEADER_CHECKED]
-        buf += crc.to_bytes(4, "big")
+        checked = DATA_HEADER.pack(oid, self._tid, back, len(record), 0)[:_CHECKED]
+        buf += checked
+        buf += _crc32(record, _crc32(checked, self._file_id_crc)).to_bytes(4, "big")
         if len(record) >= FLUSH_SIZE:
             self._flush()
             self._write_out(record)
