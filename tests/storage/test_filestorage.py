@@ -94,7 +94,7 @@ def test_format_constants_match_docstring_tables() -> None:
         st = getattr(fmt, name)
         assert st.size == size, name
         assert _struct_fields(st) == rows, name
-    assert fmt.DATA_HEADER_INTS.size == fmt.DATA_HEADER.size
+    assert fmt.DATA_HEADER_INTS.size == fmt.DATA_HEADER.size == fmt.DATA_HEADER_FIELDS.size + 4
     assert fmt.STATUS_OFFSET == 16
     assert len(fmt.FILE_MAGIC) == len(fmt.INDEX_MAGIC) == 8
 

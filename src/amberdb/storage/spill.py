@@ -41,6 +41,9 @@ __all__ = ["SpillFile"]
 
 _FIELDS = struct.Struct(">8s8sqII")  # the fields the header CRC covers
 _ENTRY = struct.Struct(">8s8sqIII")
+_pack_fields = _FIELDS.pack
+_pack_u32 = struct.Struct(">I").pack
+_crc32 = zlib.crc32
 _NAME = "the spill file of this transaction (savepoint data in a temporary file)"
 _NONE = -1
 _FLUSH_AT = 1 << 20
@@ -74,16 +77,17 @@ class SpillFile:
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
         """Add ``record`` as the newest spilled state of ``oid``."""
-        offset = self.position
+        pending = self._pending
+        offset = self._flushed + len(pending)
         key = int.from_bytes(oid, "big")
-        fields = _FIELDS.pack(oid, base_tid, self._index.get(key, _NONE), len(record), zlib.crc32(record))
-        self._pending += fields
-        self._pending += zlib.crc32(fields).to_bytes(4, "big")
-        self._pending += record
+        fields = _pack_fields(oid, base_tid, self._index.get(key, _NONE), len(record), _crc32(record))
+        pending += fields
+        pending += _pack_u32(_crc32(fields))
+        pending += record
         self._index[key] = offset
         if base_tid != z64:
             self._existing.add(key)
-        if len(self._pending) >= _FLUSH_AT:
+        if len(pending) >= _FLUSH_AT:
             self._flush()
 
     def _flush(self) -> None:

@@ -94,6 +94,7 @@ from typing import NamedTuple
 __all__ = [
     "DATA_HEADER",
     "DATA_HEADER_CHECKED",
+    "DATA_HEADER_FIELDS",
     "DATA_HEADER_INTS",
     "FILE_HEADER",
     "FILE_MAGIC",
@@ -137,10 +138,12 @@ DATA_HEADER_INTS = struct.Struct(">qQQII")
 TXN_TRAILER = struct.Struct(">QI4s")
 INDEX_HEADER = struct.Struct(">8s8sQ8sQ4xI")
 
+DATA_HEADER_FIELDS = struct.Struct(">8s8sQI")
+"""The first 28 bytes of DATA_HEADER (oid, tid, back pointer, length): what the record
+checksum covers before the record bytes."""
 FILE_HEADER_CHECKED = FILE_HEADER.size - 4
 """Bytes of the file header its CRC covers."""
-DATA_HEADER_CHECKED = DATA_HEADER.size - 4
-"""Bytes of a data record header its record checksum covers (before the record bytes)."""
+DATA_HEADER_CHECKED = DATA_HEADER_FIELDS.size
 INDEX_HEADER_CHECKED = INDEX_HEADER.size - 4
 
 STATUS_OFFSET = 16

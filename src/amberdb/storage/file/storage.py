@@ -91,6 +91,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
+import struct
 import threading
 import zlib
 from array import array
@@ -111,6 +112,7 @@ from amberdb.storage.base import TransactionMeta, TransactionRecord
 from amberdb.storage.file.format import (
     DATA_HEADER,
     DATA_HEADER_CHECKED,
+    DATA_HEADER_FIELDS,
     FILE_HEADER,
     FILE_MAGIC,
     FILE_MAGIC_PREFIX,
@@ -157,6 +159,8 @@ _T = TXN_TRAILER.size
 _D = DATA_HEADER.size
 _CHECKED = DATA_HEADER_CHECKED
 _unpack_data_header = DATA_HEADER.unpack_from
+_pack_checked = DATA_HEADER_FIELDS.pack
+_pack_u32 = struct.Struct(">I").pack
 _crc32 = zlib.crc32
 _PAGE = mmap.PAGESIZE
 # Loads drop the map's pages from the resident set after reading about this much.
@@ -649,7 +653,9 @@ class FileStorage:
         transaction as it was.  A failure after buffering began (an I/O error while writing
         out) makes the transaction unusable: vote raises, abort cleans up.
         """
-        self._check_in_transaction("store", _OPEN)
+        # hot path (once per object of a big commit): the checks are compares, not calls.
+        if self._state is not _OPEN or self._generation != GENERATION.value:
+            self._check_in_transaction("store", _OPEN)
         if not isinstance(oid, bytes) or len(oid) != 8:
             raise ValueError(f"oid must be 8 bytes, got {oid!r}")
         if not isinstance(base_tid, bytes) or len(base_tid) != 8:
@@ -657,44 +663,39 @@ class FileStorage:
         oid_int = int.from_bytes(oid, "big")
         if oid_int > MAX_OID:
             raise ValueError(f"oid {oid_repr(oid)} is above 2**63-1, the largest oid a FileStorage keeps")
-        if not isinstance(record, bytes):
-            try:
-                record = bytes(memoryview(record))
-            except TypeError:
-                kind = type(record).__name__
-                raise TypeError(f"record of oid {oid_repr(oid)} must be bytes, got {kind}") from None
-        if len(record) > MAX_U32:
+        if type(record) is not bytes:
+            record = self._as_bytes(oid, record)
+        size = len(record)
+        if size > MAX_U32:
             raise StorageError(f"record of oid {oid_repr(oid)} is larger than 4 GiB")
         # Only the committer (us) changes the index, so no lock is needed to read it here.
         current = self._index.get(oid_int)
         if current < 0:
             committed = z64
+            current = 0
         elif current + _D <= self._mapped and self._map is not None:
             committed = self._map[current + 8 : current + 16]  # no system call
         else:
             committed = pread_exact(self._fd, _D, current)[8:16]
         if committed != base_tid:
             raise ConflictError(oid=oid, serials=(committed, base_tid))
+        buf = self._buf
+        offset = self._txn_pos + self._written + len(buf)
+        checked = _pack_checked(oid, self._tid, current, size)
         try:
-            self._append(oid, oid_int, max(current, 0), record)
+            buf += checked
+            buf += _pack_u32(_crc32(record, _crc32(checked, self._file_id_crc)))
+            if size >= FLUSH_SIZE:
+                self._flush()
+                self._write_out(record)
+            else:
+                buf += record
+                if len(buf) >= FLUSH_SIZE:
+                    self._flush()
         except BaseException as exc:
             self._state = _DIRTY
             self._failure = exc
             raise
-
-    def _append(self, oid: Oid, oid_int: int, back: int, record: bytes) -> None:
-        buf = self._buf
-        offset = self._txn_pos + self._written + len(buf)
-        checked = DATA_HEADER.pack(oid, self._tid, back, len(record), 0)[:_CHECKED]
-        buf += checked
-        buf += _crc32(record, _crc32(checked, self._file_id_crc)).to_bytes(4, "big")
-        if len(record) >= FLUSH_SIZE:
-            self._flush()
-            self._write_out(record)
-        else:
-            buf += record
-            if len(buf) >= FLUSH_SIZE:
-                self._flush()
         if self._count < _PENDING_LIMIT:
             self._pending_oids.append(oid_int)
             self._pending_offsets.append(offset)
@@ -708,6 +709,15 @@ class FileStorage:
             # An oid chosen by the caller: new_oid must not hand it out meanwhile (invariant 5).
             with self._oid_lock:
                 self._next_oid = max(self._next_oid, oid_int + 1)
+
+    @staticmethod
+    def _as_bytes(oid: Oid, record: object) -> bytes:
+        """A copy of a bytes-like ``record`` (the caller may change it later); TypeError if not one."""
+        try:
+            return bytes(memoryview(record))  # type: ignore[arg-type]
+        except TypeError:
+            kind = type(record).__name__
+            raise TypeError(f"record of oid {oid_repr(oid)} must be bytes, got {kind}") from None
 
     def _flush(self) -> None:
         if self._buf:
