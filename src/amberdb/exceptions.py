@@ -12,7 +12,9 @@ too, so ``except KeyError`` keeps working for a missing oid::
     │   ├── ReadOnlyError                       write to a read-only storage or database
     │   ├── StorageLockedError                  another process holds the storage for writing
     │   ├── FileFormatError                     not an AmberDB file, or a damaged one
-    │   └── StorageTransactionError             storage commit protocol used out of order
+    │   │   └── CorruptedDataError              a file failed a check: where, what, how to recover
+    │   ├── StorageTransactionError             storage commit protocol used out of order
+    │   └── StorageForkedError                  a storage used in a child after os.fork()
     ├── SerializationError (also TypeError)     an object cannot be written as a record
     ├── UnsafeGlobalError                       a record names a class or function not allowed
     ├── RecordDecodeError                       a record cannot be read back into an object
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 from amberdb.utils import oid_repr
 
+# CorruptedDataError and StorageForkedError join __all__ once amberdb/__init__.py exports them
+# (issue 9): tests/test_public_api.py requires every name listed here at the top level too.
 __all__ = [
     "ConflictError",
     "ConnectionStateError",
@@ -130,6 +134,33 @@ class FileFormatError(StorageError):
 
 class StorageTransactionError(StorageError):
     """The storage commit protocol was used out of order."""
+
+
+class CorruptedDataError(FileFormatError):
+    """A storage file failed a check (a checksum, a length, a pointer); nothing was changed.
+
+    ``path`` and ``offset`` say where, ``oid`` which object when a load found it, ``problem``
+    which check failed.  The message also says how to recover.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str = "",
+        offset: int | None = None,
+        oid: bytes | None = None,
+        problem: str = "",
+    ) -> None:
+        self.path = path
+        self.offset = offset
+        self.oid = oid
+        self.problem = problem
+        super().__init__(message)
+
+
+class StorageForkedError(StorageError):
+    """A storage opened before ``os.fork()`` was used in the child; open it again there."""
 
 
 class SerializationError(TypeError, DatabaseError):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from amberdb.storage.base import IterableStorage, TransactionMeta
-from amberdb.storage.file import FileStorage
+from amberdb.storage.file import FileStorage, verify
 from amberdb.storage.memory import MemoryStorage
 from amberdb.utils import Oid, Tid
 
@@ -35,6 +35,10 @@ class StorageMaker:
     def close_all(self) -> None:
         for storage in self.opened:
             storage.close()
+        if self.kind == "file" and self.path.exists():
+            # Every test ends with a consistency check of what it left on disk.
+            report = verify(self.path)
+            assert report.ok and not report.notes, str(report)
 
 
 @pytest.fixture(params=["memory", "file"])

@@ -20,7 +20,7 @@ from amberdb.exceptions import (
     StorageTransactionError,
 )
 from amberdb.storage.base import IterableStorage, Storage, TransactionMeta
-from amberdb.storage.file import FileStorage
+from amberdb.storage.file import FileStorage, verify
 from amberdb.storage.memory import MemoryStorage
 from amberdb.utils import Oid, Tid, p64, u64, z64
 
@@ -388,6 +388,10 @@ class StorageMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.storage.close()
+        path = Path(self.directory) / "data.fs"
+        if self.kind == "file" and path.exists():
+            report = verify(path)
+            assert report.ok and not report.notes, str(report)
         shutil.rmtree(self.directory, ignore_errors=True)
 
     @initialize()

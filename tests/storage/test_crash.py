@@ -65,12 +65,15 @@ def reopen_commit_reopen(path: Path, tids: list[bytes]) -> None:
 
 
 def test_truncated_at_every_byte_of_last_transaction(tmp_path: Path) -> None:
-    """I2: a torn last transaction (any prefix of it) is ignored and truncated away."""
+    """I3: a torn last transaction (any prefix of it) is ignored and truncated away."""
     source = tmp_path / "source.fs"
     tids, start, end = build(source)
     data = source.read_bytes()
     path = tmp_path / "torn.fs"
+    index = Path(str(path) + ".index")
     for cut in range(start, end):
+        # A crash leaves no index describing bytes it cut: each round starts without one.
+        index.unlink(missing_ok=True)
         path.write_bytes(data[:cut])
         with FileStorage(path, read_only=True) as ro:
             check_intact(ro, tids)
@@ -79,12 +82,13 @@ def test_truncated_at_every_byte_of_last_transaction(tmp_path: Path) -> None:
             check_intact(fs, tids)
         assert path.stat().st_size == start
         if cut % 17 == 0 or cut == end - 1:  # the full reopen cycle on a sample keeps this fast
+            index.unlink()
             path.write_bytes(data[:cut])
             reopen_commit_reopen(path, tids)
 
 
-def test_garbled_last_transaction(tmp_path: Path) -> None:
-    """I2: flipping any byte of the last transaction makes it a torn tail, not an error."""
+def test_damaged_last_transaction_is_an_error_not_a_torn_tail(tmp_path: Path) -> None:
+    """I3: a complete last transaction that fails a check is never truncated: every open refuses."""
     source = tmp_path / "source.fs"
     tids, start, end = build(source)
     data = source.read_bytes()
@@ -93,10 +97,22 @@ def test_garbled_last_transaction(tmp_path: Path) -> None:
         damaged = bytearray(data)
         damaged[pos] ^= 0x5A
         path.write_bytes(damaged)
-        with FileStorage(path) as fs:
-            check_intact(fs, tids)
-        assert path.stat().st_size == start
-    path.write_bytes(data[:start] + b"\0" * 4096)  # a crash after the file grew, before data landed
+        for read_only in (False, True):
+            expected = rf"garbled\.fs is damaged at offset {start}\b.*salvage"
+            with pytest.raises(FileFormatError, match=expected):
+                FileStorage(path, read_only=read_only)
+        assert path.read_bytes() == damaged
+        with FileStorage(path, read_only=True, salvage=True) as salvaged:
+            check_intact(salvaged, tids)
+            assert salvaged.damage is not None and salvaged.damage.offset == start
+
+
+def test_zero_filled_tail_is_torn(tmp_path: Path) -> None:
+    """I3: a crash after the file grew, before the data landed, leaves zeros: a torn tail."""
+    source = tmp_path / "source.fs"
+    tids, start, _ = build(source)
+    path = tmp_path / "zeros.fs"
+    path.write_bytes(source.read_bytes()[:start] + b"\0" * 4096)
     reopen_commit_reopen(path, tids)
 
 
@@ -119,7 +135,7 @@ def test_corrupt_middle_transaction_is_an_error(tmp_path: Path) -> None:
 
 
 def test_corrupt_middle_behind_index(tmp_path: Path) -> None:
-    """I6: a valid index is trusted for its prefix (fast open); damage there shows on load."""
+    """I6, I10: a valid index is trusted for its prefix (fast open); damage there shows on load."""
     path = tmp_path / "data.fs"
     tids, _, _ = build(path)
     FileStorage(path).close()  # writes the index again
@@ -156,32 +172,41 @@ def test_voted_transaction_survives_crash(tmp_path: Path) -> None:
 
 
 def test_abort_after_vote_never_resurrects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """I5: a crash between abort's status write and its truncate does not bring the data back."""
+    """I5: a crash inside abort leaves the transaction as voted; once abort synced, it is gone."""
     path = tmp_path / "data.fs"
     tids, _, end = build(path)
-    snapshots: list[bytes] = []
-    real_ftruncate = os.ftruncate
+    snapshots: dict[str, bytes] = {}
+    real_ftruncate, real_fsync = os.ftruncate, os.fsync
 
-    def crash_point(fd: int, length: int) -> None:
-        snapshots.append(path.read_bytes())
+    def before_truncate(fd: int, length: int) -> None:
+        snapshots["before truncate"] = path.read_bytes()
         real_ftruncate(fd, length)
+
+    def at_sync(fd: int) -> None:
+        snapshots["at sync"] = path.read_bytes()  # what a crash before the sync returns may leave
+        real_fsync(fd)
 
     with FileStorage(path) as fs:
         fs.begin(META)
         fs.store(p64(50), z64, b"aborted")
         fs.vote()
-        monkeypatch.setattr(os, "ftruncate", crash_point)
+        monkeypatch.setattr(os, "ftruncate", before_truncate)
+        monkeypatch.setattr(os, "fsync", at_sync)
         fs.abort()
         monkeypatch.undo()
-    (crashed,) = snapshots
-    assert len(crashed) > end  # the voted transaction was still in the file
-    path.write_bytes(crashed)
-    os.unlink(str(path) + ".index")
-    with FileStorage(path) as fs:
-        with pytest.raises(POSKeyError):
-            fs.load(p64(50))
-        assert fs.last_tid() == tids[-1]
-    assert path.stat().st_size == end
+    assert len(snapshots["before truncate"]) > end
+    assert len(snapshots["at sync"]) == end  # nothing of it left to find, not even a header
+    for moment, crashed in snapshots.items():
+        path.write_bytes(crashed)
+        Path(str(path) + ".index").unlink(missing_ok=True)
+        with FileStorage(path) as fs:
+            if moment == "before truncate":  # abort had not returned: as voted, so committed
+                assert fs.load(p64(50))[0] == b"aborted"
+                assert fs.last_tid() > tids[-1]
+            else:
+                with pytest.raises(POSKeyError):
+                    fs.load(p64(50))
+                assert fs.last_tid() == tids[-1]
 
 
 # -- real crashes --------------------------------------------------------------------------------

@@ -9,11 +9,18 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
 
-from amberdb.exceptions import FileFormatError, ReadOnlyError, StorageError, StorageLockedError
+from amberdb.exceptions import (
+    CorruptedDataError,
+    FileFormatError,
+    ReadOnlyError,
+    StorageError,
+    StorageLockedError,
+)
 from amberdb.storage.base import TransactionMeta
 from amberdb.storage.file import FileStorage
 from amberdb.storage.file import format as fmt
@@ -87,7 +94,7 @@ def test_format_constants_match_docstring_tables() -> None:
         st = getattr(fmt, name)
         assert st.size == size, name
         assert _struct_fields(st) == rows, name
-    assert fmt.DATA_HEADER_INTS.size == fmt.DATA_HEADER.size
+    assert fmt.DATA_HEADER_INTS.size == fmt.DATA_HEADER.size == fmt.DATA_HEADER_FIELDS.size + 4
     assert fmt.STATUS_OFFSET == 16
     assert len(fmt.FILE_MAGIC) == len(fmt.INDEX_MAGIC) == 8
 
@@ -97,22 +104,27 @@ def test_file_layout(tmp_path: Path) -> None:
     with FileStorage(path) as fs:
         tid = commit(fs, {z64: (z64, b"root")}, TransactionMeta("me", "why", b"{}"))
     data = path.read_bytes()
-    assert data[:8] == fmt.FILE_MAGIC
+    assert data[:8] == fmt.FILE_MAGIC == b"AMBERFS\x02"
+    magic, file_id, header_crc = fmt.FILE_HEADER.unpack_from(data)
+    assert header_crc == zlib.crc32(data[:28])
     h = fmt.decode_txn_header(data, fmt.FILE_HEADER.size)
     assert (h.tid, h.status, h.user_len, h.desc_len, h.ext_len, h.records) == (tid, b"c", 2, 3, 2, 1)
     assert fmt.FILE_HEADER.size + h.length == len(data)
     pos = fmt.FILE_HEADER.size + fmt.TXN_HEADER.size
     assert data[pos : pos + 7] == b"mewhy{}"
-    oid, rtid, back, rlen = fmt.DATA_HEADER.unpack_from(data, pos + 7)
+    oid, rtid, back, rlen, rcrc = fmt.DATA_HEADER.unpack_from(data, pos + 7)
     assert (oid, rtid, back, rlen) == (z64, tid, 0, 4)
+    record_at = pos + 7 + fmt.DATA_HEADER.size
+    assert data[record_at : record_at + 4] == b"root"
+    assert rcrc == zlib.crc32(b"root", zlib.crc32(data[pos + 7 : pos + 7 + 28], zlib.crc32(file_id)))
     length, crc, magic = fmt.TXN_TRAILER.unpack_from(data, len(data) - fmt.TXN_TRAILER.size)
     assert (length, magic) == (h.length, fmt.TRAILER_MAGIC)
-    file_id = data[8:16]
     header = data[fmt.FILE_HEADER.size : pos]
     body = data[pos : len(data) - fmt.TXN_TRAILER.size]
-    import zlib
-
     assert crc == fmt.txn_checksum(zlib.crc32(file_id), body, header)
+    # The status byte is left out of the checksum: finish turns v into c without a sync.
+    without_status = header[:16] + header[17:]
+    assert crc == zlib.crc32(without_status, zlib.crc32(body, zlib.crc32(file_id)))
 
 
 def test_back_pointers_chain_revisions(tmp_path: Path) -> None:
@@ -226,8 +238,11 @@ def test_stale_index_scans_forward(tmp_path: Path, scan_starts: list[int]) -> No
     assert scan_starts[-1] == covered
 
 
-@pytest.mark.parametrize("damage", ["missing", "garbage", "flipped", "truncated", "other_file", "too_long"])
+@pytest.mark.parametrize(
+    "damage", ["missing", "garbage", "flipped", "truncated", "other_file", "old_version"]
+)
 def test_bad_index_rebuilt(tmp_path: Path, scan_starts: list[int], damage: str) -> None:
+    """I6: an index that fails its own checks, or belongs to another file, is ignored."""
     path = tmp_path / "data.fs"
     index = Path(str(path) + ".index")
     tids = fill(path)
@@ -246,19 +261,52 @@ def test_bad_index_rebuilt(tmp_path: Path, scan_starts: list[int], damage: str) 
         other = tmp_path / "other.fs"
         fill(other)
         shutil.copy(str(other) + ".index", index)
-    elif damage == "too_long":
-        # An index of a longer history than the data file (data file restored from backup).
-        backup = path.read_bytes()
-        with FileStorage(path) as fs:
-            commit(fs, {z64: (z64, b"later")})
-        path.write_bytes(backup)
+    elif damage == "old_version":
+        data[7] = 1
+        index.write_bytes(data)
     with FileStorage(path) as fs:
         check_filled(fs, tids)
     assert scan_starts[-1] == fmt.FILE_HEADER.size
 
 
-def test_index_with_wrong_tid_rebuilt(tmp_path: Path, scan_starts: list[int]) -> None:
-    # Same file id and same position, but a different transaction ends there.
+def test_index_reserved_bytes_are_checked(tmp_path: Path, scan_starts: list[int]) -> None:
+    """I6: the index CRC covers every header byte, the reserved ones too."""
+    path = tmp_path / "data.fs"
+    index = Path(str(path) + ".index")
+    tids = fill(path)
+    data = bytearray(index.read_bytes())
+    data[41] ^= 1
+    index.write_bytes(data)
+    with FileStorage(path) as fs:
+        check_filled(fs, tids)
+    assert scan_starts[-1] == fmt.FILE_HEADER.size
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_data_file_older_than_its_index_is_an_error(tmp_path: Path, read_only: bool) -> None:
+    """I6: a valid index of this file describing more than the file holds: refuse, change nothing."""
+    path = tmp_path / "data.fs"
+    fill(path)
+    backup = path.read_bytes()
+    with FileStorage(path) as fs:
+        commit(fs, {z64: (z64, b"later")})
+    path.write_bytes(backup)  # the data file restored from a backup, its newer index left
+    index_bytes = Path(str(path) + ".index").read_bytes()
+    expected = r"data\.fs disagrees with its index file .*data\.fs\.index"
+    with pytest.raises(CorruptedDataError, match=expected) as info:
+        FileStorage(path, read_only=read_only)
+    message = str(info.value)
+    assert f"data file is {len(backup)} bytes long" in message
+    assert "deleting the index file is right only" in message and "salvage=True" in message
+    assert path.read_bytes() == backup
+    assert Path(str(path) + ".index").read_bytes() == index_bytes
+    with FileStorage(path, read_only=True, salvage=True) as salvaged:  # salvage ignores the index
+        assert salvaged.damage is None
+        assert len(salvaged) == 10
+
+
+def test_index_naming_another_transaction_is_an_error(tmp_path: Path) -> None:
+    """I6: same file id and position, but another transaction ends there: the file was replaced."""
     path = tmp_path / "data.fs"
     tids = fill(path, 2)
     base = path.read_bytes()
@@ -271,9 +319,11 @@ def test_index_with_wrong_tid_rebuilt(tmp_path: Path, scan_starts: list[int]) ->
     with FileStorage(path) as fs:
         tids.append(commit(fs, {z64: (z64, b"other")}))
     index.write_bytes(first_index)
+    with pytest.raises(CorruptedDataError, match=r"the transaction at offset \d+ ending there has tid"):
+        FileStorage(path)
+    index.unlink()  # what the message says to do when the data file was replaced on purpose
     with FileStorage(path) as fs:
         assert fs.load(z64) == (b"other", tids[-1])
-    assert scan_starts[-1] == fmt.FILE_HEADER.size
 
 
 # -- lock ----------------------------------------------------------------------------------------
@@ -379,7 +429,8 @@ def test_small_commit_is_one_write_one_sync(tmp_path: Path, monkeypatch: pytest.
         syncs = Counter(monkeypatch, "fdatasync")
         reads = Counter(monkeypatch, "pread")
         commit(fs, {z64: (t1, b"y" * 200), p64(1): (z64, b"z")})
-        assert (writes.calls, syncs.calls) == (1, 1)
+        # vote writes the transaction as voted and syncs; finish writes one byte, unsynced (I4)
+        assert (writes.calls, syncs.calls) == (2, 1)
         assert reads.calls == 1  # the conflict check of the one existing object
         reads.calls = 0
         fs.load(z64)

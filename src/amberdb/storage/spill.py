@@ -14,11 +14,15 @@ offset  size  meaning
 8       8     base tid: the committed revision the change started from (z64: new)
 16      8     offset of the entry it replaced for the same oid, or all ones for none
 24      4     record length n
-28      n     record
+28      4     CRC-32 of the record
+32      4     CRC-32 of bytes 0..32 of this entry
+36      n     record
 ======  ====  =========================================================================
 
 Rolling back to a position walks the entries written after it, newest first, and puts
-back the entry each one replaced; no per-savepoint copy of the index is kept.
+back the entry each one replaced; no per-savepoint copy of the index is kept.  The walk
+checks each entry header's CRC; reading an entry (``load``, ``entries``) checks both, so a
+damaged spill file raises CorruptedDataError instead of committing other data.
 """
 
 from __future__ import annotations
@@ -26,14 +30,21 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+import zlib
 from collections.abc import Iterator
 
+from amberdb.exceptions import CorruptedDataError
 from amberdb.storage.offsets import OffsetIndex
-from amberdb.utils import Oid, Tid, p64, z64
+from amberdb.utils import Oid, Tid, oid_repr, p64, z64
 
 __all__ = ["SpillFile"]
 
-_ENTRY = struct.Struct(">8s8sqI")
+_FIELDS = struct.Struct(">8s8sqII")  # the fields the header CRC covers
+_ENTRY = struct.Struct(">8s8sqIII")
+_pack_fields = _FIELDS.pack
+_pack_u32 = struct.Struct(">I").pack
+_crc32 = zlib.crc32
+_NAME = "the spill file of this transaction (savepoint data in a temporary file)"
 _NONE = -1
 _FLUSH_AT = 1 << 20
 _READ_CHUNK = 256 << 10  # entries() reads this much at a time: a few of them are alive at once
@@ -66,14 +77,17 @@ class SpillFile:
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
         """Add ``record`` as the newest spilled state of ``oid``."""
-        offset = self.position
+        pending = self._pending
+        offset = self._flushed + len(pending)
         key = int.from_bytes(oid, "big")
-        self._pending += _ENTRY.pack(oid, base_tid, self._index.get(key, _NONE), len(record))
-        self._pending += record
+        fields = _pack_fields(oid, base_tid, self._index.get(key, _NONE), len(record), _crc32(record))
+        pending += fields
+        pending += _pack_u32(_crc32(fields))
+        pending += record
         self._index[key] = offset
         if base_tid != z64:
             self._existing.add(key)
-        if len(self._pending) >= _FLUSH_AT:
+        if len(pending) >= _FLUSH_AT:
             self._flush()
 
     def _flush(self) -> None:
@@ -89,12 +103,24 @@ class SpillFile:
         self._flush()
         data = os.pread(self._fd, size, offset)
         if len(data) != size:
-            raise OSError(f"spill file short read at {offset}: {len(data)} of {size} bytes")
+            raise _damaged(offset, f"short read, {len(data)} of {size} bytes")
         return data
 
+    def _header(self, offset: int, data: bytes | memoryview, at: int = 0) -> tuple[Oid, Tid, int, int, int]:
+        """The fields of the entry header at ``data[at:]`` (the entry at ``offset``), CRC checked."""
+        oid, base, previous, length, record_crc, header_crc = _ENTRY.unpack_from(data, at)
+        if zlib.crc32(memoryview(data)[at : at + _FIELDS.size]) != header_crc:
+            raise _damaged(offset, "entry header checksum mismatch")
+        if not -1 <= previous < offset:
+            raise _damaged(offset, f"entry points back at {previous}")
+        return oid, base, previous, length, record_crc
+
     def _entry(self, offset: int) -> tuple[Oid, Tid, int, bytes]:
-        oid, base, previous, length = _ENTRY.unpack(self._read(offset, _ENTRY.size))
-        return oid, base, previous, self._read(offset + _ENTRY.size, length)
+        oid, base, previous, length, record_crc = self._header(offset, self._read(offset, _ENTRY.size))
+        record = self._read(offset + _ENTRY.size, length)
+        if zlib.crc32(record) != record_crc:
+            raise _damaged(offset, f"record checksum mismatch (oid {oid_repr(oid)})")
+        return oid, base, previous, record
 
     def load(self, oid: Oid) -> tuple[bytes, Tid] | None:
         """``(record, base tid)`` of the newest spilled state of ``oid``, or None."""
@@ -117,14 +143,20 @@ class SpillFile:
         start = 0  # file offset of buffer[0]; the buffer never keeps bytes before the entry in hand
         offset = 0
         end = self._flushed
+        unpack = _ENTRY.unpack_from
+        crc32 = zlib.crc32
+        fields_size = _FIELDS.size
         while offset < end:
             at = offset - start
             if at + _ENTRY.size > len(buffer):
                 buffer = buffer[at:] + os.pread(fd, _READ_CHUNK, start + len(buffer))
                 start, at = offset, 0
                 if _ENTRY.size > len(buffer):
-                    raise OSError(f"spill file ends inside the entry header at {offset}")
-            oid, base, _, length = _ENTRY.unpack_from(buffer, at)
+                    raise _damaged(offset, "the file ends inside an entry header")
+            # hot path (a big commit reads every entry): the header checks of _header, inlined
+            oid, base, previous, length, record_crc, header_crc = unpack(buffer, at)
+            if crc32(buffer[at : at + fields_size]) != header_crc or not -1 <= previous < offset:
+                self._header(offset, buffer, at)  # raises, naming what failed
             body = at + _ENTRY.size
             stop = body + length
             if stop > len(buffer):
@@ -133,10 +165,13 @@ class SpillFile:
                 while stop > len(buffer):
                     more = os.pread(fd, max(_READ_CHUNK, stop - len(buffer)), start + len(buffer))
                     if not more:
-                        raise OSError(f"spill file ends inside the entry at {offset}")
+                        raise _damaged(offset, "the file ends inside an entry")
                     buffer += more
             if index.get(int.from_bytes(oid, "big")) == offset:
-                yield oid, base, buffer[body:stop]
+                record = buffer[body:stop]
+                if crc32(record) != record_crc:
+                    raise _damaged(offset, f"record checksum mismatch (oid {oid_repr(oid)})")
+                yield oid, base, record
             offset += _ENTRY.size + length
 
     def oids(self) -> list[Oid]:
@@ -157,7 +192,7 @@ class SpillFile:
         offset = position
         end = self.position
         while offset < end:
-            oid, _, previous, length = _ENTRY.unpack(self._read(offset, _ENTRY.size))
+            oid, _, previous, length, _ = self._header(offset, self._read(offset, _ENTRY.size))
             found.append((oid, previous))
             offset += _ENTRY.size + length
         return found
@@ -182,3 +217,12 @@ class SpillFile:
     def close(self) -> None:
         """Delete the file."""
         self._file.close()
+
+
+def _damaged(offset: int, problem: str) -> CorruptedDataError:
+    return CorruptedDataError(
+        f"{_NAME} is damaged at offset {offset}: {problem}; the transaction cannot be committed: abort it",
+        path=_NAME,
+        offset=offset,
+        problem=problem,
+    )

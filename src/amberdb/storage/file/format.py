@@ -1,20 +1,23 @@
 """The on-disk format of a FileStorage data file and its index file.
 
 All integers are big-endian and unsigned.  Offsets are bytes from the start of the file.
+Every checksum is CRC-32 (``zlib.crc32``).
 
 Data file
 =========
 
 A file header, then transaction records back to back, oldest first.  The file only grows
-at the end; the only bytes ever rewritten are those of an unfinished last transaction.
+at the end; the only bytes ever rewritten are those of the last transaction: its header
+when a streamed transaction is voted, its status byte when it is finished.
 
 File header (``FILE_HEADER``, 32 bytes)::
 
     offset  size  meaning
-         0     8  magic b"AMBERFS\\x01" (the last byte is the format version)
+         0     8  magic b"AMBERFS\\x02" (the last byte is the format version)
          8     8  file id: random bytes chosen at creation, mixed into every checksum so a
-                  transaction copied from another file (say, inside a record) never passes
-        16    16  reserved, zero
+                  transaction or record copied from another file never passes
+        16    12  reserved, zero
+        28     4  CRC-32 of bytes 0..28 (reserved bytes included)
 
 Transaction record = header, user, description, extension, data records, trailer.
 
@@ -23,35 +26,47 @@ Transaction header (``TXN_HEADER``, 32 bytes)::
     offset  size  meaning
          0     8  tid
          8     8  length of the whole transaction record, header through trailer
-        16     1  status: b"c" committed, b"p" still being written, b"a" aborted after vote
+        16     1  status: b"c" finished, b"v" voted (durable, not yet published)
         17     1  reserved, zero
         18     2  length of user (UTF-8)
         20     4  length of description (UTF-8)
         24     4  length of extension
         28     4  number of data records
 
-Data record header (``DATA_HEADER``, 28 bytes), followed by the record bytes::
+A header of 32 zero bytes means "in progress": a big transaction streamed out before its
+vote carries it.  No other header value is ever read as anything but a transaction to be
+verified.
+
+Data record header (``DATA_HEADER``, 32 bytes), followed by the record bytes::
 
     offset  size  meaning
-         0     8  oid
+         0     8  oid (below 2**63: the in-memory index and the index file are signed)
          8     8  tid (the same as the transaction's)
         16     8  back pointer: offset of this oid's previous revision's data record, 0 if none
         24     4  length of the record bytes
+        28     4  record checksum, see :func:`record_checksum`
 
 Transaction trailer (``TXN_TRAILER``, 16 bytes)::
 
     offset  size  meaning
          0     8  length of the whole transaction record (the same as in the header)
-         8     4  checksum, see :func:`txn_checksum`
+         8     4  transaction checksum, see :func:`txn_checksum`
         12     4  magic b"AmbT" (lets a scan find transaction ends inside damaged regions)
 
-The checksum is CRC-32 (``zlib.crc32``) over, in this order: the file id, the bytes between
-header and trailer, then the 32 header bytes.  The header comes last so a transaction
-written in pieces can be checksummed as it streams out and its header patched at the end.
+The transaction checksum covers, in this order: the file id, the bytes between header and
+trailer, then the header *without its status byte* (bytes 0..16 and 17..32).  The header
+comes last so a transaction written in pieces can be checksummed as it streams out and its
+header patched at the end; the status byte is left out so ``finish`` can turn ``v`` into
+``c`` with a one-byte write and no second sync.
 
-A transaction is *valid* when its header and trailer agree on the length, the status is
-``c``, the trailer magic and checksum match, and its tid is above the previous one's.  If an
-oid appears more than once in a transaction, the last record counts (``store`` twice).
+The record checksum covers the file id, bytes 0..28 of the data record header, then the
+record bytes.  Loads verify it on every read; the transaction checksum proves that a whole
+transaction was written.
+
+A transaction is *valid* when its status is ``c`` or ``v``, header and trailer agree on the
+length, the trailer magic and checksum match, its tid is above the previous one's, and its
+data records exactly fill the space between metadata and trailer.  If an oid appears more
+than once in a transaction, the last record counts (``store`` twice).
 
 Index file (``path + ".index"``)
 ================================
@@ -61,13 +76,13 @@ Written on clean close, so the next open need not scan the whole data file.
 Index header (``INDEX_HEADER``, 48 bytes), followed by ``OffsetIndex.to_bytes()``::
 
     offset  size  meaning
-         0     8  magic b"AMBERIX\\x01"
+         0     8  magic b"AMBERIX\\x02"
          8     8  file id of the data file it describes
         16     8  position: offset just past the last transaction the index covers
         24     8  tid of that transaction (z64 when the position is the file header's end)
         32     8  next oid to hand out
-        40     4  CRC-32 over bytes 0..40 of this header, then the OffsetIndex bytes
-        44     4  reserved, zero
+        40     4  reserved, zero
+        44     4  CRC-32 over bytes 0..44 of this header, then the OffsetIndex bytes
 """
 
 from __future__ import annotations
@@ -78,19 +93,24 @@ from typing import NamedTuple
 
 __all__ = [
     "DATA_HEADER",
+    "DATA_HEADER_CHECKED",
+    "DATA_HEADER_FIELDS",
     "DATA_HEADER_INTS",
     "FILE_HEADER",
     "FILE_MAGIC",
+    "FILE_MAGIC_PREFIX",
+    "FORMAT_VERSION",
     "INDEX_HEADER",
     "INDEX_MAGIC",
+    "MAX_OID",
     "MIN_TXN_LENGTH",
-    "STATUS_ABORTED",
     "STATUS_COMMITTED",
     "STATUS_OFFSET",
-    "STATUS_PENDING",
+    "STATUS_VOTED",
     "TRAILER_MAGIC",
     "TXN_HEADER",
     "TXN_TRAILER",
+    "ZERO_TXN_HEADER",
     "IndexHeader",
     "TxnHeader",
     "decode_index_header",
@@ -98,29 +118,44 @@ __all__ = [
     "encode_file_header",
     "encode_index_header",
     "encode_txn_header",
+    "file_header_crc_ok",
+    "is_partial_file_header",
+    "record_checksum",
     "txn_checksum",
 ]
 
-FILE_MAGIC = b"AMBERFS\x01"
-INDEX_MAGIC = b"AMBERIX\x01"
+FORMAT_VERSION = 2
+FILE_MAGIC_PREFIX = b"AMBERFS"
+FILE_MAGIC = FILE_MAGIC_PREFIX + bytes([FORMAT_VERSION])
+INDEX_MAGIC = b"AMBERIX" + bytes([FORMAT_VERSION])
 TRAILER_MAGIC = b"AmbT"
 
-FILE_HEADER = struct.Struct(">8s8s16x")
+FILE_HEADER = struct.Struct(">8s8s12xI")
 TXN_HEADER = struct.Struct(">8sQcxHIII")
-DATA_HEADER = struct.Struct(">8s8sQI")
-DATA_HEADER_INTS = struct.Struct(">QQQI")
-"""The same bytes as DATA_HEADER with oid and tid read as integers (for scanning)."""
+DATA_HEADER = struct.Struct(">8s8sQII")
+DATA_HEADER_INTS = struct.Struct(">qQQII")
+"""The same bytes as DATA_HEADER with oid (signed: above MAX_OID it is negative) and tid as integers."""
 TXN_TRAILER = struct.Struct(">QI4s")
-INDEX_HEADER = struct.Struct(">8s8sQ8sQI4x")
+INDEX_HEADER = struct.Struct(">8s8sQ8sQ4xI")
+
+DATA_HEADER_FIELDS = struct.Struct(">8s8sQI")
+"""The first 28 bytes of DATA_HEADER (oid, tid, back pointer, length): what the record
+checksum covers before the record bytes."""
+FILE_HEADER_CHECKED = FILE_HEADER.size - 4
+"""Bytes of the file header its CRC covers."""
+DATA_HEADER_CHECKED = DATA_HEADER_FIELDS.size
+INDEX_HEADER_CHECKED = INDEX_HEADER.size - 4
 
 STATUS_OFFSET = 16
 STATUS_COMMITTED = b"c"
-STATUS_PENDING = b"p"
-STATUS_ABORTED = b"a"
+STATUS_VOTED = b"v"
+ZERO_TXN_HEADER = bytes(TXN_HEADER.size)
 
 MIN_TXN_LENGTH = TXN_HEADER.size + TXN_TRAILER.size
 MAX_USER = 0xFFFF
 MAX_U32 = 0xFFFFFFFF
+MAX_OID = (1 << 63) - 1
+"""The largest oid a FileStorage can keep: its offset index stores oids as signed 64-bit."""
 
 
 class TxnHeader(NamedTuple):
@@ -152,8 +187,27 @@ class IndexHeader(NamedTuple):
 
 
 def encode_file_header(file_id: bytes) -> bytes:
-    """The 32-byte header of a new data file."""
-    return FILE_HEADER.pack(FILE_MAGIC, file_id)
+    """The 32-byte header of a new data file, its CRC included."""
+    head = FILE_HEADER.pack(FILE_MAGIC, file_id, 0)
+    return FILE_HEADER.pack(FILE_MAGIC, file_id, zlib.crc32(head[:FILE_HEADER_CHECKED]))
+
+
+def file_header_crc_ok(header: bytes) -> bool:
+    """True when a full file header's CRC matches its other 28 bytes."""
+    stored: int = FILE_HEADER.unpack(header)[2]
+    return zlib.crc32(header[:FILE_HEADER_CHECKED]) == stored
+
+
+def is_partial_file_header(data: bytes) -> bool:
+    """True when ``data`` (shorter than a header) could be the start of a header we write.
+
+    That is what a crash while creating the file leaves: the magic (or a prefix of it), any
+    file id, zeros where the reserved bytes go.  The CRC bytes are never complete.
+    """
+    if len(data) >= FILE_HEADER.size:
+        return False
+    reserved = data[16:FILE_HEADER_CHECKED]
+    return data[:8] == FILE_MAGIC[: len(data[:8])] and reserved == bytes(len(reserved))
 
 
 def encode_txn_header(
@@ -168,34 +222,43 @@ def decode_txn_header(data: bytes | bytearray | memoryview, offset: int = 0) -> 
     return TxnHeader(*TXN_HEADER.unpack_from(data, offset))
 
 
-def txn_checksum(file_id_crc: int, body_crc_or_body: int | bytes | memoryview, header: bytes) -> int:
+def txn_checksum(
+    file_id_crc: int, body_crc_or_body: int | bytes | bytearray | memoryview, header: bytes | memoryview
+) -> int:
     """The transaction checksum from ``crc32(file_id)``, the body (or its running CRC) and header.
 
-    A running CRC of the body must have been started from ``file_id_crc``.
+    A running CRC of the body must have been started from ``file_id_crc``.  The header's
+    status byte is left out (see the module docstring).
     """
     if isinstance(body_crc_or_body, int):
         body_crc = body_crc_or_body
     else:
         body_crc = zlib.crc32(body_crc_or_body, file_id_crc)
-    return zlib.crc32(header, body_crc)
+    view = memoryview(header)
+    return zlib.crc32(view[STATUS_OFFSET + 1 : TXN_HEADER.size], zlib.crc32(view[:STATUS_OFFSET], body_crc))
+
+
+def record_checksum(file_id_crc: int, header: bytes | memoryview, record: bytes | memoryview) -> int:
+    """The checksum of a data record: file id, the first 28 header bytes, the record bytes."""
+    return zlib.crc32(record, zlib.crc32(memoryview(header)[:DATA_HEADER_CHECKED], file_id_crc))
 
 
 def encode_index_header(
     file_id: bytes, position: int, last_tid: bytes, next_oid: int, payload: bytes
 ) -> bytes:
-    """Pack an index-file header whose CRC covers itself and ``payload``."""
-    head = INDEX_HEADER.pack(INDEX_MAGIC, file_id, position, last_tid, next_oid, 0)[:40]
+    """Pack an index-file header whose CRC covers the rest of itself and ``payload``."""
+    head = INDEX_HEADER.pack(INDEX_MAGIC, file_id, position, last_tid, next_oid, 0)[:INDEX_HEADER_CHECKED]
     crc = zlib.crc32(payload, zlib.crc32(head))
     return INDEX_HEADER.pack(INDEX_MAGIC, file_id, position, last_tid, next_oid, crc)
 
 
-def decode_index_header(data: bytes, payload: bytes | memoryview) -> IndexHeader:
-    """Unpack an index-file header; ValueError when its magic or CRC is wrong."""
+def decode_index_header(data: bytes | memoryview, payload: bytes | memoryview) -> IndexHeader:
+    """Unpack an index-file header; ValueError when its magic, version or CRC is wrong."""
     if len(data) < INDEX_HEADER.size:
         raise ValueError("index file too short")
     header = IndexHeader(*INDEX_HEADER.unpack_from(data, 0))
     if header.magic != INDEX_MAGIC:
-        raise ValueError("index file has the wrong magic")
-    if zlib.crc32(payload, zlib.crc32(data[:40])) != header.crc:
+        raise ValueError(f"index file has the wrong magic or version {bytes(header.magic)!r}")
+    if zlib.crc32(payload, zlib.crc32(data[:INDEX_HEADER_CHECKED])) != header.crc:
         raise ValueError("index file checksum mismatch")
     return header

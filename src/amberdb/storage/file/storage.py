@@ -1,41 +1,50 @@
 """FileStorage: an append-only file of transaction records, with an in-memory index.
 
-The layout is described in :mod:`amberdb.storage.file.format`.  What keeps the file safe
-across crashes is this list of invariants; the crash tests name the one they check.
+The layout is described in :mod:`amberdb.storage.file.format`, the rules for judging the
+end of a file in :mod:`amberdb.storage.file.recovery`.  What keeps the file safe across
+crashes, damage and other processes is this list of invariants; the tests name the one
+they check.
 
 I1  Append only.  Bytes before ``_end`` (just past the last finished transaction) are never
     written while the storage is open; every write lands at or after ``_end``.  Readers only
     follow offsets below ``_end``, so they never see bytes the committer is writing.
 
 I2  Validity is all-or-nothing.  A transaction belongs to the database iff it is *valid*
-    (status ``c``, header and trailer agree, checksum over file id + body + header matches)
-    and every transaction before it is valid.  A small transaction is written by one pwrite
-    and one fdatasync; a large one is streamed out with a zero (invalid) header that is
-    patched, together with the trailer, only in ``vote``.  Until the checksum matches, the
-    bytes are a *torn tail* that opening ignores and a writable open truncates.
+    (status ``c`` or ``v``, header and trailer agree, checksum over file id + body + header
+    matches, records fill it) and every transaction before it is valid.  A small transaction
+    is written by one pwrite and one fdatasync; a large one is streamed out behind a header
+    of 32 zero bytes ("in progress") that is patched, together with the trailer, in ``vote``.
 
-I3  Damage can only be at the end.  With ``fsync=True`` at most one transaction is unsynced
-    at any moment (the one being voted; ``begin`` cannot start the next until it is
-    finished or aborted), so a crash can damage only the last transaction in the file.  A
-    damaged transaction followed by a valid one is therefore corruption, never a crash:
-    opening raises FileFormatError naming the offset instead of truncating committed data.
+I3  Only a proven torn tail is ever cut.  With ``fsync=True`` at most one transaction is
+    unsynced at any moment (the one being voted; ``begin`` cannot start the next until it
+    is finished or aborted), so a crash can only leave a torn *last* transaction: a partial
+    header, a zero header, or one cut short by the end of the file.  A writable open
+    truncates exactly that.  Anything else that fails a check -- a complete transaction
+    with a bad checksum, a damaged file header, damage followed by a valid transaction --
+    is corruption: every open raises CorruptedDataError naming the file, the offset, what
+    failed and how to recover, and changes nothing.
 
-I4  Vote is durable.  ``vote`` returns after fdatasync of the whole transaction, so the
-    transaction survives a crash from then on (base invariant 3).  A crash before the data
-    reaches the disk leaves a torn tail (I2): nothing of it is visible.
+I4  Vote is durable, finish is one byte.  ``vote`` writes the transaction with status ``v``
+    and returns after fdatasync, so it survives a crash from then on (base invariant 3).
+    ``finish`` turns ``v`` into ``c`` with a one-byte pwrite and no sync (the checksum leaves
+    the status byte out): after a crash the last transaction may still say ``v``.  A valid
+    ``v`` transaction is committed as soon as no writer that could abort it is alive; a
+    writable open marks it ``c`` and syncs.
 
-I5  Abort after vote cannot resurrect.  The voted transaction is valid on disk, so ``abort``
-    first overwrites its status byte with ``a`` and fdatasyncs -- from then on it is invalid
-    whatever happens -- and only then truncates the file back to ``_end``.  A crash before
-    the status byte is durable means abort had not returned: the transaction is as voted.
-    Abort before vote only truncates: streamed bytes carry an invalid header (I2).
+I5  Abort after vote cannot resurrect.  ``abort`` truncates the file back to ``_end`` and
+    syncs the file (size included) before it returns: from then on the transaction is gone
+    whatever happens.  A crash before that sync means abort had not returned: the
+    transaction is as voted, either gone or committed.  Truncation changes only the file
+    size, which the file system updates as a whole: unlike rewriting the 32-byte header in
+    place, a crash cannot leave half of it changed.  Abort before vote only truncates.
 
-I6  The index file describes a prefix.  It records the position and tid of the transaction
-    it ends at, plus the file id, and is written only at a clean close; opening uses it only
-    if that transaction is still there (header and trailer agree, same tid, same file id),
-    then scans forward from it for later transactions.  As the
-    file only grows past positions the index could name (I1), a stale index is still right
-    for its prefix; a missing, corrupt or mismatched one is ignored and the file rescanned.
+I6  The index file describes a prefix.  It is written only at a clean close, after the data
+    file was synced, and records the file id plus the position and tid of the transaction
+    it ends at.  One whose own magic, version or CRC is wrong, or that names another file,
+    is ignored and the file scanned.  A valid one for this file must agree with the data
+    file (long enough, the transaction ending at its position present with its tid);
+    otherwise the data file was damaged or replaced by an older copy, and every open raises
+    CorruptedDataError naming both files.  Past its position the file is scanned.
 
 I7  One writer.  A writable open holds ``flock(LOCK_EX)`` on ``path + ".lock"`` from before
     the first write until close; the kernel drops it when the process dies.
@@ -44,27 +53,45 @@ I8  Tids grow.  Tids are assigned in ``begin`` from :func:`~amberdb.utils.next_t
     last finished tid under the commit lock, and a scan rejects a transaction whose tid is
     not above its predecessor's.
 
+I9  Readers never see what a live writer may take back.  A read-only opener that finds a
+    ``v`` transaction (or damage) at the end asks whether a writer is alive (a shared lock
+    on the lock file).  If one is, the transaction may still be aborted, or still be being
+    written, and the reader leaves it out.  If none is, it judges the end again while its
+    shared lock keeps writers out, and a valid ``v`` transaction is committed.  A reader
+    never reads at or past its own ``_end``, and a writer truncates only past its own
+    ``_end``, which is never below a reader's: the writer's truncation never removes a page
+    a reader reads (no SIGBUS).
+
+I10 Loads verify.  Every load checks the record checksum, that the record is the oid asked
+    for, that it lies below ``_end``, and, walking back pointers, that offsets and tids
+    strictly decrease.  A failure is CorruptedDataError: never other data, never a loop.
+
+I11 No sharing across fork.  A storage remembers the process generation it was opened in
+    (:mod:`amberdb.storage.forks`); in a child every operation raises StorageForkedError,
+    and ``close`` only drops the child's copies of the descriptors.
+
 ``finish`` publishes a voted transaction by updating the in-memory index: from the (oid,
 offset) pairs ``store`` kept or, past ``_PENDING_LIMIT`` records, by reading the records'
-headers back from the file.  If that read fails, the storage is marked broken: the durable
-transaction stays in the file (it is not aborted), nothing more is written (I1 would be at
-risk, since ``_end`` was not advanced) and no index file is saved (I6), so the next open
-scans and finds it.
+headers back from the file.  If that read fails, or the one-byte ``c`` write does, the
+storage is marked broken: the durable transaction stays in the file (it is not aborted),
+nothing more is written and no index file is saved (I6), so the next open scans and finds
+it.  A failed fdatasync marks the storage broken too: the kernel may have dropped the
+pages it could not write, so retrying would only pretend.
 
 With ``fsync=False`` vote does not sync (I4 is relaxed): a crash may lose the most recent
 commits, and since the kernel may then write a later transaction before an earlier one, an
-open after such a crash can report a damaged transaction followed by a valid one (I3); the
-transactions before the reported offset are intact, and truncating the file there recovers
-them.  Abort after vote still syncs its status byte (I5 holds in both modes), and ``close``
-syncs the file before writing the index.
+open after such a crash can report damage followed by a valid transaction; the
+transactions before the reported offset are intact (``salvage=True`` reads them).  Abort
+after vote still syncs its truncation (I5 holds in both modes), and ``close`` syncs the
+file before writing the index.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import dataclasses
 import mmap
 import os
+import struct
 import threading
 import zlib
 from array import array
@@ -73,39 +100,52 @@ from types import TracebackType
 
 from amberdb.exceptions import (
     ConflictError,
+    CorruptedDataError,
     FileFormatError,
     POSKeyError,
     ReadOnlyError,
     StorageError,
-    StorageLockedError,
+    StorageForkedError,
     StorageTransactionError,
 )
 from amberdb.storage.base import TransactionMeta, TransactionRecord
 from amberdb.storage.file.format import (
     DATA_HEADER,
+    DATA_HEADER_CHECKED,
+    DATA_HEADER_FIELDS,
     FILE_HEADER,
     FILE_MAGIC,
-    INDEX_HEADER,
+    FILE_MAGIC_PREFIX,
+    FORMAT_VERSION,
+    MAX_OID,
     MAX_U32,
     MAX_USER,
-    STATUS_ABORTED,
     STATUS_COMMITTED,
     STATUS_OFFSET,
+    STATUS_VOTED,
     TRAILER_MAGIC,
     TXN_HEADER,
     TXN_TRAILER,
-    decode_index_header,
     encode_file_header,
-    encode_index_header,
     encode_txn_header,
+    file_header_crc_ok,
+    is_partial_file_header,
+    txn_checksum,
 )
+from amberdb.storage.file.index_file import read_index_file, write_index_file
+from amberdb.storage.file.locking import acquire_writer_lock, writers_kept_out
 from amberdb.storage.file.recovery import (
+    FIRST_RECORD,
+    Damage,
+    ScanResult,
+    corruption,
+    describe_txn_problem,
     index_transaction,
     pread_exact,
     read_transaction,
     scan,
-    txn_is_valid,
 )
+from amberdb.storage.forks import GENERATION, close_in_children, forget_in_children
 from amberdb.storage.offsets import OffsetIndex
 from amberdb.utils import Oid, Tid, next_tid, oid_repr, p64, z64
 
@@ -117,6 +157,11 @@ FLUSH_SIZE = 1 << 20
 _H = TXN_HEADER.size
 _T = TXN_TRAILER.size
 _D = DATA_HEADER.size
+_CHECKED = DATA_HEADER_CHECKED
+_unpack_data_header = DATA_HEADER.unpack_from
+_pack_checked = DATA_HEADER_FIELDS.pack
+_pack_u32 = struct.Struct(">I").pack
+_crc32 = zlib.crc32
 _PAGE = mmap.PAGESIZE
 # Loads drop the map's pages from the resident set after reading about this much.
 _RELEASE_AFTER = 8 << 20
@@ -125,6 +170,7 @@ _RELEASE_AFTER = 8 << 20
 _PENDING_LIMIT = 1 << 16
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _IDLE, _OPEN, _VOTED, _DIRTY = "idle", "open", "voted", "dirty"
+_CLOSED_GENERATION = -1
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -144,7 +190,13 @@ def _fsync_dir(path: str) -> None:
 
 
 class FileStorage:
-    """The default embedded storage: one append-only data file (see the module invariants)."""
+    """The default embedded storage: one append-only data file (see the module invariants).
+
+    ``read_only=True`` opens without the writer lock and never changes a file.  With
+    ``salvage=True`` (read-only only) a damaged file opens too, as the snapshot of the
+    verified transactions before its first damage, described by :attr:`damage`: a way to
+    copy data out.  ``fsync=False`` trades durability of the last commits for speed.
+    """
 
     def __init__(
         self,
@@ -153,9 +205,14 @@ class FileStorage:
         read_only: bool = False,
         create: bool = True,
         fsync: bool = True,
+        salvage: bool = False,
     ) -> None:
+        if salvage and not read_only:
+            raise ValueError("salvage=True needs read_only=True: salvaging is for copying data out")
         self._path = os.fspath(path)
         self._read_only = read_only
+        self._salvage = salvage
+        self._damage: Damage | None = None
         self._fsync = fsync
         self._fd = -1
         self._lock_fd = -1
@@ -171,9 +228,12 @@ class FileStorage:
         self._next_oid = 1
         self._file_id = b""
         self._file_id_crc = 0
-        # _lock guards the index/_end/_last_tid publication and every pread of a load, so a
+        # The process generation this storage belongs to (I11); _CLOSED_GENERATION once closed.
+        self._generation = GENERATION.value
+        self._pid = os.getpid()
+        # _lock guards the index/_end/_last_tid publication and every read of a load, so a
         # load never sees half a transaction and close never closes the fd under a read.
-        # (A plain lock held across the pread is cheaper than counting readers.)
+        # (A plain lock held across the read is cheaper than counting readers.)
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._oid_lock = threading.Lock()
@@ -185,6 +245,7 @@ class FileStorage:
         except BaseException:
             self._release_files()
             self._closed = True
+            self._generation = _CLOSED_GENERATION
             raise
 
     # -- opening ----------------------------------------------------------------------------
@@ -199,17 +260,19 @@ class FileStorage:
             why = "read_only" if self._read_only else "create=False"
             raise StorageError(f"{path}: no such file (not created because {why})")
         if size > 0:
-            # Check the magic before touching anything: a foreign file stays as it is.
+            # Check the header before touching anything: a foreign or damaged file stays as
+            # it is, and no lock file appears beside it.
             with open(path, "rb") as f:
-                self._check_header(f.read(FILE_HEADER.size), size)
+                self._check_file_header(f.read(FILE_HEADER.size), size)
         if self._read_only:
             self._fd = os.open(path, os.O_RDONLY)
         else:
-            self._acquire_lock()
+            self._lock_fd = acquire_writer_lock(path)
+            close_in_children(self._lock_fd)
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         size = os.fstat(self._fd).st_size
         header = pread_exact(self._fd, FILE_HEADER.size, 0)
-        if self._check_header(header, size):
+        if self._check_file_header(header, size):
             if self._read_only:
                 return  # an empty (or half-created) file reads as an empty storage
             # New file, or a crash during creation left a prefix of our header.
@@ -223,88 +286,107 @@ class FileStorage:
         self._file_id_crc = zlib.crc32(self._file_id)
         self._load(size)
 
-    def _check_header(self, header: bytes, size: int) -> bool:
-        """True when the file is empty or a partial header of ours; FileFormatError if foreign."""
-        if size >= FILE_HEADER.size and header[:8] == FILE_MAGIC:
-            return False
-        if size < FILE_HEADER.size and header[:8] == FILE_MAGIC[: len(header[:8])]:
-            return True
-        raise FileFormatError(f"{self._path} is not an AmberDB file storage (bad magic {header[:8]!r})")
+    def _check_file_header(self, header: bytes, size: int) -> bool:
+        """True when the file is empty or a crash cut its creation short; else check it.
 
-    def _acquire_lock(self) -> None:
-        lock_path = self._path + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                os.close(fd)
-                raise
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            who = f" (pid {holder})" if holder.isdigit() else ""
-            raise StorageLockedError(
-                f"{self._path} is already open for writing by another process{who}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        self._lock_fd = fd
+        Raises FileFormatError for a foreign file or another format version, and
+        CorruptedDataError for a header that fails its CRC (unless salvaging).
+        """
+        path = self._path
+        if size < FILE_HEADER.size:
+            if is_partial_file_header(header[:size]):
+                return True
+            raise FileFormatError(f"{path} is not an AmberDB file storage (bad magic {header[:8]!r})")
+        magic = header[:8]
+        if magic[:7] != FILE_MAGIC_PREFIX:
+            raise FileFormatError(f"{path} is not an AmberDB file storage (bad magic {magic!r})")
+        crc_ok = file_header_crc_ok(header)
+        if magic != FILE_MAGIC and (crc_ok or magic[7] == 1):
+            raise FileFormatError(
+                f"{path} is an AmberDB file storage of format version {magic[7]}, which this AmberDB"
+                f" does not read (it reads version {FORMAT_VERSION}); copy the data with the"
+                " AmberDB version that wrote the file"
+            )
+        if not crc_ok:
+            problem = "file header checksum mismatch (its magic, file id or reserved bytes changed)"
+            if not self._salvage:
+                raise corruption(path, 0, problem)
+            # Salvage trusts the stored file id: if it is what changed, no transaction verifies.
+            self._damage = Damage(0, problem)
+        return False
 
     def _load(self, size: int) -> None:
         start, prev_tid = FILE_HEADER.size, z64
-        loaded = self._read_index_file(size)
-        if loaded is not None:
-            self._index, start, prev_tid, self._next_oid = loaded
-        else:
-            self._index = OffsetIndex()
-        result = scan(self._fd, self._path, self._file_id_crc, start, size, prev_tid, self._index)
-        if result.torn and not self._read_only:
-            os.ftruncate(self._fd, result.end)
+        index = OffsetIndex()
+        # Salvage scans everything: an index is trusted, not verified, for its prefix.
+        saved = None
+        if not self._salvage:
+            saved = read_index_file(self._path, self._fd, self._file_id, self._file_id_crc, size)
+        if saved is not None:
+            start, prev_tid, self._next_oid, index = saved
+        result, index = self._scan(index, start, size, prev_tid)
+        if self._read_only and (result.tail == "damaged" or result.voted_tail is not None):
+            result, index = self._judge_end_as_reader(result, index)
+        end, last_tid = result.end, result.last_tid
+        voted = list(result.voted)
+        if result.tail == "damaged":
+            assert result.damage is not None
+            if not self._salvage:
+                raise corruption(self._path, result.damage.offset, result.damage.problem)
+            if self._damage is None:
+                self._damage = result.damage
+        if result.voted_tail is not None:
+            # Nobody can abort it any more (we are the writer, or no writer is alive): it is
+            # committed (I4).
+            index_transaction(self._fd, self._path, end, index)
+            voted.append(end)
+            end += result.voted_tail.length
+            last_tid = result.voted_tail.tid
+        if not self._read_only:
+            self._repair_tail(result, voted)
+        self._index = index
+        self._end = end
+        self._last_tid = last_tid
+        self._next_oid = max(self._next_oid, index.max_oid() + 1, 1)
+
+    def _scan(
+        self, index: OffsetIndex, start: int, size: int, prev_tid: bytes
+    ) -> tuple[ScanResult, OffsetIndex]:
+        """:func:`scan` into ``index``; when salvaging, also past a transaction that makes no sense."""
+        try:
+            return scan(self._fd, self._path, self._file_id_crc, start, size, prev_tid, index), index
+        except CorruptedDataError as exc:
+            if not self._salvage or exc.offset is None:
+                raise
+            # Its checksum matches but its records are impossible: keep what comes before
+            # it.  The scan filled part of the index, so start again (salvage reads no index
+            # file: from the file header).
+            index = OffsetIndex()
+            result = scan(self._fd, self._path, self._file_id_crc, FILE_HEADER.size, exc.offset, z64, index)
+            return dataclasses.replace(result, tail="damaged", damage=Damage(exc.offset, exc.problem)), index
+
+    def _judge_end_as_reader(self, result: ScanResult, index: OffsetIndex) -> tuple[ScanResult, OffsetIndex]:
+        """Decide a voted tail or damage at the end for a read-only open (I9)."""
+        with writers_kept_out(self._path) as no_writer:
+            if no_writer:
+                # No writer can start while we look: the end is stable now.  Scan it again
+                # (the file may have grown since the first look).
+                return self._scan(index, result.end, os.fstat(self._fd).st_size, result.last_tid)
+        # A live writer may still abort its voted transaction, or is still writing the one
+        # that looks damaged: leave it out of this snapshot.
+        return dataclasses.replace(result, tail="clean", damage=None, voted_tail=None), index
+
+    def _repair_tail(self, result: ScanResult, voted: list[int]) -> None:
+        """Truncate a proven torn tail (I3) and mark committed ``v`` transactions ``c`` (I4)."""
+        changed = False
+        if result.tail == "torn":
+            os.ftruncate(self._fd, result.stop)
+            changed = True
+        for pos in voted:
+            _pwrite_all(self._fd, STATUS_COMMITTED, pos + STATUS_OFFSET)
+            changed = True
+        if changed:
             os.fsync(self._fd)
-        self._end = result.end
-        self._last_tid = result.last_tid
-        self._next_oid = max(self._next_oid, self._index.max_oid() + 1, 1)
-
-    def _read_index_file(self, size: int) -> tuple[OffsetIndex, int, Tid, int] | None:
-        try:
-            with open(self._path + ".index", "rb") as f:
-                data = f.read()
-        except OSError:
-            return None
-        try:
-            view = memoryview(data)
-            h = decode_index_header(data[: INDEX_HEADER.size], view[INDEX_HEADER.size :])
-            if h.file_id != self._file_id or not FILE_HEADER.size <= h.position <= size:
-                return None
-            if h.position == FILE_HEADER.size:
-                if h.last_tid != z64:
-                    return None
-            else:
-                trailer = pread_exact(self._fd, _T, h.position - _T)
-                length = TXN_TRAILER.unpack(trailer)[0]
-                txn_pos = h.position - length
-                if not FILE_HEADER.size <= txn_pos < h.position:
-                    return None
-                # Verified in full when the index was saved (at a clean close); a header and
-                # trailer that agree and the same tid show it is still that transaction.
-                found = txn_is_valid(self._fd, self._file_id_crc, txn_pos, size, z64, check_body=False)
-                if found is None or found.tid != h.last_tid:
-                    return None
-            index = OffsetIndex.from_bytes(view[INDEX_HEADER.size :])
-        except (ValueError, OSError):
-            return None
-        return index, h.position, h.last_tid, h.next_oid
-
-    def _write_index_file(self) -> None:
-        payload = self._index.to_bytes()
-        header = encode_index_header(self._file_id, self._end, self._last_tid, self._next_oid, payload)
-        tmp = self._path + ".index.tmp"
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path + ".index")
 
     # -- properties -------------------------------------------------------------------------
 
@@ -323,8 +405,18 @@ class FileStorage:
         """The data file's path."""
         return self._path
 
+    @property
+    def damage(self) -> Damage | None:
+        """Where a ``salvage=True`` open found the file damaged (None: intact, or not salvaged).
+
+        The storage then holds the verified transactions before that offset.
+        """
+        return self._damage
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("read-only" if self._read_only else "writable")
+        if self._damage is not None:
+            state += f", salvaged before damage at {self._damage}"
         return f"<FileStorage {self._path!r} {state}>"
 
     def __enter__(self) -> FileStorage:
@@ -336,6 +428,11 @@ class FileStorage:
         self.close()
 
     def _check_open(self) -> None:
+        if self._generation != GENERATION.value and not self._closed:
+            raise StorageForkedError(
+                f"storage {self._path} was opened in process {self._pid} before fork(); this is"
+                f" process {os.getpid()}: open it again here (a storage cannot be shared across a fork)"
+            )
         if self._closed or self._closing:
             raise StorageError(f"storage {self._path} is closed")
 
@@ -349,35 +446,53 @@ class FileStorage:
     # -- reading ----------------------------------------------------------------------------
 
     def load(self, oid: Oid, before: Tid | None = None) -> tuple[bytes, Tid]:
-        """Return ``(record, tid)`` of the newest revision (strictly before ``before``)."""
+        """Return ``(record, tid)`` of the newest revision (strictly before ``before``).
+
+        Verifies what it reads (I10): damage raises CorruptedDataError.
+        """
+        if self._generation != GENERATION.value:
+            self._check_open()  # before the lock: a forked child may have inherited it held
         with self._lock:
             if self._closed:
                 self._check_open()
             offset = self._index.get(int.from_bytes(oid, "big"))
             if offset < 0:
                 raise POSKeyError(oid)
+            # hot path: every check below is a compare or two; the CRC is one C call per part.
+            end = self._end
             view = self._map
+            if view is None or self._mapped < end:
+                view = self._remap()  # maps [0, end): every offset checked below end is in it
+            newer = b""  # tid of the revision the back pointer came from
             while True:
                 start = offset + _D
-                if view is None or start > self._mapped:
-                    view = self._remap(oid, offset, start)
-                roid, rtid, back, rlen = DATA_HEADER.unpack_from(view, offset)
+                if offset < FIRST_RECORD or start > end:
+                    raise self._bad_record(oid, offset, f"offset outside {FIRST_RECORD}..{end - _D}")
+                roid, rtid, back, rlen, rcrc = _unpack_data_header(view, offset)
+                stop = start + rlen
+                if stop > end:
+                    raise self._bad_record(oid, offset, f"length {rlen} runs past the committed end {end}")
+                record = view[start:stop]
+                if _crc32(record, _crc32(view[offset : offset + _CHECKED], self._file_id_crc)) != rcrc:
+                    raise self._bad_record(oid, offset, "data record checksum mismatch")
                 if roid != oid:
-                    raise FileFormatError(
-                        f"{self._path}: looking for oid {oid_repr(oid)} at offset {offset}"
-                        f" found a record of oid {oid_repr(roid)}"
-                    )
+                    raise self._bad_record(oid, offset, f"found a record of oid {oid_repr(roid)} instead")
+                if newer and rtid >= newer:
+                    raise self._bad_record(oid, offset, "revision tids do not decrease along back pointers")
                 if before is None or rtid < before:
-                    stop = start + rlen
-                    if stop > self._mapped:
-                        view = self._remap(oid, offset, stop)
                     self._touched += rlen + _PAGE
                     if self._touched > _RELEASE_AFTER:
                         self._release_pages()
-                    return view[start:stop], rtid
+                    return record, rtid
                 if back == 0:
                     raise POSKeyError(oid, f"no revision before tid {oid_repr(before)}")
+                if back >= offset:
+                    raise self._bad_record(oid, offset, f"back pointer {back} does not point backwards")
                 offset = back
+                newer = rtid
+
+    def _bad_record(self, oid: Oid, offset: int, problem: str) -> CorruptedDataError:
+        return corruption(self._path, offset, problem, oid)
 
     def _release_pages(self) -> None:
         """Let the pages loads have read leave this process's resident set (under ``_lock``).
@@ -385,31 +500,48 @@ class FileStorage:
         Pages of a file mapping count in the process's RSS for as long as the map lives, so
         a scan of a large database would look like it holds the whole file in memory.
         Dropping them is cheap: the data stays in the OS page cache, and the next load of
-        a dropped page costs a minor fault.
+        a dropped page costs a minor fault.  This is also where loads notice, every few
+        megabytes, a file that something outside AmberDB truncated below ``_end``; between
+        two looks such a truncation still kills the process with SIGBUS on the next read of a
+        vanished page, which Python cannot catch.
         """
         self._touched = 0
+        size = os.fstat(self._fd).st_size
+        if size < self._end:
+            raise self._shrunk(size)
         if self._map is not None and _MADV_DONTNEED is not None:
             try:
                 self._map.madvise(_MADV_DONTNEED)
             except OSError:  # pragma: no cover - an advice the platform refuses is only advice
                 pass
 
-    def _remap(self, oid: Oid, offset: int, needed: int) -> mmap.mmap:
-        """Map the file again, now that it has grown past the old mapping (under ``_lock``).
+    def _shrunk(self, size: int) -> CorruptedDataError:
+        return corruption(
+            self._path,
+            size,
+            f"the file is {size} bytes, shorter than its committed end {self._end}: something"
+            " outside this storage truncated it",
+        )
 
-        Loads read through a read-only memory map: no system call per load.  Only offsets
-        below ``_end`` are ever read (I1), so pages the committer is writing or truncating
-        beyond it are never touched.
+    def _remap(self) -> mmap.mmap:
+        """Map the file up to ``_end`` again, now that loads need more than the old map (under ``_lock``).
+
+        Loads read through a read-only memory map: no system call per load.  The map never
+        reaches past ``_end`` (I1, I9): bytes a committer is writing, and a tail a writer
+        truncates, are never mapped, so a truncation elsewhere can neither make this fail
+        nor leave pages here that vanished from the file.
         """
-        size = os.fstat(self._fd).st_size
-        if needed > size:
-            raise FileFormatError(f"{self._path}: data record of oid {oid_repr(oid)} at {offset} is cut")
+        end = self._end
+        try:
+            new = mmap.mmap(self._fd, end, access=mmap.ACCESS_READ)
+        except ValueError:  # the file is shorter than its committed end
+            raise self._shrunk(os.fstat(self._fd).st_size) from None
         old = self._map
-        self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
-        self._mapped = size
+        self._map = new
+        self._mapped = end
         if old is not None:
             old.close()
-        return self._map
+        return new
 
     def last_tid(self) -> Tid:
         """The tid of the newest finished transaction (z64 when empty)."""
@@ -418,22 +550,38 @@ class FileStorage:
 
     def __len__(self) -> int:
         """The number of oids with at least one revision."""
+        if self._generation != GENERATION.value and not self._closed:
+            self._check_open()
         return len(self._index)
 
     def iterator(self, start: Tid | None = None, stop: Tid | None = None) -> Iterator[TransactionRecord]:
-        """Yield finished transactions with ``start <= tid <= stop``, oldest first."""
+        """Yield finished transactions with ``start <= tid <= stop``, oldest first.
+
+        Every transaction visited is verified (checksums, layout, tid order): damage raises
+        CorruptedDataError, never yields garbage.
+        """
         self._check_open()
         end = self._end  # a snapshot: transactions finished later are not listed
         pos = FILE_HEADER.size
+        prev = z64
         while pos < end:
             self._check_open()
-            head = pread_exact(self._fd, _H, pos)
-            tid, length = TXN_HEADER.unpack(head)[:2]
-            if stop is not None and tid > stop:
+            if start is not None:
+                # Before the range: verify the checksum without building the records.
+                h, problem = describe_txn_problem(self._fd, self._file_id_crc, pos, end, prev)
+                if problem is not None:
+                    raise corruption(self._path, pos, problem)
+                assert h is not None
+                if h.tid < start:
+                    prev = h.tid
+                    pos += h.length
+                    continue
+            h, txn = read_transaction(self._fd, self._path, self._file_id_crc, pos, end, prev)
+            if stop is not None and h.tid > stop:
                 return
-            if start is None or tid >= start:
-                yield read_transaction(self._fd, self._path, pos)[1]
-            pos += length
+            yield txn
+            prev = h.tid
+            pos += h.length
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -455,6 +603,7 @@ class FileStorage:
         self._meta_lens = (0, 0, 0)
         self._pending_oids: array[int] = array("q")
         self._pending_offsets: array[int] = array("q")
+        self._failure: BaseException | None = None
 
     def begin(self, meta: TransactionMeta) -> None:
         """Start a commit, waiting for any other commit to end."""
@@ -477,26 +626,53 @@ class FileStorage:
         self._txn_pos = self._end
         self._body_crc = self._file_id_crc
         self._meta_lens = (len(user), len(desc), len(ext))
-        # The zero header is a placeholder: status 0 is invalid, so streamed bytes stay
-        # invisible until vote writes the real one (I2).
+        # The zero header is the "in progress" placeholder: streamed bytes stay invisible
+        # until vote writes the real one (I2).
         self._buf = bytearray(_H)
         self._buf += user
         self._buf += desc
         self._buf += ext
 
+    def _check_in_transaction(self, method: str, state: str) -> None:
+        """Raise unless the transaction is in ``state`` (and this is the process that opened us)."""
+        if self._generation != GENERATION.value:
+            self._check_open()
+        if self._state == state:
+            return
+        if self._state == _DIRTY and self._failure is not None:
+            raise StorageTransactionError(
+                f"{method}() after a failed write in this transaction ({self._failure!r}): abort it"
+            )
+        wanted = "an open" if state == _OPEN else "a voted"
+        raise StorageTransactionError(f"{method}() needs {wanted} transaction, state is {self._state}")
+
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
-        """Add a revision of ``oid``; ConflictError if ``base_tid`` is not its newest tid."""
-        if self._state != _OPEN:
-            raise StorageTransactionError(f"store() needs an open transaction, state is {self._state}")
-        if len(oid) != 8 or len(base_tid) != 8:
-            raise ValueError("oid and base_tid must be 8 bytes")
-        if len(record) > MAX_U32:
-            raise StorageError(f"record of oid {oid_repr(oid)} is larger than 4 GiB")
+        """Add a revision of ``oid``; ConflictError if ``base_tid`` is not its newest tid.
+
+        Arguments are checked before anything is buffered, so a refused store leaves the
+        transaction as it was.  A failure after buffering began (an I/O error while writing
+        out) makes the transaction unusable: vote raises, abort cleans up.
+        """
+        # hot path (once per object of a big commit): the checks are compares, not calls.
+        if self._state is not _OPEN or self._generation != GENERATION.value:
+            self._check_in_transaction("store", _OPEN)
+        if not isinstance(oid, bytes) or len(oid) != 8:
+            raise ValueError(f"oid must be 8 bytes, got {oid!r}")
+        if not isinstance(base_tid, bytes) or len(base_tid) != 8:
+            raise ValueError(f"base_tid must be 8 bytes, got {base_tid!r}")
         oid_int = int.from_bytes(oid, "big")
+        if oid_int > MAX_OID:
+            raise ValueError(f"oid {oid_repr(oid)} is above 2**63-1, the largest oid a FileStorage keeps")
+        if type(record) is not bytes:
+            record = self._as_bytes(oid, record)
+        size = len(record)
+        if size > MAX_U32:
+            raise StorageError(f"record of oid {oid_repr(oid)} is larger than 4 GiB")
         # Only the committer (us) changes the index, so no lock is needed to read it here.
         current = self._index.get(oid_int)
         if current < 0:
             committed = z64
+            current = 0
         elif current + _D <= self._mapped and self._map is not None:
             committed = self._map[current + 8 : current + 16]  # no system call
         else:
@@ -505,14 +681,21 @@ class FileStorage:
             raise ConflictError(oid=oid, serials=(committed, base_tid))
         buf = self._buf
         offset = self._txn_pos + self._written + len(buf)
-        buf += DATA_HEADER.pack(oid, self._tid, max(current, 0), len(record))
-        if len(record) >= FLUSH_SIZE:
-            self._flush()
-            self._write_out(record)
-        else:
-            buf += record
-            if len(buf) >= FLUSH_SIZE:
+        checked = _pack_checked(oid, self._tid, current, size)
+        try:
+            buf += checked
+            buf += _pack_u32(_crc32(record, _crc32(checked, self._file_id_crc)))
+            if size >= FLUSH_SIZE:
                 self._flush()
+                self._write_out(record)
+            else:
+                buf += record
+                if len(buf) >= FLUSH_SIZE:
+                    self._flush()
+        except BaseException as exc:
+            self._state = _DIRTY
+            self._failure = exc
+            raise
         if self._count < _PENDING_LIMIT:
             self._pending_oids.append(oid_int)
             self._pending_offsets.append(offset)
@@ -527,6 +710,15 @@ class FileStorage:
             with self._oid_lock:
                 self._next_oid = max(self._next_oid, oid_int + 1)
 
+    @staticmethod
+    def _as_bytes(oid: Oid, record: object) -> bytes:
+        """A copy of a bytes-like ``record`` (the caller may change it later); TypeError if not one."""
+        try:
+            return bytes(memoryview(record))  # type: ignore[arg-type]
+        except TypeError:
+            kind = type(record).__name__
+            raise TypeError(f"record of oid {oid_repr(oid)} must be bytes, got {kind}") from None
+
     def _flush(self) -> None:
         if self._buf:
             self._write_out(self._buf)
@@ -534,47 +726,56 @@ class FileStorage:
 
     def _write_out(self, data: bytes | bytearray) -> None:
         """Append ``data`` to the streamed part of the transaction, keeping the body CRC."""
-        try:
-            _pwrite_all(self._fd, data, self._txn_pos + self._written)
-        except BaseException:
-            self._state = _DIRTY
-            raise
+        _pwrite_all(self._fd, data, self._txn_pos + self._written)
         body = memoryview(data)[_H:] if self._written == 0 else data
         self._body_crc = zlib.crc32(body, self._body_crc)
         self._written += len(data)
 
     def vote(self) -> None:
         """Write the transaction and fdatasync it (unless ``fsync=False``): it is durable now."""
-        if self._state != _OPEN:
-            raise StorageTransactionError(f"vote() needs an open transaction, state is {self._state}")
+        self._check_in_transaction("vote", _OPEN)
         if self._count > MAX_U32:
             raise StorageError("too many records in one transaction")
         buf = self._buf
         length = self._written + len(buf) + _T
-        header = encode_txn_header(self._tid, length, STATUS_COMMITTED, *self._meta_lens, self._count)
+        header = encode_txn_header(self._tid, length, STATUS_VOTED, *self._meta_lens, self._count)
         self._state = _DIRTY  # until the bytes are safely written
-        if self._written == 0:
-            body_crc = zlib.crc32(memoryview(buf)[_H:], self._body_crc)
-            buf[:_H] = header
-            buf += TXN_TRAILER.pack(length, zlib.crc32(header, body_crc), TRAILER_MAGIC)
-            _pwrite_all(self._fd, buf, self._txn_pos)
-        else:
-            body_crc = zlib.crc32(buf, self._body_crc)
-            buf += TXN_TRAILER.pack(length, zlib.crc32(header, body_crc), TRAILER_MAGIC)
-            _pwrite_all(self._fd, buf, self._txn_pos + self._written)
-            _pwrite_all(self._fd, header, self._txn_pos)
+        try:
+            if self._written == 0:
+                body_crc = zlib.crc32(memoryview(buf)[_H:], self._body_crc)
+                buf[:_H] = header
+                buf += TXN_TRAILER.pack(length, txn_checksum(0, body_crc, header), TRAILER_MAGIC)
+                _pwrite_all(self._fd, buf, self._txn_pos)
+            else:
+                body_crc = zlib.crc32(buf, self._body_crc)
+                buf += TXN_TRAILER.pack(length, txn_checksum(0, body_crc, header), TRAILER_MAGIC)
+                _pwrite_all(self._fd, buf, self._txn_pos + self._written)
+                _pwrite_all(self._fd, header, self._txn_pos)
+        except BaseException as exc:
+            self._failure = exc
+            raise
         if self._fsync:
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except BaseException as exc:
+                # The kernel may have dropped the pages it failed to write: never retry.
+                self._failure = self._broken = exc
+                raise
         self._buf = bytearray()
         self._written = length
         self._state = _VOTED
 
     def finish(self) -> Tid:
         """Publish the voted transaction atomically and return its tid."""
-        if self._state != _VOTED:
-            raise StorageTransactionError(f"finish() needs a voted transaction, state is {self._state}")
+        self._check_in_transaction("finish", _VOTED)
         tid = self._tid
         index = self._index
+        try:
+            # One byte, not synced (I4): a crash leaves `v`, which is committed just the same.
+            os.pwrite(self._fd, STATUS_COMMITTED, self._txn_pos + STATUS_OFFSET)
+        except BaseException as exc:
+            # Durable all the same; but stop writing, and let the next open judge the file.
+            self._broken = exc
         with self._lock:
             if self._count > len(self._pending_oids):
                 try:
@@ -597,16 +798,17 @@ class FileStorage:
 
     def abort(self) -> None:
         """Forget the open or voted transaction (I5); a no-op when none is open."""
+        if self._generation != GENERATION.value:
+            self._check_open()
         state = self._state
         if state == _IDLE:
             return
         try:
-            if state in (_VOTED, _DIRTY):
-                # The transaction may be valid on disk: invalidate it durably first (I5).
-                _pwrite_all(self._fd, STATUS_ABORTED, self._txn_pos + STATUS_OFFSET)
-                os.fdatasync(self._fd)
             if state in (_VOTED, _DIRTY) or self._written:
                 os.ftruncate(self._fd, self._txn_pos)
+            if state in (_VOTED, _DIRTY):
+                # The transaction may have been valid on disk: make its removal durable (I5).
+                os.fsync(self._fd)
         except BaseException as exc:
             self._broken = exc
             raise
@@ -622,8 +824,18 @@ class FileStorage:
     # -- closing ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Abort an open transaction, save the index, release the file and lock.  Idempotent."""
+        """Abort an open transaction, save the index, release the file and lock.  Idempotent.
+
+        In a process forked after the open, only drops this process's descriptors: the
+        parent owns the file, its lock and any transaction in progress (I11).
+        """
         if self._closed or self._closing:
+            return
+        if self._generation != GENERATION.value:
+            self._closing = True
+            self._lock_fd = -1  # closed by the fork hook already; the number may be reused
+            self._release_files()
+            self._closed = True
             return
         self._closing = True
         try:
@@ -633,10 +845,13 @@ class FileStorage:
                 try:
                     if not self._read_only and self._broken is None and self._fd >= 0:
                         os.fsync(self._fd)  # the index must not describe bytes not yet on disk
-                        self._write_index_file()
+                        write_index_file(
+                            self._path, self._file_id, self._end, self._last_tid, self._next_oid, self._index
+                        )
                 finally:
                     self._release_files()
                     self._closed = True
+                    self._generation = _CLOSED_GENERATION
 
     def _release_files(self) -> None:
         if self._map is not None:
@@ -649,5 +864,6 @@ class FileStorage:
         if self._lock_fd >= 0:
             # Closing the descriptor drops the flock; the file stays (unlinking it would race
             # with another process that has just opened it and is about to lock it).
+            forget_in_children(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = -1

@@ -1,0 +1,122 @@
+"""The index file beside a data file (``path + ".index"``): saved at a clean close, trusted at open.
+
+It holds the in-memory offset index as it was when the storage closed, plus the position
+and tid of the transaction it ends at (layout in :mod:`.format`), so an open need not scan
+the whole data file.  It is derived data: one that fails its own checks is ignored and the
+file scanned.  But a valid index of this very data file is evidence: everything before its
+position was synced before it was written, so a data file that contradicts it was damaged
+or replaced by an older copy, and that is an error, never a reason to cut (storage.py, I6).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+from amberdb.exceptions import CorruptedDataError
+from amberdb.storage.file.format import (
+    FILE_HEADER,
+    INDEX_HEADER,
+    TRAILER_MAGIC,
+    TXN_HEADER,
+    TXN_TRAILER,
+    IndexHeader,
+    decode_index_header,
+    encode_index_header,
+)
+from amberdb.storage.file.recovery import RECOVERY_HINT, describe_txn_problem, pread_exact
+from amberdb.storage.offsets import OffsetIndex
+from amberdb.utils import oid_repr, z64
+
+__all__ = ["SavedIndex", "decode_index_file", "read_index_file", "write_index_file"]
+
+_H = TXN_HEADER.size
+_T = TXN_TRAILER.size
+
+
+class SavedIndex(NamedTuple):
+    """An index file's contents: where it ends, and the offsets of every oid up to there."""
+
+    position: int
+    last_tid: bytes
+    next_oid: int
+    offsets: OffsetIndex
+
+
+def decode_index_file(data: bytes) -> tuple[IndexHeader, OffsetIndex]:
+    """Header and entries of an index file's bytes; ValueError when it fails its own checks."""
+    view = memoryview(data)
+    header = decode_index_header(view[: INDEX_HEADER.size], view[INDEX_HEADER.size :])
+    return header, OffsetIndex.from_bytes(view[INDEX_HEADER.size :])
+
+
+def read_index_file(path: str, fd: int, file_id: bytes, file_id_crc: int, size: int) -> SavedIndex | None:
+    """The saved index of the data file ``path`` (open as ``fd``, ``size`` bytes), or None to scan.
+
+    None when there is none, when it fails its own checks, or when it belongs to another
+    file.  Raises CorruptedDataError when it is valid for this file and the file contradicts it.
+    """
+    index_path = path + ".index"
+    try:
+        with open(index_path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        h, index = decode_index_file(data)
+    except ValueError:
+        return None  # derived data that failed its own check: rebuild it
+    if h.file_id != file_id:
+        return None
+    problem = _contradiction(fd, file_id_crc, h.position, h.last_tid, size)
+    if problem is not None:
+        raise CorruptedDataError(
+            f"{path} disagrees with its index file {index_path}: the index (intact, written for"
+            f" this data file) says the data file holds transactions up to offset {h.position},"
+            f" the last with tid {oid_repr(h.last_tid)}, but {problem}. Either the data file is"
+            " damaged, or it was replaced by an older copy (say, a backup) while its newer index"
+            f" stayed: deleting the index file is right only in that second case. {RECOVERY_HINT}",
+            path=path,
+            offset=h.position,
+            problem=problem,
+        )
+    return SavedIndex(h.position, h.last_tid, h.next_oid, index)
+
+
+def _contradiction(fd: int, file_id_crc: int, position: int, last_tid: bytes, size: int) -> str | None:
+    """What about the data file contradicts an index ending at ``position``, or None."""
+    if position < FILE_HEADER.size or position > size:
+        return f"the data file is {size} bytes long"
+    if position == FILE_HEADER.size:
+        return None if last_tid == z64 else "the index names a tid without any transaction"
+    length, _, magic = TXN_TRAILER.unpack(pread_exact(fd, _T, position - _T))
+    if magic != TRAILER_MAGIC or not _H + _T <= length <= position - FILE_HEADER.size:
+        return "no transaction trailer ends at that offset"
+    # Verified in full before the index was saved: header and trailer that agree and the
+    # same tid show it is still that transaction (no need to read its body again).
+    txn_pos = position - length
+    h, problem = describe_txn_problem(fd, file_id_crc, txn_pos, size, z64, check_body=False)
+    if problem is not None:
+        return f"the transaction at offset {txn_pos} that should end there is damaged: {problem}"
+    assert h is not None
+    if h.tid != last_tid:
+        return f"the transaction at offset {txn_pos} ending there has tid {oid_repr(h.tid)}"
+    return None
+
+
+def write_index_file(
+    path: str, file_id: bytes, position: int, last_tid: bytes, next_oid: int, index: OffsetIndex
+) -> None:
+    """Save ``index`` for the data file ``path``, atomically (a temporary file renamed over).
+
+    The caller syncs the data file first: the index must never describe bytes not on disk.
+    """
+    payload = index.to_bytes()
+    header = encode_index_header(file_id, position, last_tid, next_oid, payload)
+    tmp = path + ".index.tmp"
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path + ".index")
