@@ -31,6 +31,7 @@ from amberdb.exceptions import (
     InvalidObjectReference,
     POSKeyError,
     ReadOnlyError,
+    RecordDecodeError,
     SerializationError,
 )
 from amberdb.persistent import (
@@ -240,7 +241,14 @@ class Connection:
         header = self._reader.header(oid, record)
         obj = make_ghost(self._reader.record_class(oid, header), oid, self)
         self._cache.add(oid, obj)
-        self._restore(obj, oid, record, serial, header)
+        try:
+            self._restore(obj, oid, record, serial, header)
+        except BaseException:
+            # Nothing else can hold this fresh ghost unless its own state refers to it; a
+            # later get() must load (and fail) again rather than hand out a ghost that fails.
+            if self._cache.get(oid) is obj:
+                self._cache.remove(oid)
+            raise
         return obj
 
     def __getitem__(self, oid: Oid) -> Persistent:
@@ -356,7 +364,11 @@ class Connection:
             else:
                 record, serial = spilled
             reader = self._reader
-            restore_state(obj, reader.state(oid, record, reader.header(oid, record)), serial, len(record))
+            state = reader.state(oid, record, reader.header(oid, record))
+            try:
+                restore_state(obj, state, serial, len(record))
+            except Exception as exc:
+                raise _state_misfit(obj, oid, exc) from exc
             self._cache.touch(oid, obj)
         finally:
             self._depth -= 1
@@ -365,7 +377,11 @@ class Connection:
                 self._use_lock.release()
 
     def _restore(self, obj: Persistent, oid: Oid, record: bytes, serial: Tid, header: RecordHeader) -> None:
-        restore_state(obj, self._reader.state(oid, record, header), serial, len(record))
+        state = self._reader.state(oid, record, header)
+        try:
+            restore_state(obj, state, serial, len(record))
+        except Exception as exc:
+            raise _state_misfit(obj, oid, exc) from exc
         self._cache.touch(oid, obj)
 
     def _load(self, oid: Oid) -> tuple[bytes, Tid]:
@@ -642,6 +658,15 @@ class Connection:
     def _invalidate(self, oids: Iterable[Oid]) -> None:
         """Other connections committed changes to ``oids`` (called under the db lock)."""
         self._pending.update(oids)
+
+
+def _state_misfit(obj: Persistent, oid: Oid, error: Exception) -> RecordDecodeError:
+    """The error for a decoded state its class cannot take (``restore_state`` left a ghost)."""
+    cls = obj.__class__
+    return RecordDecodeError(
+        f"record of oid {oid_repr(oid)} ({cls.__module__}.{cls.__qualname__}) does not fit its class: "
+        f"{type(error).__name__}: {error}; the object stays a ghost"
+    )
 
 
 def _spill_sink(spill: SpillFile) -> Callable[[Oid, Tid, bytes, Persistent], None]:
