@@ -129,7 +129,7 @@ class Connection:
     def __init__(self, db: DB, cache_size: int) -> None:
         self._db = db
         self._storage = db.storage
-        self._cache = ObjectCache(cache_size)
+        self._cache = ObjectCache(cache_size, self._in_spill)
         self._reader = ObjectReader(db._resolver, self._ghost_for)
         self._writer = ObjectWriter(db._resolver, self._reference)
         self.root = RootConvenience(self)
@@ -299,6 +299,11 @@ class Connection:
             f"it belongs to {jar!r}, not {self!r}"
         )
 
+    def _in_spill(self, oid: Oid) -> bool:
+        """Whether a savepoint of this transaction holds a state of ``oid``."""
+        spill = self._spill
+        return spill is not None and oid in spill
+
     # hot path: called for every reference in every record loaded.
     def _ghost_for(self, oid: Oid, name: str) -> Persistent:
         obj = self._cache.get(oid)
@@ -308,7 +313,11 @@ class Connection:
         return obj
 
     def cache_minimize(self) -> None:
-        """Turn every unchanged loaded object into a ghost, freeing memory."""
+        """Turn every unchanged loaded object into a ghost, freeing memory.
+
+        Objects added in this transaction stay as they are until a savepoint or the commit
+        writes them: their state exists nowhere else.
+        """
         self._cache.minimize()
         self._cache.drop_ghosts()
 

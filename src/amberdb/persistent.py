@@ -194,13 +194,20 @@ class Persistent:
             _load(self)
 
     def _p_deactivate(self) -> None:
-        """Turn a saved, unchanged object back into a ghost to free its state."""
-        if self._p_state == UPTODATE and self._p_jar is not None and self._p_oid is not None:
+        """Turn a saved, unchanged object back into a ghost to free its state.
+
+        Objects added in the current transaction are left alone: they have no record to load
+        back from (the cache frees them once a savepoint has written them).
+        """
+        if self._p_state == UPTODATE and self._p_jar is not None and self._p_serial != z64:
             ghostify(self)
 
     def _p_invalidate(self) -> None:
-        """Turn this object into a ghost even if it has unsaved changes (they are lost)."""
-        if self._p_state != GHOST and self._p_jar is not None and self._p_oid is not None:
+        """Turn this saved object into a ghost even if it has unsaved changes (they are lost).
+
+        Objects added in the current transaction are left alone, as by :meth:`_p_deactivate`.
+        """
+        if self._p_state != GHOST and self._p_jar is not None and self._p_serial != z64:
             ghostify(self)
 
     # -- state ----------------------------------------------------------------------------
