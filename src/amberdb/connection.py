@@ -134,7 +134,11 @@ class Connection:
         self._writer = ObjectWriter(db._resolver, self._reference)
         self.root = RootConvenience(self)
         self.transaction_manager: Any = None
+        # The manager registerSynch went to: for a per-thread manager, the opening thread's
+        # own, which close() must unregister from whichever thread calls it.
+        self._synch_manager: Any = None
         self._opened = False
+        self._closed_because = "its connection is closed"
         self._close_callbacks: list[Callable[[], object]] = []
         # The transaction in progress:
         self._joined: Any = None
@@ -157,8 +161,9 @@ class Connection:
 
     def _open(self, transaction_manager: Any) -> None:
         self.transaction_manager = transaction_manager
+        self._synch_manager = getattr(transaction_manager, "manager", transaction_manager)
         self._opened = True
-        transaction_manager.registerSynch(self)
+        self._synch_manager.registerSynch(self)
         self._start_snapshot()
 
     def close(self) -> None:
@@ -172,10 +177,30 @@ class Connection:
             raise ConnectionStateError(
                 "cannot close a connection with uncommitted changes; commit or abort the transaction first"
             )
-        self.transaction_manager.unregisterSynch(self)
-        self._opened = False
+        self._leave_manager()
         callbacks, self._close_callbacks = self._close_callbacks, []
         self._db._release(self)
+        for callback in callbacks:
+            callback()
+
+    def _leave_manager(self) -> None:
+        """Stop taking part in the transaction manager's transactions."""
+        self._opened = False
+        manager, self._synch_manager = self._synch_manager, None
+        if manager is not None:
+            manager.unregisterSynch(self)
+
+    def _database_closed(self) -> None:
+        """The database closed (called by ``DB.close``): this connection can do nothing more.
+
+        Uncommitted changes stay joined to their transaction, whose commit then fails with a
+        ConnectionStateError; its abort discards them.
+        """
+        self._closed_because = f"its database on {self._storage.name} is closed"
+        if not self._opened:
+            return
+        self._leave_manager()
+        callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             callback()
 
@@ -220,7 +245,7 @@ class Connection:
 
     def _check_open(self, action: str) -> None:
         if not self._opened:
-            raise ConnectionStateError(f"cannot {action}: the connection is closed")
+            raise ConnectionStateError(f"cannot {action}: {self._closed_because}")
 
     def __repr__(self) -> str:
         state = "open" if self._opened else "closed"
@@ -347,7 +372,7 @@ class Connection:
         """Note that ``obj`` changed in the current transaction."""
         if not self._opened:
             what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
-            raise ConnectionStateError(f"cannot change {what}: its connection is closed")
+            raise ConnectionStateError(f"cannot change {what}: {self._closed_because}")
         self._join()
         self._registered.append(obj)
 
@@ -356,7 +381,7 @@ class Connection:
         oid: Oid = _get_slot(obj, "_p_oid")  # not through the ghost's attribute hook
         if not self._opened:
             raise ConnectionStateError(
-                f"cannot load {class_name(obj.__class__)} oid {oid_repr(oid)}: its connection is closed"
+                f"cannot load {class_name(obj.__class__)} oid {oid_repr(oid)}: {self._closed_because}"
             )
         # hot path: every ghost touched.  _enter/_leave and _load are inlined here.
         me = _get_ident()
@@ -423,6 +448,7 @@ class Connection:
 
     def tpc_begin(self, transaction: Any) -> None:
         """Start writing: waits for the storage's commit lock."""
+        self._check_open("commit")
         if self._storage.read_only:
             raise ReadOnlyError(f"cannot commit: {self._storage.name} is read-only")
         self._storage.begin(_meta(transaction))
@@ -582,7 +608,7 @@ class Connection:
         new_ghosts = [obj for obj in victims if obj._p_serial == z64 and obj._p_state == GHOST]
         while new_ghosts:
             for obj in new_ghosts:
-                self.setstate(obj)
+                self._restore_from_spill(obj)
             new_ghosts = [
                 obj for _, obj in self._cache.live_objects()
                 if obj._p_serial == z64 and obj._p_state == GHOST and obj._p_oid in spill
@@ -590,6 +616,16 @@ class Connection:
             victims.extend(new_ghosts)
         for obj in victims:
             self._discard(obj)
+
+    def _restore_from_spill(self, obj: Persistent) -> None:
+        """Load the ghost of a new object from the spill (works after the database closed)."""
+        oid: Oid = obj._p_oid  # type: ignore[assignment]
+        assert self._spill is not None
+        spilled = self._spill.load(oid)
+        if spilled is None:
+            raise POSKeyError(oid, f"new {class_name(obj.__class__)} is not in the savepoint spill")
+        record, serial = spilled
+        self._restore(obj, oid, record, serial, self._reader.header(oid, record))
 
     def _end_transaction(self) -> None:
         self._joined = None
@@ -603,6 +639,7 @@ class Connection:
     @_exclusive
     def savepoint(self) -> _ConnectionSavepoint:
         """Spill the changes made so far to a temporary file; return a way back to here."""
+        self._check_open("take a savepoint")
         if self._spill is None:
             self._spill = SpillFile()
         self._write_pending(_spill_sink(self._spill))
@@ -645,6 +682,7 @@ class Connection:
 
     def sync(self) -> None:
         """Abort the current transaction and move to the newest committed state."""
+        self._check_open("sync")
         self.transaction_manager.abort()
         self._start_snapshot()
 

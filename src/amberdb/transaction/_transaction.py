@@ -13,9 +13,10 @@ commit/join/savepoint on it raise :class:`TransactionError`)::
         │ commit(): before-commit hooks and
         │ beforeCompletion run while still Active
         ▼
-      ┌────────────┐  tpc_begin*, commit*, tpc_vote*,    ┌───────────┐  after-commit hooks(True),
-      │ Committing │ ──── tpc_finish* all returned ────▶ │ Committed │  afterCompletion ─▶ finished
-      └────────────┘                                     └───────────┘
+      ┌────────────┐  tpc_begin*, commit*, tpc_vote*,    ┌───────────┐  afterCompletion,
+      │ Committing │ ──── tpc_finish* all returned ────▶ │ Committed │  after-commit hooks(True)
+      └────────────┘                                     └───────────┘  ─▶ finished; their errors
+                                                                        are logged, not raised
         │ any of them raised: tpc_abort for data managers whose tpc_begin was called, abort
         │ for the others; after-commit hooks(False), afterCompletion; the error propagates
         ▼
@@ -400,17 +401,15 @@ class Transaction:
             self._run_after_commit_hooks(False)
             self._notify_synchs("afterCompletion", [])
             raise
+        # Every data manager finished: the transaction is durable, and nothing from here on
+        # may report it as failed (errors are logged).  Synchronizers catch up first, then
+        # after-commit hooks run, as in the ``transaction`` package.
         self._status = Status.COMMITTED
-        self._run_after_commit_hooks(True)
-        errors: list[BaseException] = []
         try:
-            self._notify_synchs("afterCompletion", errors)
+            self._notify_synchs("afterCompletion", [])
+            self._run_after_commit_hooks(True)
         finally:
             self._finish()
-        if errors:
-            # The data is committed (status says so); still, a synchronizer that could not
-            # catch up must not fail silently.
-            raise errors[0]
 
     def _clean_up_failed_commit(self, begun: set[int], finished: set[int]) -> None:
         for resource in self._resources:
