@@ -68,7 +68,7 @@ def test_connections_of_a_closed_database_refuse_loads_changes_and_commits() -> 
         conn.get(book._p_oid)
     with pytest.raises(ConnectionStateError, match="database .*is closed"):
         other.title  # noqa: B018 - loading the ghost
-    with pytest.raises(ConnectionStateError, match=r"Book oid 0x.*database .*is closed"):
+    with pytest.raises(ConnectionStateError, match=r"Book oid 0x.*database .*is closed.*'title'"):
         book.title = "v2"
     assert book.title == "v1" and book._p_changed is False
     with pytest.raises(ConnectionStateError, match="database .*is closed"):

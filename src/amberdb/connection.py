@@ -33,6 +33,7 @@ from amberdb.exceptions import (
     ReadOnlyError,
     RecordDecodeError,
     SerializationError,
+    TransactionError,
 )
 from amberdb.persistent import (
     CHANGED,
@@ -373,7 +374,12 @@ class Connection:
         if not self._opened:
             what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
             raise ConnectionStateError(f"cannot change {what}: {self._closed_because}")
-        self._join()
+        if self._joined is None:
+            try:
+                self._join()
+            except TransactionError as exc:  # no transaction, or one that is over
+                what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
+                raise type(exc)(f"cannot change {what}: {exc}") from None
         self._registered.append(obj)
 
     def setstate(self, obj: Persistent) -> None:

@@ -45,7 +45,7 @@ import sys
 from types import MemberDescriptorType
 from typing import Any, Protocol
 
-from amberdb.exceptions import ConnectionStateError
+from amberdb.exceptions import ConnectionStateError, TransactionError
 from amberdb.utils import Oid, oid_repr, time_from_tid, z64
 
 __all__ = [
@@ -134,7 +134,7 @@ class Persistent:
     # (closed, no transaction) must leave neither the value nor the mark behind.
     def __setattr__(self, name: str, value: Any) -> None:
         if self._p_state == UPTODATE and self._p_jar is not None and not name.startswith(_MACHINERY_PREFIXES):
-            _set_changed(self)
+            _set_changed(self, name)
         _object_setattr(self, name, value)
 
     def __delattr__(self, name: str) -> None:
@@ -144,7 +144,7 @@ class Persistent:
             and not name.startswith(_MACHINERY_PREFIXES)
             and _deletes_something(self, name)
         ):
-            _set_changed(self)
+            _set_changed(self, name)
         _object_delattr(self, name)
 
     # -- the _p_ interface -------------------------------------------------------------
@@ -357,10 +357,15 @@ def _changed_twin(cls: type) -> type | None:
     return twin
 
 
-def _set_changed(obj: Persistent) -> None:
+def _set_changed(obj: Persistent, attribute: str | None = None) -> None:
     # Registered first: when the connection refuses (closed, no transaction), the object
     # must stay unchanged, or its next write would skip registering and be lost.
-    obj._p_jar.register(obj)
+    try:
+        obj._p_jar.register(obj)
+    except (ConnectionStateError, TransactionError) as exc:
+        if attribute is None:
+            raise
+        raise type(exc)(f"{exc} (attribute {attribute!r} left unchanged)") from None
     _object_setattr(obj, "_p_state", CHANGED)
     twin = _changed_twin(type(obj))
     if twin is not None:
