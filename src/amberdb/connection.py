@@ -604,34 +604,42 @@ class Connection:
         """Discard spilled changes of live objects; new ones keep their state, unsaved."""
         spill = self._spill
         assert spill is not None
-        victims = []
-        for oid in oids:
-            obj = self._cache.get(oid)
-            if obj is not None:
-                victims.append(obj)
-        # A new object that became a ghost has its only state in the spill: load it first,
-        # which may make ghosts of further new objects it refers to.
-        new_ghosts = [obj for obj in victims if obj._p_serial == z64 and obj._p_state == GHOST]
-        while new_ghosts:
-            for obj in new_ghosts:
-                self._restore_from_spill(obj)
-            new_ghosts = [
-                obj for _, obj in self._cache.live_objects()
-                if obj._p_serial == z64 and obj._p_state == GHOST and obj._p_oid in spill
-            ]  # fmt: skip
-            victims.extend(new_ghosts)
+        victims = [obj for obj in map(self._cache.get, oids) if obj is not None]
+        victims.extend(self._load_spilled_ghosts(victims, spill.__contains__))
         for obj in victims:
             self._discard(obj)
 
-    def _restore_from_spill(self, obj: Persistent) -> None:
-        """Load the ghost of a new object from the spill (works after the database closed)."""
-        oid: Oid = obj._p_oid  # type: ignore[assignment]
-        assert self._spill is not None
-        spilled = self._spill.load(oid)
-        if spilled is None:
-            raise POSKeyError(oid, f"new {class_name(obj.__class__)} is not in the savepoint spill")
-        record, serial = spilled
-        self._restore(obj, oid, record, serial, self._reader.header(oid, record))
+    def _load_spilled_ghosts(
+        self, objects: list[Persistent], leaving: Callable[[Oid], bool]
+    ) -> list[Persistent]:
+        """Load the ghosts of new objects about to leave the transaction; return the new ghosts met.
+
+        A new object that became a ghost has its only state in the spill; before the spill
+        forgets it (abort, rollback) it is loaded, so the object leaves the transaction
+        holding its latest state.  Loading makes ghosts of the objects it refers to; those
+        that are new and ``leaving`` too are loaded in turn (a worklist, not a rescan).
+        """
+        spill = self._spill
+        assert spill is not None
+        work = [obj for obj in objects if obj._p_serial == z64 and obj._p_state == GHOST]
+        met: list[Persistent] = []
+        while work:
+            obj = work.pop()
+            if obj._p_state != GHOST or obj._p_jar is not self:
+                continue
+            oid: Oid = obj._p_oid  # type: ignore[assignment]
+            spilled = spill.load(oid) if leaving(oid) else None
+            if spilled is None:
+                continue  # its state stays where it is (the spill, or the storage)
+            record, serial = spilled
+            header = self._reader.header(oid, record)
+            self._restore(obj, oid, record, serial, header)
+            for ref_oid, _ in header.refs:
+                ref = self._cache.get(ref_oid)
+                if ref is not None and ref._p_serial == z64 and ref._p_state == GHOST and leaving(ref_oid):
+                    met.append(ref)
+                    work.append(ref)
+        return met
 
     def _end_transaction(self) -> None:
         self._joined = None
@@ -654,21 +662,30 @@ class Connection:
 
     @_exclusive
     def _rollback(self, position: int) -> None:
+        """Put every object back as it was at the savepoint that ended at spill ``position``.
+
+        Changed objects become ghosts and load their savepoint state (from the spill, or the
+        storage).  That includes new objects the savepoint wrote: they keep their oid and stay
+        in the transaction.  New objects added after the savepoint leave it (unsaved again,
+        holding their latest state).
+        """
         spill = self._spill
         if spill is None:
             raise ConnectionStateError("savepoint rollback after the transaction ended")
-        for obj in list(self._added.values()):
-            self._discard(obj)
-        for obj in self._registered:
-            self._discard(obj)
+        later = set(spill.oids_since(position))
+        victims = [*self._added.values(), *self._registered]
+        victims.extend(obj for obj in map(self._cache.get, later) if obj is not None)
+        victims.extend(self._load_spilled_ghosts(victims, later.__contains__))
+        spill.rollback(position)
         self._added = {}
         self._registered = []
-        self._discard_spilled(spill.oids_since(position))
-        undone = spill.rollback(position)
-        for oid in undone:
-            spilled = self._cache.get(oid)
-            if spilled is not None and spilled._p_jar is self and spilled._p_state != GHOST:
-                ghostify(spilled)
+        for obj in victims:
+            if obj._p_jar is not self or obj._p_state == GHOST:
+                continue
+            if obj._p_serial == z64 and obj._p_oid not in spill:
+                self._unsave(obj)  # added after the savepoint
+            else:
+                ghostify(obj)
 
     # -- synchronisation (called by the transaction manager) --------------------------------
 
