@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from amberdb.btrees import _conflict
 from amberdb.btrees._kinds import NONE_KEY, Kind, key_out
-from amberdb.btrees._seq import ITEMS, KEYS, VALUES, empty_range, iterate
+from amberdb.btrees._seq import ITEMS, KEYS, VALUES, empty_range, iterate, keys_changed, walks
 from amberdb.persistent import Persistent, mark_changed
 
 __all__ = [
@@ -173,6 +173,13 @@ class LeafBase(FamilyMember):
         if self._p_jar is not None:
             mark_changed(self)
 
+    def _keys_changing(self) -> None:
+        """Mark this leaf changed and stop its walks: called before a key is added or removed."""
+        if self._p_jar is not None:
+            mark_changed(self)
+        if walks:
+            keys_changed(self)
+
     def _split(self, at: int) -> LeafBase:
         """Move the keys from index ``at`` on into a new leaf linked after this one."""
         raise NotImplementedError
@@ -266,7 +273,7 @@ class BucketBase(LeafBase, MappingIteration):
                 self._changed()
                 self._values[i] = value
             return 0
-        self._changed()
+        self._keys_changing()
         keys.insert(i, key)
         self._values.insert(i, value)
         return 1
@@ -282,7 +289,7 @@ class BucketBase(LeafBase, MappingIteration):
         i = self._find(key)
         if i < 0:
             raise KeyError(key)
-        self._changed()
+        self._keys_changing()
         del self._keys[i]
         del self._values[i]
 
@@ -302,7 +309,7 @@ class BucketBase(LeafBase, MappingIteration):
                 raise KeyError(key)
             return default
         value = self._values[i]
-        self._changed()
+        self._keys_changing()
         del self._keys[i]
         del self._values[i]
         return value
@@ -311,7 +318,7 @@ class BucketBase(LeafBase, MappingIteration):
         """Remove and return the item with the smallest key; KeyError when empty."""
         if not self._keys:
             raise KeyError("popitem(): empty bucket")
-        self._changed()
+        self._keys_changing()
         return (key_out(self._keys.pop(0)), self._values.pop(0))
 
     def update(self, items: Any = (), /, **kwargs: Any) -> None:
@@ -324,7 +331,7 @@ class BucketBase(LeafBase, MappingIteration):
     def clear(self) -> None:
         """Remove every item."""
         if self._keys:
-            self._changed()
+            self._keys_changing()
             self._keys = self._kkind.empty()
             self._values = self._vkind.empty()
 
@@ -388,7 +395,7 @@ class SetBase(LeafBase):
         i = bisect_left(keys, key)
         if i != len(keys) and keys[i] == key:
             return 0
-        self._changed()
+        self._keys_changing()
         keys.insert(i, key)
         return 1
 
@@ -399,7 +406,7 @@ class SetBase(LeafBase):
         i = self._find(key)
         if i < 0:
             raise KeyError(key)
-        self._changed()
+        self._keys_changing()
         del self._keys[i]
 
     def discard(self, key: Any) -> None:
@@ -413,7 +420,7 @@ class SetBase(LeafBase):
         """Remove and return the smallest key; KeyError when empty."""
         if not self._keys:
             raise KeyError("pop from an empty set")
-        self._changed()
+        self._keys_changing()
         return key_out(self._keys.pop(0))
 
     def update(self, items: Iterable[Any]) -> int:
@@ -423,7 +430,7 @@ class SetBase(LeafBase):
     def clear(self) -> None:
         """Remove every key."""
         if self._keys:
-            self._changed()
+            self._keys_changing()
             self._keys = self._kkind.empty()
 
     def _split(self, at: int) -> SetBase:

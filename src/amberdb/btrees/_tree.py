@@ -41,7 +41,7 @@ from amberdb.btrees._leaves import (
     extra_state,
     set_extra_state,
 )
-from amberdb.btrees._seq import ITEMS, KEYS, VALUES, RangeView, empty_range, iterate
+from amberdb.btrees._seq import ITEMS, KEYS, VALUES, RangeView, empty_range, iterate, keys_changed, walks
 from amberdb.persistent import mark_changed
 
 __all__ = ["BTreeBase", "TreeBase", "TreeSetBase", "hot_methods"]
@@ -215,6 +215,8 @@ class TreeBase(FamilyMember):
     def clear(self) -> None:
         """Remove everything."""
         if self._children:
+            if walks:
+                keys_changed(self)
             self._leaf = True
             self._keys = []
             self._children = []
@@ -266,8 +268,13 @@ class TreeBase(FamilyMember):
         """The smallest key (at least ``key`` when given); ValueError when there is none."""
         if not self:
             raise ValueError("empty tree")
-        for found in self._iter(KEYS, key, None, False, False):
-            return found
+        # Not a walk: one position, then at most a step to the next bucket.
+        bucket, i = self._position(self._bound(key), True)
+        while bucket is not None:
+            keys = bucket._keys
+            if i < len(keys):
+                return key_out(keys[i])
+            bucket, i = bucket._next, 0
         raise ValueError("no key satisfies the conditions")
 
     def maxKey(self, key: Any = None) -> Any:
@@ -434,6 +441,8 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             raise KeyError(key_out(key))
         if bucket._p_jar is not None:
             mark_changed(bucket)
+        if walks:
+            keys_changed(self)
         del keys[i]
         value = None
         if vkind is not None:
@@ -444,6 +453,8 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
 
     def _start(self: TreeBase, key: Any, value: Any) -> None:
         """The first key of an empty tree: its first bucket."""
+        if walks:
+            keys_changed(self)
         cls = self._bucket_class
         bucket = cls.__new__(cls)
         bucket._keys = kkind.make((key,))
@@ -474,6 +485,8 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
                 return 0
             if bucket._p_jar is not None:
                 mark_changed(bucket)
+            if walks:
+                keys_changed(self)
             keys.insert(i, key)
             if len(keys) > self._max_bucket_size:
                 self._grow(key)
@@ -549,6 +562,8 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             return 0
         if bucket._p_jar is not None:
             mark_changed(bucket)
+        if walks:
+            keys_changed(self)
         keys.insert(i, key)
         bucket._values.insert(i, value)
         if len(keys) > self._max_bucket_size:
@@ -581,6 +596,8 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             return
         if bucket._p_jar is not None:
             mark_changed(bucket)
+        if walks:
+            keys_changed(self)
         keys.insert(i, key)
         bucket._values.insert(i, value)
         if len(keys) > self._max_bucket_size:
