@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import amberdb
+import amberdb.exceptions
 import amberdb.transaction as transaction
 from amberdb import DB
 from amberdb.exceptions import ConnectionStateError
@@ -169,3 +170,41 @@ def test_connection_closed_from_another_thread_leaves_its_first_threads_manager(
     assert calls == []
     del conn.newTransaction
     reused.close()
+
+
+class _StorageFailingAfterFinish:
+    """A memory storage that fails every call made after a ``finish`` (as if closed then)."""
+
+    def __init__(self) -> None:
+        from amberdb.storage.memory import MemoryStorage
+
+        self._inner = MemoryStorage()
+        self.finished = False
+
+    def finish(self) -> bytes:
+        tid: bytes = self._inner.finish()
+        self.finished = True
+        return tid
+
+    def __getattr__(self, name: str) -> Any:
+        if self.finished and name not in ("read_only", "name"):
+            raise amberdb.exceptions.StorageError(f"{name}() called after finish()")
+        return getattr(self._inner, name)
+
+
+def test_commit_is_reported_as_committed_when_the_storage_fails_after_finish(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = _StorageFailingAfterFinish()
+    db = DB(storage)  # type: ignore[arg-type]
+    storage.finished = False  # the root's creation
+    manager = transaction.TransactionManager()
+    conn = db.open(manager)
+    conn.root()["book"] = Book("durable")
+    with caplog.at_level(logging.ERROR, logger="amberdb.transaction"):
+        manager.commit()  # durable once finish() returned: must not raise
+    assert storage.finished
+    storage.finished = False
+    assert _committed_title(db) == "durable"
+    conn.close()
+    db.close()

@@ -543,9 +543,11 @@ class Connection:
         db = self._db
         with db._lock:
             tid = self._storage.finish()
+            # Durable from here: nothing below asks the storage anything, so nothing can
+            # turn a commit that happened into one reported as failed.
             if db._has_other_connections(self):
                 db._invalidate(self._written_oids(), self)
-            self._take_snapshot()
+            self._take_snapshot(tid)
         spill = self._spill
         for obj in self._stored:
             if obj._p_jar is self:
@@ -721,8 +723,9 @@ class Connection:
             if obj is not None and obj._p_state != GHOST:
                 ghostify(obj)
 
-    def _take_snapshot(self) -> None:
-        self._snapshot = self._storage.last_tid()
+    def _take_snapshot(self, tid: Tid | None = None) -> None:
+        """Read as of ``tid`` from now on (default: the storage's newest transaction)."""
+        self._snapshot = self._storage.last_tid() if tid is None else tid
         self._read_before = p64(u64(self._snapshot) + 1)
 
     def _invalidate(self, oids: Iterable[Oid]) -> None:
