@@ -215,6 +215,7 @@ class TreeBase(FamilyMember):
     def clear(self) -> None:
         """Remove everything."""
         if self._children:
+            _touch(self)
             if walks:
                 keys_changed(self)
             self._leaf = True
@@ -453,6 +454,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
 
     def _start(self: TreeBase, key: Any, value: Any) -> None:
         """The first key of an empty tree: its first bucket."""
+        _touch(self)
         if walks:
             keys_changed(self)
         cls = self._bucket_class
