@@ -611,6 +611,39 @@ class DifferentialMachine(RuleBasedStateMachine):
         if then_trim_cache:
             self.trim_cache(minimize=False)
 
+    @rule()
+    def begin_aborts_the_current_transaction(self) -> None:
+        self.expect(self.both(lambda w: w.tm_a.begin() and None), ("ok", None))
+        self.resync()
+
+    @rule()
+    def doomed_commit_is_refused(self) -> None:
+        self.expect(self.both(lambda w: w.tm_a.doom()), ("ok", None))
+        self.expect(self.both(lambda w: w.tm_a.commit()), ("error", "refused"))
+        self.expect(self.both(lambda w: w.tm_a.abort()), ("ok", None))
+        self.resync()
+
+    # -- connection A: objects back to ghosts ---------------------------------------------------
+
+    @precondition(lambda self: self.items())
+    @rule(data=st.data(), invalidate=st.booleans())
+    def back_to_ghost(self, data: st.DataObject, invalidate: bool) -> None:
+        """``_p_deactivate`` (unchanged objects only) or ``_p_invalidate`` (changes are lost)."""
+        name = data.draw(st.sampled_from(self.items()))
+
+        def act(world: World) -> None:
+            item = world.a.root()[name]
+            item._p_invalidate() if invalidate else item._p_deactivate()
+
+        if name not in self.start:
+            # New in this transaction: AmberDB leaves it alone (its state may exist only in
+            # memory); ZODB makes an explicitly added one a ghost with no record.
+            self.expect(self.amber_only(act), ("ok", None))
+            return
+        self.expect(self.both(act), ("ok", None))
+        if invalidate:  # back to the last savepoint's state, or the transaction's start
+            self.model[name] = (self.stack[-1].snapshot if self.stack else self.start)[name]
+
     # -- connection A: closing, writing while closed, cache -----------------------------------
 
     def close_a(self) -> bool:
