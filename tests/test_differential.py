@@ -295,8 +295,6 @@ II_KEYS = st.integers(1, 6)
 class DifferentialMachine(RuleBasedStateMachine):
     """Same operations on AmberDB, ZODB and a model; see the module docstring."""
 
-    path_factory: Callable[[], str | None] = staticmethod(lambda: None)  # type: ignore[assignment]
-
     def __init__(self) -> None:
         super().__init__()
         # Cyclic garbage collected at random moments would make caches (weak references)
@@ -829,9 +827,15 @@ SETTINGS = settings(
 # A failure shrinks for up to five minutes (hypothesis's limit): give it the time to report.
 @pytest.mark.timeout(900)
 def test_amberdb_behaves_like_zodb_and_the_model() -> None:
-    run_state_machine_as_test(DifferentialMachine, settings=SETTINGS)
+    try:
+        run_state_machine_as_test(DifferentialMachine, settings=SETTINGS)
+    finally:
+        gc.enable()  # even if a machine failed before its teardown
 
 
 @pytest.mark.timeout(900)
 def test_amberdb_behaves_like_zodb_and_the_model_on_files() -> None:
-    run_state_machine_as_test(FileDifferentialMachine, settings=settings(SETTINGS, max_examples=25))
+    try:
+        run_state_machine_as_test(FileDifferentialMachine, settings=settings(SETTINGS, max_examples=25))
+    finally:
+        gc.enable()
