@@ -16,11 +16,11 @@ import amberdb
 import amberdb.transaction as transaction
 from amberdb import DB, Persistent, PersistentList, PersistentMapping
 from amberdb.btrees import IIBTree, IITreeSet, OOBTree
-from amberdb.exceptions import DatabaseError, RecordDecodeError
+from amberdb.exceptions import DatabaseError, POSKeyError, RecordDecodeError
 from amberdb.persistent import class_name
 from amberdb.serialize import ObjectWriter
 from amberdb.storage.base import TransactionMeta
-from amberdb.utils import Oid, oid_repr
+from amberdb.utils import Oid, oid_repr, p64
 from tests.models import Book, Compact, Slotted
 
 
@@ -155,3 +155,28 @@ def test_a_failed_load_leaves_the_connection_usable(conn: amberdb.Connection) ->
         other.root()["bad"].title  # noqa: B018
     assert other.root()["good"].title == "good"
     other.close()
+
+
+def test_reference_to_a_missing_record_names_the_oid_and_the_class(conn: amberdb.Connection) -> None:
+    conn.root.book = book = Book("x")
+    transaction.commit()
+    missing = p64(999)
+
+    def dangling(obj: Any) -> Oid:
+        return missing
+
+    state = {"title": "x", "authors": (), "sequel": Book("never stored")}
+    record = ObjectWriter(conn.db()._resolver, dangling).serialize_state(class_name(Book), state)
+    storage = conn.db().storage
+    storage.begin(TransactionMeta(description="a dangling reference"))
+    storage.store(book._p_oid, storage.load(book._p_oid)[1], record)
+    storage.vote()
+    storage.finish()
+    reader = conn.db().open(transaction.TransactionManager())
+    sequel = reader.root()["book"].sequel
+    for _ in range(2):
+        with pytest.raises(POSKeyError, match=r"0x3e7.*tests\.models:Book") as failure:
+            sequel.title  # noqa: B018
+        assert isinstance(failure.value.__cause__, POSKeyError)
+        assert sequel._p_status == "ghost"
+    reader.close()

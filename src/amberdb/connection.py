@@ -398,9 +398,14 @@ class Connection:
         try:
             spilled = None if self._spill is None else self._spill.load(oid)
             if spilled is None:
-                record, serial = self._storage.load(oid)
-                if serial > self._snapshot:
-                    record, serial = self._storage.load(oid, self._read_before)
+                try:
+                    record, serial = self._storage.load(oid)
+                    if serial > self._snapshot:
+                        record, serial = self._storage.load(oid, self._read_before)
+                except POSKeyError as exc:
+                    raise POSKeyError(
+                        oid, f"cannot load {class_name(obj.__class__)}: it is referred to but has no record"
+                    ) from exc
             else:
                 record, serial = spilled
             reader = self._reader
