@@ -14,10 +14,9 @@ commit/join/savepoint on it raise :class:`TransactionError`)::
         │ commit(): before-commit hooks and
         │ beforeCompletion run while still Active
         ▼
-      ┌────────────┐  tpc_begin*, commit*, tpc_vote*,    ┌───────────┐  afterCompletion,
-      │ Committing │ ──── tpc_finish* all returned ────▶ │ Committed │  after-commit hooks(True)
-      └────────────┘                                     └───────────┘  ─▶ finished; their errors
-                                                                        are logged, not raised
+      ┌────────────┐  tpc_begin*, commit*, tpc_vote*,    ┌───────────┐  afterCompletion, after-commit
+      │ Committing │ ──── tpc_finish* all returned ────▶ │ Committed │  hooks(True) ─▶ finished (their
+      └────────────┘                                     └───────────┘  errors are logged, never raised)
         │ any of them raised: tpc_abort for data managers whose tpc_begin was called, abort
         │ for the others; after-commit hooks(False), afterCompletion; the error propagates
         ▼
