@@ -6,12 +6,13 @@ in C.  A chunk is a copy taken when the iteration reaches its bucket.
 
 Changing the keys during a walk raises RuntimeError, as a dict does, instead of letting the
 walk skip or repeat keys, or run for ever (``for k in t.keys(): t[k + 10000] = 1`` inserts
-ahead of the walk without end).  A walk registers itself in ``_walks`` under the container
-it walks (a tree, or a standalone bucket or set); every insert or delete of a key through
-that container calls :func:`keys_changed`, which marks its walks stale; a stale walk raises
-when the consumer has used up the current chunk, so at the latest one bucket later.  No walk
-in progress (the usual case) costs a mutation one truth test of ``_walks``.  The bucket's
-length is checked too, for changes made to a tree's buckets directly.
+ahead of the walk without end).  While walks of a container (a tree, or a standalone bucket
+or set) are in progress, ``_walks`` holds a *version* for it: every insert or delete of a key
+through that container bumps it (:func:`keys_changed`), and a walk that finds it different
+from what it was when the walk began raises once the consumer has used up the current chunk,
+so at the latest one bucket later.  No walk in progress (the usual case) costs a mutation one
+truth test of ``_walks``.  The bucket's length is checked too, for changes made to a tree's
+buckets directly.
 
 The upper bound is checked once per bucket: a bucket whose last key is in range is taken
 whole, otherwise one ``bisect`` finds where the range ends and the walk stops there.  So a
@@ -34,27 +35,20 @@ VALUES = 1
 ITEMS = 2
 
 
-class _Walk:
-    """One iteration in progress; ``stale`` once its container's keys changed."""
-
-    stale = False  # a class default: no __init__ to run for every walk
-
-
-# id(container) -> its walks in progress.  A walk's generator holds the container, so the
-# id cannot be reused while it is registered.  No lock: each step is one atomic dict or list
-# operation, and a container's walks run in the one thread that uses its connection (two
-# threads walking one unsaved tree at worst lose the check, never crash).
-_walks: dict[int, list[_Walk]] = {}
+# id(container) -> [walks in progress, version].  A walk's generator holds the container, so
+# the id cannot be reused while the entry exists.  No lock: a container's walks run in the one
+# thread that uses its connection (two threads walking one unsaved tree at once can at worst
+# lose the check, never crash).
+_walks: dict[int, list[int]] = {}
 walks = _walks
 """The registry itself, for the mutation hot paths: ``if walks: keys_changed(self)``."""
 
 
 def keys_changed(container: Any) -> None:
     """Note that a key was added to or removed from ``container``: its walks must stop."""
-    found = _walks.get(id(container))
-    if found:
-        for walk in found:
-            walk.stale = True
+    entry = _walks.get(id(container))
+    if entry is not None:
+        entry[1] += 1
 
 
 def _changed_error(container: Any) -> RuntimeError:
@@ -82,12 +76,13 @@ def chunks(
     produced (-1: no limit).  ``single`` stops after the first bucket (standalone buckets).
     The start position is found when the walk begins, not when this is called.
     """
-    walk = _Walk()
     key = id(start)
-    registered = _walks.get(key)
-    if registered is None:
-        registered = _walks.setdefault(key, [])
-    registered.append(walk)
+    entry = _walks.get(key)
+    if entry is None:
+        entry = _walks[key] = [1, 0]
+    else:
+        entry[0] += 1
+    version = entry[1]
     try:
         bucket, i = start._position(lo, lo_incl)
         while bucket is not None:
@@ -126,16 +121,16 @@ def chunks(
                     if part[0] is NONE_KEY:  # only ever the first key of the first bucket
                         part[0] = None
                     yield part if what == KEYS else zip(part, bucket._values[i:stop])
-                if walk.stale or len(bucket._keys) != n:
+                if entry[1] != version or len(bucket._keys) != n:
                     raise _changed_error(start)
             if last:
                 return
             bucket = bucket._next
             i = 0
     finally:
-        registered.remove(walk)
-        if not registered:
-            _walks.pop(key, None)
+        entry[0] -= 1
+        if entry[0] <= 0 and _walks.get(key) is entry:
+            del _walks[key]
 
 
 def count(start: Any, lo: Any, lo_incl: bool, hi: Any, hi_incl: bool, single: bool = False) -> int:
