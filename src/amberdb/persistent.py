@@ -25,8 +25,8 @@ and abort switch it back.  Registering comes before both the mark and the write:
 connection that refuses the change (closed, or no transaction on an explicit manager) raises,
 and the object keeps its value and stays unchanged.  A write that raises after the
 connection accepted it (a property setter rejecting the value) leaves the object marked
-changed: it is stored again as it is, which loses nothing.  (Classes that define their own ``__setattr__`` or
-``__delattr__`` keep their class: their hook must keep running.)
+changed: it is stored again as it is, which loses nothing.  (Classes that define their own
+``__setattr__`` or ``__delattr__`` keep their class: their hook must keep running.)
 
 ``isinstance`` sees the real class in every state and ``obj.__class__`` answers it; only
 ``type(obj)`` shows a twin, for ghosts and changed objects.  Names starting with ``_p_`` belong to the
