@@ -76,6 +76,7 @@ def test_persistent_list_matches_list_across_commits_and_aborts(ops: list[tuple[
             transaction.abort()
             model = list(committed)
             continue
+        changed_before = items._p_changed
         outcomes = []
         for target in (model, items):
             try:
@@ -87,6 +88,8 @@ def test_persistent_list_matches_list_across_commits_and_aborts(ops: list[tuple[
         assert list(items) == model
         if outcomes[0] is None and op[0] not in ("imul",):
             assert items._p_changed is True
+        if outcomes[0] is not None:  # a failed change marks nothing
+            assert (items._p_changed is True) == (changed_before is True)
     transaction.commit()
     conn.cache_minimize()
     assert list(conn.root.items) == model
@@ -145,6 +148,7 @@ def test_persistent_mapping_matches_dict_across_commits_and_aborts(ops: list[tup
             transaction.abort()
             model = dict(committed)
             continue
+        changed_before = m._p_changed
         results = []
         for target in (model, m):
             try:
@@ -155,6 +159,8 @@ def test_persistent_mapping_matches_dict_across_commits_and_aborts(ops: list[tup
         assert dict(m) == model
         if results[0][0] == "ok" and op[0] in ("set", "del", "update", "popitem", "clear"):
             assert m._p_changed is True
+        if results[0][0] != "ok":  # a failed change marks nothing
+            assert (m._p_changed is True) == (changed_before is True)
     transaction.commit()
     conn.cache_minimize()
     assert dict(conn.root.m) == model

@@ -8,7 +8,8 @@ Two structures:
 * an LRU list of *strong* references to loaded (non-ghost) objects.  At transaction
   boundaries :meth:`ObjectCache.shrink` turns the least recently used unchanged objects
   beyond ``target_size`` back into ghosts and drops its strong reference, so a program can
-  walk a database far larger than its memory.
+  walk a database far larger than its memory.  Only objects whose state can be loaded back
+  are evicted: never a changed object, never a new one whose state is only in memory.
 
 Recency is the time an object was last loaded, added, stored or fetched with
 ``Connection.get``; plain attribute reads are not tracked, because tracking them would put a
@@ -20,10 +21,10 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from amberdb.persistent import CHANGED, GHOST, Persistent, ghostify
-from amberdb.utils import Oid
+from amberdb.utils import Oid, z64
 
 __all__ = ["ObjectCache"]
 
@@ -38,10 +39,11 @@ class _KeyedRef(weakref.ref):  # type: ignore[type-arg]
 class ObjectCache:
     """Objects of one connection by oid, with a least-recently-used bound on loaded ones."""
 
-    def __init__(self, target_size: int) -> None:
+    def __init__(self, target_size: int, in_spill: Callable[[Oid], bool] = lambda oid: False) -> None:
         if target_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {target_size}")
         self.target_size = target_size
+        self._in_spill = in_spill
         self._refs: dict[Oid, _KeyedRef] = {}
         self._lru: OrderedDict[Oid, Persistent] = OrderedDict()
         refs = self._refs
@@ -81,16 +83,22 @@ class ObjectCache:
         self._lru.pop(oid, None)
 
     def shrink(self) -> int:
-        """Ghostify least recently used unchanged objects beyond the target; return how many."""
+        """Ghostify least recently used evictable objects beyond the target; return how many.
+
+        Evictable: unchanged, and with a state that can be loaded back, from the storage (a
+        saved object) or from the spill (a new object a savepoint wrote).  An added object
+        whose only state is in memory is kept, as is every changed object.
+        """
         lru = self._lru
         excess = len(lru) - self.target_size
         evicted = 0
         kept: list[tuple[Oid, Persistent]] = []
+        in_spill = self._in_spill
         while excess > 0 and lru:
             oid, obj = lru.popitem(last=False)
             excess -= 1
             state = obj._p_state
-            if state == CHANGED:
+            if state == CHANGED or (obj._p_serial == z64 and state != GHOST and not in_spill(oid)):
                 kept.append((oid, obj))
                 continue
             if state != GHOST and obj._p_jar is not None:
@@ -101,7 +109,7 @@ class ObjectCache:
         return evicted
 
     def minimize(self) -> None:
-        """Ghostify every unchanged object."""
+        """Ghostify every evictable object (see :meth:`shrink`)."""
         target = self.target_size
         self.target_size = 0
         try:

@@ -31,7 +31,9 @@ from amberdb.exceptions import (
     InvalidObjectReference,
     POSKeyError,
     ReadOnlyError,
+    RecordDecodeError,
     SerializationError,
+    TransactionError,
 )
 from amberdb.persistent import (
     CHANGED,
@@ -128,12 +130,16 @@ class Connection:
     def __init__(self, db: DB, cache_size: int) -> None:
         self._db = db
         self._storage = db.storage
-        self._cache = ObjectCache(cache_size)
+        self._cache = ObjectCache(cache_size, self._in_spill)
         self._reader = ObjectReader(db._resolver, self._ghost_for)
         self._writer = ObjectWriter(db._resolver, self._reference)
         self.root = RootConvenience(self)
         self.transaction_manager: Any = None
+        # The manager registerSynch went to: for a per-thread manager, the opening thread's
+        # own, which close() must unregister from whichever thread calls it.
+        self._synch_manager: Any = None
         self._opened = False
+        self._closed_because = "its connection is closed"
         self._close_callbacks: list[Callable[[], object]] = []
         # The transaction in progress:
         self._joined: Any = None
@@ -156,8 +162,9 @@ class Connection:
 
     def _open(self, transaction_manager: Any) -> None:
         self.transaction_manager = transaction_manager
+        self._synch_manager = getattr(transaction_manager, "manager", transaction_manager)
         self._opened = True
-        transaction_manager.registerSynch(self)
+        self._synch_manager.registerSynch(self)
         self._start_snapshot()
 
     def close(self) -> None:
@@ -171,10 +178,30 @@ class Connection:
             raise ConnectionStateError(
                 "cannot close a connection with uncommitted changes; commit or abort the transaction first"
             )
-        self.transaction_manager.unregisterSynch(self)
-        self._opened = False
+        self._leave_manager()
         callbacks, self._close_callbacks = self._close_callbacks, []
         self._db._release(self)
+        for callback in callbacks:
+            callback()
+
+    def _leave_manager(self) -> None:
+        """Stop taking part in the transaction manager's transactions."""
+        self._opened = False
+        manager, self._synch_manager = self._synch_manager, None
+        if manager is not None:
+            manager.unregisterSynch(self)
+
+    def _database_closed(self) -> None:
+        """The database closed (called by ``DB.close``): this connection can do nothing more.
+
+        Uncommitted changes stay joined to their transaction, whose commit then fails with a
+        ConnectionStateError; its abort discards them.
+        """
+        self._closed_because = f"its database on {self._storage.name} is closed"
+        if not self._opened:
+            return
+        self._leave_manager()
+        callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             callback()
 
@@ -219,7 +246,7 @@ class Connection:
 
     def _check_open(self, action: str) -> None:
         if not self._opened:
-            raise ConnectionStateError(f"cannot {action}: the connection is closed")
+            raise ConnectionStateError(f"cannot {action}: {self._closed_because}")
 
     def __repr__(self) -> str:
         state = "open" if self._opened else "closed"
@@ -240,7 +267,14 @@ class Connection:
         header = self._reader.header(oid, record)
         obj = make_ghost(self._reader.record_class(oid, header), oid, self)
         self._cache.add(oid, obj)
-        self._restore(obj, oid, record, serial, header)
+        try:
+            self._restore(obj, oid, record, serial, header)
+        except BaseException:
+            # Nothing else can hold this fresh ghost unless its own state refers to it; a
+            # later get() must load (and fail) again rather than hand out a ghost that fails.
+            if self._cache.get(oid) is obj:
+                self._cache.remove(oid)
+            raise
         return obj
 
     def __getitem__(self, oid: Oid) -> Persistent:
@@ -291,6 +325,11 @@ class Connection:
             f"it belongs to {jar!r}, not {self!r}"
         )
 
+    def _in_spill(self, oid: Oid) -> bool:
+        """Whether a savepoint of this transaction holds a state of ``oid``."""
+        spill = self._spill
+        return spill is not None and oid in spill
+
     # hot path: called for every reference in every record loaded.
     def _ghost_for(self, oid: Oid, name: str) -> Persistent:
         obj = self._cache.get(oid)
@@ -300,7 +339,11 @@ class Connection:
         return obj
 
     def cache_minimize(self) -> None:
-        """Turn every unchanged loaded object into a ghost, freeing memory."""
+        """Turn every unchanged loaded object into a ghost, freeing memory.
+
+        Objects added in this transaction stay as they are until a savepoint or the commit
+        writes them: their state exists nowhere else.
+        """
         self._cache.minimize()
         self._cache.drop_ghosts()
 
@@ -330,8 +373,13 @@ class Connection:
         """Note that ``obj`` changed in the current transaction."""
         if not self._opened:
             what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
-            raise ConnectionStateError(f"cannot change {what}: its connection is closed")
-        self._join()
+            raise ConnectionStateError(f"cannot change {what}: {self._closed_because}")
+        if self._joined is None:
+            try:
+                self._join()
+            except TransactionError as exc:  # no transaction, or one that is over
+                what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
+                raise type(exc)(f"cannot change {what}: {exc}") from None
         self._registered.append(obj)
 
     def setstate(self, obj: Persistent) -> None:
@@ -339,7 +387,7 @@ class Connection:
         oid: Oid = _get_slot(obj, "_p_oid")  # not through the ghost's attribute hook
         if not self._opened:
             raise ConnectionStateError(
-                f"cannot load {class_name(obj.__class__)} oid {oid_repr(oid)}: its connection is closed"
+                f"cannot load {class_name(obj.__class__)} oid {oid_repr(oid)}: {self._closed_because}"
             )
         # hot path: every ghost touched.  _enter/_leave and _load are inlined here.
         me = _get_ident()
@@ -350,13 +398,22 @@ class Connection:
         try:
             spilled = None if self._spill is None else self._spill.load(oid)
             if spilled is None:
-                record, serial = self._storage.load(oid)
-                if serial > self._snapshot:
-                    record, serial = self._storage.load(oid, self._read_before)
+                try:
+                    record, serial = self._storage.load(oid)
+                    if serial > self._snapshot:
+                        record, serial = self._storage.load(oid, self._read_before)
+                except POSKeyError as exc:
+                    raise POSKeyError(
+                        oid, f"cannot load {class_name(obj.__class__)}: it is referred to but has no record"
+                    ) from exc
             else:
                 record, serial = spilled
             reader = self._reader
-            restore_state(obj, reader.state(oid, record, reader.header(oid, record)), serial, len(record))
+            state = reader.state(oid, record, reader.header(oid, record))
+            try:
+                restore_state(obj, state, serial, len(record))
+            except Exception as exc:
+                raise _state_misfit(obj, oid, exc) from exc
             self._cache.touch(oid, obj)
         finally:
             self._depth -= 1
@@ -365,7 +422,11 @@ class Connection:
                 self._use_lock.release()
 
     def _restore(self, obj: Persistent, oid: Oid, record: bytes, serial: Tid, header: RecordHeader) -> None:
-        restore_state(obj, self._reader.state(oid, record, header), serial, len(record))
+        state = self._reader.state(oid, record, header)
+        try:
+            restore_state(obj, state, serial, len(record))
+        except Exception as exc:
+            raise _state_misfit(obj, oid, exc) from exc
         self._cache.touch(oid, obj)
 
     def _load(self, oid: Oid) -> tuple[bytes, Tid]:
@@ -398,6 +459,7 @@ class Connection:
 
     def tpc_begin(self, transaction: Any) -> None:
         """Start writing: waits for the storage's commit lock."""
+        self._check_open("commit")
         if self._storage.read_only:
             raise ReadOnlyError(f"cannot commit: {self._storage.name} is read-only")
         self._storage.begin(_meta(transaction))
@@ -486,9 +548,11 @@ class Connection:
         db = self._db
         with db._lock:
             tid = self._storage.finish()
+            # Durable from here: nothing below asks the storage anything, so nothing can
+            # turn a commit that happened into one reported as failed.
             if db._has_other_connections(self):
                 db._invalidate(self._written_oids(), self)
-            self._take_snapshot()
+            self._take_snapshot(tid)
         spill = self._spill
         for obj in self._stored:
             if obj._p_jar is self:
@@ -547,24 +611,42 @@ class Connection:
         """Discard spilled changes of live objects; new ones keep their state, unsaved."""
         spill = self._spill
         assert spill is not None
-        victims = []
-        for oid in oids:
-            obj = self._cache.get(oid)
-            if obj is not None:
-                victims.append(obj)
-        # A new object that became a ghost has its only state in the spill: load it first,
-        # which may make ghosts of further new objects it refers to.
-        new_ghosts = [obj for obj in victims if obj._p_serial == z64 and obj._p_state == GHOST]
-        while new_ghosts:
-            for obj in new_ghosts:
-                self.setstate(obj)
-            new_ghosts = [
-                obj for _, obj in self._cache.live_objects()
-                if obj._p_serial == z64 and obj._p_state == GHOST and obj._p_oid in spill
-            ]  # fmt: skip
-            victims.extend(new_ghosts)
+        victims = [obj for obj in map(self._cache.get, oids) if obj is not None]
+        victims.extend(self._load_spilled_ghosts(victims, spill.__contains__))
         for obj in victims:
             self._discard(obj)
+
+    def _load_spilled_ghosts(
+        self, objects: list[Persistent], leaving: Callable[[Oid], bool]
+    ) -> list[Persistent]:
+        """Load the ghosts of new objects about to leave the transaction; return the new ghosts met.
+
+        A new object that became a ghost has its only state in the spill; before the spill
+        forgets it (abort, rollback) it is loaded, so the object leaves the transaction
+        holding its latest state.  Loading makes ghosts of the objects it refers to; those
+        that are new and ``leaving`` too are loaded in turn (a worklist, not a rescan).
+        """
+        spill = self._spill
+        assert spill is not None
+        work = [obj for obj in objects if obj._p_serial == z64 and obj._p_state == GHOST]
+        met: list[Persistent] = []
+        while work:
+            obj = work.pop()
+            if obj._p_state != GHOST or obj._p_jar is not self:
+                continue
+            oid: Oid = obj._p_oid  # type: ignore[assignment]
+            spilled = spill.load(oid) if leaving(oid) else None
+            if spilled is None:
+                continue  # its state stays where it is (the spill, or the storage)
+            record, serial = spilled
+            header = self._reader.header(oid, record)
+            self._restore(obj, oid, record, serial, header)
+            for ref_oid, _ in header.refs:
+                ref = self._cache.get(ref_oid)
+                if ref is not None and ref._p_serial == z64 and ref._p_state == GHOST and leaving(ref_oid):
+                    met.append(ref)
+                    work.append(ref)
+        return met
 
     def _end_transaction(self) -> None:
         self._joined = None
@@ -578,6 +660,7 @@ class Connection:
     @_exclusive
     def savepoint(self) -> _ConnectionSavepoint:
         """Spill the changes made so far to a temporary file; return a way back to here."""
+        self._check_open("take a savepoint")
         if self._spill is None:
             self._spill = SpillFile()
         self._write_pending(_spill_sink(self._spill))
@@ -586,21 +669,30 @@ class Connection:
 
     @_exclusive
     def _rollback(self, position: int) -> None:
+        """Put every object back as it was at the savepoint that ended at spill ``position``.
+
+        Changed objects become ghosts and load their savepoint state (from the spill, or the
+        storage).  That includes new objects the savepoint wrote: they keep their oid and stay
+        in the transaction.  New objects added after the savepoint leave it (unsaved again,
+        holding their latest state).
+        """
         spill = self._spill
         if spill is None:
             raise ConnectionStateError("savepoint rollback after the transaction ended")
-        for obj in list(self._added.values()):
-            self._discard(obj)
-        for obj in self._registered:
-            self._discard(obj)
+        later = set(spill.oids_since(position))
+        victims = [*self._added.values(), *self._registered]
+        victims.extend(obj for obj in map(self._cache.get, later) if obj is not None)
+        victims.extend(self._load_spilled_ghosts(victims, later.__contains__))
+        spill.rollback(position)
         self._added = {}
         self._registered = []
-        self._discard_spilled(spill.oids_since(position))
-        undone = spill.rollback(position)
-        for oid in undone:
-            spilled = self._cache.get(oid)
-            if spilled is not None and spilled._p_jar is self and spilled._p_state != GHOST:
-                ghostify(spilled)
+        for obj in victims:
+            if obj._p_jar is not self or obj._p_state == GHOST:
+                continue
+            if obj._p_serial == z64 and obj._p_oid not in spill:
+                self._unsave(obj)  # added after the savepoint
+            else:
+                ghostify(obj)
 
     # -- synchronisation (called by the transaction manager) --------------------------------
 
@@ -620,6 +712,7 @@ class Connection:
 
     def sync(self) -> None:
         """Abort the current transaction and move to the newest committed state."""
+        self._check_open("sync")
         self.transaction_manager.abort()
         self._start_snapshot()
 
@@ -635,13 +728,23 @@ class Connection:
             if obj is not None and obj._p_state != GHOST:
                 ghostify(obj)
 
-    def _take_snapshot(self) -> None:
-        self._snapshot = self._storage.last_tid()
+    def _take_snapshot(self, tid: Tid | None = None) -> None:
+        """Read as of ``tid`` from now on (default: the storage's newest transaction)."""
+        self._snapshot = self._storage.last_tid() if tid is None else tid
         self._read_before = p64(u64(self._snapshot) + 1)
 
     def _invalidate(self, oids: Iterable[Oid]) -> None:
         """Other connections committed changes to ``oids`` (called under the db lock)."""
         self._pending.update(oids)
+
+
+def _state_misfit(obj: Persistent, oid: Oid, error: Exception) -> RecordDecodeError:
+    """The error for a decoded state its class cannot take (``restore_state`` left a ghost)."""
+    cls = obj.__class__
+    return RecordDecodeError(
+        f"record of oid {oid_repr(oid)} ({cls.__module__}.{cls.__qualname__}) does not fit its class: "
+        f"{type(error).__name__}: {error}; the object stays a ghost"
+    )
 
 
 def _spill_sink(spill: SpillFile) -> Callable[[Oid, Tid, bytes, Persistent], None]:

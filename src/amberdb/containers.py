@@ -3,6 +3,13 @@
 Each is stored as one record holding all its items, so they suit small to medium
 collections; for large ones use the BTrees.  Every mutating method marks the container
 changed, so code never needs to set ``_p_changed`` for them.
+
+Each mutating method marks the container *before* changing it: when the connection refuses
+the change (closed, or no transaction on an explicit manager) the container is left as it
+was.  The common failures (``remove`` of a missing item, ``pop`` of an empty list, ``del`` of
+a missing key) are checked before marking, so they neither mark the container nor join the
+transaction; rarer ones (an unhashable key, a sort whose comparisons fail part-way) leave it
+marked changed, and it is stored again with whatever it holds.
 """
 
 from __future__ import annotations
@@ -31,63 +38,77 @@ class PersistentList(UserList[_T], Persistent):
         return reversed(self.data)
 
     def __setitem__(self, index: Any, item: Any) -> None:
-        self.data[index] = item
+        if type(index) is int:
+            _check_index(self.data, index, "list assignment index out of range")
         mark_changed(self)
+        self.data[index] = item
 
     def __delitem__(self, index: Any) -> None:
-        del self.data[index]
+        if type(index) is int:
+            _check_index(self.data, index, "list assignment index out of range")
         mark_changed(self)
+        del self.data[index]
 
     def __iadd__(self, other: Iterable[_T]) -> PersistentList[_T]:
-        self.data += other.data if isinstance(other, UserList) else list(other)
+        items = other.data if isinstance(other, UserList) else list(other)
         mark_changed(self)
+        self.data += items
         return self
 
     def __imul__(self, n: int) -> PersistentList[_T]:
-        self.data *= n
         mark_changed(self)
+        self.data *= n
         return self
 
     def append(self, item: _T) -> None:
         """Add ``item`` at the end."""
-        self.data.append(item)
         mark_changed(self)
+        self.data.append(item)
 
     def insert(self, i: int, item: _T) -> None:
         """Insert ``item`` before index ``i``."""
-        self.data.insert(i, item)
         mark_changed(self)
+        self.data.insert(i, item)
 
     def pop(self, i: int = -1) -> _T:
         """Remove and return the item at ``i`` (default last)."""
-        item = self.data.pop(i)
+        data = self.data
+        if not data:
+            raise IndexError("pop from empty list")
+        if type(i) is int:
+            _check_index(data, i, "pop index out of range")
         mark_changed(self)
-        return item
+        return data.pop(i)
 
     def remove(self, item: _T) -> None:
         """Remove the first occurrence of ``item``."""
-        self.data.remove(item)
+        data = self.data
+        try:
+            index = data.index(item)
+        except ValueError:
+            raise ValueError(f"{self.__class__.__name__}.remove(x): x not in list") from None
         mark_changed(self)
+        del data[index]
 
     def clear(self) -> None:
         """Remove every item."""
-        self.data.clear()
         mark_changed(self)
+        self.data.clear()
 
     def reverse(self) -> None:
         """Reverse in place."""
-        self.data.reverse()
         mark_changed(self)
+        self.data.reverse()
 
     def sort(self, /, *args: Any, **kwds: Any) -> None:
         """Sort in place, as ``list.sort``."""
-        self.data.sort(*args, **kwds)
         mark_changed(self)
+        self.data.sort(*args, **kwds)
 
     def extend(self, other: Iterable[_T]) -> None:
         """Append every item of ``other``."""
-        self.data.extend(other.data if isinstance(other, UserList) else other)
         mark_changed(self)
+        self.data.extend(other.data if isinstance(other, UserList) else other)
 
     def __getstate__(self) -> Any:
         """The state is ``{"data": [...]}`` plus any attributes a subclass adds."""
@@ -102,22 +123,24 @@ class PersistentMapping(UserDict[_K, _V], Persistent):
     """A dict stored as one record; changing it marks it changed."""
 
     def __setitem__(self, key: _K, value: _V) -> None:
-        self.data[key] = value
         mark_changed(self)
+        self.data[key] = value
 
     def __delitem__(self, key: _K) -> None:
-        del self.data[key]
+        if key not in self.data:
+            raise KeyError(key)
         mark_changed(self)
+        del self.data[key]
 
     def clear(self) -> None:
         """Remove every item."""
-        self.data.clear()
         mark_changed(self)
+        self.data.clear()
 
     def update(self, other: Any = (), /, **kwds: _V) -> None:
         """Add the items of ``other`` (a mapping or pairs) and of ``kwds``."""
-        self.data.update(other, **kwds)
         mark_changed(self)
+        self.data.update(other, **kwds)
 
     def setdefault(self, key: _K, default: _V | None = None) -> _V | None:  # type: ignore[override]
         """Return ``self[key]``, first setting it to ``default`` when missing."""
@@ -129,18 +152,18 @@ class PersistentMapping(UserDict[_K, _V], Persistent):
     def pop(self, key: _K, *default: Any) -> Any:
         """Remove ``key`` and return its value (or ``default`` when given and missing)."""
         if key in self.data:
-            value = self.data.pop(key)
             mark_changed(self)
-            return value
+            return self.data.pop(key)
         if default:
             return default[0]
         raise KeyError(key)
 
     def popitem(self) -> tuple[_K, _V]:
         """Remove and return the most recently added item."""
-        item = self.data.popitem()
+        if not self.data:
+            raise KeyError("popitem(): dictionary is empty")
         mark_changed(self)
-        return item
+        return self.data.popitem()
 
     def __ior__(self, other: Any) -> PersistentMapping[_K, _V]:  # type: ignore[override,misc]
         self.update(other)
@@ -161,3 +184,9 @@ class PersistentMapping(UserDict[_K, _V], Persistent):
     def __setstate__(self, state: Any) -> None:
         """Restore from ``__getstate__``'s form."""
         Persistent.__setstate__(self, state)
+
+
+def _check_index(items: list[Any], index: int, message: str) -> None:
+    """Raise the IndexError ``list`` would, before anything is marked changed."""
+    if not -len(items) <= index < len(items):
+        raise IndexError(message)

@@ -154,13 +154,23 @@ class DB:
         return len(self.storage)
 
     def close(self) -> None:
-        """Close the storage; open connections can no longer load.  Idempotent."""
+        """Close the storage and every connection.  Idempotent.
+
+        Connections still open stop taking part in their transaction manager's transactions
+        and refuse further use with a ConnectionStateError saying the database is closed.
+        Uncommitted changes they hold make their transaction's commit fail; abort it.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._pool.clear()
-        self.storage.close()
+            connections = list(self._connections)
+        try:
+            for connection in connections:
+                connection._database_closed()
+        finally:
+            self.storage.close()
 
     @property
     def closed(self) -> bool:

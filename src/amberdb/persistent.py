@@ -18,11 +18,15 @@ is switched to a *ghost twin*: a subclass with the same name and layout (``__slo
 whose ``__getattribute__`` loads the state and switches the class back.
 
 Why writes to a changed object are as fast as on a plain object: the first write to a saved
-object goes through :meth:`Persistent.__setattr__`, which marks it changed, registers it with
-its connection (the *jar*) and switches it to a *changed twin* whose ``__setattr__`` is
+object goes through :meth:`Persistent.__setattr__`, which registers it with its connection
+(the *jar*), marks it changed and switches it to a *changed twin* whose ``__setattr__`` is
 ``object.__setattr__`` itself; further writes in the transaction cost nothing extra.  Commit
-and abort switch it back.  (Classes that define their own ``__setattr__`` or
-``__delattr__`` keep their class: their hook must keep running.)
+and abort switch it back.  Registering comes before both the mark and the write: a
+connection that refuses the change (closed, or no transaction on an explicit manager) raises,
+and the object keeps its value and stays unchanged.  A write that raises after the
+connection accepted it (a property setter rejecting the value) leaves the object marked
+changed: it is stored again as it is, which loses nothing.  (Classes that define their own
+``__setattr__`` or ``__delattr__`` keep their class: their hook must keep running.)
 
 ``isinstance`` sees the real class in every state and ``obj.__class__`` answers it; only
 ``type(obj)`` shows a twin, for ghosts and changed objects.  Names starting with ``_p_`` belong to the
@@ -30,16 +34,18 @@ persistence machinery; names starting with ``_v_`` are volatile: never saved, ne
 the object changed, dropped when the object becomes a ghost.
 
 The jar interface this module relies on is two methods: ``register(obj)`` (first change in a
-transaction) and ``setstate(obj)`` (load a ghost's state and call :func:`restore_state`).
+transaction; raising refuses the change) and ``setstate(obj)`` (load a ghost's state and call
+:func:`restore_state`).
 """
 
 from __future__ import annotations
 
 import copyreg
 import sys
+from types import MemberDescriptorType
 from typing import Any, Protocol
 
-from amberdb.exceptions import ConnectionStateError
+from amberdb.exceptions import ConnectionStateError, TransactionError
 from amberdb.utils import Oid, oid_repr, time_from_tid, z64
 
 __all__ = [
@@ -124,16 +130,22 @@ class Persistent:
         return obj
 
     # hot path: every write to an unsaved or saved object passes here (changed objects
-    # skip it, see the module docstring).
+    # skip it, see the module docstring).  The connection is asked first: a change it refuses
+    # (closed, no transaction) must leave neither the value nor the mark behind.
     def __setattr__(self, name: str, value: Any) -> None:
-        _object_setattr(self, name, value)
         if self._p_state == UPTODATE and self._p_jar is not None and not name.startswith(_MACHINERY_PREFIXES):
-            _set_changed(self)
+            _set_changed(self, name)
+        _object_setattr(self, name, value)
 
     def __delattr__(self, name: str) -> None:
+        if (
+            self._p_state == UPTODATE
+            and self._p_jar is not None
+            and not name.startswith(_MACHINERY_PREFIXES)
+            and _deletes_something(self, name)
+        ):
+            _set_changed(self, name)
         _object_delattr(self, name)
-        if self._p_state == UPTODATE and self._p_jar is not None and not name.startswith(_MACHINERY_PREFIXES):
-            _set_changed(self)
 
     # -- the _p_ interface -------------------------------------------------------------
 
@@ -150,8 +162,6 @@ class Persistent:
         if value is None:
             self._p_deactivate()
         elif value:
-            if self._p_state == GHOST:
-                self._p_activate()
             mark_changed(self)
         elif self._p_state == CHANGED:
             mark_unchanged(self)
@@ -184,13 +194,20 @@ class Persistent:
             _load(self)
 
     def _p_deactivate(self) -> None:
-        """Turn a saved, unchanged object back into a ghost to free its state."""
-        if self._p_state == UPTODATE and self._p_jar is not None and self._p_oid is not None:
+        """Turn a saved, unchanged object back into a ghost to free its state.
+
+        Objects added in the current transaction are left alone: they have no record to load
+        back from (the cache frees them once a savepoint has written them).
+        """
+        if self._p_state == UPTODATE and self._p_jar is not None and self._p_serial != z64:
             ghostify(self)
 
     def _p_invalidate(self) -> None:
-        """Turn this object into a ghost even if it has unsaved changes (they are lost)."""
-        if self._p_state != GHOST and self._p_jar is not None and self._p_oid is not None:
+        """Turn this saved object into a ghost even if it has unsaved changes (they are lost).
+
+        Objects added in the current transaction are left alone, as by :meth:`_p_deactivate`.
+        """
+        if self._p_state != GHOST and self._p_jar is not None and self._p_serial != z64:
             ghostify(self)
 
     # -- state ----------------------------------------------------------------------------
@@ -340,12 +357,39 @@ def _changed_twin(cls: type) -> type | None:
     return twin
 
 
-def _set_changed(obj: Persistent) -> None:
+def _set_changed(obj: Persistent, attribute: str | None = None) -> None:
+    # Registered first: when the connection refuses (closed, no transaction), the object
+    # must stay unchanged, or its next write would skip registering and be lost.
+    try:
+        obj._p_jar.register(obj)
+    except (ConnectionStateError, TransactionError) as exc:
+        if attribute is None:
+            raise
+        raise type(exc)(f"{exc} (attribute {attribute!r} left unchanged)") from None
     _object_setattr(obj, "_p_state", CHANGED)
     twin = _changed_twin(type(obj))
     if twin is not None:
         _set_class(obj, twin)
-    obj._p_jar.register(obj)
+
+
+def _deletes_something(obj: Persistent, name: str) -> bool:
+    """Whether ``del obj.name`` would find something to delete (then the object changes).
+
+    A descriptor with a deleter (a property) runs code that may change the object, so it
+    counts; a missing attribute or an empty slot raises AttributeError without changing it.
+    """
+    descriptor = getattr(type(obj), name, None)
+    if descriptor is not None and hasattr(type(descriptor), "__delete__"):
+        if isinstance(descriptor, MemberDescriptorType):  # a slot: set or not
+            try:
+                _object_getattribute(obj, name)
+            except AttributeError:
+                return False
+        return True
+    try:
+        return name in _object_getattribute(obj, "__dict__")
+    except AttributeError:
+        return False
 
 
 def _load(obj: Persistent) -> None:
@@ -431,8 +475,18 @@ _object_new = object.__new__
 
 
 def mark_changed(obj: Persistent) -> None:
-    """Mark ``obj`` changed, as an attribute write would (used by containers)."""
-    if obj._p_state == UPTODATE and obj._p_jar is not None:
+    """Mark ``obj`` changed, as an attribute write would (used by containers).
+
+    Call it *before* changing the object: when the connection refuses the change (it is
+    closed, or an explicit transaction manager has no transaction), this raises and the
+    object must be left as it was.  A ghost is loaded first (containers mark before they
+    touch their data, which is what would load it).
+    """
+    state = obj._p_state
+    if state == GHOST:
+        _load(obj)
+        state = obj._p_state
+    if state == UPTODATE and obj._p_jar is not None:
         _set_changed(obj)
 
 

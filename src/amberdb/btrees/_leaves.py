@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from amberdb.btrees import _conflict
 from amberdb.btrees._kinds import NONE_KEY, Kind, key_out
-from amberdb.btrees._seq import ITEMS, KEYS, VALUES, empty_range, iterate
+from amberdb.btrees._seq import ITEMS, KEYS, VALUES, empty_range, iterate, keys_changed, walks
 from amberdb.persistent import Persistent, mark_changed
 
 __all__ = [
@@ -169,8 +169,16 @@ class LeafBase(FamilyMember):
         return key_out(keys[i - 1])
 
     def _changed(self) -> None:
+        """Mark this leaf changed; called *before* changing it, so a refusal changes nothing."""
         if self._p_jar is not None:
             mark_changed(self)
+
+    def _keys_changing(self) -> None:
+        """Mark this leaf changed and stop its walks: called before a key is added or removed."""
+        if self._p_jar is not None:
+            mark_changed(self)
+        if walks:
+            keys_changed(self)
 
     def _split(self, at: int) -> LeafBase:
         """Move the keys from index ``at`` on into a new leaf linked after this one."""
@@ -262,12 +270,12 @@ class BucketBase(LeafBase, MappingIteration):
         if i != len(keys) and keys[i] == key:
             old = self._values[i]
             if replace and old is not value and not (self._vkind.numeric and old == value):
-                self._values[i] = value
                 self._changed()
+                self._values[i] = value
             return 0
+        self._keys_changing()
         keys.insert(i, key)
         self._values.insert(i, value)
-        self._changed()
         return 1
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -281,9 +289,9 @@ class BucketBase(LeafBase, MappingIteration):
         i = self._find(key)
         if i < 0:
             raise KeyError(key)
+        self._keys_changing()
         del self._keys[i]
         del self._values[i]
-        self._changed()
 
     def setdefault(self, key: Any, default: Any) -> Any:
         """``self[key]``, first setting it to ``default`` when missing."""
@@ -301,18 +309,17 @@ class BucketBase(LeafBase, MappingIteration):
                 raise KeyError(key)
             return default
         value = self._values[i]
+        self._keys_changing()
         del self._keys[i]
         del self._values[i]
-        self._changed()
         return value
 
     def popitem(self) -> tuple[Any, Any]:
         """Remove and return the item with the smallest key; KeyError when empty."""
         if not self._keys:
             raise KeyError("popitem(): empty bucket")
-        item = (key_out(self._keys.pop(0)), self._values.pop(0))
-        self._changed()
-        return item
+        self._keys_changing()
+        return (key_out(self._keys.pop(0)), self._values.pop(0))
 
     def update(self, items: Any = (), /, **kwargs: Any) -> None:
         """Add the items of a mapping or of an iterable of pairs."""
@@ -324,9 +331,9 @@ class BucketBase(LeafBase, MappingIteration):
     def clear(self) -> None:
         """Remove every item."""
         if self._keys:
+            self._keys_changing()
             self._keys = self._kkind.empty()
             self._values = self._vkind.empty()
-            self._changed()
 
     def values(
         self, min: Any = None, max: Any = None, excludemin: bool = False, excludemax: bool = False
@@ -346,10 +353,10 @@ class BucketBase(LeafBase, MappingIteration):
         new._keys = self._keys[at:]
         new._values = self._values[at:]
         new._next = self._next
+        self._changed()
         del self._keys[at:]
         del self._values[at:]
         self._next = new
-        self._changed()
         return new
 
     def __repr__(self) -> str:
@@ -388,8 +395,8 @@ class SetBase(LeafBase):
         i = bisect_left(keys, key)
         if i != len(keys) and keys[i] == key:
             return 0
+        self._keys_changing()
         keys.insert(i, key)
-        self._changed()
         return 1
 
     insert = add
@@ -399,8 +406,8 @@ class SetBase(LeafBase):
         i = self._find(key)
         if i < 0:
             raise KeyError(key)
+        self._keys_changing()
         del self._keys[i]
-        self._changed()
 
     def discard(self, key: Any) -> None:
         """Remove ``key`` if present."""
@@ -413,9 +420,8 @@ class SetBase(LeafBase):
         """Remove and return the smallest key; KeyError when empty."""
         if not self._keys:
             raise KeyError("pop from an empty set")
-        key = self._keys.pop(0)
-        self._changed()
-        return key_out(key)
+        self._keys_changing()
+        return key_out(self._keys.pop(0))
 
     def update(self, items: Iterable[Any]) -> int:
         """Add every key of ``items``; return how many were added."""
@@ -424,17 +430,17 @@ class SetBase(LeafBase):
     def clear(self) -> None:
         """Remove every key."""
         if self._keys:
+            self._keys_changing()
             self._keys = self._kkind.empty()
-            self._changed()
 
     def _split(self, at: int) -> SetBase:
         cls = self.__class__
         new: SetBase = cls.__new__(cls)
         new._keys = self._keys[at:]
         new._next = self._next
+        self._changed()
         del self._keys[at:]
         self._next = new
-        self._changed()
         return new
 
     def __repr__(self) -> str:

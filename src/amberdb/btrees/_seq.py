@@ -2,9 +2,17 @@
 
 Iteration hands out one chunk per bucket (a slice of its key list, of its value list, or a
 ``zip`` of both), chained by ``itertools.chain.from_iterable``, so the per-item work runs
-in C.  A chunk is a copy taken when the iteration reaches its bucket; when the consumer has
-used it up, the bucket's length is checked again, and a bucket that changed size (an insert,
-a delete, a split) raises RuntimeError instead of letting the walk skip or repeat items.
+in C.  A chunk is a copy taken when the iteration reaches its bucket.
+
+Changing the keys during a walk raises RuntimeError, as a dict does, instead of letting the
+walk skip or repeat keys, or run for ever (``for k in t.keys(): t[k + 10000] = 1`` inserts
+ahead of the walk without end).  While walks of a container (a tree, or a standalone bucket
+or set) are in progress, ``_walks`` holds a *version* for it: every insert or delete of a key
+through that container bumps it (:func:`keys_changed`), and a walk that finds it different
+from what it was when the walk began raises once the consumer has used up the current chunk,
+so at the latest one bucket later.  No walk in progress (the usual case) costs a mutation one
+truth test of ``_walks``.  The bucket's length is checked too, for changes made to a tree's
+buckets directly.
 
 The upper bound is checked once per bucket: a bucket whose last key is in range is taken
 whole, otherwise one ``bisect`` finds where the range ends and the walk stops there.  So a
@@ -20,13 +28,34 @@ from typing import Any
 
 from amberdb.btrees._kinds import NONE_KEY
 
-__all__ = ["ITEMS", "KEYS", "VALUES", "RangeView", "chunks", "count"]
+__all__ = ["ITEMS", "KEYS", "VALUES", "RangeView", "chunks", "count", "keys_changed", "walks"]
 
 KEYS = 0
 VALUES = 1
 ITEMS = 2
 
-_CHANGED = "the bucket being iterated changed size (the tree was changed during iteration)"
+
+# id(container) -> [walks in progress, version].  A walk's generator holds the container, so
+# the id cannot be reused while the entry exists.  No lock: a container's walks run in the one
+# thread that uses its connection (two threads walking one unsaved tree at once can at worst
+# lose the check, never crash).
+_walks: dict[int, list[int]] = {}
+walks = _walks
+"""The registry itself, for the mutation hot paths: ``if walks: keys_changed(self)``."""
+
+
+def keys_changed(container: Any) -> None:
+    """Note that a key was added to or removed from ``container``: its walks must stop."""
+    entry = _walks.get(id(container))
+    if entry is not None:
+        entry[1] += 1
+
+
+def _changed_error(container: Any) -> RuntimeError:
+    return RuntimeError(
+        f"{container.__class__.__name__} changed during iteration (a key was added or removed); "
+        "iterate over a copy, such as list(tree.keys()), to change it in the loop"
+    )
 
 
 def chunks(
@@ -47,49 +76,61 @@ def chunks(
     produced (-1: no limit).  ``single`` stops after the first bucket (standalone buckets).
     The start position is found when the walk begins, not when this is called.
     """
-    bucket, i = start._position(lo, lo_incl)
-    while bucket is not None:
-        keys = bucket._keys
-        n = len(keys)
-        last = single
-        if not n:
+    key = id(start)
+    entry = _walks.get(key)
+    if entry is None:
+        entry = _walks[key] = [1, 0]
+    else:
+        entry[0] += 1
+    version = entry[1]
+    try:
+        bucket, i = start._position(lo, lo_incl)
+        while bucket is not None:
+            keys = bucket._keys
+            n = len(keys)
+            last = single
+            if not n:
+                if last:
+                    return
+                bucket = bucket._next
+                i = 0
+                continue
+            if hi is None or (keys[-1] <= hi if hi_incl else keys[-1] < hi):
+                stop = n
+            else:
+                stop = bisect_right(keys, hi) if hi_incl else bisect_left(keys, hi)
+                last = True
+            if skip:
+                available = stop - i
+                if available <= skip:
+                    skip -= max(available, 0)
+                    i = stop
+                else:
+                    i += skip
+                    skip = 0
+            if limit >= 0 and stop - i >= limit:
+                stop = i + limit
+                last = True
+            if i < stop:
+                if limit > 0:
+                    limit -= stop - i
+                if what == VALUES:
+                    yield bucket._values[i:stop]
+                else:
+                    part = keys[i:stop]
+                    if part[0] is NONE_KEY:  # only ever the first key of the first bucket
+                        part[0] = None
+                    yield part if what == KEYS else zip(part, bucket._values[i:stop])
+                if entry[1] != version or len(bucket._keys) != n:
+                    raise _changed_error(start)
             if last:
                 return
             bucket = bucket._next
             i = 0
-            continue
-        if hi is None or (keys[-1] <= hi if hi_incl else keys[-1] < hi):
-            stop = n
-        else:
-            stop = bisect_right(keys, hi) if hi_incl else bisect_left(keys, hi)
-            last = True
-        if skip:
-            available = stop - i
-            if available <= skip:
-                skip -= max(available, 0)
-                i = stop
-            else:
-                i += skip
-                skip = 0
-        if limit >= 0 and stop - i >= limit:
-            stop = i + limit
-            last = True
-        if i < stop:
-            if limit > 0:
-                limit -= stop - i
-            if what == VALUES:
-                yield bucket._values[i:stop]
-            else:
-                part = keys[i:stop]
-                if part[0] is NONE_KEY:  # only ever the first key of the first bucket
-                    part[0] = None
-                yield part if what == KEYS else zip(part, bucket._values[i:stop])
-            if len(bucket._keys) != n:
-                raise RuntimeError(_CHANGED)
-        if last:
-            return
-        bucket = bucket._next
-        i = 0
+    finally:
+        entry[0] -= 1
+        if entry[0] <= 0 and _walks.get(key) is entry:
+            del _walks[key]
 
 
 def count(start: Any, lo: Any, lo_incl: bool, hi: Any, hi_incl: bool, single: bool = False) -> int:
@@ -132,7 +173,7 @@ class RangeView:
 
     Supports ``len`` (which reads every bucket in range), iteration, indexing (negative too)
     and slicing (giving another view).  Like a dict view it reflects the tree as it is when
-    used; changing the tree while iterating over the view raises RuntimeError.
+    used; adding or removing keys while iterating over the view raises RuntimeError.
     """
 
     __slots__ = ("_hi", "_hi_incl", "_limit", "_lo", "_lo_incl", "_skip", "_tree", "_what")

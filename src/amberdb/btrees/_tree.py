@@ -14,6 +14,10 @@ size bound splits, an emptied bucket is unlinked) descend again recording the pa
 key and value checks of the family are inlined into those methods, which are made per
 family by :func:`hot_methods`.
 
+Every change marks the bucket or node it changes *before* changing it: a connection that
+refuses the change (closed, no transaction) raises while the tree is still as it was.  Once
+one object of the tree was accepted, the transaction is joined and the others are too.
+
 Deletes never rewrite separators; an emptied bucket is unlinked (and nodes left without
 children removed, and a root with a single interior child collapsed), but buckets are not
 merged with their neighbours.
@@ -37,7 +41,7 @@ from amberdb.btrees._leaves import (
     extra_state,
     set_extra_state,
 )
-from amberdb.btrees._seq import ITEMS, KEYS, VALUES, RangeView, empty_range, iterate
+from amberdb.btrees._seq import ITEMS, KEYS, VALUES, RangeView, empty_range, iterate, keys_changed, walks
 from amberdb.persistent import mark_changed
 
 __all__ = ["BTreeBase", "TreeBase", "TreeSetBase", "hot_methods"]
@@ -147,10 +151,11 @@ class TreeBase(FamilyMember):
         # nodes behind instead of half-full ones.
         appending = keys[-1] == key and all(i == len(node._children) - 1 for node, i in path)
         at = len(keys) - 1 if appending else len(keys) // 2
+        # Each node is marked before it changes (see the module docstring).
+        _touch(node)
         new = bucket._split(at)
         node._keys.insert(i, new._keys[0])
         node._children.insert(i + 1, new)
-        _touch(node)
         limit = self._max_node_size
         for depth in range(len(path) - 1, -1, -1):
             node, i = path[depth]
@@ -168,14 +173,13 @@ class TreeBase(FamilyMember):
                 self._keys = [separator]
                 self._children = [left, right]
                 return
+            parent, pi = path[depth - 1]
+            _touch(parent)
             right = self._new_node(node._leaf, keys[at:], children[at:])
             del keys[at - 1 :]
             del children[at:]
-            _touch(node)
-            parent, pi = path[depth - 1]
             parent._keys.insert(pi, separator)
             parent._children.insert(pi + 1, right)
-            _touch(parent)
 
     def _unlink(self, key: Any) -> None:
         """Remove the (empty) bucket for ``key`` from the chain and from its nodes."""
@@ -194,10 +198,10 @@ class TreeBase(FamilyMember):
                 break
         for depth in range(len(path) - 1, -1, -1):
             node, i = path[depth]
+            _touch(node)
             del node._children[i]
             if node._keys:
                 del node._keys[i - 1 if i else 0]
-            _touch(node)
             if node._children:
                 break
         if not self._children:
@@ -211,6 +215,9 @@ class TreeBase(FamilyMember):
     def clear(self) -> None:
         """Remove everything."""
         if self._children:
+            _touch(self)
+            if walks:
+                keys_changed(self)
             self._leaf = True
             self._keys = []
             self._children = []
@@ -262,8 +269,13 @@ class TreeBase(FamilyMember):
         """The smallest key (at least ``key`` when given); ValueError when there is none."""
         if not self:
             raise ValueError("empty tree")
-        for found in self._iter(KEYS, key, None, False, False):
-            return found
+        # Not a walk: one position, then at most a step to the next bucket.
+        bucket, i = self._position(self._bound(key), True)
+        while bucket is not None:
+            keys = bucket._keys
+            if i < len(keys):
+                return key_out(keys[i])
+            bucket, i = bucket._next, 0
         raise ValueError("no key satisfies the conditions")
 
     def maxKey(self, key: Any = None) -> Any:
@@ -428,18 +440,23 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             raise KeyError(key_out(key)) from None
         if i == len(keys) or keys[i] != key:
             raise KeyError(key_out(key))
+        if bucket._p_jar is not None:
+            mark_changed(bucket)
+        if walks:
+            keys_changed(self)
         del keys[i]
         value = None
         if vkind is not None:
             value = bucket._values.pop(i)
-        if bucket._p_jar is not None:
-            mark_changed(bucket)
         if not keys:
             self._unlink(key)
         return value
 
     def _start(self: TreeBase, key: Any, value: Any) -> None:
         """The first key of an empty tree: its first bucket."""
+        _touch(self)
+        if walks:
+            keys_changed(self)
         cls = self._bucket_class
         bucket = cls.__new__(cls)
         bucket._keys = kkind.make((key,))
@@ -468,9 +485,11 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             i = bisect_left(keys, key)
             if i != len(keys) and keys[i] == key:
                 return 0
-            keys.insert(i, key)
             if bucket._p_jar is not None:
                 mark_changed(bucket)
+            if walks:
+                keys_changed(self)
+            keys.insert(i, key)
             if len(keys) > self._max_bucket_size:
                 self._grow(key)
             return 1
@@ -539,14 +558,16 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
                 values = bucket._values
                 old = values[i]
                 if old is not value and not (compare_values and old == value):
-                    values[i] = value
                     if bucket._p_jar is not None:
                         mark_changed(bucket)
+                    values[i] = value
             return 0
-        keys.insert(i, key)
-        bucket._values.insert(i, value)
         if bucket._p_jar is not None:
             mark_changed(bucket)
+        if walks:
+            keys_changed(self)
+        keys.insert(i, key)
+        bucket._values.insert(i, value)
         if len(keys) > self._max_bucket_size:
             self._grow(key)
         return 1
@@ -571,14 +592,16 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             values = bucket._values
             old = values[i]
             if old is not value and not (compare_values and old == value):
-                values[i] = value
                 if bucket._p_jar is not None:
                     mark_changed(bucket)
+                values[i] = value
             return
-        keys.insert(i, key)
-        bucket._values.insert(i, value)
         if bucket._p_jar is not None:
             mark_changed(bucket)
+        if walks:
+            keys_changed(self)
+        keys.insert(i, key)
+        bucket._values.insert(i, value)
         if len(keys) > self._max_bucket_size:
             self._grow(key)
 

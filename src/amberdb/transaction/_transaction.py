@@ -8,14 +8,15 @@ commit/join/savepoint on it raise :class:`TransactionError`)::
       ┌────────┐ ──────────────▶ ┌────────┐ ◀──┘ status stays Doomed
       │ Active │                 │ Doomed │
       └────────┘                 └────────┘
-        │    │    abort()            │ abort()
+        │    │    abort(): data managers' abort, after-abort hooks (what they change is
+        │    │    aborted too), manager lets go, afterCompletion
         │    └───────────────────────┴──────────────▶ finished (status left as it was)
         │ commit(): before-commit hooks and
         │ beforeCompletion run while still Active
         ▼
-      ┌────────────┐  tpc_begin*, commit*, tpc_vote*,    ┌───────────┐  after-commit hooks(True),
-      │ Committing │ ──── tpc_finish* all returned ────▶ │ Committed │  afterCompletion ─▶ finished
-      └────────────┘                                     └───────────┘
+      ┌────────────┐  tpc_begin*, commit*, tpc_vote*,    ┌───────────┐  afterCompletion, after-commit
+      │ Committing │ ──── tpc_finish* all returned ────▶ │ Committed │  hooks(True) ─▶ finished (their
+      └────────────┘                                     └───────────┘  errors are logged, never raised)
         │ any of them raised: tpc_abort for data managers whose tpc_begin was called, abort
         │ for the others; after-commit hooks(False), afterCompletion; the error propagates
         ▼
@@ -24,6 +25,10 @@ commit/join/savepoint on it raise :class:`TransactionError`)::
       └───────────────┘
         ▲ also from Active or Doomed when a before-commit hook, beforeCompletion,
           savepoint() or Savepoint.rollback() raises
+
+Only Active and Doomed transactions accept new data managers (``join``): a change made in an
+after-commit hook is refused, and one made after ``commit()`` returned belongs to the next
+transaction.
 
 A hook or synchronizer that raises before the two-phase commit starts fails the commit just
 like a data manager does: the hooks are used up by then, so retrying the commit would silently
@@ -209,10 +214,20 @@ class Transaction:
     # -- joining --------------------------------------------------------------------------
 
     def join(self, resource: DataManager) -> None:
-        """Make ``resource`` commit or abort with this transaction (joining twice is harmless)."""
+        """Make ``resource`` commit or abort with this transaction (joining twice is harmless).
+
+        Only an active (or doomed) transaction accepts data managers, as in the ``transaction``
+        package: one that is committing or committed refuses them, so a change made in an
+        after-commit hook is refused rather than joined to a transaction that is over.
+        """
         self._check_usable("join")
         if self._status == Status.COMMITTING:
             raise TransactionError(f"cannot join {resource!r}: the transaction is committing")
+        if self._status == Status.COMMITTED:
+            raise TransactionError(
+                f"cannot join {resource!r}: the transaction already committed (changes made in "
+                "an after-commit hook are refused; make them in a new transaction)"
+            )
         if type(resource) not in _checked_resource_types:
             self._check_data_manager(resource)
         if any(joined is resource for joined in self._resources):
@@ -400,17 +415,15 @@ class Transaction:
             self._run_after_commit_hooks(False)
             self._notify_synchs("afterCompletion", [])
             raise
+        # Every data manager finished: the transaction is durable, and nothing from here on
+        # may report it as failed (errors are logged).  Synchronizers catch up first, then
+        # after-commit hooks run, as in the ``transaction`` package.
         self._status = Status.COMMITTED
-        self._run_after_commit_hooks(True)
-        errors: list[BaseException] = []
         try:
-            self._notify_synchs("afterCompletion", errors)
+            self._notify_synchs("afterCompletion", [])
+            self._run_after_commit_hooks(True)
         finally:
             self._finish()
-        if errors:
-            # The data is committed (status says so); still, a synchronizer that could not
-            # catch up must not fail silently.
-            raise errors[0]
 
     def _clean_up_failed_commit(self, begun: set[int], finished: set[int]) -> None:
         for resource in self._resources:
@@ -442,19 +455,33 @@ class Transaction:
         try:
             self._invalidate_savepoints("abort() of the transaction invalidated it")
             self._notify_synchs("beforeCompletion", errors)
-            for resource in self._resources:
-                try:
-                    resource.abort(self)
-                except Exception as exc:
-                    log.error("abort on %r raised", resource, exc_info=True)
-                    errors.append(exc)
-            self._resources.clear()
+            self._abort_resources(errors)
             self._run_after_abort_hooks(errors)
+            # A hook that changed objects joined their data managers again: their changes
+            # are discarded with the rest, as the transaction package does.
+            self._abort_resources(errors)
+            # Synchronizers hear of the abort once the manager let go of the transaction, so
+            # what they change belongs to the next one (as in the transaction package).
+            self._release_manager()
             self._notify_synchs("afterCompletion", errors)
         finally:
             self._finish()
         if errors:
             raise errors[0]
+
+    def _abort_resources(self, errors: list[BaseException]) -> None:
+        for resource in self._resources:
+            try:
+                resource.abort(self)
+            except Exception as exc:
+                log.error("abort on %r raised", resource, exc_info=True)
+                errors.append(exc)
+        self._resources.clear()
+
+    def _release_manager(self) -> None:
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            manager._free(self)
 
     def _finish(self) -> None:
         self._finished = True
@@ -466,9 +493,7 @@ class Transaction:
         self._invalidate_savepoints("the transaction is finished")
         # Drop the link to the manager's synchronizers: a finished transaction has no more news.
         self._synchs = WeakRegistry()
-        manager, self._manager = self._manager, None
-        if manager is not None:
-            manager._free(self)
+        self._release_manager()
 
     # -- savepoints -----------------------------------------------------------------------
 

@@ -47,7 +47,8 @@ class WeakRegistry(Generic[_T]):
 
     def live(self) -> list[_T]:
         """The objects still alive, as a list that later changes do not affect."""
-        return [obj for obj in (ref() for ref in self._refs.values()) if obj is not None]
+        # list(): a connection closed from another thread unregisters while this runs.
+        return [obj for obj in (ref() for ref in list(self._refs.values())) if obj is not None]
 
     def __iter__(self) -> Iterator[_T]:
         return iter(self.live())
