@@ -11,12 +11,13 @@ import amberdb.utils
 def test_top_level_exports_are_pinned() -> None:
     assert sorted(amberdb.__all__) == sorted(
         [
-            "DB", "ConflictError", "Connection", "ConnectionStateError", "DatabaseError",
+            "DB", "ConflictError", "Connection", "ConnectionStateError", "CorruptedDataError",
+            "DatabaseError",
             "DoomedTransaction", "DoomedTransactionError", "FileFormatError", "FileStorage",
             "InvalidObjectReference", "InvalidSavepointRollbackError", "MemoryStorage",
             "NoTransactionError", "POSKeyError", "Persistent", "PersistentList", "PersistentMapping",
             "ReadOnlyError", "RecordDecodeError", "SerializationError", "StorageError",
-            "StorageLockedError", "StorageTransactionError", "TransactionError",
+            "StorageForkedError", "StorageLockedError", "StorageTransactionError", "TransactionError",
             "TransactionFailedError", "TransientError", "UnsafeGlobalError", "connection",
         ]
     )  # fmt: skip

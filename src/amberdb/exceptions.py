@@ -31,11 +31,10 @@ from __future__ import annotations
 
 from amberdb.utils import oid_repr
 
-# CorruptedDataError and StorageForkedError join __all__ once amberdb/__init__.py exports them
-# (issue 9): tests/test_public_api.py requires every name listed here at the top level too.
 __all__ = [
     "ConflictError",
     "ConnectionStateError",
+    "CorruptedDataError",
     "DatabaseError",
     "DoomedTransaction",
     "DoomedTransactionError",
@@ -48,6 +47,7 @@ __all__ = [
     "RecordDecodeError",
     "SerializationError",
     "StorageError",
+    "StorageForkedError",
     "StorageLockedError",
     "StorageTransactionError",
     "TransactionError",
