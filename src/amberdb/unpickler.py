@@ -191,15 +191,21 @@ _ALL_BUT_MARKED = bytes(sorted(set(range(256)) - _SIZING_OPS - set(_MEMO_GETS)))
 _ALL_BUT_MARKED_OR_EXTENSION = bytes(sorted(set(_ALL_BUT_MARKED) - _EXTENSIONS))
 
 
+# How AmberDB writes a reference in a version 2 state: BINGET 0 (the function), the index,
+# TUPLE1, MEMOIZE (the argument tuple), REDUCE, MEMOIZE (the ghost).
+_REFERENCE_CALL = rb"h\x00(?:K.|M..|J....)\x85\x94R\x94"
+
+
 def _token_alternatives() -> list[bytes]:
     """Regular expressions for the opcodes of an ordinary record, none of which sizes an
-    allocation: each starts with its own opcode byte and, for short strings, length byte, so
-    at each position at most one matches -- the parse the C unpickler makes.  Short strings
-    come first: they are most of a record's opcodes."""
+    allocation: each starts with its own opcode byte (and, for short strings, length byte),
+    so at each position exactly one matches -- the parse the C unpickler makes.  A reference
+    call is one token (its BINGET otherwise another); short strings come first: they are
+    most of a record's opcodes."""
     short: set[int] = set()
     by_argument_size: dict[int, set[int]] = {0: set(), 1: set(), 2: set(), 4: set(), 8: set()}
     for name, (code, layout, size) in OPCODES.items():
-        if name in ("STOP", "LONG_BINPUT", "EXT1", "EXT2", "EXT4", "FRAME"):
+        if name in ("STOP", "LONG_BINPUT", "EXT1", "EXT2", "EXT4", "FRAME", "BINGET"):
             continue
         if layout == LEN1:
             short.add(code[0])
@@ -210,13 +216,15 @@ def _token_alternatives() -> list[bytes]:
         return b"[" + b"".join(re.escape(bytes([code])) for code in sorted(codes)) + b"]"
 
     lengths = b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(256))
-    alternatives = [any_of(short) + b"(?:" + lengths + b")"]
+    alternatives = [
+        any_of(short) + b"(?:" + lengths + b")",
+        b"(" + _REFERENCE_CALL + b")",
+        b"h(?!" + _REFERENCE_CALL[1:] + b").",  # any other BINGET
+    ]
     alternatives += [any_of(codes) + b"." * size for size, codes in by_argument_size.items()]
     return alternatives
 
 
-# How AmberDB writes a reference in a version 2 state.
-_REFERENCE_CALL = rb"h\x00(?:K.|M..|J....)\x85\x94R"
 # Compiled on first use: they take milliseconds.
 _ordinary_tokens: list[re.Pattern[bytes]] = []
 _FRAMED = OPCODES["PROTO"][0] + b"\x05" + OPCODES["FRAME"][0]
@@ -224,22 +232,22 @@ _FRAMED_BODY = 3 + 8  # where the opcodes start after PROTO 5 and FRAME n
 
 
 def _patterns() -> list[re.Pattern[bytes]]:
-    """[a record of ordinary opcodes up to STOP; one opcode, or a reference call as a group]."""
+    """[a record of ordinary opcodes up to STOP; one opcode, reference calls captured]."""
     if not _ordinary_tokens:
-        tokens = b"(?:" + b"|".join(_token_alternatives()) + b")"
+        token = b"(?:" + b"|".join(_token_alternatives()) + b")"
         stop = re.escape(OPCODES["STOP"][0])
         # A failing match backtracks in linear time: one way to match at each position.
-        _ordinary_tokens.append(re.compile(tokens + b"*" + stop, re.DOTALL))
-        _ordinary_tokens.append(re.compile(b"(" + _REFERENCE_CALL + b")|" + tokens, re.DOTALL))
+        _ordinary_tokens.append(re.compile(token + b"*" + stop, re.DOTALL))
+        _ordinary_tokens.append(re.compile(token, re.DOTALL))
     return _ordinary_tokens
 
 
 def _ordinary(data: bytes) -> bool:
     """Whether ``data`` is one frame of ordinary opcodes ending in STOP: what AmberDB writes.
 
-    A regular expression walks the opcodes in C, twice as fast as :func:`_scan`; whatever it
-    does not know goes to the scan.  The frame must end where the data ends, so no argument
-    can run past it.
+    A regular expression walks the opcodes in C, about three times as fast as :func:`_scan`;
+    whatever it does not know goes to the scan.  The frame must end where the data ends, so
+    no argument can run past it.
     """
     return (
         data.startswith(_FRAMED)
@@ -252,16 +260,17 @@ def _nesting_bound(data: bytes, reference_in_memo: bool) -> int:
     """An upper bound on how deeply the containers ``data`` builds can nest.
 
     Each level needs an opcode whose byte is one of the nesting opcodes, so their count
-    bounds it.  A reference call (BINGET 0, an index, TUPLE1, MEMOIZE, REDUCE) has one of
-    them yet nests nothing -- the tuple holds a lone integer -- and a record of more than a
-    thousand references would go to the slow machines for them: in an ordinary version 2
-    record, the reference calls the parse really makes (opcodes found one after the other
-    from the start, so aligned with the C unpickler's parse) each take theirs off.
+    bounds it.  A reference call has one of them (its TUPLE1) yet nests nothing -- the tuple
+    holds a lone integer -- and a record of more than a thousand references would go to the
+    slow machines for them: in an ordinary version 2 record, each reference call the parse
+    really makes takes its one off.  Really makes: found as a token among tokens read one
+    after the other from the start, in step with the C unpickler.  The same bytes elsewhere
+    are no reference call -- after a POP, say, their TUPLE1 wraps whatever lay below.
     """
     count = len(data.translate(None, _NOT_NESTING_OPS))
     if count > FAST_NESTING_BUDGET and reference_in_memo and _ordinary(data):
-        calls = _patterns()[1].findall(data, _FRAMED_BODY)
-        count -= len(calls) - calls.count(b"")
+        tokens = _patterns()[1].findall(data, _FRAMED_BODY)  # each a reference call or b""
+        count -= len(tokens) - tokens.count(b"")
     return count
 
 

@@ -470,3 +470,30 @@ def test_deep_namedtuples_built_from_keyword_arguments_are_refused() -> None:
     store_raw(db, OID, encode_record(BOOK, [], state, reference_in_memo=True))
     assert "nested more than 1000" in str(load_fails(db))
     db.close()
+
+
+Wrap = collections.namedtuple("Wrap", "x")
+
+
+def test_reference_call_lookalikes_after_a_pop_do_not_hide_nesting() -> None:
+    """The bytes of a reference call, entered after a POP: their TUPLE1 wraps what lay below."""
+    db = amberdb.DB(None, allowed_classes=[Wrap])
+    depth = 3000
+    level = op("SHORT_BINBYTES", b"\x03h\x00K") + op("POP") + op("TUPLE1") + op("MEMOIZE")
+    level += op("REDUCE") + op("MEMOIZE")  # Wrap(whatever lay below the bytes)
+    assert b"h\x00K0\x85\x94R\x94" in level  # what a reference call looks like, misread
+    body = (
+        op("EMPTY_DICT")
+        + name(__name__, "Wrap")
+        + op("MEMOIZE")  # memo 1
+        + op("BINGET", b"\x01") * (depth - 1)
+        + op("NONE")
+        + level * depth
+        + op("NONE")
+        + op("SETITEM")  # {Wrap(Wrap(...)): None} hashes the chain
+        + op("STOP")
+    )
+    state = b"\x80\x05\x95" + len(body).to_bytes(8, "little") + body
+    store_raw(db, OID, encode_record(BOOK, [(p64(7), BOOK)], state, reference_in_memo=True))
+    assert "nested more than 1000" in str(load_fails(db))
+    db.close()
