@@ -216,12 +216,16 @@ def _token_alternatives() -> list[bytes]:
         return b"[" + b"".join(re.escape(bytes([code])) for code in sorted(codes)) + b"]"
 
     lengths = b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(256))
+    # The MEMOIZE that nearly always follows a short string joins its token, possessively
+    # (Python 3.11 on): one step fewer, and still one way to match.
+    memoized = re.escape(OPCODES["MEMOIZE"][0]) + b"?+" if sys.version_info >= (3, 11) else b""
     alternatives = [
-        any_of(short) + b"(?:" + lengths + b")",
+        any_of(short) + b"(?:" + lengths + b")" + memoized,
+        any_of(by_argument_size[0]),
         b"(" + _REFERENCE_CALL + b")",
         b"h(?!" + _REFERENCE_CALL[1:] + b").",  # any other BINGET
     ]
-    alternatives += [any_of(codes) + b"." * size for size, codes in by_argument_size.items()]
+    alternatives += [any_of(by_argument_size[size]) + b"." * size for size in (1, 2, 4, 8)]
     return alternatives
 
 
@@ -236,8 +240,10 @@ def _patterns() -> list[re.Pattern[bytes]]:
     if not _ordinary_tokens:
         token = b"(?:" + b"|".join(_token_alternatives()) + b")"
         stop = re.escape(OPCODES["STOP"][0])
-        # A failing match backtracks in linear time: one way to match at each position.
-        _ordinary_tokens.append(re.compile(token + b"*" + stop, re.DOTALL))
+        # One way to match at each position, so a failing match backtracks in linear time
+        # (and from Python 3.11 not at all: a possessive repeat keeps no state to go back to).
+        repeat = b"*+" if sys.version_info >= (3, 11) else b"*"
+        _ordinary_tokens.append(re.compile(token + repeat + stop, re.DOTALL))
         _ordinary_tokens.append(re.compile(token, re.DOTALL))
     return _ordinary_tokens
 
