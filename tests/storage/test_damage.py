@@ -280,3 +280,43 @@ def test_verify_finds_an_index_that_contradicts_the_file(tmp_path: Path) -> None
     path.write_bytes(backup)
     report = verify(path)
     assert [p.file for p in report.problems] == ["index"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 8, 31])
+def test_data_file_cut_below_its_header_beside_an_intact_index_is_an_error(tmp_path: Path, size: int) -> None:
+    """I6: an index is written at a clean close; a data file shorter than a header beside it was cut.
+
+    Such a file used to be taken for one whose creation a crash cut short: it started afresh,
+    and closing it replaced the index, the last evidence.
+    """
+    path = tmp_path / "data.fs"
+    build(path)
+    index = Path(str(path) + ".index").read_bytes()
+    os.truncate(path, size)
+    for read_only in (False, True):
+        with pytest.raises(CorruptedDataError, match="shorter than its header"):
+            FileStorage(path, read_only=read_only)
+    assert path.stat().st_size == size
+    assert Path(str(path) + ".index").read_bytes() == index
+    report = verify(path)
+    assert not report.ok and "shorter than its header" in report.problems[0].what
+
+
+@pytest.mark.parametrize("offset", range(7))
+def test_damaged_magic_is_damage_not_a_foreign_file(tmp_path: Path, offset: int) -> None:
+    """A flipped byte of the magic: the rest of the header still checks out, so it is ours."""
+    path = tmp_path / "data.fs"
+    tids = build(path)
+    os.unlink(str(path) + ".index")
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(CorruptedDataError, match="magic is damaged"):
+        FileStorage(path)
+    with FileStorage(path, read_only=True, salvage=True) as salvaged:
+        check_all(salvaged, tids)  # every transaction behind the header is still there
+        assert salvaged.damage is not None and salvaged.damage.offset == 0
+    report = verify(path)
+    assert not report.ok and report.transactions == len(tids)

@@ -333,7 +333,9 @@ def test_second_writer_locked_out(tmp_path: Path) -> None:
     path = tmp_path / "data.fs"
     fs = FileStorage(path)
     try:
-        assert Path(str(path) + ".lock").read_text().strip() == str(os.getpid())
+        pid_line, end_line = Path(str(path) + ".lock").read_text().splitlines()
+        assert pid_line.strip() == str(os.getpid())
+        assert int(end_line[:16], 16) == 32  # the committed end readers may rely on
         with pytest.raises(StorageLockedError, match=rf"data\.fs.*pid {os.getpid()}"):
             FileStorage(path)
         with FileStorage(path, read_only=True) as ro:
@@ -429,8 +431,9 @@ def test_small_commit_is_one_write_one_sync(tmp_path: Path, monkeypatch: pytest.
         syncs = Counter(monkeypatch, "fdatasync")
         reads = Counter(monkeypatch, "pread")
         commit(fs, {z64: (t1, b"y" * 200), p64(1): (z64, b"z")})
-        # vote writes the transaction as voted and syncs; finish writes one byte, unsynced (I4)
-        assert (writes.calls, syncs.calls) == (2, 1)
+        # vote writes the transaction as voted and syncs; finish writes one byte, unsynced
+        # (I4), and the new committed end into the lock file for readers (I9)
+        assert (writes.calls, syncs.calls) == (3, 1)
         assert reads.calls == 1  # the conflict check of the one existing object
         reads.calls = 0
         fs.load(z64)
@@ -579,3 +582,27 @@ def test_failing_to_index_a_durable_transaction_stops_writes(
     monkeypatch.undo()
     with FileStorage(path) as reopened:  # the durable transaction is there
         assert reopened.load(p64(2))[0] == b"two"
+
+
+def test_writer_stops_when_another_process_wrote_to_its_file(tmp_path: Path) -> None:
+    """I7/I9: a deleted lock file lets a second writer in; the first must not overwrite its commit."""
+    path = tmp_path / "data.fs"
+    first = FileStorage(path)
+    try:
+        t1 = commit(first, {z64: (z64, b"first writer")})
+        os.unlink(str(path) + ".lock")
+        script = (
+            "import sys; from amberdb.storage.file import FileStorage; from amberdb.storage.base import"
+            " TransactionMeta; from amberdb.utils import p64, z64\n"
+            "fs = FileStorage(sys.argv[1]); fs.begin(TransactionMeta()); fs.store(p64(9), z64, b'second');"
+            " fs.vote(); fs.finish(); fs.close()"
+        )
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=60, env=env)
+        with pytest.raises(StorageError, match="changed under its writer"):
+            commit(first, {z64: (t1, b"would overwrite the second writer's commit")})
+    finally:
+        first.close()
+    os.unlink(str(path) + ".index")  # the second writer's; the first saved none, being broken
+    with FileStorage(path, read_only=True) as fs:
+        assert fs.load(p64(9))[0] == b"second"

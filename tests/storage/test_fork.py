@@ -211,3 +211,52 @@ def test_database_commit_in_a_forked_child_fails_and_the_parent_wins(tmp_path: P
     with FileStorage(path, read_only=True) as fs:
         assert len(fs) >= 1
     assert verify(path).ok
+
+
+def test_child_cannot_write_into_the_parents_savepoints(tmp_path: Path) -> None:
+    """The spill file of a transaction is shared across fork() too: a child's savepoint refuses.
+
+    It used to write there, and the parent's commit then stored the child's entries where its
+    own should have been: its acknowledged change was lost.
+    """
+    path = tmp_path / "data.fs"
+    result = run_scenario(
+        path,
+        """
+        import json, os
+        import amberdb, amberdb.transaction as transaction
+        from amberdb import PersistentMapping
+        """,
+        CHILD_TRIES,
+        """
+        db = amberdb.DB(PATH)
+        conn = db.open()
+        root = conn.root()
+        root["a"], root["b"] = PersistentMapping(v="a0"), PersistentMapping(v="b0")
+        transaction.commit()
+        root["a"]["v"] = "a1"
+        transaction.savepoint()
+
+        def child_work():
+            root["b"]["v"] = "child" + "x" * (1 << 20)  # more than the spill keeps in memory
+            try:
+                transaction.savepoint()
+                return {"savepoint": "no error"}
+            except Exception as exc:
+                return {"savepoint": f"{type(exc).__name__}: {exc}"}
+
+        child = in_child(child_work)
+        root["a"]["v"] = "a2" + "y" * (1 << 20)
+        transaction.savepoint()
+        transaction.commit()
+        db.close()
+        with amberdb.DB(PATH, read_only=True) as reopened:
+            reader = reopened.open(transaction.TransactionManager())
+            values = {key: reader.root()[key]["v"][:2] for key in ("a", "b")}
+            reader.close()
+        print(json.dumps({"child": child, "values": values}))
+        """,
+    )
+    child = result["child"]
+    assert isinstance(child, dict) and child["savepoint"].startswith("StorageForkedError: ")
+    assert result["values"] == {"a": "a2", "b": "b0"}

@@ -114,3 +114,24 @@ def test_reader_leaves_out_damage_at_the_end_while_a_writer_is_alive(tmp_path: P
     with pytest.raises(CorruptedDataError, match=rf"offset {good}\b"):  # no writer: it is damage
         FileStorage(path, read_only=True)
     assert [p.offset for p in verify(path).problems] == [good]
+
+
+def test_damage_below_a_live_writers_committed_end_is_an_error(tmp_path: Path) -> None:
+    """I9: a live writer never writes below its published end, so damage there is damage.
+
+    A reader used to take any damage as the writer's transaction in flight, and silently
+    served the snapshot before it.
+    """
+    path = tmp_path / "data.fs"
+    with FileStorage(path) as writer:
+        tids = [commit(writer, {z64: (tid, b"value %d" % i)}) for i, tid in enumerate([z64])]
+        for i in range(1, 10):
+            tids.append(commit(writer, {z64: (tids[-1], b"value %d" % i)}))
+        middle = transactions(path.read_bytes())[5][0]
+        with open(path, "r+b") as f:
+            f.seek(middle + 40)
+            byte = f.read(1)
+            f.seek(middle + 40)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(CorruptedDataError, match=f"offset {middle}"):
+            FileStorage(path, read_only=True)

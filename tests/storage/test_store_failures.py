@@ -10,6 +10,7 @@ import pytest
 from amberdb.exceptions import StorageError, StorageTransactionError
 from amberdb.storage.base import TransactionMeta
 from amberdb.storage.file import FileStorage, verify
+from amberdb.storage.file import format as fmt
 from amberdb.storage.file import storage as storage_module
 from amberdb.utils import p64, z64
 
@@ -166,3 +167,14 @@ def test_failed_finish_flip_keeps_the_durable_commit(tmp_path: Path, monkeypatch
     with FileStorage(path) as rw:  # marks it finished
         assert rw.load(p64(1)) == (b"durable", tid)
     assert not any("voted" in note for note in verify(path).notes)
+
+
+def test_new_oid_refuses_past_the_largest_oid(tmp_path: Path) -> None:
+    """After oid 2**63-1 was stored there is no oid left: a StorageError, not an unusable one."""
+    with FileStorage(tmp_path / "data.fs") as fs:
+        fs.begin(TransactionMeta())
+        fs.store(p64(fmt.MAX_OID), z64, b"the last oid")
+        fs.vote()
+        fs.finish()
+        with pytest.raises(StorageError, match="used up its oids"):
+            fs.new_oid()

@@ -105,6 +105,8 @@ class MemoryStorage:
         self._check_open()
         with self._oid_lock:
             oid = self._next_oid
+            if oid >= 1 << 64:
+                raise StorageError("the storage has used up its oids")
             self._next_oid = oid + 1
         return p64(oid)
 

@@ -33,7 +33,8 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 
-from amberdb.exceptions import CorruptedDataError
+from amberdb.exceptions import CorruptedDataError, StorageForkedError
+from amberdb.storage.forks import GENERATION
 from amberdb.storage.offsets import OffsetIndex
 from amberdb.utils import Oid, Tid, oid_repr, p64, z64
 
@@ -63,6 +64,17 @@ class SpillFile:
         self._existing: set[int] = set()
         self._flushed = 0  # bytes already in the file
         self._pending = bytearray()  # bytes after _flushed, not yet written
+        # A child of os.fork() shares the file with its parent: one writing into it would
+        # change what the other commits (amberdb.storage.forks).
+        self._generation = GENERATION.value
+        self._pid = os.getpid()
+
+    def _check_process(self) -> None:
+        if self._generation != GENERATION.value:
+            raise StorageForkedError(
+                f"{_NAME} belongs to a transaction of process {self._pid}, which forked this one:"
+                " a child must not use the transactions it inherited; open the database again in it"
+            )
 
     @property
     def position(self) -> int:
@@ -77,6 +89,8 @@ class SpillFile:
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
         """Add ``record`` as the newest spilled state of ``oid``."""
+        if self._generation != GENERATION.value:
+            self._check_process()
         pending = self._pending
         offset = self._flushed + len(pending)
         key = int.from_bytes(oid, "big")
@@ -124,18 +138,23 @@ class SpillFile:
 
     def load(self, oid: Oid) -> tuple[bytes, Tid] | None:
         """``(record, base tid)`` of the newest spilled state of ``oid``, or None."""
+        if self._generation != GENERATION.value:
+            self._check_process()
         offset = self._index.get(int.from_bytes(oid, "big"))
         if offset == _NONE:
             return None
-        _, base, _, record = self._entry(offset)
+        found, base, _, record = self._entry(offset)
+        if found != oid:
+            raise _damaged(offset, f"the entry for oid {oid_repr(oid)} holds oid {oid_repr(found)}")
         return record, base
 
     def entries(self) -> Iterator[tuple[Oid, Tid, bytes]]:
         """The newest ``(oid, base tid, record)`` of every spilled oid, in file order.
 
         Reads the file front to back in large chunks: no per-entry seeks, no sorted copy of
-        the index.
+        the index.  Yields exactly one entry for every spilled oid, or raises.
         """
+        self._check_process()
         self._flush()
         index = self._index
         fd = self._fd
@@ -146,6 +165,7 @@ class SpillFile:
         unpack = _ENTRY.unpack_from
         crc32 = zlib.crc32
         fields_size = _FIELDS.size
+        yielded = 0
         while offset < end:
             at = offset - start
             if at + _ENTRY.size > len(buffer):
@@ -171,8 +191,12 @@ class SpillFile:
                 record = buffer[body:stop]
                 if crc32(record) != record_crc:
                     raise _damaged(offset, f"record checksum mismatch (oid {oid_repr(oid)})")
+                yielded += 1
                 yield oid, base, record
             offset += _ENTRY.size + length
+        if yielded != len(index):
+            # An entry the index points at holds another oid: one change would go missing.
+            raise _damaged(offset, f"{len(index) - yielded} spilled states are not where the index says")
 
     def oids(self) -> list[Oid]:
         """Every spilled oid."""
@@ -188,6 +212,7 @@ class SpillFile:
         return [oid for oid, _ in self._walk(position)]
 
     def _walk(self, position: int) -> list[tuple[Oid, int]]:
+        self._check_process()
         found = []
         offset = position
         end = self.position
@@ -215,7 +240,7 @@ class SpillFile:
         return [oid for oid, _ in walked]
 
     def close(self) -> None:
-        """Delete the file."""
+        """Delete the file (in a forked child: only this process's descriptor)."""
         self._file.close()
 
 

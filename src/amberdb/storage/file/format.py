@@ -120,6 +120,7 @@ __all__ = [
     "encode_txn_header",
     "file_header_crc_ok",
     "is_partial_file_header",
+    "magic_damaged",
     "record_checksum",
     "txn_checksum",
 ]
@@ -196,6 +197,14 @@ def file_header_crc_ok(header: bytes) -> bool:
     """True when a full file header's CRC matches its other 28 bytes."""
     stored: int = FILE_HEADER.unpack(header)[2]
     return zlib.crc32(header[:FILE_HEADER_CHECKED]) == stored
+
+
+def magic_damaged(header: bytes) -> bool:
+    """True when a full file header fails only in its magic: the CRC matches with ours.
+
+    Then the file is an AmberDB file whose first bytes changed, not a foreign file.
+    """
+    return header[:8] != FILE_MAGIC and file_header_crc_ok(FILE_MAGIC + header[8:])
 
 
 def is_partial_file_header(data: bytes) -> bool:

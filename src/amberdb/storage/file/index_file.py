@@ -28,7 +28,13 @@ from amberdb.storage.file.recovery import RECOVERY_HINT, describe_txn_problem, p
 from amberdb.storage.offsets import OffsetIndex
 from amberdb.utils import oid_repr, z64
 
-__all__ = ["SavedIndex", "decode_index_file", "read_index_file", "write_index_file"]
+__all__ = [
+    "SavedIndex",
+    "decode_index_file",
+    "index_beside_a_cut_file",
+    "read_index_file",
+    "write_index_file",
+]
 
 _H = TXN_HEADER.size
 _T = TXN_TRAILER.size
@@ -48,6 +54,26 @@ def decode_index_file(data: bytes) -> tuple[IndexHeader, OffsetIndex]:
     view = memoryview(data)
     header = decode_index_header(view[: INDEX_HEADER.size], view[INDEX_HEADER.size :])
     return header, OffsetIndex.from_bytes(view[INDEX_HEADER.size :])
+
+
+def index_beside_a_cut_file(path: str, size: int) -> str | None:
+    """Why a data file shorter than its header (``size`` bytes) must not start afresh, or None.
+
+    Such a file is what a crash during creation leaves, never with an index beside it: the
+    index is written at a clean close, long after.  An intact index there means the data
+    file was cut or replaced after it had held a database.
+    """
+    index_path = path + ".index"
+    try:
+        with open(index_path, "rb") as f:
+            h, _ = decode_index_file(f.read())
+    except (OSError, ValueError):
+        return None
+    return (
+        f"the file is {size} bytes, shorter than its header, yet its index file {index_path}"
+        f" (intact) describes a database of transactions up to offset {h.position}: the data"
+        " file was cut or replaced"
+    )
 
 
 def read_index_file(path: str, fd: int, file_id: bytes, file_id_crc: int, size: int) -> SavedIndex | None:

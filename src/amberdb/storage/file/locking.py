@@ -2,7 +2,9 @@
 
 A writable FileStorage holds ``flock(LOCK_EX)`` on the lock file from before its first write
 until it closes; the kernel drops the lock when the process dies, so a crashed writer never
-leaves it behind.  The file holds the writer's pid, for error messages only.
+leaves it behind.  The file holds the writer's pid (for error messages) on its first line,
+and the writer's committed end on its second, rewritten at every finish: the offset below
+which the data file no longer changes (see :func:`published_end`).
 
 A read-only opener never takes the lock to read.  It only *asks* whether a writer is alive
 when that changes how it reads the end of the file (see ``FileStorage``'s invariant I9):
@@ -17,12 +19,13 @@ import errno
 import fcntl
 import os
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from amberdb.exceptions import StorageLockedError
 
-__all__ = ["WRITER_PATIENCE", "acquire_writer_lock", "writers_kept_out"]
+__all__ = ["WRITER_PATIENCE", "acquire_writer_lock", "publish_end", "published_end", "writers_kept_out"]
 
 WRITER_PATIENCE = 0.5
 """Seconds a writer keeps retrying a lock held by someone else before giving up."""
@@ -44,7 +47,7 @@ def acquire_writer_lock(path: str) -> int:
                 os.close(fd)
                 raise
             if time.monotonic() >= deadline:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                holder = os.pread(fd, _PID_LINE, 0).decode("ascii", "replace").strip()
                 os.close(fd)
                 who = f" (pid {holder})" if holder.isdigit() else ""
                 message = f"{path} is already open for writing by another process{who}"
@@ -52,11 +55,44 @@ def acquire_writer_lock(path: str) -> int:
             time.sleep(_RETRY_EVERY)
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        os.pwrite(fd, f"{os.getpid():>{_PID_LINE - 1}}\n".encode("ascii"), 0)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+_PID_LINE = 12  # the pid, right-aligned, and a newline
+_END_LINE = 16 + 8 + 1  # the end and its CRC-32 in hex, and a newline
+
+
+def publish_end(fd: int, end: int) -> None:
+    """Write the writer's committed end into its lock file (descriptor ``fd``).
+
+    With a CRC, so a reader that reads it half-rewritten sees nothing rather than a number.
+    """
+    digits = b"%016x" % end
+    os.pwrite(fd, digits + b"%08x\n" % zlib.crc32(digits), _PID_LINE)
+
+
+def published_end(path: str) -> int | None:
+    """The committed end a live writer of ``path`` last published, or None if unknown.
+
+    Below it the writer never writes again (append only), so damage a reader finds there is
+    damage, not a transaction in flight.  It only grows; a reader may see an older value.
+    """
+    try:
+        with open(path + ".lock", "rb") as f:
+            line = f.read(_PID_LINE + _END_LINE)[_PID_LINE:]
+    except OSError:
+        return None
+    digits, crc = line[:16], line[16:24]
+    try:
+        if len(line) != _END_LINE or int(crc, 16) != zlib.crc32(digits):
+            return None
+        return int(digits, 16)
+    except ValueError:
+        return None
 
 
 @contextmanager

@@ -87,6 +87,8 @@ class Damage:
 
     offset: int
     problem: str
+    followed: bool = False
+    """A valid transaction comes after it: damage in the middle, never a write in progress."""
 
     def __str__(self) -> str:
         return f"offset {self.offset}: {self.problem}"
@@ -274,7 +276,8 @@ def judge_stop(
     follower = find_valid_txn(fd, file_id_crc, pos + 1, file_size, prev_tid)
     if follower is not None:
         what = damage.problem if damage is not None else reason
-        return "damaged", "", Damage(pos, f"{what}, followed by a valid transaction at offset {follower}")
+        problem = f"{what}, followed by a valid transaction at offset {follower}"
+        return "damaged", "", Damage(pos, problem, followed=True)
     if damage is not None:
         return "damaged", "", damage
     return "torn", reason, None

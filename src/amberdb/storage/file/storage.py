@@ -54,13 +54,17 @@ I8  Tids grow.  Tids are assigned in ``begin`` from :func:`~amberdb.utils.next_t
     not above its predecessor's.
 
 I9  Readers never see what a live writer may take back.  A read-only opener that finds a
-    ``v`` transaction (or damage) at the end asks whether a writer is alive (a shared lock
-    on the lock file).  If one is, the transaction may still be aborted, or still be being
-    written, and the reader leaves it out.  If none is, it judges the end again while its
-    shared lock keeps writers out, and a valid ``v`` transaction is committed.  A reader
-    never reads at or past its own ``_end``, and a writer truncates only past its own
-    ``_end``, which is never below a reader's: the writer's truncation never removes a page
-    a reader reads (no SIGBUS).
+    ``v`` transaction (or damage) after the valid transactions asks whether a writer is
+    alive (a shared lock on the lock file).  If none is, it judges the end again while its
+    shared lock keeps writers out, and a valid ``v`` transaction is committed.  If one is,
+    the writer's committed end, which it publishes in the lock file at every finish and the
+    reader read before scanning, decides: damage below it is damage (the writer never
+    writes there), anything past it may still be aborted, rewritten or written, and the
+    reader leaves it out.  A reader never reads at or past its own ``_end``, and a writer
+    truncates only past its own ``_end``, which is never below a reader's: the writer's
+    truncation never removes a page a reader reads (no SIGBUS).  A writer also checks at
+    ``begin`` that the file still ends where it left it: a second writer let in by a deleted
+    lock file stops it rather than have their transactions overwrite each other.
 
 I10 Loads verify.  Every load checks the record checksum, that the record is the oid asked
     for, that it lies below ``_end``, and, walking back pointers, that offsets and tids
@@ -130,10 +134,11 @@ from amberdb.storage.file.format import (
     encode_txn_header,
     file_header_crc_ok,
     is_partial_file_header,
+    magic_damaged,
     txn_checksum,
 )
-from amberdb.storage.file.index_file import read_index_file, write_index_file
-from amberdb.storage.file.locking import acquire_writer_lock, writers_kept_out
+from amberdb.storage.file.index_file import index_beside_a_cut_file, read_index_file, write_index_file
+from amberdb.storage.file.locking import acquire_writer_lock, publish_end, published_end, writers_kept_out
 from amberdb.storage.file.recovery import (
     FIRST_RECORD,
     Damage,
@@ -285,6 +290,8 @@ class FileStorage:
             self._file_id = FILE_HEADER.unpack(header)[1]
         self._file_id_crc = zlib.crc32(self._file_id)
         self._load(size)
+        if not self._read_only:
+            self._publish_end()
 
     def _check_file_header(self, header: bytes, size: int) -> bool:
         """True when the file is empty or a crash cut its creation short; else check it.
@@ -295,9 +302,18 @@ class FileStorage:
         path = self._path
         if size < FILE_HEADER.size:
             if is_partial_file_header(header[:size]):
+                problem = index_beside_a_cut_file(path, size)
+                if problem is not None:
+                    raise corruption(path, 0, problem)
                 return True
             raise FileFormatError(f"{path} is not an AmberDB file storage (bad magic {header[:8]!r})")
         magic = header[:8]
+        if magic_damaged(header):
+            problem = f"its magic is damaged ({magic!r}; the rest of the file header checks out)"
+            if not self._salvage:
+                raise corruption(path, 0, problem)
+            self._damage = Damage(0, problem)
+            return False
         if magic[:7] != FILE_MAGIC_PREFIX:
             raise FileFormatError(f"{path} is not an AmberDB file storage (bad magic {magic!r})")
         crc_ok = file_header_crc_ok(header)
@@ -324,9 +340,11 @@ class FileStorage:
             saved = read_index_file(self._path, self._fd, self._file_id, self._file_id_crc, size)
         if saved is not None:
             start, prev_tid, self._next_oid, index = saved
+        # Read before the scan: below it nothing changed while the scan read (I9).
+        committed = published_end(self._path) if self._read_only else None
         result, index = self._scan(index, start, size, prev_tid)
         if self._read_only and (result.tail == "damaged" or result.voted_tail is not None):
-            result, index = self._judge_end_as_reader(result, index)
+            result, index = self._judge_end_as_reader(result, index, committed)
         end, last_tid = result.end, result.last_tid
         voted = list(result.voted)
         if result.tail == "damaged":
@@ -365,15 +383,24 @@ class FileStorage:
             result = scan(self._fd, self._path, self._file_id_crc, FILE_HEADER.size, exc.offset, z64, index)
             return dataclasses.replace(result, tail="damaged", damage=Damage(exc.offset, exc.problem)), index
 
-    def _judge_end_as_reader(self, result: ScanResult, index: OffsetIndex) -> tuple[ScanResult, OffsetIndex]:
-        """Decide a voted tail or damage at the end for a read-only open (I9)."""
+    def _judge_end_as_reader(
+        self, result: ScanResult, index: OffsetIndex, committed: int | None
+    ) -> tuple[ScanResult, OffsetIndex]:
+        """Decide a voted tail or damage after the valid transactions for a read-only open (I9).
+
+        ``committed`` is the end a live writer had published before the scan began.
+        """
         with writers_kept_out(self._path) as no_writer:
             if no_writer:
                 # No writer can start while we look: the end is stable now.  Scan it again
                 # (the file may have grown since the first look).
                 return self._scan(index, result.end, os.fstat(self._fd).st_size, result.last_tid)
-        # A live writer may still abort its voted transaction, or is still writing the one
-        # that looks damaged: leave it out of this snapshot.
+        # Below the end the live writer had published the file did not change while we read
+        # it: damage there is damage.  Past it the writer may still abort its voted
+        # transaction, or be writing (even rewriting, after an abort) what looks damaged:
+        # leave that out of this snapshot.
+        if result.damage is not None and committed is not None and result.damage.offset < committed:
+            return result, index
         return dataclasses.replace(result, tail="clean", damage=None, voted_tail=None), index
 
     def _repair_tail(self, result: ScanResult, voted: list[int]) -> None:
@@ -590,6 +617,8 @@ class FileStorage:
         self._check_writable()
         with self._oid_lock:
             oid = self._next_oid
+            if oid > MAX_OID:
+                raise StorageError(f"{self._path} has used up its oids (the largest is {MAX_OID:#x})")
             self._next_oid = oid + 1
         return p64(oid)
 
@@ -619,6 +648,18 @@ class FileStorage:
         if self._closing or self._closed or self._broken is not None:
             self._commit_lock.release()
             self._check_writable()
+        size = os.fstat(self._fd).st_size
+        if size != self._end:
+            # Only this writer appends (I7), and it leaves the file ending at _end: another
+            # process wrote (its lock file deleted and a second writer let in), or cut it.
+            self._broken = StorageError(f"the file is {size} bytes, not the {self._end} this writer left")
+            self._commit_lock.release()
+            raise StorageError(
+                f"{self._path} changed under its writer: it is {size} bytes, but this storage left"
+                f" it at {self._end}. Another process wrote to it (was {self._path}.lock deleted?)"
+                " or cut it; nothing more is written. Close every storage on it, then check it with"
+                " amberdb.storage.file.verify()"
+            )
         # The transaction fields were reset by __init__ or the previous _end_txn.
         self._state = _OPEN
         self._owner = threading.get_ident()
@@ -794,7 +835,15 @@ class FileStorage:
             self._end = self._txn_pos + self._written
             self._last_tid = tid
         self._end_txn()
+        self._publish_end()
         return tid
+
+    def _publish_end(self) -> None:
+        """Tell read-only openers where this writer's committed end now is (I9)."""
+        try:
+            publish_end(self._lock_fd, self._end)
+        except OSError:  # pragma: no cover - a hint for readers; without it they are only slower to judge
+            pass
 
     def abort(self) -> None:
         """Forget the open or voted transaction (I5); a no-op when none is open."""

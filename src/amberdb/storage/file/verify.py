@@ -29,8 +29,9 @@ from amberdb.storage.file.format import (
     TxnHeader,
     file_header_crc_ok,
     is_partial_file_header,
+    magic_damaged,
 )
-from amberdb.storage.file.index_file import SavedIndex, decode_index_file
+from amberdb.storage.file.index_file import SavedIndex, decode_index_file, index_beside_a_cut_file
 from amberdb.storage.file.locking import writers_kept_out
 from amberdb.storage.file.recovery import (
     describe_txn_problem,
@@ -127,10 +128,19 @@ def _check_file_header(fd: int, size: int, report: VerifyReport) -> bytes | None
     header = pread_exact(fd, FILE_HEADER.size, 0)
     if size < FILE_HEADER.size:
         if is_partial_file_header(header):
-            report.notes.append("the file is shorter than its header: a writable open starts it afresh")
+            problem = index_beside_a_cut_file(report.path, size)
+            if problem is not None:
+                report.problems.append(Problem(0, problem))
+            else:
+                report.notes.append("the file is shorter than its header: a writable open starts it afresh")
         else:
             report.problems.append(Problem(0, f"not an AmberDB file storage (bad magic {header[:8]!r})"))
         return None
+    if magic_damaged(header):
+        report.problems.append(
+            Problem(0, f"the magic is damaged ({header[:8]!r}); checking with the file id")
+        )
+        return bytes(FILE_HEADER.unpack(header)[1])
     if header[:7] != FILE_MAGIC_PREFIX:
         report.problems.append(Problem(0, f"not an AmberDB file storage (bad magic {header[:8]!r})"))
         return None
