@@ -14,7 +14,11 @@ and any callable a pickle names is called with whatever arguments the pickle bui
   pickling writes;
 * every container's nesting depth counted, refused beyond :data:`MAX_NESTING` (hashing a
   deeply nested tuple overflows the C stack);
-* lengths checked against the data before anything is allocated.
+* lengths checked against the data before anything is allocated;
+* BUILD, APPEND(S), SETITEM(S) and ADDITEMS refused on anything the pickle did not build:
+  the globals it names (classes, functions), the objects it refers to, enum members.  A
+  record fills in its own objects; a tampered one could otherwise patch a class for the
+  whole process (BUILD on ``fractions.Fraction``) or rewrite an object it merely mentions.
 
 It is about ten times slower than the C unpickler; :mod:`amberdb.unpickler` decides which of
 the two runs a record.
@@ -23,11 +27,13 @@ the two runs a record.
 from __future__ import annotations
 
 import codecs
+import enum
 import pickle
 import re
 import struct
 import sys
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Container
 from typing import Any
 
 from amberdb.exceptions import RecordDecodeError
@@ -38,6 +44,7 @@ __all__ = [
     "OPCODES",
     "CheckedUnpickler",
     "argument_check",
+    "build",
     "needs_checked_calls",
 ]
 
@@ -213,6 +220,53 @@ def _refuse_call(func: Any, args: tuple[Any, ...]) -> RecordDecodeError:
 # -- the machine --------------------------------------------------------------------------
 
 
+# What a pickle never fills in, whoever built it: classes, functions and modules are shared
+# by the whole process, and enum members are singletons.
+_NEVER_FILLED = (
+    type,
+    types.FunctionType,
+    types.MethodType,
+    types.BuiltinFunctionType,
+    types.ModuleType,
+    enum.Enum,
+)
+
+
+def _refuse_change(target: Any, operation: str) -> RecordDecodeError:
+    if isinstance(target, type):
+        what = f"class {target.__module__}.{target.__qualname__}"
+    else:
+        what = f"{type(target).__module__}.{type(target).__qualname__} object"
+    return RecordDecodeError(
+        f"{operation} on a {what} the record did not build (a record only fills in the objects "
+        "it builds itself)"
+    )
+
+
+def build(inst: Any, state: Any, foreign: Container[int] = ()) -> None:
+    """Pickle's BUILD: give ``inst`` its ``state``, as CPython's unpicklers do.
+
+    Refused on what a pickle never fills in (see ``_NEVER_FILLED``) and on objects whose id
+    is in ``foreign`` (what the pickle did not build).
+    """
+    if isinstance(inst, _NEVER_FILLED) or id(inst) in foreign:
+        raise _refuse_change(inst, "BUILD")
+    setstate = getattr(inst, "__setstate__", None)
+    if setstate is not None:
+        setstate(state)
+        return
+    slotstate = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slotstate = state
+    if state:
+        inst_dict = inst.__dict__
+        for key, value in state.items():
+            inst_dict[sys.intern(key) if type(key) is str else key] = value
+    if slotstate:
+        for key, value in slotstate.items():
+            setattr(inst, key, value)
+
+
 _UNPACK_I4 = struct.Struct("<i").unpack_from
 _UNPACK_U4 = struct.Struct("<I").unpack_from
 _UNPACK_U8 = struct.Struct("<Q").unpack_from
@@ -242,6 +296,9 @@ class CheckedUnpickler:
         self._stack: list[Any] = []
         self._marks: list[int] = []
         self._memo: dict[int, Any] = dict(memo or {})
+        # Objects that come from outside the pickle (globals, references, the memo given), by
+        # id; kept alive by whoever handed them over for as long as the load runs.
+        self._foreign: dict[int, Any] = {id(value): value for value in self._memo.values()}
         # Nesting depth of each container built here, by id; _built keeps them alive so an
         # id is never reused while the load runs.
         self._depths: dict[int, int] = {}
@@ -321,6 +378,18 @@ class CheckedUnpickler:
     def _grew(self, container: Any, item: Any) -> None:
         self._set_depth(container, 1 + self._depth(item))
 
+    def _outside(self, value: Any) -> Any:
+        """Note that ``value`` came from outside the pickle, which may not fill it in."""
+        self._foreign[id(value)] = value
+        return value
+
+    def _target(self, operation: str) -> Any:
+        """The object on top of the stack, which ``operation`` is about to fill in."""
+        target = self._top()
+        if id(target) in self._foreign or isinstance(target, _NEVER_FILLED):
+            raise _refuse_change(target, operation)
+        return target
+
     # -- running ------------------------------------------------------------------------
 
     def load(self) -> Any:
@@ -349,6 +418,10 @@ class CheckedUnpickler:
         if check is not None and (kwargs or not check(args)):
             raise _refuse_call(func, args)
         result = func(*args, **(kwargs or {}))
+        if type(getattr(func, "__self__", None)) is list:
+            # A list's method given from outside (the record's references, ``ghosts.__getitem__``)
+            # hands back one of the list's items.
+            self._outside(result)
         return self._built_from(result, args)
 
     def _new(self, cls: Any, args: Any, kwargs: Any = None) -> Any:
@@ -365,7 +438,7 @@ class CheckedUnpickler:
     def _global(self, module: Any, name: Any) -> Any:
         if type(module) is not str or type(name) is not str:
             raise RecordDecodeError("STACK_GLOBAL requires str")
-        return self._find_global(module, name)
+        return self._outside(self._find_global(module, name))
 
     # -- opcode handlers (named after the opcodes; see pickletools) ------------------------
 
@@ -486,10 +559,10 @@ class CheckedUnpickler:
     op_readonly_buffer = op_next_buffer
 
     def op_persid(self) -> None:
-        self._stack.append(self._persistent_load(self._line().decode("ascii")))
+        self._stack.append(self._outside(self._persistent_load(self._line().decode("ascii"))))
 
     def op_binpersid(self) -> None:
-        self._stack.append(self._persistent_load(self._pop()))
+        self._stack.append(self._outside(self._persistent_load(self._pop())))
 
     def op_reduce(self) -> None:
         args = self._pop()
@@ -510,7 +583,7 @@ class CheckedUnpickler:
     def op_global(self) -> None:
         module = self._line().decode("utf-8")
         name = self._line().decode("utf-8")
-        self._stack.append(self._find_global(module, name))
+        self._stack.append(self._outside(self._find_global(module, name)))
 
     def op_stack_global(self) -> None:
         name = self._pop()
@@ -520,7 +593,7 @@ class CheckedUnpickler:
     def op_inst(self) -> None:
         module = self._line().decode("ascii")
         name = self._line().decode("ascii")
-        cls = self._find_global(module, name)
+        cls = self._outside(self._find_global(module, name))
         self._stack.append(self._instantiate(cls, tuple(self._pop_mark())))
 
     def op_obj(self) -> None:
@@ -536,21 +609,8 @@ class CheckedUnpickler:
 
     def op_build(self) -> None:
         state = self._pop()
-        inst = self._top()
-        setstate = getattr(inst, "__setstate__", None)
-        if setstate is not None:
-            setstate(state)
-        else:
-            slotstate = None
-            if isinstance(state, tuple) and len(state) == 2:
-                state, slotstate = state
-            if state:
-                inst_dict = inst.__dict__
-                for key, value in state.items():
-                    inst_dict[sys.intern(key) if type(key) is str else key] = value
-            if slotstate:
-                for key, value in slotstate.items():
-                    setattr(inst, key, value)
+        inst = self._target("BUILD")
+        build(inst, state)
         self._grew(inst, state)
 
     def op_empty_dict(self) -> None:
@@ -604,13 +664,13 @@ class CheckedUnpickler:
 
     def op_append(self) -> None:
         value = self._pop()
-        target = self._top()
+        target = self._target("APPEND")
         target.append(value)
         self._grew(target, value)
 
     def op_appends(self) -> None:
         items = self._pop_mark()
-        target = self._top()
+        target = self._target("APPENDS")
         if type(target) is list:
             target.extend(items)
         else:
@@ -625,7 +685,7 @@ class CheckedUnpickler:
     def op_setitem(self) -> None:
         value = self._pop()
         key = self._pop()
-        target = self._top()
+        target = self._target("SETITEM")
         target[key] = value
         self._set_depth(target, 1 + max(self._depth(key), self._depth(value)))
 
@@ -633,14 +693,14 @@ class CheckedUnpickler:
         items = self._pop_mark()
         if len(items) % 2:
             raise RecordDecodeError("odd number of items for SETITEMS")
-        target = self._top()
+        target = self._target("SETITEMS")
         for i in range(0, len(items), 2):
             target[items[i]] = items[i + 1]
         self._set_depth(target, 1 + max(map(self._depth, items), default=0))
 
     def op_additems(self) -> None:
         items = self._pop_mark()
-        target = self._top()
+        target = self._target("ADDITEMS")
         if isinstance(target, set):
             target.update(items)
         else:

@@ -157,6 +157,9 @@ class Connection:
         self._use_lock = threading.Lock()
         self._user: int | None = None
         self._depth = 0
+        # More than 0 while a record's state is being unpickled: a record that touches other
+        # objects then (a tampered one) is refused (see _refuse_while_unpickling).
+        self._unpickling = 0
 
     # -- opening and closing --------------------------------------------------------------
 
@@ -258,6 +261,10 @@ class Connection:
     def get(self, oid: Oid) -> Persistent:
         """The object stored under ``oid``, loaded; POSKeyError if there is none."""
         self._check_open(f"get oid {oid_repr(oid)}")
+        if self._unpickling:
+            raise RecordDecodeError(
+                f"it tried to load oid {oid_repr(oid)}: loading a record never loads another object"
+            )
         obj = self._cache.get(oid)
         if obj is not None:
             if obj._p_state != GHOST:
@@ -371,6 +378,8 @@ class Connection:
     @_exclusive
     def register(self, obj: Persistent) -> None:
         """Note that ``obj`` changed in the current transaction."""
+        if self._unpickling:
+            _refuse_while_unpickling(obj, "change")
         if not self._opened:
             what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
             raise ConnectionStateError(f"cannot change {what}: {self._closed_because}")
@@ -389,6 +398,8 @@ class Connection:
             raise ConnectionStateError(
                 f"cannot load {class_name(obj.__class__)} oid {oid_repr(oid)}: {self._closed_because}"
             )
+        if self._unpickling:
+            _refuse_while_unpickling(obj, "load")
         # hot path: every ghost touched.  _enter/_leave and _load are inlined here.
         me = _get_ident()
         if self._user == me:
@@ -409,7 +420,12 @@ class Connection:
             else:
                 record, serial = spilled
             reader = self._reader
-            state = reader.state(oid, record, reader.header(oid, record))
+            header = reader.header(oid, record)
+            self._unpickling += 1
+            try:
+                state = reader.state(oid, record, header)
+            finally:
+                self._unpickling -= 1
             try:
                 restore_state(obj, state, serial, len(record))
             except Exception as exc:
@@ -422,7 +438,11 @@ class Connection:
                 self._use_lock.release()
 
     def _restore(self, obj: Persistent, oid: Oid, record: bytes, serial: Tid, header: RecordHeader) -> None:
-        state = self._reader.state(oid, record, header)
+        self._unpickling += 1
+        try:
+            state = self._reader.state(oid, record, header)
+        finally:
+            self._unpickling -= 1
         try:
             restore_state(obj, state, serial, len(record))
         except Exception as exc:
@@ -744,6 +764,14 @@ def _state_misfit(obj: Persistent, oid: Oid, error: Exception) -> RecordDecodeEr
     return RecordDecodeError(
         f"record of oid {oid_repr(oid)} ({cls.__module__}.{cls.__qualname__}) does not fit its class: "
         f"{type(error).__name__}: {error}; the object stays a ghost"
+    )
+
+
+def _refuse_while_unpickling(obj: Persistent, what: str) -> None:
+    """Raise: a record being unpickled touched another object (only a tampered one does)."""
+    raise RecordDecodeError(
+        f"it tried to {what} {class_name(obj.__class__)} oid {oid_repr(_get_slot(obj, '_p_oid'))}:"
+        " loading a record never loads or changes another object"
     )
 
 

@@ -41,11 +41,12 @@ transaction; raising refuses the change) and ``setstate(obj)`` (load a ghost's s
 from __future__ import annotations
 
 import copyreg
+import functools
 import sys
 from types import MemberDescriptorType
 from typing import Any, Protocol
 
-from amberdb.exceptions import ConnectionStateError, TransactionError
+from amberdb.exceptions import ConnectionStateError, RecordDecodeError, TransactionError
 from amberdb.utils import Oid, oid_repr, time_from_tid, z64
 
 __all__ = [
@@ -118,6 +119,9 @@ class Persistent:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("_p_is_twin", False):
             _classes_by_name[class_name(cls)] = cls
+            own = cls.__dict__.get("__setstate__")
+            if own is not None and not getattr(own, "_p_guarded", False):
+                cls.__setstate__ = _guarded_setstate(own)  # type: ignore[method-assign]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         """Create an unsaved instance with the persistence slots set."""
@@ -243,6 +247,7 @@ class Persistent:
 
     def __setstate__(self, state: Any) -> None:
         """Replace the instance attributes with ``state`` (as made by ``__getstate__``)."""
+        _refuse_while_unpickling(self)
         slots = None
         if isinstance(state, tuple) and len(state) == 2:
             state, slots = state
@@ -400,6 +405,36 @@ def _load(obj: Persistent) -> None:
             f"cannot load ghost {class_name(cls)} oid {oid_repr(obj._p_oid)}: it has no connection"
         )
     jar.setstate(obj)
+
+
+def _refuse_while_unpickling(obj: Persistent) -> None:
+    """Raise when a record being unpickled calls ``__setstate__`` of an object it refers to.
+
+    Loading a record builds its state and nothing else; only a tampered record calls the
+    state setter of another persistent object (pickle's BUILD on a reference), which would
+    replace that object's state in memory for the next commit to store.
+    """
+    jar = _object_getattribute(obj, "_p_jar")
+    if jar is not None and getattr(jar, "_unpickling", False):
+        cls = _real_class(type(obj))
+        raise RecordDecodeError(
+            f"it tried to set the state of {class_name(cls)} oid {oid_repr(obj._p_oid)}: loading a"
+            " record never changes another object"
+        )
+
+
+def _guarded_setstate(method: Any) -> Any:
+    """``method`` (a class's own ``__setstate__``), refusing while a record is unpickled."""
+
+    @functools.wraps(method)
+    def guarded(self: Persistent, state: Any) -> Any:
+        jar = _object_getattribute(self, "_p_jar")
+        if jar is not None and getattr(jar, "_unpickling", False):
+            _refuse_while_unpickling(self)
+        return method(self, state)
+
+    guarded._p_guarded = True  # type: ignore[attr-defined]
+    return guarded
 
 
 def ghostify(obj: Persistent) -> None:

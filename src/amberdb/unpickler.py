@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import copyreg
+import enum
 import io
 import pickle
 import re
@@ -47,6 +48,7 @@ from importlib.machinery import ModuleSpec
 from typing import Any, Protocol
 
 from amberdb.checked_unpickler import FIXED, LEN1, LEN4, LEN8, LINE, LINES2, OPCODES, CheckedUnpickler
+from amberdb.checked_unpickler import build as _build
 from amberdb.checked_unpickler import needs_checked_calls as _needs_checked_calls
 from amberdb.exceptions import RecordDecodeError
 
@@ -196,7 +198,7 @@ _ALL_BUT_MARKED_OR_EXTENSION = bytes(sorted(set(_ALL_BUT_MARKED) - _EXTENSIONS))
 _REFERENCE_CALL = rb"h\x00(?:K.|M..|J....)\x85\x94R\x94"
 
 
-def _token_alternatives() -> list[bytes]:
+def _token_alternatives(without: str = "") -> list[bytes]:
     """Regular expressions for the opcodes of an ordinary record, none of which sizes an
     allocation: each starts with its own opcode byte (and, for short strings, length byte),
     so at each position exactly one matches -- the parse the C unpickler makes.  A reference
@@ -205,7 +207,7 @@ def _token_alternatives() -> list[bytes]:
     short: set[int] = set()
     by_argument_size: dict[int, set[int]] = {0: set(), 1: set(), 2: set(), 4: set(), 8: set()}
     for name, (code, layout, size) in OPCODES.items():
-        if name in ("STOP", "LONG_BINPUT", "EXT1", "EXT2", "EXT4", "FRAME", "BINGET"):
+        if name in ("STOP", "LONG_BINPUT", "EXT1", "EXT2", "EXT4", "FRAME", "BINGET", without):
             continue
         if layout == LEN1:
             short.add(code[0])
@@ -359,6 +361,10 @@ class _NeedsCheckedLoad(Exception):  # noqa: N818 - a signal between the machine
     """The C unpickler met a global whose calls need checking: start over, checked."""
 
 
+class _NeedsGuardedBuild(Exception):  # noqa: N818 - a signal between the machines
+    """The C unpickler met a class pickle's BUILD could change: start over, BUILDs guarded."""
+
+
 class _FastUnpickler(pickle.Unpickler):
     """The C unpickler behind the allow-list.
 
@@ -367,10 +373,11 @@ class _FastUnpickler(pickle.Unpickler):
     be cheaper still, but clearing the C unpickler's memo costs more than a new one.
     """
 
-    __slots__ = ("finder", "ghosts", "reference")
+    __slots__ = ("finder", "ghosts", "guarded", "reference")
     finder: GlobalFinder
     ghosts: list[Any]
     reference: tuple[str, str]
+    guarded: bool  # its BUILDs come as persistent ids (see _guard_builds)
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == self.reference:
@@ -378,12 +385,72 @@ class _FastUnpickler(pickle.Unpickler):
             # point at the wrong one of them, never at anything else.
             return self.ghosts.__getitem__
         found = self.finder.find(*_python3_name(module, name))
-        if _needs_checked_calls(found):
-            raise _NeedsCheckedLoad
+        verdict = _fast_verdicts.get(id(found))
+        if verdict is None or verdict[0] is not found:
+            verdict = _fast_verdicts[id(found)] = (found, _verdict(found))
+        if verdict[1] != _FAST:
+            if verdict[1] == _CHECKED:
+                raise _NeedsCheckedLoad
+            if not self.guarded:
+                raise _NeedsGuardedBuild
         return found
 
     def persistent_load(self, pid: Any) -> Any:
+        if type(pid) is tuple and self.guarded:
+            # A BUILD, rewritten by _guard_builds: (the object, its state).
+            if len(pid) != 2:
+                raise RecordDecodeError("a persistent id must be an integer")
+            _build(*pid)
+            return pid[0]
         return _persistent_load(self.ghosts, pid)
+
+
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python, its attributes settable
+_IMMUTABLETYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE (3.10): ... unless this is set too
+
+# Which machine may run a record naming a global: the C unpickler as it is, the C
+# unpickler with BUILDs guarded, or only the checked machine.
+_FAST, _GUARDED, _CHECKED = range(3)
+# The verdict for each global met, by the global's id (the global kept with it).
+_fast_verdicts: dict[int, tuple[Any, int]] = {}
+# Methods the C unpickler's APPEND(S) and ADDITEMS would call on a class, as its functions.
+_FILLING_METHODS = ("append", "extend", "add")
+
+
+def _verdict(found: Any) -> int:
+    """Which machine may run a record naming ``found``: _FAST, _GUARDED or _CHECKED."""
+    if _needs_checked_calls(found):
+        return _CHECKED
+    if not _fillable(found):
+        return _FAST
+    if (
+        isinstance(found, type)
+        and type(found) in (type, enum.EnumMeta)  # no metaclass that could take SETITEM
+        and not any(hasattr(found, method) for method in _FILLING_METHODS)
+    ):
+        return _GUARDED  # BUILD is all that could change it: rewritten into a checked one
+    return _CHECKED
+
+
+def _fillable(found: Any) -> bool:
+    """Whether pickle's BUILD (or APPEND, SETITEM) on the global ``found`` could change it.
+
+    The C unpickler fills in whatever is on its stack, so a tampered record naming a class
+    could set that class's attributes for the whole process.  Classes implemented in C and
+    builtin functions refuse; so does a class whose own ``__setstate__`` needs an instance
+    (BUILD calls it with the state alone).  Anything else is left to the checked machine,
+    which refuses to fill in what the record did not build.
+    """
+    if isinstance(found, type):
+        flags = found.__flags__
+        if not flags & _HEAPTYPE or flags & _IMMUTABLETYPE:
+            return False
+        setstate = found.__dict__.get("__setstate__") if type(found) is type else None
+        if isinstance(setstate, types.FunctionType):
+            code = setstate.__code__
+            return code.co_argcount - len(setstate.__defaults__ or ()) < 2
+        return True
+    return not isinstance(found, types.BuiltinFunctionType)
 
 
 def _persistent_load(ghosts: list[Any], pid: Any) -> Any:
@@ -412,6 +479,56 @@ def _reference_prologue(reference: tuple[str, str]) -> bytes:
     return prologue
 
 
+def _build_patterns() -> list[re.Pattern[bytes]]:
+    """[opcodes of an ordinary record up to a BUILD or to its final STOP]."""
+    if not _build_pattern:
+        other = b"(?:" + b"|".join(_token_alternatives(without="BUILD")) + b")"
+        repeat = b"*+" if sys.version_info >= (3, 11) else b"*"
+        build = re.escape(OPCODES["BUILD"][0])
+        stop = re.escape(OPCODES["STOP"][0])
+        pattern = other + repeat + b"(?:(" + build + b")|" + stop + b"\\Z)"
+        _build_pattern.append(re.compile(pattern, re.DOTALL))
+    return _build_pattern
+
+
+_build_pattern: list[re.Pattern[bytes]] = []
+_GUARDED_BUILD = OPCODES["TUPLE2"][0] + OPCODES["BINPERSID"][0]
+
+
+def _guard_builds(data: bytes) -> bytes | None:
+    """``data`` with each BUILD turned into TUPLE2 BINPERSID, or None if it is not ordinary.
+
+    The C unpickler then hands each BUILD's object and state to ``persistent_load``, which
+    refuses to fill in a class (a tampered record setting a class's attributes for the whole
+    process) and does the BUILD otherwise.  Only an ordinary record (see :func:`_ordinary`)
+    is rewritten: the matches must follow one another from the first opcode to the final
+    STOP, so the opcodes are read one after the other, as the C unpickler reads them, and
+    only real BUILDs change.
+    """
+    if not (
+        data.startswith(_FRAMED)
+        and int.from_bytes(data[3:_FRAMED_BODY], "little") == len(data) - _FRAMED_BODY
+    ):
+        return None
+    parts = [_PROTOCOL_5]
+    position = _FRAMED_BODY
+    for match in _build_patterns()[0].finditer(data, _FRAMED_BODY):  # (it ends at the STOP)
+        if match.start() != position:
+            return None  # not one opcode after the other
+        position = match.end()
+        parts.append(data[match.start() : position - 1])
+        if match[_BUILD_GROUP] is None:  # the final STOP
+            parts.append(_STOP)
+            return b"".join(parts)
+        parts.append(_GUARDED_BUILD)
+    return None
+
+
+_PROTOCOL_5 = OPCODES["PROTO"][0] + b"\x05"
+_BUILD_GROUP = 2  # after the reference call's group
+_STOP = OPCODES["STOP"][0]
+
+
 # hot path: every load of every object passes here.
 def load_state(
     data: bytes,
@@ -438,18 +555,31 @@ def load_state(
     if (not marked and len(data) <= FAST_NESTING_BUDGET) or _fast_unpickler_may_run(
         data, marked, reference_in_memo
     ):
-        source = data
+        prologue = b""
         if reference_in_memo and (ghosts or marked):
             # The prologue is ours: the checks above looked at the record's bytes alone.
-            source = (_reference_prologue(reference) if ghosts else _PLACEHOLDER_PROLOGUE) + data
-        unpickler = _FastUnpickler(io.BytesIO(source))
+            prologue = _reference_prologue(reference) if ghosts else _PLACEHOLDER_PROLOGUE
+        unpickler = _FastUnpickler(io.BytesIO(prologue + data if prologue else data))
         unpickler.finder = finder
         unpickler.ghosts = ghosts
         unpickler.reference = reference
+        unpickler.guarded = False
         try:
             return unpickler.load()
         except _NeedsCheckedLoad:
             pass
+        except _NeedsGuardedBuild:
+            guarded = _guard_builds(data)
+            if guarded is not None:
+                unpickler = _FastUnpickler(io.BytesIO(prologue + guarded))
+                unpickler.finder = finder
+                unpickler.ghosts = ghosts
+                unpickler.reference = reference
+                unpickler.guarded = True
+                try:
+                    return unpickler.load()
+                except _NeedsCheckedLoad:
+                    pass
 
     def find_global(module: str, name: str) -> Any:
         if (module, name) == reference:

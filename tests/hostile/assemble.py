@@ -52,3 +52,9 @@ def call(module: str, qualname: str, *arguments: bytes) -> bytes:
 def program(*parts: bytes) -> bytes:
     """A protocol 5 pickle of ``parts`` followed by STOP."""
     return PROTO5 + b"".join(parts) + op("STOP")
+
+
+def framed(*parts: bytes) -> bytes:
+    """A protocol 5 pickle of ``parts`` and STOP in one frame, as AmberDB's writer makes them."""
+    body = b"".join(parts) + op("STOP")
+    return PROTO5 + op("FRAME", struct.pack("<Q", len(body))) + body

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import dataclasses
+import enum
 import json
 import pickle
 import subprocess
 import sys
 import textwrap
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from amberdb.record import encode_record
 from amberdb.storage.base import TransactionMeta
 from amberdb.utils import p64, z64
 from tests.hostile import sentinels
-from tests.hostile.assemble import call, data, name, number, op, program, text
+from tests.hostile.assemble import call, data, framed, name, number, op, program, text
 from tests.models import Book
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -497,3 +499,185 @@ def test_reference_call_lookalikes_after_a_pop_do_not_hide_nesting() -> None:
     store_raw(db, OID, encode_record(BOOK, [(p64(7), BOOK)], state, reference_in_memo=True))
     assert "nested more than 1000" in str(load_fails(db))
     db.close()
+
+
+# -- a record fills in only what it builds -----------------------------------------------------
+
+Colour = enum.Enum("Colour", "RED GREEN")
+
+
+@dataclasses.dataclass
+class Point:
+    """A value class the application allows, stored inline."""
+
+    x: int
+    y: int
+
+
+class Gauge:
+    """A value class pickled through a factory function and a state (as numpy arrays are)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.level = 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return make_gauge, (self.label,), {"level": self.level}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Gauge) and (other.label, other.level) == (self.label, self.level)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def make_gauge(label: str) -> Gauge:
+    """Gauge's factory: what its pickles call."""
+    return Gauge(label)
+
+
+def _set_attribute_of(target: bytes, attribute: str) -> bytes:
+    """BUILD on ``target`` with a slot state setting ``attribute`` to ``builtins.object``."""
+    return (
+        target
+        + op("NONE")
+        + op("EMPTY_DICT")
+        + text(attribute)
+        + name("builtins", "object")
+        + op("SETITEM")
+        + op("TUPLE2")
+        + op("BUILD")
+        + op("POP")
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "qualname", "attribute"),
+    [
+        ("fractions", "Fraction", "patched"),  # the checked machine runs it (Fraction's calls are checked)
+        ("pathlib", "PurePosixPath", "patched"),  # a class defined in Python
+        ("uuid", "SafeUUID", "patched"),
+        (__name__, "Point", "patched"),  # an allowed application class
+        (__name__, "Colour", "patched"),
+        ("uuid", "UUID", "patched"),
+    ],
+)
+@pytest.mark.parametrize("assemble", [program, framed], ids=["unframed", "framed"])
+def test_record_cannot_patch_a_class_for_the_whole_process(
+    module: str, qualname: str, attribute: str, assemble: Callable[..., bytes]
+) -> None:
+    """Unframed, the checked machine runs the record; framed as the writer frames, the C one."""
+    db = amberdb.DB(None, allowed_classes=[Point, Colour])
+    owner = db._resolver.find(module, qualname)
+    before = dict(vars(owner))
+    store_raw(
+        db, OID, book_record(assemble(_set_attribute_of(name(module, qualname), attribute), op("EMPTY_DICT")))
+    )
+    error = load_fails(db)
+    assert isinstance(error, RecordDecodeError)
+    assert dict(vars(owner)) == before
+    db.close()
+
+
+def test_record_cannot_fill_in_an_enum_member_or_a_function(db: amberdb.DB) -> None:
+    allowed = amberdb.DB(None, allowed_classes=[Colour], allowed_modules=["tests.hostile.sentinels"])
+    member = name(__name__, "Colour") + number(1) + op("TUPLE1") + op("REDUCE")
+    function = name("tests.hostile.sentinels", "sentinel")
+    for target in (member, function):
+        store_raw(allowed, OID, book_record(program(_set_attribute_of(target, "label"), op("EMPTY_DICT"))))
+        assert isinstance(load_fails(allowed), RecordDecodeError)
+    assert not hasattr(Colour.RED, "label") and not hasattr(sentinels.sentinel, "label")
+    allowed.close()
+
+
+_REFERENCE = name("amberdb.record", "ref") + number(0) + op("TUPLE1") + op("REDUCE")
+_REFERENCE_IN_MEMO = op("BINGET", b"\x00") + number(0) + op("TUPLE1") + op("REDUCE")
+
+
+def _slot_build(attribute: str, value: bytes) -> bytes:
+    """BUILD with a slot state setting ``attribute`` to ``value``, then POP."""
+    return (
+        op("NONE")
+        + op("EMPTY_DICT")
+        + text(attribute)
+        + value
+        + op("SETITEM")
+        + op("TUPLE2")
+        + op("BUILD")
+        + op("POP")
+    )
+
+
+_TAMPERINGS = {
+    "setitems": op("MARK") + text("balance") + number(0) + op("SETITEMS") + op("POP"),
+    "setitem": text("evil") + op("NEWTRUE") + op("SETITEM") + op("POP"),
+    "build": op("EMPTY_DICT") + text("balance") + number(0) + op("SETITEM") + op("BUILD") + op("POP"),
+    "build-volatile": _slot_build("_v_cache", number(0)),
+    "build-serial": _slot_build("_p_serial", data(b"\xff" * 8)),
+}
+
+
+# Naming Fraction sends a record to the checked machine.
+_CHECKED_MACHINE = call("fractions", "Fraction", number(1), number(3)) + op("POP")
+
+
+@pytest.mark.parametrize("tampering", sorted(_TAMPERINGS))
+@pytest.mark.parametrize("in_memo", [False, True], ids=["ref-global", "ref-in-memo"])
+@pytest.mark.parametrize("loaded", [False, True], ids=["ghost", "loaded"])
+@pytest.mark.parametrize("machine", ["c", "checked"])
+def test_record_cannot_change_an_object_it_refers_to(
+    tmp_path: Path, tampering: str, in_memo: bool, loaded: bool, machine: str
+) -> None:
+    """A tampered record filling in the root it refers to: refused, and nothing of it is ever stored."""
+    path = str(tmp_path / "data.fs")
+    db = amberdb.DB(path)
+    with db.transaction() as conn:
+        conn.root()["balance"] = 100
+    target = _REFERENCE_IN_MEMO if in_memo else _REFERENCE
+    prefix = _CHECKED_MACHINE if machine == "checked" else b""
+    state = framed(prefix, target + _TAMPERINGS[tampering], op("EMPTY_DICT"))
+    root_class = class_name(amberdb.PersistentMapping)
+    store_raw(db, OID, encode_record(BOOK, [(z64, root_class)], state, reference_in_memo=in_memo))
+    manager = transaction.TransactionManager()
+    conn = db.open(manager)
+    root = conn.root()
+    if loaded:
+        assert root["balance"] == 100
+    serial = root._p_serial
+    with pytest.raises(RecordDecodeError, match="oid 0x42"):
+        conn.get(OID)._p_activate()
+    assert root._p_changed in ((False,) if loaded else (None, False))
+    assert root["balance"] == 100 and "evil" not in root and root._p_serial == serial
+    assert not hasattr(root, "_v_cache")
+    root["unrelated"] = 1
+    manager.commit()
+    conn.close()
+    db.close()
+    reopened = amberdb.DB(path)
+    with reopened.transaction() as check:
+        assert dict(check.root()) == {"balance": 100, "unrelated": 1}
+    reopened.close()
+
+
+def test_value_classes_enums_and_standard_values_still_load_and_save(db: amberdb.DB) -> None:
+    import pathlib
+    import uuid
+
+    allowed = amberdb.DB(None, allowed_classes=[Point, Colour, Gauge, make_gauge])
+    gauge = Gauge("pressure")
+    gauge.level = 3
+    values = {
+        "gauge": gauge,
+        "point": Point(1, 2),
+        "colour": Colour.GREEN,
+        "uuid": uuid.UUID(int=7),
+        "safe": uuid.SafeUUID.safe,
+        "path": pathlib.PurePosixPath("/a/b"),
+        "points": [Point(i, -i) for i in range(50)],
+    }
+    with allowed.transaction() as conn:
+        conn.root()["values"] = amberdb.PersistentMapping(values)
+    reader = allowed.open(transaction.TransactionManager())
+    loaded = dict(reader.root()["values"])
+    assert loaded == values and loaded["colour"] is Colour.GREEN and loaded["safe"] is uuid.SafeUUID.safe
+    reader.close()
+    allowed.close()

@@ -13,6 +13,7 @@ import pickle
 import pickletools
 import sys
 import tracemalloc
+import uuid
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +31,7 @@ from amberdb.persistent import class_name
 from amberdb.record import decode_header, encode_record
 from amberdb.utils import p64
 from tests.hostile import sentinels
-from tests.hostile.assemble import call, data, name, number, op, text
+from tests.hostile.assemble import call, data, framed, name, number, op, text
 from tests.models import Book
 
 EXTENSION_CODE = 0x7FF0
@@ -81,6 +82,7 @@ GLOBALS = [
     ("pathlib", "PurePosixPath"),
     ("pathlib", "Path"),
     ("uuid", "UUID"),
+    ("uuid", "SafeUUID"),
     ("amberdb.record", "ref"),
     ("amberdb.btrees", "OOBTree"),
     (Book.__module__, "Book"),
@@ -137,11 +139,48 @@ _bomb = st.tuples(st.sampled_from(_risky), _amplifier, st.lists(_plain_value, ma
     lambda b: call(*b[0], b[1], *b[2])
 )
 _global = st.sampled_from(GLOBALS).map(lambda g: name(*g))
+# Something the record did not build: a global a record may name (most of them classes
+# defined in Python, whose attributes can be set), or one of its references (index 0 or 1).
+_OUTSIDE_GLOBALS = [
+    ("fractions", "Fraction"),
+    ("collections", "Counter"),
+    ("pathlib", "PurePosixPath"),
+    ("uuid", "UUID"),
+    ("uuid", "SafeUUID"),
+    ("amberdb.btrees", "OOBTree"),
+    (Book.__module__, "Book"),
+    ("builtins", "object"),
+    ("datetime", "datetime"),
+]
+_outsider = st.one_of(
+    st.sampled_from(_OUTSIDE_GLOBALS).map(lambda g: name(*g)),
+    st.sampled_from(_OUTSIDE_GLOBALS).map(lambda g: name(*g) + number(1) + op("TUPLE1") + op("REDUCE")),
+    st.sampled_from([0, 1]).map(
+        lambda index: name("amberdb.record", "ref") + number(index) + op("TUPLE1") + op("REDUCE")
+    ),
+)
+# Gadgets filling in an outsider: BUILD with a dict or slot state, SETITEMS, APPEND(S), ADDITEMS.
+# (The values are globals the C unpickler may be handed: int would send it to the checked one.)
+_filled = st.tuples(
+    st.sampled_from(["__str__", "title", "_p_serial", "_v_cache", "__defaults__"]),
+    st.sampled_from(["object", "float", "complex"]),
+).map(lambda pair: op("EMPTY_DICT") + text(pair[0]) + name("builtins", pair[1]) + op("SETITEM"))
+_fill_in = st.one_of(
+    st.tuples(_outsider, _filled).map(lambda p: p[0] + op("NONE") + p[1] + op("TUPLE2") + op("BUILD")),
+    st.tuples(_outsider, _filled).map(lambda p: p[0] + p[1] + op("BUILD")),
+    st.tuples(_outsider, _plain_value).map(
+        lambda p: p[0] + op("MARK") + text("title") + p[1] + op("SETITEMS")
+    ),
+    st.tuples(_outsider, _plain_value).map(lambda p: p[0] + p[1] + op("APPEND")),
+    st.tuples(_outsider, _plain_value).map(lambda p: p[0] + op("MARK") + p[1] + op("APPENDS")),
+    st.tuples(_outsider, _plain_value).map(lambda p: p[0] + op("MARK") + p[1] + op("ADDITEMS")),
+)
 _instruction = st.one_of(
     _no_argument.map(op),
     _value,
     _global,
     _bomb,
+    _fill_in,
     _with(["BINPUT", "BINGET", "EXT1"], _sized(1)),
     _with(["LONG_BINPUT", "LONG_BINGET", "EXT4"], _sized(4)),
     _with(["EXT2"], _sized(2)),
@@ -166,6 +205,13 @@ programs = st.one_of(
     st.lists(_instruction, max_size=25).map(lambda parts: b"".join(parts) + op("STOP")),
     st.binary(max_size=64),
 )
+# Fill-in gadgets among honest values: unframed (the checked machine or the C one runs
+# them) or framed as the writer frames records (the C one, with its BUILDs guarded).
+_fill_in_parts = st.lists(st.one_of(_fill_in, _fill_in, _plain_value, _value), min_size=1, max_size=4)
+fill_in_programs = st.one_of(
+    _fill_in_parts.map(lambda parts: b"\x80\x05" + b"".join(parts) + op("STOP")),
+    _fill_in_parts.map(lambda parts: framed(*parts)),
+)
 
 OID = p64(0x99)
 MEMORY_LIMIT = 64 << 20
@@ -186,28 +232,38 @@ def reader_connection() -> Iterator[amberdb.Connection]:
         copyreg.remove_extension(sentinels.__name__, "sentinel", EXTENSION_CODE)
 
 
+def _process_wide_state() -> dict[str, Any]:
+    """What a record could change for the whole process: the globals it may name, as they are."""
+    snapshot: dict[str, Any] = {}
+    for module, qualname in GLOBALS:
+        found = sys.modules.get(module)
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+        if found is None:
+            continue
+        key = f"{module}:{qualname}"
+        snapshot[key] = dict(getattr(found, "__dict__", {}))
+        for attribute in ("__defaults__", "__kwdefaults__", "__name__", "__qualname__", "__bases__"):
+            snapshot[f"{key}.{attribute}"] = getattr(found, attribute, None)
+    for member in uuid.SafeUUID:
+        snapshot[f"uuid.SafeUUID.{member.name}"] = dict(vars(member))
+    return snapshot
+
+
 def load(conn: amberdb.Connection, state: bytes, refs: list[tuple[bytes, str]]) -> Any:
     record = encode_record(class_name(Book), refs, state)
     return conn._reader.state(OID, record, decode_header(record))
 
 
-@pytest.mark.timeout(600)
-@settings(
-    max_examples=1500,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=list(HealthCheck),
-)
-@given(state=programs, with_references=st.booleans())
-def test_hostile_program_runs_nothing_imports_nothing_and_stays_bounded(
-    reader_connection: amberdb.Connection, state: bytes, with_references: bool
-) -> None:
+def _run_hostile(conn: amberdb.Connection, state: bytes, with_references: bool) -> None:
+    """Load ``state`` and check that it did nothing beyond returning a state or raising."""
     refs = [(p64(0x7), class_name(Book)), (p64(0x8), "amberdb.btrees:OOBTree")] if with_references else []
     modules = set(sys.modules)
+    before = _process_wide_state()
     sentinels.CALLS.clear()
     tracemalloc.start()
     try:
-        load(reader_connection, state, refs)
+        load(conn, state, refs)
     except DatabaseError as exc:
         assert "oid 0x99" in str(exc), exc
     finally:
@@ -216,6 +272,32 @@ def test_hostile_program_runs_nothing_imports_nothing_and_stays_bounded(
     assert sentinels.CALLS == []
     assert set(sys.modules) - modules == set()
     assert peak < MEMORY_LIMIT + 64 * len(state)
+    assert _process_wide_state() == before, "a record changed a class or function for the whole process"
+    assert conn._registered == []
+    for oid, _ in refs:
+        referenced = conn._cache.get(oid)
+        assert referenced is None or referenced._p_changed is None, (
+            "a record filled in an object it refers to"
+        )
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=1500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(state=programs, with_references=st.booleans())
+def test_hostile_program_runs_nothing_imports_nothing_and_stays_bounded(
+    reader_connection: amberdb.Connection, state: bytes, with_references: bool
+) -> None:
+    _run_hostile(reader_connection, state, with_references)
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(state=fill_in_programs)
+def test_hostile_program_fills_in_only_what_it_builds(
+    reader_connection: amberdb.Connection, state: bytes
+) -> None:
+    """BUILD, SETITEM(S), APPEND(S), ADDITEMS on globals and references change nothing."""
+    _run_hostile(reader_connection, state, with_references=True)
 
 
 # Memo puts size the C memo by their index; extension codes skip the allow-list.  (BINBYTES

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import decimal
+import enum
 import fractions
 import pickle
 import pickletools
@@ -22,7 +24,61 @@ from amberdb.record import REFERENCE_GLOBAL
 from amberdb.serialize import ClassResolver
 from amberdb.unpickler import load_state
 
-RESOLVER = ClassResolver()
+
+@dataclasses.dataclass
+class Point:
+    """A value class: NEWOBJ, then BUILD with a dict state."""
+
+    x: Any
+    y: Any
+
+
+class Slotted:
+    """A value class with slots: BUILD with a (None, slots) state."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a = a
+        self.b = b
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Slotted and (other.a, other.b) == (self.a, self.b)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Factory:
+    """Pickled through a module function and a state (REDUCE, then BUILD)."""
+
+    def __init__(self, label: Any) -> None:
+        self.label = label
+        self.extra: Any = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return make_factory, (self.label,), {"extra": self.extra}
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Factory and (other.label, other.extra) == (self.label, self.extra)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def make_factory(label: Any) -> Factory:
+    """Factory's pickles call this."""
+    return Factory(label)
+
+
+class Shade(enum.Enum):
+    """An enum: REDUCE on the class."""
+
+    LIGHT = 1
+    DARK = 2
+
+
+Pair = collections.namedtuple("Pair", "left right")
+
+RESOLVER = ClassResolver(allowed_classes=[Point, Slotted, Factory, make_factory, Shade, Pair])
 
 # Hypothesis may describe these (deeply nested) strategies while running; the text is long.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -83,7 +139,22 @@ _modern_leaves = st.one_of(
     st.dates(),
     st.times(),
     st.uuids(),
+    st.sampled_from(Shade),
 )
+
+
+def _with_value_classes(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.builds(Point, inner, inner),
+        st.builds(Slotted, inner, inner),
+        st.builds(Factory, inner).flatmap(lambda made: inner.map(lambda extra: _with_extra(made, extra))),
+        st.builds(Pair, inner, inner),
+    )
+
+
+def _with_extra(made: Factory, extra: Any) -> Factory:
+    made.extra = extra
+    return made
 
 
 def _values(leaves: st.SearchStrategy[Any], modern: bool) -> st.SearchStrategy[Any]:
@@ -109,6 +180,7 @@ def _values(leaves: st.SearchStrategy[Any], modern: bool) -> st.SearchStrategy[A
         ]
         if modern:
             kinds.append(st.binary(max_size=20).map(bytearray))
+            kinds.append(_with_value_classes(inner))
         return st.one_of(kinds)
 
     return st.recursive(hashables, containers, max_leaves=25)
