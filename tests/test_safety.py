@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import uuid
+import zoneinfo
 from collections import OrderedDict, defaultdict, deque
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,7 @@ import pytest
 
 import amberdb
 import amberdb.transaction as transaction
+from amberdb.checked_unpickler import BIG_INT_BITS
 from amberdb.exceptions import RecordDecodeError, SerializationError, UnsafeGlobalError
 from amberdb.persistent import class_name
 from amberdb.record import decode_header, encode_record, ref, references
@@ -115,11 +117,31 @@ def test_safe_standard_types_round_trip(conn: amberdb.Connection) -> None:
         "misc": {1, 2, frozenset({3})},
         "number": complex(1, 2),
         "raw": bytearray(b"ab"),
+        "zone": zoneinfo.ZoneInfo("Europe/Paris"),
+        "local": datetime.datetime(2026, 7, 1, 12, tzinfo=zoneinfo.ZoneInfo("America/New_York")),
+        "uncached zone": zoneinfo.ZoneInfo.no_cache("Asia/Tokyo"),
     }
     conn.root.values = values
     transaction.commit()
     fresh = conn.db().open(transaction.TransactionManager())
-    assert fresh.root.values == values
+    loaded = fresh.root.values
+    # A zone made with no_cache loads as the cached zone of its key: the same rules.
+    assert loaded.pop("uncached zone") is zoneinfo.ZoneInfo("Asia/Tokyo")
+    assert loaded == {name: value for name, value in values.items() if name != "uncached zone"}
+    assert loaded["local"].utcoffset() == datetime.timedelta(hours=-4)
+    fresh.close()
+
+
+def test_fraction_too_big_to_load_safely_is_refused_at_commit(conn: amberdb.Connection) -> None:
+    conn.root.book = Book("x")
+    conn.root.book.ratio = Fraction(1, 2**BIG_INT_BITS - 1)  # the largest that may be stored
+    transaction.commit()
+    conn.root.book.ratio = Fraction(1, 2**BIG_INT_BITS + 1)
+    with pytest.raises(SerializationError, match=r"attribute 'ratio'.*Fraction with a 32769-bit"):
+        transaction.commit()
+    transaction.abort()
+    fresh = conn.db().open(transaction.TransactionManager())
+    assert fresh.root.book.ratio == Fraction(1, 2**BIG_INT_BITS - 1)
     fresh.close()
 
 

@@ -10,8 +10,9 @@ and any callable a pickle names is called with whatever arguments the pickle bui
 * extension opcodes (EXT1/EXT2/EXT4) refused;
 * the callables in :data:`ARGUMENT_CHECKS` -- constructors that could turn a few bytes into
   a lot (``bytearray(10**9)``, ``list(range(10**10))``, ``Fraction("1e100000000")``,
-  ``str(data, "idna")`` importing a codec) -- called only with the arguments their own
-  pickling writes;
+  ``str(data, "idna")`` importing a codec) or spend time quadratic in the record's size
+  (``Fraction(a, b)`` and ``Decimal(a)`` of integers of a megabyte) -- called only with the
+  arguments their own pickling writes, integers of at most :data:`BIG_INT_BITS` bits;
 * every container's nesting depth counted, refused beyond :data:`MAX_NESTING` (hashing a
   deeply nested tuple overflows the C stack);
 * lengths checked against the data before anything is allocated;
@@ -40,11 +41,13 @@ from amberdb.exceptions import RecordDecodeError
 
 __all__ = [
     "ARGUMENT_CHECKS",
+    "BIG_INT_BITS",
     "MAX_NESTING",
     "OPCODES",
     "CheckedUnpickler",
     "argument_check",
     "build",
+    "checks_only_big_ints",
     "needs_checked_calls",
 ]
 
@@ -96,6 +99,14 @@ for _encoding in (*_SAFE_ENCODINGS, "raw-unicode-escape"):
     codecs.lookup(_encoding)
 _FRACTION_TEXT = re.compile(r"\s*[+-]?\d{1,4300}(?:/\d{1,4300})?\s*\Z")
 _INT_TEXT_LIMIT = 4300  # CPython's default int <-> str digit limit
+
+BIG_INT_BITS = 1 << 15
+"""The most bits of an integer a record may pass to ``Fraction(a, b)`` or ``Decimal(a)``.
+
+Their greatest common divisor and base conversion take time quadratic in the bits: a few
+milliseconds at this size, a second at a megabit.  It is above what an integer written as
+text can reach (CPython's 4300 digits), so only LONG4 ever brings a larger one.  AmberDB's
+writer refuses to store a Fraction beyond it (a Decimal pickles as text, of any length)."""
 
 
 def _is_concrete(value: Any) -> bool:
@@ -151,14 +162,25 @@ def _check_int(args: tuple[Any, ...]) -> bool:
     return False
 
 
+def _is_small_int(value: Any) -> bool:
+    return type(value) is int and value.bit_length() <= BIG_INT_BITS
+
+
 def _check_fraction(args: tuple[Any, ...]) -> bool:
+    if len(args) == 2:
+        return _is_small_int(args[0]) and _is_small_int(args[1])
     if not args:
         return True
-    if all(type(arg) is int for arg in args):
-        return len(args) <= 2
     return len(args) == 1 and (
-        type(args[0]) is float or (isinstance(args[0], str) and _FRACTION_TEXT.match(args[0]) is not None)
+        type(args[0]) in (int, float)  # one integer is the numerator as it is: no gcd
+        or (isinstance(args[0], str) and _FRACTION_TEXT.match(args[0]) is not None)
     )
+
+
+def _check_decimal(args: tuple[Any, ...]) -> bool:
+    # Refuses big integers only: what the C unpickler can make without LONG4 always passes,
+    # so a record holding no LONG4 byte may run there (see amberdb.unpickler).
+    return not any(type(arg) is int and not _is_small_int(arg) for arg in args)
 
 
 ARGUMENT_CHECKS: dict[tuple[str, str], Callable[[tuple[Any, ...]], bool]] = {
@@ -174,6 +196,7 @@ ARGUMENT_CHECKS: dict[tuple[str, str], Callable[[tuple[Any, ...]], bool]] = {
     ("builtins", "str"): _check_str,
     ("builtins", "int"): _check_int,
     ("fractions", "Fraction"): _check_fraction,
+    ("decimal", "Decimal"): _check_decimal,
 }
 """Callables a record may name whose calls could turn a few bytes into a lot, by module and
 qualified name: each may run only with the arguments its own pickling writes."""
@@ -202,6 +225,12 @@ def argument_check(func: Any, new_only: bool) -> Callable[[tuple[Any, ...]], boo
     return None
 
 
+def checks_only_big_ints(obj: Any) -> bool:
+    """Whether calls of ``obj`` are refused only for integers beyond :data:`BIG_INT_BITS`."""
+    checks = {argument_check(obj, new_only=True), argument_check(obj, new_only=False)} - {None}
+    return checks == {_check_decimal}
+
+
 def needs_checked_calls(obj: Any) -> bool:
     """Whether calls of ``obj`` must go through :class:`CheckedUnpickler`'s argument checks."""
     return argument_check(obj, new_only=True) is not None or argument_check(obj, new_only=False) is not None
@@ -211,10 +240,18 @@ def _refuse_call(func: Any, args: tuple[Any, ...]) -> RecordDecodeError:
     shown = ", ".join(type(arg).__qualname__ for arg in args)
     name = getattr(func, "__qualname__", type(func).__qualname__)
     module = getattr(func, "__module__", "")
-    return RecordDecodeError(
-        f"refused to call {module}.{name}({shown}): not the arguments its own pickling writes "
-        "(a record may not make a large object out of a few bytes)"
-    )
+    big = [arg.bit_length() for arg in args if type(arg) is int and not _is_small_int(arg)]
+    if big:
+        why = (
+            f"an integer of {max(big)} bits, more than {BIG_INT_BITS} (a record may not make it "
+            "spend time quadratic in its size)"
+        )
+    else:
+        why = (
+            "not the arguments its own pickling writes (a record may not make a large object "
+            "out of a few bytes)"
+        )
+    return RecordDecodeError(f"refused to call {module}.{name}({shown}): {why}")
 
 
 # -- the machine --------------------------------------------------------------------------

@@ -30,9 +30,12 @@ import io
 import pickle
 import sys
 import types
+import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
+from fractions import Fraction
 from typing import Any
 
+from amberdb.checked_unpickler import BIG_INT_BITS
 from amberdb.exceptions import RecordDecodeError, SerializationError, UnsafeGlobalError
 from amberdb.persistent import Persistent, class_name, persistent_class_named
 from amberdb.record import (
@@ -261,6 +264,34 @@ def _same_function(a: Any, b: Any) -> bool:
     )
 
 
+def _check_fraction_size(value: Fraction) -> None:
+    """Refuse a Fraction too big to load back in reasonable time (see BIG_INT_BITS)."""
+    bits = max(value.numerator.bit_length(), value.denominator.bit_length())
+    if bits > BIG_INT_BITS:
+        raise SerializationError(
+            f"a Fraction with a {bits}-bit numerator or denominator cannot be stored: records "
+            f"keep Fractions of at most {BIG_INT_BITS} bits (loading a bigger one takes time "
+            "quadratic in its size, which a hostile record could abuse); store its numerator "
+            "and denominator as two ints"
+        )
+
+
+def _reduce_special_value(obj: Any) -> Any:
+    """How the writer stores values whose own pickling loading would refuse, or NotImplemented."""
+    if isinstance(obj, Fraction):
+        _check_fraction_size(obj)
+    elif type(obj) is zoneinfo.ZoneInfo and obj.key is not None:
+        # ZoneInfo pickles as ZoneInfo._unpickle, a method of a C class reached through
+        # builtins.getattr, which no record may call; ZoneInfo(key) gives the same zone (the
+        # cached instance, also for one made with ZoneInfo.no_cache).
+        return zoneinfo.ZoneInfo, (obj.key,)
+    return NotImplemented
+
+
+# Classes whose every instance goes through _reduce_special_value, subclasses included.
+_SPECIAL_VALUE_TYPES = (Fraction, zoneinfo.ZoneInfo)
+
+
 # copyreg's (module, name) -> extension code table, mutated in place, never replaced.
 _EXTENSION_NAMES: dict[tuple[str, str], int] = getattr(copyreg, "_extension_registry")  # noqa: B009
 
@@ -311,6 +342,8 @@ class ObjectWriter:
             self._resolver.check_storable(obj)
             return NotImplemented
         self._resolver.check_storable(cls)
+        if isinstance(obj, _SPECIAL_VALUE_TYPES):
+            return _reduce_special_value(obj)  # each time: the value decides
         self._checked_types.add(cls)
         return NotImplemented
 
@@ -368,19 +401,9 @@ class ObjectWriter:
         return SerializationError(f"cannot store {what}: {error}")
 
     def _probe(self, value: Any) -> None:
-        probe = pickle.Pickler(io.BytesIO(), PICKLE_PROTOCOL)
-
-        def persistent_id(obj: Any) -> int | None:
-            if isinstance(obj, Persistent):
-                return 0
-            if isinstance(obj, _GLOBAL_TYPES):
-                self._resolver.check_storable(obj)
-            elif type(obj) not in _PLAIN_TYPES:
-                self._resolver.check_storable(type(obj))
-            return None
-
-        probe.persistent_id = persistent_id  # type: ignore[method-assign]
-        probe.dump(value)
+        """Pickle ``value`` alone, as a state would be: raises what storing it raises."""
+        writer = ObjectWriter(self._resolver, lambda obj: Oid(bytes(8)))
+        _StatePickler(io.BytesIO(), writer._reduce).dump(value)
 
 
 class ObjectReader:

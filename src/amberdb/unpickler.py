@@ -22,7 +22,9 @@ before reading it) or -- once :mod:`copyreg` has any -- an extension opcode, or 
 over the opcodes shows those are harmless; and the record has too few nesting opcodes to
 nest deeply.  If it meets a global whose calls need
 their arguments checked (containers, ``bytes``, ``str``, ``int``, ``Fraction``, see
-:mod:`amberdb.checked_unpickler`), it gives up and the checked machine starts over.  The
+:mod:`amberdb.checked_unpickler`), it gives up and the checked machine starts over --
+``Decimal`` only in a record with a LONG4 byte, the one opcode that can make an integer too
+big for it.  The
 checked machine runs everything else: legacy protocols, ``defaultdict(list)``, hostile input.
 Both produce the same states for every pickle AmberDB's writer makes; a test runs them side
 by side.
@@ -49,6 +51,7 @@ from typing import Any, Protocol
 
 from amberdb.checked_unpickler import FIXED, LEN1, LEN4, LEN8, LINE, LINES2, OPCODES, CheckedUnpickler
 from amberdb.checked_unpickler import build as _build
+from amberdb.checked_unpickler import checks_only_big_ints as _checks_only_big_ints
 from amberdb.checked_unpickler import needs_checked_calls as _needs_checked_calls
 from amberdb.exceptions import RecordDecodeError
 
@@ -373,8 +376,9 @@ class _FastUnpickler(pickle.Unpickler):
     be cheaper still, but clearing the C unpickler's memo costs more than a new one.
     """
 
-    __slots__ = ("finder", "ghosts", "guarded", "reference")
+    __slots__ = ("finder", "ghosts", "guarded", "record", "reference")
     finder: GlobalFinder
+    record: bytes  # the record's pickle, as load_state was given it
     ghosts: list[Any]
     reference: tuple[str, str]
     guarded: bool  # its BUILDs come as persistent ids (see _guard_builds)
@@ -391,6 +395,10 @@ class _FastUnpickler(pickle.Unpickler):
         if verdict[1] != _FAST:
             if verdict[1] == _CHECKED:
                 raise _NeedsCheckedLoad
+            if verdict[1] == _CHECKED_IF_LONG4:
+                if _LONG4 in self.record:
+                    raise _NeedsCheckedLoad
+                return found
             if not self.guarded:
                 raise _NeedsGuardedBuild
         return found
@@ -409,8 +417,10 @@ _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python, its attrib
 _IMMUTABLETYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE (3.10): ... unless this is set too
 
 # Which machine may run a record naming a global: the C unpickler as it is, the C
-# unpickler with BUILDs guarded, or only the checked machine.
-_FAST, _GUARDED, _CHECKED = range(3)
+# unpickler with BUILDs guarded, only the checked machine, or the checked machine if the
+# record may hold an integer too big for the global's calls (it has a LONG4 byte).
+_FAST, _GUARDED, _CHECKED, _CHECKED_IF_LONG4 = range(4)
+_LONG4 = OPCODES["LONG4"][0]
 # The verdict for each global met, by the global's id (the global kept with it).
 _fast_verdicts: dict[int, tuple[Any, int]] = {}
 # Methods the C unpickler's APPEND(S) and ADDITEMS would call on a class, as its functions.
@@ -418,9 +428,10 @@ _FILLING_METHODS = ("append", "extend", "add")
 
 
 def _verdict(found: Any) -> int:
-    """Which machine may run a record naming ``found``: _FAST, _GUARDED or _CHECKED."""
+    """Which machine may run a record naming ``found``: one of _FAST, _GUARDED, _CHECKED,
+    _CHECKED_IF_LONG4."""
     if _needs_checked_calls(found):
-        return _CHECKED
+        return _CHECKED_IF_LONG4 if _checks_only_big_ints(found) and not _fillable(found) else _CHECKED
     if not _fillable(found):
         return _FAST
     if (
@@ -563,6 +574,7 @@ def load_state(
         unpickler.finder = finder
         unpickler.ghosts = ghosts
         unpickler.reference = reference
+        unpickler.record = data
         unpickler.guarded = False
         try:
             return unpickler.load()
@@ -575,6 +587,7 @@ def load_state(
                 unpickler.finder = finder
                 unpickler.ghosts = ghosts
                 unpickler.reference = reference
+                unpickler.record = data
                 unpickler.guarded = True
                 try:
                     return unpickler.load()

@@ -36,7 +36,9 @@ def number(value: int) -> bytes:
     if -(2**31) <= value < 2**31:
         return op("BININT", struct.pack("<i", value))
     raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
-    return op("LONG1", bytes([len(raw)]) + raw)
+    if len(raw) < 256:
+        return op("LONG1", bytes([len(raw)]) + raw)
+    return op("LONG4", struct.pack("<i", len(raw)) + raw)
 
 
 def name(module: str, qualname: str) -> bytes:

@@ -239,11 +239,19 @@ MEMORY_LIMIT = 32 << 20
 HUGE_RANGE = call("builtins", "range", number(10**10))
 HUGE_DECIMAL = call("decimal", "Decimal", text("1e100000000"))
 DEEP_TUPLE = op("NONE") + op("TUPLE1") * 500_000
+MEGABYTE_INTEGER = number((1 << (8 << 20)) - 3)  # unguarded, each call below takes minutes
 
 BOMBS = {
     "Fraction with a huge exponent": program(call("fractions", "Fraction", text("1e100000000"))),
     "Fraction of a huge Decimal": program(call("fractions", "Fraction", HUGE_DECIMAL)),
     "int of a huge Decimal": program(call("builtins", "int", HUGE_DECIMAL)),
+    "Fraction of two megabyte integers": program(
+        call("fractions", "Fraction", MEGABYTE_INTEGER, number((1 << (8 << 20)) - 1))
+    ),
+    "Decimal of a megabyte integer": program(call("decimal", "Decimal", MEGABYTE_INTEGER)),
+    "Decimal of a megabyte integer, framed as the writer does": framed(
+        call("decimal", "Decimal", MEGABYTE_INTEGER)
+    ),
     "bytearray(10**9)": program(call("builtins", "bytearray", number(10**9))),
     "bytes(10**9)": program(call("builtins", "bytes", number(10**9))),
     "list(range(10**10))": program(call("builtins", "list", HUGE_RANGE)),
