@@ -419,18 +419,7 @@ class Connection:
                     ) from exc
             else:
                 record, serial = spilled
-            reader = self._reader
-            header = reader.header(oid, record)
-            self._unpickling += 1
-            try:
-                state = reader.state(oid, record, header)
-            finally:
-                self._unpickling -= 1
-            try:
-                restore_state(obj, state, serial, len(record))
-            except Exception as exc:
-                raise _state_misfit(obj, oid, exc) from exc
-            self._cache.touch(oid, obj)
+            self._restore(obj, oid, record, serial, self._reader.header(oid, record))
         finally:
             self._depth -= 1
             if not self._depth:

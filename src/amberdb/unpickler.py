@@ -541,6 +541,24 @@ _STOP = OPCODES["STOP"][0]
 
 
 # hot path: every load of every object passes here.
+def _fast_load(
+    pickled: bytes,
+    finder: GlobalFinder,
+    ghosts: list[Any],
+    reference: tuple[str, str],
+    record: bytes,
+    guarded: bool,
+) -> Any:
+    """Run ``pickled`` (``record``, maybe with a prologue or BUILDs guarded) on the C unpickler."""
+    unpickler = _FastUnpickler(io.BytesIO(pickled))
+    unpickler.finder = finder
+    unpickler.ghosts = ghosts
+    unpickler.reference = reference
+    unpickler.record = record
+    unpickler.guarded = guarded
+    return unpickler.load()
+
+
 def load_state(
     data: bytes,
     finder: GlobalFinder,
@@ -570,27 +588,15 @@ def load_state(
         if reference_in_memo and (ghosts or marked):
             # The prologue is ours: the checks above looked at the record's bytes alone.
             prologue = _reference_prologue(reference) if ghosts else _PLACEHOLDER_PROLOGUE
-        unpickler = _FastUnpickler(io.BytesIO(prologue + data if prologue else data))
-        unpickler.finder = finder
-        unpickler.ghosts = ghosts
-        unpickler.reference = reference
-        unpickler.record = data
-        unpickler.guarded = False
         try:
-            return unpickler.load()
+            return _fast_load(prologue + data if prologue else data, finder, ghosts, reference, data, False)
         except _NeedsCheckedLoad:
             pass
         except _NeedsGuardedBuild:
             guarded = _guard_builds(data)
             if guarded is not None:
-                unpickler = _FastUnpickler(io.BytesIO(prologue + guarded))
-                unpickler.finder = finder
-                unpickler.ghosts = ghosts
-                unpickler.reference = reference
-                unpickler.record = data
-                unpickler.guarded = True
                 try:
-                    return unpickler.load()
+                    return _fast_load(prologue + guarded, finder, ghosts, reference, data, True)
                 except _NeedsCheckedLoad:
                     pass
 
