@@ -1,0 +1,1 @@
+"""The peer suites: BTrees' and transaction's own tests, run against AmberDB (see README.md here)."""
