@@ -14,6 +14,7 @@ What the real package's ``__init__`` does and this one mirrors:
 * each name under both spellings, ``OOBTree`` and ``OOBTreePy``: AmberDB has one
   implementation, and with the two names the same object the test builder creates each test
   class once (its ``_needs_test`` de-duplicates by class);
+* each module's ``__all__``, listing what the real one would, where AmberDB has it;
 * the zope.interface declarations (``classImplements(OOBTree, IBTree)``, the module
   providing ``IOOBTreeModule``): they are wiring of the real package, AmberDB does not depend
   on zope.interface, and without them ``verifyObject`` would stop at "does not implement"
