@@ -15,7 +15,7 @@ def key(prefix: str, i: int) -> Any:
     letter = prefix[0]
     if letter == "O":
         return f"k{i + 1000:05d}"
-    if letter == "Q":
+    if letter in "QU":  # unsigned: the negative i some tests use stay in range
         return i + 1000
     return i
 
@@ -27,7 +27,7 @@ def value(prefix: str, i: int) -> Any:
         return ("v", i)
     if letter == "F":
         return i / 4
-    if letter == "Q":
+    if letter in "QU":
         return abs(i)
     return i
 

@@ -243,7 +243,7 @@ def test_integer_keys_are_checked(prefix: str) -> None:
         check(c)
 
 
-@pytest.mark.parametrize("prefix", [p for p in PREFIXES if p[1] in "ILQ"])
+@pytest.mark.parametrize("prefix", [p for p in PREFIXES if p[1] in "IULQ"])
 def test_integer_values_are_checked(prefix: str) -> None:
     kind = FAMILIES[prefix].value_kind
     for cls in (FAMILIES[prefix].BTree, FAMILIES[prefix].Bucket):
@@ -260,7 +260,7 @@ def test_integer_values_are_checked(prefix: str) -> None:
         assert t[k] == 0 and type(t[k]) is int
 
 
-@pytest.mark.parametrize("prefix", ["IF", "LF"])
+@pytest.mark.parametrize("prefix", [p for p in PREFIXES if p[1] == "F"])
 def test_float_values_accept_ints_and_floats(prefix: str) -> None:
     t = FAMILIES[prefix].BTree()
     t[1] = 1
@@ -411,6 +411,10 @@ def test_family_namespaces_and_class_names() -> None:
     assert family32.II.BTree is btrees.IIBTree and family32.IO.TreeSet is btrees.IOTreeSet
     assert family64.IO.BTree is btrees.LOBTree and family64.II.Set is btrees.LLSet
     assert family64.OI.Bucket is btrees.OLBucket and family64.IF.BTree is btrees.LFBTree
+    assert family32.IU.BTree is btrees.IUBTree and family32.UF.Set is btrees.UFSet
+    assert family64.IU.BTree is btrees.LQBTree and family64.UI.TreeSet is btrees.QLTreeSet
+    assert family64.UF.Bucket is btrees.QFBucket and family64.OU.BTree is btrees.OQBTree
+    assert family32.UU.family is family32 and family64.UF.family is family64
     assert family32.maxint == 2**31 - 1 and family32.minint == -(2**31)
     assert family64.maxint == 2**63 - 1 and family64.minint == -(2**63) and family64.maxuint == 2**64 - 1
     assert family32.II.family is family32 and family64.II.family is family64

@@ -29,6 +29,8 @@ def _keys(prefix: str) -> st.SearchStrategy[Any]:
         return st.integers(0, 60).map(lambda i: f"k{i:02d}")
     if letter == "Q":
         return st.integers(2**64 - 60, 2**64 - 1) | st.integers(0, 30)
+    if letter == "U":
+        return st.integers(2**32 - 60, 2**32 - 1) | st.integers(0, 30)
     if letter == "L":
         return st.integers(-30, 30) | st.sampled_from([-(2**63), 2**63 - 1])
     return st.integers(-30, 30)
@@ -42,6 +44,8 @@ def _values(prefix: str) -> st.SearchStrategy[Any]:
         return st.integers(-5, 5) | st.floats(-10, 10, allow_nan=False)
     if letter == "Q":
         return st.integers(0, 2**64 - 1)
+    if letter == "U":
+        return st.integers(0, 2**32 - 1)
     if letter == "L":
         return st.integers(-(2**63), 2**63 - 1)
     return st.integers(-(2**31), 2**31 - 1)
@@ -198,12 +202,12 @@ SETTINGS = settings(
 )
 
 
-@pytest.mark.parametrize("prefix", ["II", "OO", "LF", "QO", "OL"])
+@pytest.mark.parametrize("prefix", ["II", "OO", "LF", "QO", "OL", "UI"])
 def test_btree_matches_model(prefix: str) -> None:
     run_state_machine_as_test(machine(prefix, False), settings=SETTINGS)
 
 
-@pytest.mark.parametrize("prefix", ["IO", "OQ", "LL", "QQ"])
+@pytest.mark.parametrize("prefix", ["IO", "OQ", "LL", "QQ", "UU"])
 def test_tree_set_matches_model(prefix: str) -> None:
     run_state_machine_as_test(machine(prefix, True), settings=SETTINGS)
 

@@ -25,7 +25,11 @@ from amberdb.btrees._tree import BTreeBase, TreeSetBase, _by_value, hot_methods
 __all__ = ["FAMILIES", "PREFIXES", "Family", "FamilyNamespace", "family32", "family64"]
 
 MODULE = "amberdb.btrees"
-PREFIXES = ("OO", "IO", "OI", "II", "IF", "LO", "OL", "LL", "LF", "QQ", "QO", "OQ")
+# The 21 families of ZODB's BTrees (all but its FileStorage-internal fsBTree).
+PREFIXES = (
+    *("OO", "IO", "OI", "II", "IF", "LO", "OL", "LL", "LF", "QQ", "QO", "OQ"),
+    *("IU", "UI", "UU", "UO", "OU", "UF", "LQ", "QL", "QF"),
+)
 
 # (max bucket size, max node size) by key kind
 NUMERIC_KEY_SIZES = (512, 512)
@@ -143,7 +147,23 @@ FAMILIES: dict[str, Family] = {prefix: _make_family(prefix) for prefix in PREFIX
 
 
 class FamilyNamespace:
-    """``family32`` or ``family64``: the integer width ZODB code picks its modules by."""
+    """``family32`` or ``family64``: the integer width ZODB code picks its modules by.
+
+    ``I`` stands for the signed integers of that width and ``U`` for the unsigned ones:
+    ``family32.IU`` is the ``IU`` family, ``family64.IU`` the ``LQ`` one.
+    """
+
+    IO: Family
+    OI: Family
+    II: Family
+    IF: Family
+    IU: Family
+    UI: Family
+    UU: Family
+    UO: Family
+    OU: Family
+    UF: Family
+    OO: Family
 
     def __init__(self, bits: int, names: dict[str, str]) -> None:
         self.bits = bits
@@ -161,10 +181,9 @@ class FamilyNamespace:
         return f"<amberdb.btrees.family{self.bits}>"
 
 
-family32 = FamilyNamespace(32, {"IO": "IO", "OI": "OI", "II": "II", "IF": "IF", "OO": "OO"})
-family64 = FamilyNamespace(
-    64,
-    {"IO": "LO", "OI": "OL", "II": "LL", "IF": "LF", "OO": "OO", "UU": "QQ", "UO": "QO", "OU": "OQ"},
-)
+_NAMES = ("IO", "OI", "II", "IF", "IU", "UI", "UU", "UO", "OU", "UF", "OO")
+family32 = FamilyNamespace(32, {name: name for name in _NAMES})
+# 64 bits: I is L and U is Q (family64.IU is LQ, family64.UF is QF).
+family64 = FamilyNamespace(64, {name: name.replace("I", "L").replace("U", "Q") for name in _NAMES})
 for _family in FAMILIES.values():
     _family.family = family32 if "L" not in _family.prefix and "Q" not in _family.prefix else family64

@@ -1,0 +1,84 @@
+"""Behaviour compared with ZODB's BTrees package (the real one, C implementation) as an oracle.
+
+Each test runs the same operations on an AmberDB container and on the BTrees container of
+the same family and requires the same outcome.  Deliberate differences are left out where
+they would show: ``F`` values are 64-bit floats here (BTrees: 32-bit), so float values are
+compared approximately and integers too big for a C long are accepted as ``F`` values.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+
+from amberdb.btrees import FAMILIES
+from tests.btrees.families import PREFIXES
+
+BTrees = pytest.importorskip("BTrees")
+
+
+def zodb_class(prefix: str, kind: str) -> Any:
+    """The BTrees class ``<prefix><kind>``, e.g. ``zodb_class("IU", "BTree")``."""
+    return getattr(importlib.import_module(f"BTrees.{prefix}BTree"), f"{prefix}{kind}")
+
+
+def outcome(action: Any, *args: Any) -> Any:
+    """("ok", result) or ("error", the exception's kind) for calling ``action(*args)``."""
+    try:
+        return "ok", action(*args)
+    except TypeError:  # BTreesOverflowError is a TypeError too, as BTrees' range errors are
+        return "error", TypeError
+    except (ValueError, KeyError, IndexError) as exc:
+        return "error", type(exc)
+
+
+_INTEGERS = [0, 1, -1, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**32 - 1, 2**32]
+_INTEGERS += [2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64 - 1, 2**64, True]
+_OTHERS = [1.5, 2.0, "x", b"x", None, (1,)]
+
+
+def _keys_of(cls: Any, items: dict[Any, Any]) -> list[Any]:
+    return list(cls(items).keys())
+
+
+def _values_of(cls: Any, items: dict[Any, Any]) -> list[Any]:
+    return list(cls(items).values())
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_keys_and_values_accepted_as_in_zodb(prefix: str) -> None:
+    ours, theirs = FAMILIES[prefix].BTree, zodb_class(prefix, "BTree")
+    some_key = "k" if prefix[0] == "O" else 1
+    for candidate in _INTEGERS + _OTHERS:
+        if prefix[0] != "O" or candidate is not None:  # None sorts first: a test of its own
+            expected = outcome(_keys_of, theirs, {candidate: 1})
+            assert outcome(_keys_of, ours, {candidate: 1}) == expected, candidate
+        if prefix[1] == "F" and isinstance(candidate, int) and not -(2**63) <= candidate < 2**63:
+            continue  # 64-bit floats take any int; BTrees' conversion goes through a C long
+        expected = outcome(_values_of, theirs, {some_key: candidate})
+        got = outcome(_values_of, ours, {some_key: candidate})
+        if prefix[1] == "F" and expected[0] == got[0] == "ok":
+            assert got[1] == pytest.approx(expected[1]), candidate
+        else:
+            assert got == expected, candidate
+
+
+def test_family_namespaces_as_in_zodb() -> None:
+    from amberdb import btrees
+
+    for ours, theirs in ((btrees.family32, BTrees.family32), (btrees.family64, BTrees.family64)):
+        assert (ours.minint, ours.maxint, ours.maxuint) == (theirs.minint, theirs.maxint, theirs.maxuint)
+        for name in ("IO", "OI", "II", "IF", "IU", "UI", "UU", "UO", "OU", "UF", "OO"):
+            module = getattr(theirs, name)
+            family = getattr(ours, name)
+            assert module.__name__ == f"BTrees.{family.prefix}BTree", name
+            for kind in ("BTree", "Bucket", "TreeSet", "Set"):
+                assert getattr(family, kind).__name__ == getattr(module, f"{family.prefix}{kind}").__name__
+            if hasattr(module, "family"):
+                assert family.family is ours
+    assert len(PREFIXES) == len(set(PREFIXES)) == 21
+    assert {f"BTrees.{prefix}BTree" for prefix in PREFIXES} | {"BTrees.fsBTree"} == {
+        name for name in BTrees.__all__ if name.startswith("BTrees.")
+    }
