@@ -34,12 +34,13 @@ def _ids(params: list[tuple[str, type]]) -> list[str]:
 
 
 def _range(model: list[Any], lo: Any, hi: Any, excludemin: bool, excludemax: bool) -> list[Any]:
-    return [
-        k
-        for k in model
-        if (lo is None or (k > lo if excludemin else k >= lo))
-        and (hi is None or (k < hi if excludemax else k <= hi))
-    ]
+    # An excluded missing bound leaves out the smallest (largest) key, as in ZODB's BTrees.
+    found = [k for k in model if (lo is None or k >= lo) and (hi is None or k <= hi)]
+    if found and excludemin and (lo is None or found[0] == lo):
+        del found[0]
+    if found and excludemax and (hi is None or found[-1] == hi):
+        del found[-1]
+    return found
 
 
 def _filled(prefix: str, cls: type) -> tuple[Any, dict[Any, Any]]:

@@ -12,9 +12,11 @@ import importlib
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amberdb.btrees import FAMILIES
-from tests.btrees.families import PREFIXES
+from tests.btrees.families import PREFIXES, key, small_classes, value
 
 BTrees = pytest.importorskip("BTrees")
 
@@ -82,3 +84,51 @@ def test_family_namespaces_as_in_zodb() -> None:
     assert {f"BTrees.{prefix}BTree" for prefix in PREFIXES} | {"BTrees.fsBTree"} == {
         name for name in BTrees.__all__ if name.startswith("BTrees.")
     }
+
+
+def _classes(prefix: str, is_map: bool) -> list[Any]:
+    """Our classes of one shape: tree, small-node tree (many buckets), leaf."""
+    btree, treeset = small_classes(prefix)
+    family = FAMILIES[prefix]
+    return [family.BTree, btree, family.Bucket] if is_map else [family.TreeSet, treeset, family.Set]
+
+
+_bound = st.none() | st.integers(-2, 42)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    prefix=st.sampled_from(["II", "OO", "UF", "LQ"]),
+    is_map=st.booleans(),
+    ids=st.sets(st.integers(0, 40), max_size=30),
+    lo=_bound,
+    hi=_bound,
+    excludemin=st.booleans(),
+    excludemax=st.booleans(),
+)
+def test_ranges_as_in_zodb(
+    prefix: str, is_map: bool, ids: set[int], lo: Any, hi: Any, excludemin: bool, excludemax: bool
+) -> None:
+    # A missing bound that is excluded leaves out the smallest (largest) key.
+    lo_key = None if lo is None else key(prefix, lo)
+    hi_key = None if hi is None else key(prefix, hi)
+    args = (lo_key, hi_key, excludemin, excludemax)
+    kind = ("BTree", "Bucket") if is_map else ("TreeSet", "Set")
+    methods = ["keys", "iterkeys"] + (["values", "itervalues", "items", "iteritems"] if is_map else [])
+    for zodb_kind, cls in zip((kind[0], kind[0], kind[1]), _classes(prefix, is_map)):
+        if is_map:
+            items = {key(prefix, i): value(prefix, i) for i in ids}
+            theirs, ours = zodb_class(prefix, zodb_kind)(items), cls(items)
+        else:
+            theirs, ours = (
+                zodb_class(prefix, zodb_kind)(key(prefix, i) for i in ids),
+                cls(key(prefix, i) for i in ids),
+            )
+        for method in methods:
+            if not hasattr(theirs, method):
+                continue  # BTrees' sets have no iterkeys
+            expected = list(getattr(theirs, method)(*args))
+            got = getattr(ours, method)(*args)
+            assert list(got) == expected, (cls.__name__, method, args)
+            if not method.startswith("iter"):
+                assert len(got) == len(expected), (cls.__name__, method, args)

@@ -94,8 +94,8 @@ class LeafBase(FamilyMember):
     _next: Any
 
     def _position(self, lo: Any, lo_incl: bool) -> tuple[Any, int]:
-        if lo is None:
-            return self, 0
+        if lo is None:  # no lower bound; excluding it leaves out the smallest key
+            return self, (0 if lo_incl else 1)
         keys = self._keys
         return self, (bisect_left(keys, lo) if lo_incl else bisect_right(keys, lo))
 

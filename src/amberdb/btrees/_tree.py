@@ -110,10 +110,10 @@ class TreeBase(FamilyMember):
         node = self
         if not node._children:
             return None, 0
-        if lo is None:
+        if lo is None:  # no lower bound; excluding it leaves out the smallest key
             while not node._leaf:
                 node = node._children[0]
-            return node._children[0], 0
+            return node._children[0], (0 if lo_incl else 1)
         while not node._leaf:
             node = node._children[bisect_right(node._keys, lo)]
         bucket = node._children[bisect_right(node._keys, lo)]
