@@ -132,3 +132,48 @@ def test_ranges_as_in_zodb(
             assert list(got) == expected, (cls.__name__, method, args)
             if not method.startswith("iter"):
                 assert len(got) == len(expected), (cls.__name__, method, args)
+
+
+_SETOP_KINDS = ["BTree", "Bucket", "TreeSet", "Set", "SmallBTree", "SmallTreeSet"]
+
+
+def _pair(prefix: str, kind: str, keys: list[Any]) -> tuple[Any, Any]:
+    """(BTrees', ours) containers of ``kind`` holding ``keys`` (values derived from them)."""
+    is_map = kind.endswith("BTree") or kind == "Bucket"
+    base = kind.removeprefix("Small")
+    if kind.startswith("Small"):
+        cls = small_classes(prefix)[0 if is_map else 1]
+    else:
+        cls = getattr(FAMILIES[prefix], kind)
+    theirs_cls = zodb_class(prefix, base)
+    if is_map:
+        items = {k: value(prefix, len(str(k))) for k in keys}
+        return theirs_cls(items), cls(items)
+    return theirs_cls(keys), cls(keys)
+
+
+def _contents(c: Any) -> Any:
+    if isinstance(c, tuple):  # weighted operations
+        return c[0], _contents(c[1])
+    return type(c).__name__, list(c.items()) if hasattr(c, "values") else list(c)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    prefix=st.sampled_from(["OO", "OI"]),
+    kind1=st.sampled_from(_SETOP_KINDS),
+    kind2=st.sampled_from(_SETOP_KINDS),
+    a=st.sets(st.none() | st.integers(0, 30).map(lambda i: f"k{i:02}"), max_size=12),
+    b=st.sets(st.none() | st.integers(0, 30).map(lambda i: f"k{i:02}"), max_size=12),
+)
+def test_set_operations_with_none_keys_as_in_zodb(
+    prefix: str, kind1: str, kind2: str, a: set[Any], b: set[Any]
+) -> None:
+    (theirs1, ours1), (theirs2, ours2) = _pair(prefix, kind1, list(a)), _pair(prefix, kind2, list(b))
+    module = importlib.import_module(f"BTrees.{prefix}BTree")
+    operations = ["union", "intersection", "difference"]
+    operations += ["weightedUnion", "weightedIntersection"] if prefix == "OI" else []
+    for operation in operations:
+        expected = getattr(module, operation)(theirs1, theirs2)
+        got = getattr(FAMILIES[prefix], operation)(ours1, ours2)
+        assert _contents(got) == _contents(expected), operation

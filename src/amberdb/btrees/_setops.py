@@ -24,6 +24,7 @@ from a plain iterable, are checked against the result's key kind.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from typing import Any
 
 from amberdb.btrees._leaves import FamilyMember, LeafBase
@@ -62,7 +63,13 @@ def _is_map(c: Any) -> bool:
 def _keys(c: Any, family: Any) -> list[Any]:
     """The sorted, distinct keys of ``c``, fit for ``family``."""
     if isinstance(c, FamilyMember):
-        keys = c._keys if isinstance(c, LeafBase) else list(c.iterkeys())  # type: ignore[attr-defined]
+        # The keys as stored (a None key as NONE_KEY, which sorts first), not as iteration
+        # gives them: a None key would not compare with the others.
+        keys: list[Any]
+        if isinstance(c, LeafBase):
+            keys = c._keys
+        else:
+            keys = list(chain.from_iterable(b._keys for b in c._buckets()))  # type: ignore[attr-defined]
         if c._kkind is family.key_kind:
             return keys
         check = family.key_kind.check
@@ -79,7 +86,7 @@ def _items(c: Any, family: Any) -> tuple[list[Any], list[Any] | None]:
     if isinstance(c, LeafBase):
         values: list[Any] = c._values  # type: ignore[attr-defined]
     else:
-        values = list(c.itervalues())
+        values = list(chain.from_iterable(b._values for b in c._buckets()))
     return _keys(c, family), values
 
 
