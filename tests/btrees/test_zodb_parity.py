@@ -177,3 +177,16 @@ def test_set_operations_with_none_keys_as_in_zodb(
         expected = getattr(module, operation)(theirs1, theirs2)
         got = getattr(FAMILIES[prefix], operation)(ours1, ours2)
         assert _contents(got) == _contents(expected), operation
+
+
+@pytest.mark.parametrize("kind", ["BTree", "Bucket"])
+def test_update_with_other_than_pairs_raises_type_error_as_in_zodb(kind: str) -> None:
+    for bad in ([(1, 2, 3)], [(1,)], [()], [1], ["ab"], "ab", [(1, 2), (3, 4, 5)]):
+        for cls in (zodb_class("II", kind), getattr(FAMILIES["II"], kind)):
+            with pytest.raises(TypeError):
+                cls().update(bad)
+    for cls in (zodb_class("II", kind), getattr(FAMILIES["II"], kind)):
+        c = cls()
+        c.update([(1, 2)])
+        c.update({3: 4})
+        assert list(c.items()) == [(1, 2), (3, 4)]

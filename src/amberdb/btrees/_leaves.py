@@ -454,5 +454,8 @@ def _pairs(items: Any) -> Iterator[tuple[Any, Any]]:
         yield from method()
         return
     for pair in items:
-        key, value = pair
+        try:
+            key, value = pair
+        except (TypeError, ValueError):  # BTrees raises TypeError for anything but a pair
+            raise TypeError(f"update needs (key, value) pairs, not {pair!r:.60}") from None
         yield key, value
