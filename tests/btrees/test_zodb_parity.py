@@ -8,6 +8,7 @@ compared approximately and integers too big for a C long are accepted as ``F`` v
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -190,3 +191,42 @@ def test_update_with_other_than_pairs_raises_type_error_as_in_zodb(kind: str) ->
         c.update([(1, 2)])
         c.update({3: 4})
         assert list(c.items()) == [(1, 2), (3, 4)]
+
+
+@functools.total_ordering
+class _BrokenComparison:
+    """Equal to nothing, not even itself, and below nothing."""
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __lt__ = __eq__
+    __hash__ = object.__hash__
+
+
+def _identity_outcomes(c: Any, is_map: bool) -> list[Any]:
+    bad = _BrokenComparison()
+    if is_map:
+        c[bad] = value("OI", 4)
+        c[bad] = value("OI", 5)  # replaces: the key is found
+    else:
+        c.add(bad)
+        c.add(bad)
+    found = [bad in c, list(c) == [bad], len(c)]
+    if is_map:
+        found += [c[bad], c.get(bad), c.setdefault(bad, 1)]
+        del c[bad]
+    else:
+        c.remove(bad)
+    return [*found, bad in c, list(c)]
+
+
+@pytest.mark.parametrize("prefix", [p for p in PREFIXES if p[0] == "O"])
+def test_keys_are_found_by_identity_as_in_zodb(prefix: str) -> None:
+    btree, treeset = small_classes(prefix)
+    for kind, ours in (("BTree", btree), ("Bucket", None), ("TreeSet", treeset), ("Set", None)):
+        is_map = kind in ("BTree", "Bucket")
+        for cls in (ours, getattr(FAMILIES[prefix], kind)):
+            if cls is not None:
+                expected = _identity_outcomes(zodb_class(prefix, kind)(), is_map)
+                assert _identity_outcomes(cls(), is_map) == expected, cls.__name__

@@ -123,7 +123,8 @@ class LeafBase(FamilyMember):
             i = bisect_left(keys, key)
         except TypeError:  # a key not comparable with the keys
             return -1
-        return i if i != len(keys) and keys[i] == key else -1
+        # By identity too, for keys whose __eq__ is broken (as BTrees does)
+        return i if i != len(keys) and (keys[i] == key or keys[i] is key) else -1
 
     def __contains__(self, key: Any) -> bool:
         return self._find(key) >= 0
@@ -267,7 +268,7 @@ class BucketBase(LeafBase, MappingIteration):
         value = self._check_value(value)
         keys = self._keys
         i = bisect_left(keys, key)
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or keys[i] is key):
             old = self._values[i]
             if replace and old is not value and not (self._vkind.numeric and old == value):
                 self._changed()
@@ -393,7 +394,7 @@ class SetBase(LeafBase):
         key = self._check_key(key)
         keys = self._keys
         i = bisect_left(keys, key)
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or keys[i] is key):
             return 0
         self._keys_changing()
         keys.insert(i, key)

@@ -409,11 +409,13 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
     """Lookup, insert and delete for a tree of the given kinds, with the checks inlined."""
     key_type, key_lo, key_hi = kkind.fast_type, kkind.lo, kkind.hi
     check_key = kkind.check
-    # Lookups skip the key check; for object keys they still map None to its stand-in.
-    none_keys = not kkind.numeric
+    # Lookups skip the key check; for object keys they still map None to its stand-in.  An
+    # object key is also found by identity (its __eq__ may be broken), as in BTrees; tested
+    # only after == fails, so a found key costs nothing more.
+    object_keys = not kkind.numeric
 
     def contains(self: TreeBase, key: Any) -> bool:
-        if none_keys and key is None:
+        if object_keys and key is None:
             key = NONE_KEY
         node = self
         try:
@@ -423,11 +425,11 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             i = bisect_left(keys, key)
         except (IndexError, TypeError):  # empty tree; a key not comparable with the keys
             return False
-        return i != len(keys) and keys[i] == key
+        return i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key))
 
     def _remove(self: TreeBase, key: Any) -> Any:
         """Delete ``key`` and return its value (None for sets); KeyError when missing."""
-        if none_keys and key is None:
+        if object_keys and key is None:
             key = NONE_KEY
         node = self
         try:
@@ -438,7 +440,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             i = bisect_left(keys, key)
         except (IndexError, TypeError):
             raise KeyError(key_out(key)) from None
-        if i == len(keys) or keys[i] != key:
+        if i == len(keys) or not (keys[i] == key or (object_keys and keys[i] is key)):
             raise KeyError(key_out(key))
         if bucket._p_jar is not None:
             mark_changed(bucket)
@@ -483,7 +485,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
                 return 1
             keys = bucket._keys
             i = bisect_left(keys, key)
-            if i != len(keys) and keys[i] == key:
+            if i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key)):
                 return 0
             if bucket._p_jar is not None:
                 mark_changed(bucket)
@@ -506,7 +508,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
     compare_values = vkind.numeric
 
     def getitem(self: TreeBase, key: Any) -> Any:
-        if none_keys and key is None:
+        if object_keys and key is None:
             key = NONE_KEY
         node = self
         try:
@@ -517,13 +519,13 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             i = bisect_left(keys, key)
         except (IndexError, TypeError):
             raise KeyError(key_out(key)) from None
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key)):
             return bucket._values[i]
         raise KeyError(key_out(key))
 
     def get(self: TreeBase, key: Any, default: Any = None) -> Any:
         """The value for ``key``, or ``default``."""
-        if none_keys and key is None:
+        if object_keys and key is None:
             key = NONE_KEY
         node = self
         try:
@@ -534,7 +536,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             i = bisect_left(keys, key)
         except (IndexError, TypeError):
             return default
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key)):
             return bucket._values[i]
         return default
 
@@ -553,7 +555,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             return 1
         keys = bucket._keys
         i = bisect_left(keys, key)
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key)):
             if replace:
                 values = bucket._values
                 old = values[i]
@@ -588,7 +590,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             return
         keys = bucket._keys
         i = bisect_left(keys, key)
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key)):
             values = bucket._values
             old = values[i]
             if old is not value and not (compare_values and old == value):
