@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Iterable, Mapping, MutableMapping, MutableSet, Sized
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import pytest
@@ -230,3 +232,14 @@ def test_keys_are_found_by_identity_as_in_zodb(prefix: str) -> None:
             if cls is not None:
                 expected = _identity_outcomes(zodb_class(prefix, kind)(), is_map)
                 assert _identity_outcomes(cls(), is_map) == expected, cls.__name__
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_abstract_base_classes_as_in_zodb(prefix: str) -> None:
+    btree, treeset = small_classes(prefix)
+    for kind, subclass in (("BTree", btree), ("Bucket", None), ("TreeSet", treeset), ("Set", None)):
+        theirs = zodb_class(prefix, kind)()
+        for cls in (getattr(FAMILIES[prefix], kind), subclass):
+            if cls is not None:
+                for abc in (Mapping, MutableMapping, AbstractSet, MutableSet, Sized, Iterable):
+                    assert isinstance(cls(), abc) == isinstance(theirs, abc), (cls.__name__, abc)

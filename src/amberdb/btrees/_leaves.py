@@ -17,7 +17,7 @@ appended as a last element when not empty.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, MutableMapping, MutableSet
 from typing import Any, ClassVar
 
 from amberdb.btrees import _conflict
@@ -446,6 +446,11 @@ class SetBase(LeafBase):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({list(self._keys)!r})"
+
+
+# The ABCs ZODB's BTrees register with: code that checks isinstance(c, MutableMapping) works.
+MutableMapping.register(BucketBase)
+MutableSet.register(SetBase)
 
 
 def _pairs(items: Any) -> Iterator[tuple[Any, Any]]:

@@ -29,7 +29,7 @@ instance ``__dict__`` of a subclass when not empty.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, MutableSet
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from amberdb.btrees._kinds import NONE_KEY, Kind, key_out
@@ -403,6 +403,11 @@ class TreeSetBase(TreeBase):
 
     def remove(self, key: Any) -> None:
         raise NotImplementedError
+
+
+# As ZODB's BTrees do (see _leaves for buckets and sets).
+MutableMapping.register(BTreeBase)
+MutableSet.register(TreeSetBase)
 
 
 def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]]:
