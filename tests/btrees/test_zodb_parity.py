@@ -8,8 +8,10 @@ compared approximately and integers too big for a C long are accepted as ``F`` v
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
+import pickle
 from collections.abc import Iterable, Mapping, MutableMapping, MutableSet, Sized
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -243,3 +245,15 @@ def test_abstract_base_classes_as_in_zodb(prefix: str) -> None:
             if cls is not None:
                 for abc in (Mapping, MutableMapping, AbstractSet, MutableSet, Sized, Iterable):
                     assert isinstance(cls(), abc) == isinstance(theirs, abc), (cls.__name__, abc)
+
+
+def test_families_pickle_and_copy_as_themselves_as_in_zodb() -> None:
+    from amberdb import btrees
+
+    for ours, theirs in ((btrees.family32, BTrees.family32), (btrees.family64, BTrees.family64)):
+        for family in (ours, theirs):
+            for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+                assert pickle.loads(pickle.dumps(family, protocol)) is family
+            assert copy.deepcopy(family) is family and copy.copy(family) is family
+            assert copy.deepcopy({"f": [family]})["f"][0] is family
+    assert b"amberdb.btrees" in pickle.dumps(btrees.family64, 0)

@@ -24,7 +24,7 @@ one.  Buckets and sets merge concurrent commits that change different keys
 from __future__ import annotations
 
 from amberdb.btrees._conflict import BTreesConflictError
-from amberdb.btrees._families import FAMILIES, family32, family64
+from amberdb.btrees._families import FAMILIES, FamilyNamespace, family32, family64
 from amberdb.btrees._kinds import BTreesOverflowError
 from amberdb.btrees._setops import (
     difference,
@@ -126,6 +126,7 @@ __all__ = [
     "FAMILIES",
     "BTreesConflictError",
     "BTreesOverflowError",
+    "FamilyNamespace",
     "IFBTree",
     "IFBucket",
     "IFSet",

@@ -150,8 +150,14 @@ class FamilyNamespace:
     """``family32`` or ``family64``: the integer width ZODB code picks its modules by.
 
     ``I`` stands for the signed integers of that width and ``U`` for the unsigned ones:
-    ``family32.IU`` is the ``IU`` family, ``family64.IU`` the ``LQ`` one.
+    ``family32.IU`` is the ``IU`` family, ``family64.IU`` the ``LQ`` one.  Both are
+    singletons: pickling or copying one gives the same object back, and a record holding one
+    (``self.family = family64``) names the global ``amberdb.btrees.family64``.
     """
+
+    # Pickle stores what __reduce__ names as a global of the object's __module__: the
+    # public module, where records may name the two families (see amberdb.serialize).
+    __module__ = MODULE
 
     IO: Family
     OI: Family
@@ -173,9 +179,8 @@ class FamilyNamespace:
         for name, prefix in names.items():
             setattr(self, name, FAMILIES[prefix])
 
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names __init__ did not set: typed code may say family64.IO.
-        raise AttributeError(f"{self!r} has no family {name!r}")
+    def __reduce__(self) -> str:
+        return f"family{self.bits}"
 
     def __repr__(self) -> str:
         return f"<amberdb.btrees.family{self.bits}>"
