@@ -257,3 +257,27 @@ def test_families_pickle_and_copy_as_themselves_as_in_zodb() -> None:
             assert copy.deepcopy(family) is family and copy.copy(family) is family
             assert copy.deepcopy({"f": [family]})["f"][0] is family
     assert b"amberdb.btrees" in pickle.dumps(btrees.family64, 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    prefix=st.sampled_from(["II", "LL"]),  # the families whose BTrees have byValue
+    kind=st.sampled_from(["BTree", "Bucket", "SmallBTree"]),
+    items=st.dictionaries(st.integers(-20, 20), st.integers(-100, 100), max_size=30),
+    low=st.integers(-30, 60),
+)
+def test_by_value_as_in_zodb(prefix: str, kind: str, items: dict[int, int], low: int) -> None:
+    # Values at least min, largest first; divided by a positive min (50, 40 by 20: 2, 2).
+    theirs = zodb_class(prefix, kind.removeprefix("Small"))(items)
+    ours = (small_classes(prefix)[0] if kind.startswith("Small") else getattr(FAMILIES[prefix], kind))(items)
+    assert ours.byValue(low) == list(theirs.byValue(low))
+    for bad in (2.5, "a"):
+        with pytest.raises(TypeError):
+            theirs.byValue(bad)
+        with pytest.raises(TypeError):
+            ours.byValue(bad)
+
+
+def test_by_value_divides_as_the_issue_says() -> None:
+    for cls in (FAMILIES["II"].BTree, zodb_class("II", "BTree")):
+        assert list(cls({5: 50, 4: 40, 3: 30, 2: 20}).byValue(20)) == [(2, 5), (2, 4), (1, 3), (1, 2)]

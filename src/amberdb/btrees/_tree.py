@@ -632,6 +632,22 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
     return methods
 
 
-def _by_value(self: BTreeBase, min: Any) -> list[tuple[Any, Any]]:
-    """(value, key) pairs of the items whose value is at least ``min``, largest value first."""
-    return sorted(((v, k) for k, v in self.iteritems() if v >= min), reverse=True)
+def _by_value(self: Any, min: Any) -> list[tuple[Any, Any]]:
+    """(value, key) pairs of the items whose value is at least ``min``, largest first.
+
+    Integer values are divided by a positive ``min`` (floor division), as ZODB's BTrees
+    "normalize" them; float values are left as they are.
+    """
+    min = self._check_value(min)
+    divisor = min if self._vkind.integer and min > 0 else None
+    leaves = self._buckets() if isinstance(self, TreeBase) else (self,)
+    # Stored keys (a None key is NONE_KEY, which sorts below the others), sorted, then
+    # turned into the keys users see.
+    found = [
+        (v if divisor is None else v // divisor, k)
+        for leaf in leaves
+        for k, v in zip(leaf._keys, leaf._values)
+        if v >= min
+    ]
+    found.sort(reverse=True)
+    return [(v, key_out(k)) for v, k in found]
