@@ -38,7 +38,7 @@ def _small(prefix: str, kind: str, bucket: int, node: int) -> type:
     return type(
         name,
         (base,),
-        {"_max_bucket_size": bucket, "_max_node_size": node, "__module__": __name__, "__qualname__": name},
+        {"max_leaf_size": bucket, "max_internal_size": node, "__module__": __name__, "__qualname__": name},
     )
 
 

@@ -468,3 +468,85 @@ def test_copy_and_pickle_outside_a_database() -> None:
     c = copy.copy(b)
     c[3] = 4
     assert list(b.items()) == [(1, 2)]
+
+
+class TinyOOBTree(btrees.OOBTree):
+    """A subclass choosing its own node sizes, as BTrees allows."""
+
+    max_leaf_size = 2
+    max_internal_size = 3
+
+
+class TinyIITreeSet(btrees.IITreeSet):
+    max_leaf_size = 3
+    max_internal_size = 4
+
+
+def _shape(tree: Any) -> tuple[int, int, int]:
+    """(depth, largest bucket, most children of a node)."""
+    depth, biggest, widest = 1, 0, len(tree._children)
+    nodes = [tree]
+    while not nodes[0]._leaf:
+        nodes = [child for node in nodes for child in node._children]
+        widest = max([widest, *(len(node._children) for node in nodes)])
+        depth += 1
+    biggest = max(len(bucket) for bucket in tree._buckets())
+    return depth, biggest, widest
+
+
+def test_subclasses_choose_their_node_sizes() -> None:
+    t = TinyOOBTree({f"k{i:02}": i for i in range(40)})
+    s = TinyIITreeSet(range(40))
+    assert _shape(t)[1:] == (2, 3) and _shape(s)[1:] == (3, 4) and _shape(t)[0] == 3
+    check(t)
+    check(s)
+    assert btrees.OOBTree.max_leaf_size > 2  # the subclass changed only itself
+    big = btrees.OOBTree({f"k{i:02}": i for i in range(40)})
+    assert _shape(big) == (1, 40, 1)
+
+
+def test_set_operators_keep_the_set_and_its_changes_commit() -> None:
+    import amberdb
+    import amberdb.transaction as transaction
+
+    db = amberdb.DB(None)
+    conn = db.open()
+    conn.root.s = s = TinyIITreeSet(range(10))
+    transaction.commit()
+    s |= [20, 21]
+    s -= range(5)
+    s &= range(100)
+    s ^= [5, 30]
+    assert conn.root.s is s
+    transaction.commit()
+    fresh = db.open(transaction.TransactionManager())
+    assert list(fresh.root.s) == [6, 7, 8, 9, 20, 21, 30]
+    check(fresh.root.s)
+    fresh.close()
+    conn.close()
+    db.close()
+
+
+def test_display_shows_nodes_separators_and_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    from amberdb.btrees.check import display
+
+    t = TinyOOBTree({f"k{i}": i for i in range(6)})
+    t[None] = "none"
+    display(t)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("TinyOOBTree at 0x") and out[0].endswith("children")
+    assert [line.strip() for line in out if "separator" in line] == [
+        "separator 'k0'",
+        "separator 'k2'",
+        "separator 'k4'",
+    ]
+    assert [line.strip() for line in out if ": " in line and "at 0x" not in line] == [
+        "None: 'none'",
+        *(f"'k{i}': {i}" for i in range(6)),
+    ]
+    display(btrees.IISet([1, 2]))
+    assert capsys.readouterr().out.splitlines()[1:] == ["    1", "    2"]
+    display(btrees.IIBTree())
+    assert capsys.readouterr().out.endswith(": 0 children\n")
+    with pytest.raises(TypeError):
+        display({})

@@ -129,7 +129,7 @@ def test_a_big_tree_is_many_small_records_and_a_change_writes_one(db: amberdb.DB
     while not isinstance(bucket, IIBucket):
         bucket = bucket._children[0]
     free = [k for k in range(bucket._keys[0], bucket._keys[-1]) if k not in tree]
-    for k in free[: tree._max_bucket_size]:
+    for k in free[: tree.max_leaf_size]:
         tree[k] = k
     tm.commit()
     assert 3 <= _last_records(db) <= 8

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amberdb.btrees import FAMILIES
+from amberdb.btrees import FAMILIES, check
 from tests.btrees.families import PREFIXES, key, small_classes, value
 
 BTrees = pytest.importorskip("BTrees")
@@ -281,3 +281,100 @@ def test_by_value_as_in_zodb(prefix: str, kind: str, items: dict[int, int], low:
 def test_by_value_divides_as_the_issue_says() -> None:
     for cls in (FAMILIES["II"].BTree, zodb_class("II", "BTree")):
         assert list(cls({5: 50, 4: 40, 3: 30, 2: 20}).byValue(20)) == [(2, 5), (2, 4), (1, 3), (1, 2)]
+
+
+def _normalized(result: Any) -> Any:
+    """A result's class (without our test-only "Small" prefix) and contents."""
+    name = type(result).__name__.removeprefix("Small")
+    if hasattr(result, "values"):
+        return name, list(result.keys()), list(result.values())
+    return name, list(result)
+
+
+def _same(got: Any, expected: Any, prefix: str) -> None:
+    got, expected = _normalized(got), _normalized(expected)
+    if prefix[1] == "F" and len(got) == 3 == len(expected):
+        assert got[:2] == expected[:2] and got[2] == pytest.approx(expected[2])
+    else:
+        assert got == expected
+
+
+_KEY_IDS = st.sets(st.integers(0, 25), max_size=15)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prefix=st.sampled_from(["II", "OO", "UF", "LQ", "OU"]),
+    kind1=st.sampled_from(_SETOP_KINDS),
+    kind2=st.sampled_from([*_SETOP_KINDS, "list", "set", "tuple"]),
+    a=_KEY_IDS,
+    b=_KEY_IDS,
+)
+def test_operators_as_in_zodb(prefix: str, kind1: str, kind2: str, a: set[int], b: set[int]) -> None:
+    # | & give a Set, - a Set (a Bucket for a mapping on the left), ^ (sets only) the left
+    # operand's class; the in-place forms change the set itself.
+    theirs1, ours1 = _pair(prefix, kind1, [key(prefix, i) for i in sorted(a)])
+    keys2 = [key(prefix, i) for i in sorted(b)]
+    if kind2 in ("list", "set", "tuple"):
+        theirs2 = ours2 = {"list": list, "set": set, "tuple": tuple}[kind2](keys2)
+    else:
+        theirs2, ours2 = _pair(prefix, kind2, keys2)
+    is_set = not hasattr(theirs1, "values")
+    operations = ["__or__", "__and__", "__sub__", "__ror__", "__rand__"] + (["__xor__"] if is_set else [])
+    for operation in operations:
+        _same(getattr(ours1, operation)(ours2), getattr(theirs1, operation)(theirs2), prefix)
+    if not is_set:
+        for missing in ("__xor__", "__ior__", "__iand__", "__isub__", "__ixor__", "isdisjoint"):
+            assert not hasattr(theirs1, missing) and not hasattr(ours1, missing), missing
+        return
+    assert ours1.isdisjoint(ours2) == theirs1.isdisjoint(theirs2)
+    if kind2 in ("list", "set", "tuple"):  # reflected: Python tries the set's method
+        assert _normalized(ours2 | ours1) == _normalized(theirs2 | theirs1)
+        assert _normalized(ours2 & ours1) == _normalized(theirs2 & theirs1)
+        assert sorted(ours2 ^ ours1) == sorted(theirs2 ^ theirs1)  # (BTrees: a list, set or tuple)
+    for operation in ("__ior__", "__iand__", "__isub__", "__ixor__"):
+        theirs, ours = _pair(prefix, kind1, [key(prefix, i) for i in sorted(a)])
+        expected = getattr(theirs, operation)(theirs2)
+        got = getattr(ours, operation)(ours2)
+        assert got is ours and expected is theirs
+        _same(got, expected, prefix)
+        check(ours)
+
+
+def test_in_place_operators_on_a_set_with_itself_as_in_zodb() -> None:
+    ours = FAMILIES["II"]
+    for make in (zodb_class("II", "TreeSet"), zodb_class("II", "Set"), ours.TreeSet, ours.Set):
+        s = make([1, 2, 3])
+        s |= s
+        assert list(s) == [1, 2, 3]
+        s &= s
+        assert list(s) == [1, 2, 3]
+        s ^= s
+        assert list(s) == []
+        s = make([1, 2, 3])
+        s -= s
+        assert list(s) == []
+
+
+@pytest.mark.parametrize("prefix", ["II", "OO", "QF"])
+def test_set_indexing_as_in_zodb(prefix: str) -> None:
+    keys = [key(prefix, i) for i in range(0, 20, 3)]
+    theirs, ours = zodb_class(prefix, "Set")(keys), FAMILIES[prefix].Set(keys)
+    for index in range(-len(keys) - 2, len(keys) + 2):
+        assert outcome(ours.__getitem__, index) == outcome(theirs.__getitem__, index), index
+    for bad in (slice(0, 2), 1.0, "1"):
+        assert outcome(ours.__getitem__, bad) == outcome(theirs.__getitem__, bad) == ("error", TypeError)
+    for tree_set in (zodb_class(prefix, "TreeSet")(keys), FAMILIES[prefix].TreeSet(keys)):
+        with pytest.raises(TypeError):
+            tree_set[0]
+    assert FAMILIES["OO"].Set([None, "a"])[0] is None
+
+
+def test_node_sizes_are_class_attributes_as_in_zodb() -> None:
+    for prefix in PREFIXES:
+        for kind in ("BTree", "TreeSet"):
+            ours = getattr(FAMILIES[prefix], kind)
+            assert hasattr(zodb_class(prefix, kind), "max_leaf_size")
+            assert ours.max_leaf_size > 1 and ours.max_internal_size > 2
+            # ours are larger than BTrees' (30/250 object keys, 120/500 integers): see _families
+        assert not hasattr(FAMILIES[prefix].Bucket, "max_leaf_size")

@@ -5,12 +5,13 @@ Generated from the generic implementation, each a proper module-level class of
 prefix (``FAMILIES["IO"]``, also ``family32.IO``) holding the four classes and the set
 operations bound to that family, like the modules of ZODB's BTrees.
 
-Size bounds (items per bucket, children per interior node).  Pure Python pays per level
-and per split, not per item moved by ``list.insert``, so buckets are larger than BTrees' (30
-object keys, 120 integer keys); larger buckets make records and the chance that two
-transactions touch the same bucket larger too.  Numeric keys pack into compact records
-(4 or 8 bytes a key), so a 512-key bucket is a 4-8 KB record.  Measured with
-``benchmarks/bench_btrees.py``.
+Size bounds (``max_leaf_size`` keys per bucket, ``max_internal_size`` children per interior
+node: class attributes of the trees and tree sets, which a subclass may set, as in ZODB's
+BTrees).  Pure Python pays per level and per split, not per item moved by ``list.insert``,
+so buckets are larger than BTrees' (30 object keys, 120 integer keys); larger buckets make
+records and the chance that two transactions touch the same bucket larger too.  Numeric
+keys pack into compact records (4 or 8 bytes a key), so a 512-key bucket is a 4-8 KB
+record.  Measured with ``benchmarks/bench_btrees.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from amberdb.btrees import _setops
 from amberdb.btrees._kinds import KINDS, Kind
 from amberdb.btrees._leaves import BucketBase, SetBase
+from amberdb.btrees._setops import MappingOperators, SetOperators
 from amberdb.btrees._tree import BTreeBase, TreeSetBase, _by_value, hot_methods
 
 __all__ = ["FAMILIES", "PREFIXES", "Family", "FamilyNamespace", "family32", "family64"]
@@ -78,13 +80,13 @@ class Family:
         return f"<amberdb.btrees family {self.prefix}>"
 
 
-def _make_class(name: str, base: type, namespace: dict[str, Any]) -> Any:
+def _make_class(name: str, base: type, namespace: dict[str, Any], operators: type) -> Any:
     for attribute, value in namespace.items():
         if callable(value) and "<locals>" in getattr(value, "__qualname__", ""):
             value.__qualname__ = f"{name}.{attribute}"
             value.__module__ = MODULE
     namespace.update({"__slots__": (), "__module__": MODULE, "__qualname__": name})
-    return type(name, (base,), namespace)
+    return type(name, (base, operators), namespace)
 
 
 def _make_family(prefix: str) -> Family:
@@ -105,11 +107,13 @@ def _make_family(prefix: str) -> Family:
                 "one record."
             ),
         },
+        MappingOperators,
     )
     family.Set = _make_class(
         f"{prefix}Set",
         SetBase,
         {**common, "_vkind": None, "__doc__": f"A small sorted set of {kkind.description} keys, one record."},
+        SetOperators,
     )
     family.BTree = _make_class(
         f"{prefix}BTree",
@@ -120,12 +124,13 @@ def _make_family(prefix: str) -> Family:
             **hot_methods(kkind, vkind),
             "_vkind": vkind,
             "_bucket_class": family.Bucket,
-            "_max_bucket_size": bucket_size,
-            "_max_node_size": node_size,
+            "max_leaf_size": bucket_size,
+            "max_internal_size": node_size,
             "__doc__": (
                 f"A scalable sorted mapping of {kkind.description} keys to {vkind.description} values."
             ),
         },
+        MappingOperators,
     )
     family.TreeSet = _make_class(
         f"{prefix}TreeSet",
@@ -135,10 +140,11 @@ def _make_family(prefix: str) -> Family:
             **hot_methods(kkind, None),
             "_vkind": None,
             "_bucket_class": family.Set,
-            "_max_bucket_size": bucket_size,
-            "_max_node_size": node_size,
+            "max_leaf_size": bucket_size,
+            "max_internal_size": node_size,
             "__doc__": f"A scalable sorted set of {kkind.description} keys.",
         },
+        SetOperators,
     )
     return family
 

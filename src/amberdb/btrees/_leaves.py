@@ -16,6 +16,7 @@ appended as a last element when not empty.
 
 from __future__ import annotations
 
+import operator
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, MutableMapping, MutableSet
 from typing import Any, ClassVar
@@ -388,6 +389,13 @@ class SetBase(LeafBase):
     def _p_resolveConflict(self, oldState: Any, savedState: Any, newState: Any) -> Any:
         """Merge two concurrent changes of this set (see :mod:`amberdb.btrees._conflict`)."""
         return _conflict.resolve_bucket(self._kkind, None, oldState, savedState, newState)
+
+    def __getitem__(self, index: int) -> Any:
+        """The key at position ``index`` (negative counts from the end), as ZODB's Sets allow."""
+        try:
+            return key_out(self._keys[operator.index(index)])
+        except IndexError:
+            raise IndexError(index) from None
 
     def add(self, key: Any) -> int:
         """Add ``key``: 1 if added, 0 if it was there."""

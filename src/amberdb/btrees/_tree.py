@@ -64,8 +64,8 @@ class TreeBase(FamilyMember):
     _keys: list[Any]  # a list even for numeric keys: bisect is faster on a list than an array
     _children: list[Any]
     _bucket_class: ClassVar[type[LeafBase]]
-    _max_bucket_size: ClassVar[int]
-    _max_node_size: ClassVar[int]
+    max_leaf_size: ClassVar[int]
+    max_internal_size: ClassVar[int]
 
     def __init__(self, items: Any = None) -> None:
         self._leaf = True
@@ -156,7 +156,7 @@ class TreeBase(FamilyMember):
         new = bucket._split(at)
         node._keys.insert(i, new._keys[0])
         node._children.insert(i + 1, new)
-        limit = self._max_node_size
+        limit = self.max_internal_size
         for depth in range(len(path) - 1, -1, -1):
             node, i = path[depth]
             children = node._children
@@ -497,7 +497,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             if walks:
                 keys_changed(self)
             keys.insert(i, key)
-            if len(keys) > self._max_bucket_size:
+            if len(keys) > self.max_leaf_size:
                 self._grow(key)
             return 1
 
@@ -575,7 +575,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             keys_changed(self)
         keys.insert(i, key)
         bucket._values.insert(i, value)
-        if len(keys) > self._max_bucket_size:
+        if len(keys) > self.max_leaf_size:
             self._grow(key)
         return 1
 
@@ -609,7 +609,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             keys_changed(self)
         keys.insert(i, key)
         bucket._values.insert(i, value)
-        if len(keys) > self._max_bucket_size:
+        if len(keys) > self.max_leaf_size:
             self._grow(key)
 
     def insert(self: TreeBase, key: Any, value: Any) -> int:
