@@ -306,7 +306,7 @@ def test_threads_writing_disjoint_btree_keys_in_different_buckets_never_conflict
     with db.transaction() as conn:
         conn.root.tree = tree = IIBTree((k, k) for k in keys)
         # Each thread owns the key range of one bucket with room to grow (no split).
-        buckets = [b for b in tree._buckets() if len(b) < tree._max_bucket_size - 40][:THREADS]
+        buckets = [b for b in tree._buckets() if len(b) < tree.max_leaf_size - 40][:THREADS]
         ranges = [(b.minKey(), b.maxKey()) for b in buckets]
     assert len(ranges) == THREADS
     writes_each = 30

@@ -132,6 +132,25 @@ def test_safe_standard_types_round_trip(conn: amberdb.Connection) -> None:
     fresh.close()
 
 
+def test_records_with_references_text_and_repeated_globals_load() -> None:
+    # References, an "r" in the text and a memo get for the repeated module name: records
+    # the opcode regexes read, which raised SystemError on CPython 3.11.7 (cpython#101955,
+    # a capturing group inside a possessive repeat); the second BUILDs a value object.
+    db = amberdb.DB(None, allowed_classes=[Address])
+    conn = db.open()
+    conn.root.reader, conn.root.writer = Book("a"), Book("b")
+    conn.root.kinds = [datetime.date, datetime.time, datetime.timedelta]
+    conn.root.reader.friend, conn.root.reader.address = conn.root.writer, Address("rue")
+    transaction.commit()
+    fresh = db.open(transaction.TransactionManager())
+    assert fresh.root.kinds == [datetime.date, datetime.time, datetime.timedelta]
+    assert fresh.root.reader.friend is fresh.root.writer and fresh.root.writer.title == "b"
+    assert fresh.root.reader.address == Address("rue")
+    fresh.close()
+    conn.close()
+    db.close()
+
+
 def test_fraction_too_big_to_load_safely_is_refused_at_commit(conn: amberdb.Connection) -> None:
     conn.root.book = Book("x")
     conn.root.book.ratio = Fraction(1, 2**BIG_INT_BITS - 1)  # the largest that may be stored

@@ -8,7 +8,8 @@ class or function a record names goes through :class:`ClassResolver`, which acce
 2. classes and functions the application registered (``DB(allowed_classes=...)``);
 3. names in modules the application listed (``DB(allowed_modules=["myapp"])``);
 4. a fixed set of safe standard types (:data:`SAFE_GLOBALS`): containers, ``datetime``,
-   ``decimal``, ``fractions``, ``uuid``, ``pathlib`` paths, ``zoneinfo``.
+   ``decimal``, ``fractions``, ``uuid``, ``pathlib`` paths, ``zoneinfo``;
+5. the BTrees families ``amberdb.btrees.family32`` and ``family64``, loaded as themselves.
 
 Anything else, ``os.system`` or ``builtins.eval`` for instance, raises
 :class:`~amberdb.exceptions.UnsafeGlobalError` naming the global and the oid before it is
@@ -107,6 +108,20 @@ _LOADABLE_OWN_MODULES = frozenset(
 )
 
 
+# AmberDB's own module-level values a record may name: it loads as that very object (no
+# call, no state).  BTrees' family32 and family64 pickle so (``self.family = family64``).
+_LOADABLE_OWN_VALUES = frozenset({("amberdb.btrees", "family32"), ("amberdb.btrees", "family64")})
+
+
+def _is_own_value(obj: Any) -> bool:
+    """Whether ``obj`` is one of :data:`_LOADABLE_OWN_VALUES`."""
+    for module, name in _LOADABLE_OWN_VALUES:
+        imported = sys.modules.get(module)
+        if imported is not None and getattr(imported, name, None) is obj:
+            return True
+    return False
+
+
 def _never_imported(module: str) -> bool:
     """A module path that running code must never import on behalf of a record."""
     return "__main__" in module.split(".")
@@ -193,6 +208,8 @@ class ClassResolver:
             except AttributeError:
                 candidate = None
             if isinstance(candidate, type) and issubclass(candidate, Persistent):
+                return candidate
+            if (module, qualname) in _LOADABLE_OWN_VALUES and candidate is not None:
                 return candidate
         if self.import_allowed(module):
             return self._resolve_allowed(module, qualname)
@@ -341,6 +358,8 @@ class ObjectWriter:
         if isinstance(obj, _GLOBAL_TYPES):
             self._resolver.check_storable(obj)
             return NotImplemented
+        if _is_own_value(obj):
+            return NotImplemented  # pickles as the global it is (its __reduce__ names it)
         self._resolver.check_storable(cls)
         if isinstance(obj, _SPECIAL_VALUE_TYPES):
             return _reduce_special_value(obj)  # each time: the value decides

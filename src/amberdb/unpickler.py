@@ -201,12 +201,17 @@ _ALL_BUT_MARKED_OR_EXTENSION = bytes(sorted(set(_ALL_BUT_MARKED) - _EXTENSIONS))
 _REFERENCE_CALL = rb"h\x00(?:K.|M..|J....)\x85\x94R\x94"
 
 
-def _token_alternatives(without: str = "") -> list[bytes]:
+def _token_alternatives(without: str = "", capture: bool = False) -> list[bytes]:
     """Regular expressions for the opcodes of an ordinary record, none of which sizes an
     allocation: each starts with its own opcode byte (and, for short strings, length byte),
     so at each position exactly one matches -- the parse the C unpickler makes.  A reference
-    call is one token (its BINGET otherwise another); short strings come first: they are
-    most of a record's opcodes."""
+    call is one token (its BINGET otherwise another), a group of its own if ``capture``;
+    short strings come first: they are most of a record's opcodes.
+
+    Only a pattern that is not repeated may capture: CPython releases with
+    python/cpython#101955 (3.11.7 among them) raise SystemError for a capturing group inside
+    a possessive repeat, which made records holding references, an "r" and a memo get fail
+    to load."""
     short: set[int] = set()
     by_argument_size: dict[int, set[int]] = {0: set(), 1: set(), 2: set(), 4: set(), 8: set()}
     for name, (code, layout, size) in OPCODES.items():
@@ -227,7 +232,7 @@ def _token_alternatives(without: str = "") -> list[bytes]:
     alternatives = [
         any_of(short) + b"(?:" + lengths + b")" + memoized,
         any_of(by_argument_size[0]),
-        b"(" + _REFERENCE_CALL + b")",
+        (b"(" if capture else b"(?:") + _REFERENCE_CALL + b")",
         b"h(?!" + _REFERENCE_CALL[1:] + b").",  # any other BINGET
     ]
     alternatives += [any_of(by_argument_size[size]) + b"." * size for size in (1, 2, 4, 8)]
@@ -249,7 +254,8 @@ def _patterns() -> list[re.Pattern[bytes]]:
         # (and from Python 3.11 not at all: a possessive repeat keeps no state to go back to).
         repeat = b"*+" if sys.version_info >= (3, 11) else b"*"
         _ordinary_tokens.append(re.compile(token + repeat + stop, re.DOTALL))
-        _ordinary_tokens.append(re.compile(token, re.DOTALL))
+        capturing = b"(?:" + b"|".join(_token_alternatives(capture=True)) + b")"
+        _ordinary_tokens.append(re.compile(capturing, re.DOTALL))
     return _ordinary_tokens
 
 
@@ -536,7 +542,7 @@ def _guard_builds(data: bytes) -> bytes | None:
 
 
 _PROTOCOL_5 = OPCODES["PROTO"][0] + b"\x05"
-_BUILD_GROUP = 2  # after the reference call's group
+_BUILD_GROUP = 1
 _STOP = OPCODES["STOP"][0]
 
 

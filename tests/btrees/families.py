@@ -15,7 +15,7 @@ def key(prefix: str, i: int) -> Any:
     letter = prefix[0]
     if letter == "O":
         return f"k{i + 1000:05d}"
-    if letter == "Q":
+    if letter in "QU":  # unsigned: the negative i some tests use stay in range
         return i + 1000
     return i
 
@@ -27,7 +27,7 @@ def value(prefix: str, i: int) -> Any:
         return ("v", i)
     if letter == "F":
         return i / 4
-    if letter == "Q":
+    if letter in "QU":
         return abs(i)
     return i
 
@@ -38,7 +38,7 @@ def _small(prefix: str, kind: str, bucket: int, node: int) -> type:
     return type(
         name,
         (base,),
-        {"_max_bucket_size": bucket, "_max_node_size": node, "__module__": __name__, "__qualname__": name},
+        {"max_leaf_size": bucket, "max_internal_size": node, "__module__": __name__, "__qualname__": name},
     )
 
 

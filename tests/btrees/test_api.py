@@ -34,12 +34,13 @@ def _ids(params: list[tuple[str, type]]) -> list[str]:
 
 
 def _range(model: list[Any], lo: Any, hi: Any, excludemin: bool, excludemax: bool) -> list[Any]:
-    return [
-        k
-        for k in model
-        if (lo is None or (k > lo if excludemin else k >= lo))
-        and (hi is None or (k < hi if excludemax else k <= hi))
-    ]
+    # An excluded missing bound leaves out the smallest (largest) key, as in ZODB's BTrees.
+    found = [k for k in model if (lo is None or k >= lo) and (hi is None or k <= hi)]
+    if found and excludemin and (lo is None or found[0] == lo):
+        del found[0]
+    if found and excludemax and (hi is None or found[-1] == hi):
+        del found[-1]
+    return found
 
 
 def _filled(prefix: str, cls: type) -> tuple[Any, dict[Any, Any]]:
@@ -135,8 +136,10 @@ def test_mapping_api(prefix: str, cls: type) -> None:
 def test_by_value_on_numeric_values(prefix: str) -> None:
     for cls in _mapping_classes(prefix):
         t = cls({key(prefix, i): value(prefix, i % 7) for i in range(30)})
-        expected = sorted(((v, k) for k, v in t.items() if v >= value(prefix, 3)), reverse=True)
-        assert t.byValue(value(prefix, 3)) == expected
+        low = value(prefix, 3)
+        # Integer values are divided by a positive min, as in BTrees; floats are not.
+        expected = [(v // low if prefix[1] != "F" else v, k) for k, v in t.items() if v >= low]
+        assert t.byValue(low) == sorted(expected, reverse=True)
     assert not hasattr(FAMILIES["OO"].BTree(), "byValue")
 
 
@@ -243,7 +246,7 @@ def test_integer_keys_are_checked(prefix: str) -> None:
         check(c)
 
 
-@pytest.mark.parametrize("prefix", [p for p in PREFIXES if p[1] in "ILQ"])
+@pytest.mark.parametrize("prefix", [p for p in PREFIXES if p[1] in "IULQ"])
 def test_integer_values_are_checked(prefix: str) -> None:
     kind = FAMILIES[prefix].value_kind
     for cls in (FAMILIES[prefix].BTree, FAMILIES[prefix].Bucket):
@@ -260,7 +263,7 @@ def test_integer_values_are_checked(prefix: str) -> None:
         assert t[k] == 0 and type(t[k]) is int
 
 
-@pytest.mark.parametrize("prefix", ["IF", "LF"])
+@pytest.mark.parametrize("prefix", [p for p in PREFIXES if p[1] == "F"])
 def test_float_values_accept_ints_and_floats(prefix: str) -> None:
     t = FAMILIES[prefix].BTree()
     t[1] = 1
@@ -411,6 +414,10 @@ def test_family_namespaces_and_class_names() -> None:
     assert family32.II.BTree is btrees.IIBTree and family32.IO.TreeSet is btrees.IOTreeSet
     assert family64.IO.BTree is btrees.LOBTree and family64.II.Set is btrees.LLSet
     assert family64.OI.Bucket is btrees.OLBucket and family64.IF.BTree is btrees.LFBTree
+    assert family32.IU.BTree is btrees.IUBTree and family32.UF.Set is btrees.UFSet
+    assert family64.IU.BTree is btrees.LQBTree and family64.UI.TreeSet is btrees.QLTreeSet
+    assert family64.UF.Bucket is btrees.QFBucket and family64.OU.BTree is btrees.OQBTree
+    assert family32.UU.family is family32 and family64.UF.family is family64
     assert family32.maxint == 2**31 - 1 and family32.minint == -(2**31)
     assert family64.maxint == 2**63 - 1 and family64.minint == -(2**63) and family64.maxuint == 2**64 - 1
     assert family32.II.family is family32 and family64.II.family is family64
@@ -461,3 +468,85 @@ def test_copy_and_pickle_outside_a_database() -> None:
     c = copy.copy(b)
     c[3] = 4
     assert list(b.items()) == [(1, 2)]
+
+
+class TinyOOBTree(btrees.OOBTree):
+    """A subclass choosing its own node sizes, as BTrees allows."""
+
+    max_leaf_size = 2
+    max_internal_size = 3
+
+
+class TinyIITreeSet(btrees.IITreeSet):
+    max_leaf_size = 3
+    max_internal_size = 4
+
+
+def _shape(tree: Any) -> tuple[int, int, int]:
+    """(depth, largest bucket, most children of a node)."""
+    depth, biggest, widest = 1, 0, len(tree._children)
+    nodes = [tree]
+    while not nodes[0]._leaf:
+        nodes = [child for node in nodes for child in node._children]
+        widest = max([widest, *(len(node._children) for node in nodes)])
+        depth += 1
+    biggest = max(len(bucket) for bucket in tree._buckets())
+    return depth, biggest, widest
+
+
+def test_subclasses_choose_their_node_sizes() -> None:
+    t = TinyOOBTree({f"k{i:02}": i for i in range(40)})
+    s = TinyIITreeSet(range(40))
+    assert _shape(t)[1:] == (2, 3) and _shape(s)[1:] == (3, 4) and _shape(t)[0] == 3
+    check(t)
+    check(s)
+    assert btrees.OOBTree.max_leaf_size > 2  # the subclass changed only itself
+    big = btrees.OOBTree({f"k{i:02}": i for i in range(40)})
+    assert _shape(big) == (1, 40, 1)
+
+
+def test_set_operators_keep_the_set_and_its_changes_commit() -> None:
+    import amberdb
+    import amberdb.transaction as transaction
+
+    db = amberdb.DB(None)
+    conn = db.open()
+    conn.root.s = s = TinyIITreeSet(range(10))
+    transaction.commit()
+    s |= [20, 21]
+    s -= range(5)
+    s &= range(100)
+    s ^= [5, 30]
+    assert conn.root.s is s
+    transaction.commit()
+    fresh = db.open(transaction.TransactionManager())
+    assert list(fresh.root.s) == [6, 7, 8, 9, 20, 21, 30]
+    check(fresh.root.s)
+    fresh.close()
+    conn.close()
+    db.close()
+
+
+def test_display_shows_nodes_separators_and_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    from amberdb.btrees.check import display
+
+    t = TinyOOBTree({f"k{i}": i for i in range(6)})
+    t[None] = "none"
+    display(t)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("TinyOOBTree at 0x") and out[0].endswith("children")
+    assert [line.strip() for line in out if "separator" in line] == [
+        "separator 'k0'",
+        "separator 'k2'",
+        "separator 'k4'",
+    ]
+    assert [line.strip() for line in out if ": " in line and "at 0x" not in line] == [
+        "None: 'none'",
+        *(f"'k{i}': {i}" for i in range(6)),
+    ]
+    display(btrees.IISet([1, 2]))
+    assert capsys.readouterr().out.splitlines()[1:] == ["    1", "    2"]
+    display(btrees.IIBTree())
+    assert capsys.readouterr().out.endswith(": 0 children\n")
+    with pytest.raises(TypeError):
+        display({})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,10 +23,14 @@ from amberdb.btrees import (
     OOBucket,
     OOSet,
     check,
+    family32,
+    family64,
 )
 from amberdb.conflict import PersistentReference
-from amberdb.exceptions import ConflictError
-from amberdb.record import REFERENCE_GLOBAL, decode_header
+from amberdb.exceptions import ConflictError, RecordDecodeError
+from amberdb.persistent import Persistent, class_name
+from amberdb.record import REFERENCE_GLOBAL, decode_header, encode_record
+from amberdb.storage.base import TransactionMeta
 from amberdb.unpickler import load_state
 from amberdb.utils import p64
 from tests.btrees.families import PREFIXES, key, small_classes, value
@@ -124,7 +129,7 @@ def test_a_big_tree_is_many_small_records_and_a_change_writes_one(db: amberdb.DB
     while not isinstance(bucket, IIBucket):
         bucket = bucket._children[0]
     free = [k for k in range(bucket._keys[0], bucket._keys[-1]) if k not in tree]
-    for k in free[: tree._max_bucket_size]:
+    for k in free[: tree.max_leaf_size]:
         tree[k] = k
     tm.commit()
     assert 3 <= _last_records(db) <= 8
@@ -393,3 +398,54 @@ def test_none_keys_are_stored_as_none_and_merge_like_any_key(db: amberdb.DB) -> 
     with pytest.raises(ConflictError, match=r"same key changed in both transactions: key None"):
         tm2.commit()
     tm2.abort()
+
+
+class FamilyUser(Persistent):
+    """Keeps its BTrees family as an attribute, the way ZODB applications often do."""
+
+    def __init__(self, family: Any) -> None:
+        self.family = family
+        self.tree = family.IO.BTree()
+
+
+def test_families_are_stored_as_themselves(tmp_path: Path) -> None:
+    path = str(tmp_path / "data.fs")
+    db = amberdb.DB(path)
+    conn = db.open()
+    conn.root.user32, conn.root.user64 = FamilyUser(family32), FamilyUser(family64)
+    conn.root.both = [family32, family64]
+    transaction.commit()
+    assert b"amberdb.btrees" in db.storage.load(conn.root.user64._p_oid)[0]
+    fresh = db.open(transaction.TransactionManager())
+    assert fresh.root.user32.family is family32 and fresh.root.user64.family is family64
+    assert fresh.root.both[0] is family32 and fresh.root.both[1] is family64
+    fresh.close()
+    conn.close()
+    db.close()
+    db = amberdb.DB(path)  # a new database: nothing cached
+    conn = db.open()
+    assert conn.root.user64.family is family64 and conn.root.user64.tree.__class__ is family64.IO.BTree
+    conn.close()
+    db.close()
+
+
+def test_a_record_cannot_change_a_family(db: amberdb.DB) -> None:
+    conn = db.open()
+    conn.root.user = FamilyUser(family64)
+    transaction.commit()
+    oid = conn.root.user._p_oid
+    assert b"\x8c\x0eamberdb.btrees\x94\x8c\x08family64\x94\x93" in db.storage.load(oid)[0]
+    family = b"\x8c\x0eamberdb.btrees\x8c\x08family64\x93"  # the global the writer names
+    # {"family": family64} with a BUILD setting family64.bits, as a tampered record could say
+    state = b"\x80\x05}\x8c\x06family" + family + b"}\x8c\x04bitsK\x01sbs."
+    storage = db.storage
+    storage.begin(TransactionMeta(description="tampering"))
+    storage.store(oid, storage.load(oid)[1], encode_record(class_name(FamilyUser), [], state))
+    storage.vote()
+    storage.finish()
+    reader = db.open(transaction.TransactionManager())
+    with pytest.raises(RecordDecodeError, match="did not build"):
+        reader.get(oid).family  # noqa: B018 - loads the state
+    assert family64.bits == 64
+    reader.close()
+    conn.close()

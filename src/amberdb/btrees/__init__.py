@@ -1,17 +1,19 @@
 """BTrees: scalable persistent sorted containers, for every family, with set algebra.
 
 For each family prefix (first letter keys, second values: ``O`` object, ``I`` 32-bit and
-``L`` 64-bit signed integer, ``Q`` 64-bit unsigned integer, ``F`` float) there are four
-classes: ``<P>BTree`` (a mapping), ``<P>Bucket`` (a small mapping in one record),
-``<P>TreeSet`` (a set) and ``<P>Set`` (a small set in one record)::
+``L`` 64-bit signed integer, ``U`` 32-bit and ``Q`` 64-bit unsigned integer, ``F`` float)
+there are four classes: ``<P>BTree`` (a mapping), ``<P>Bucket`` (a small mapping in one
+record), ``<P>TreeSet`` (a set) and ``<P>Set`` (a small set in one record)::
 
     from amberdb.btrees import IOBTree, OOTreeSet, Length, union, family64
 
-Prefixes: OO, IO, OI, II, IF, LO, OL, LL, LF, QQ, QO, OQ.  ``family32`` and ``family64``
-group them the way ZODB code picks them (``family64.IO.BTree`` is ``LOBTree``), each
-family namespace with its set operations (``family32.II.multiunion``).  Porting from ZODB
-means changing the imports; see the modules for what differs (64-bit floats; range errors
-are both OverflowError and TypeError).
+The 21 prefixes of ZODB's BTrees (all but the FileStorage-internal ``fs``): OO, IO, OI,
+II, IF, LO, OL, LL, LF, QQ, QO, OQ, IU, UI, UU, UO, OU, UF, LQ, QL, QF.  ``family32`` and
+``family64`` group them the way ZODB code picks them (``family64.IO.BTree`` is
+``LOBTree``, ``family64.UF`` is the ``QF`` family), each family namespace with its set
+operations (``family32.II.multiunion``).  Porting from ZODB means changing the imports;
+see the modules for what differs (64-bit floats; range errors are both OverflowError and
+TypeError).
 
 Trees are B+trees of separate records: interior nodes (instances of the tree class, the
 tree object being the root) and buckets chained for range scans.  ``check(tree)`` verifies
@@ -22,7 +24,7 @@ one.  Buckets and sets merge concurrent commits that change different keys
 from __future__ import annotations
 
 from amberdb.btrees._conflict import BTreesConflictError
-from amberdb.btrees._families import FAMILIES, family32, family64
+from amberdb.btrees._families import FAMILIES, FamilyNamespace, family32, family64
 from amberdb.btrees._kinds import BTreesOverflowError
 from amberdb.btrees._setops import (
     difference,
@@ -83,11 +85,48 @@ OQBTree = FAMILIES["OQ"].BTree
 OQBucket = FAMILIES["OQ"].Bucket
 OQTreeSet = FAMILIES["OQ"].TreeSet
 OQSet = FAMILIES["OQ"].Set
+IUBTree = FAMILIES["IU"].BTree
+IUBucket = FAMILIES["IU"].Bucket
+IUTreeSet = FAMILIES["IU"].TreeSet
+IUSet = FAMILIES["IU"].Set
+UIBTree = FAMILIES["UI"].BTree
+UIBucket = FAMILIES["UI"].Bucket
+UITreeSet = FAMILIES["UI"].TreeSet
+UISet = FAMILIES["UI"].Set
+UUBTree = FAMILIES["UU"].BTree
+UUBucket = FAMILIES["UU"].Bucket
+UUTreeSet = FAMILIES["UU"].TreeSet
+UUSet = FAMILIES["UU"].Set
+UOBTree = FAMILIES["UO"].BTree
+UOBucket = FAMILIES["UO"].Bucket
+UOTreeSet = FAMILIES["UO"].TreeSet
+UOSet = FAMILIES["UO"].Set
+OUBTree = FAMILIES["OU"].BTree
+OUBucket = FAMILIES["OU"].Bucket
+OUTreeSet = FAMILIES["OU"].TreeSet
+OUSet = FAMILIES["OU"].Set
+UFBTree = FAMILIES["UF"].BTree
+UFBucket = FAMILIES["UF"].Bucket
+UFTreeSet = FAMILIES["UF"].TreeSet
+UFSet = FAMILIES["UF"].Set
+LQBTree = FAMILIES["LQ"].BTree
+LQBucket = FAMILIES["LQ"].Bucket
+LQTreeSet = FAMILIES["LQ"].TreeSet
+LQSet = FAMILIES["LQ"].Set
+QLBTree = FAMILIES["QL"].BTree
+QLBucket = FAMILIES["QL"].Bucket
+QLTreeSet = FAMILIES["QL"].TreeSet
+QLSet = FAMILIES["QL"].Set
+QFBTree = FAMILIES["QF"].BTree
+QFBucket = FAMILIES["QF"].Bucket
+QFTreeSet = FAMILIES["QF"].TreeSet
+QFSet = FAMILIES["QF"].Set
 
 __all__ = [
     "FAMILIES",
     "BTreesConflictError",
     "BTreesOverflowError",
+    "FamilyNamespace",
     "IFBTree",
     "IFBucket",
     "IFSet",
@@ -100,6 +139,10 @@ __all__ = [
     "IOBucket",
     "IOSet",
     "IOTreeSet",
+    "IUBTree",
+    "IUBucket",
+    "IUSet",
+    "IUTreeSet",
     "LFBTree",
     "LFBucket",
     "LFSet",
@@ -112,6 +155,10 @@ __all__ = [
     "LOBucket",
     "LOSet",
     "LOTreeSet",
+    "LQBTree",
+    "LQBucket",
+    "LQSet",
+    "LQTreeSet",
     "Length",
     "OIBTree",
     "OIBucket",
@@ -129,6 +176,18 @@ __all__ = [
     "OQBucket",
     "OQSet",
     "OQTreeSet",
+    "OUBTree",
+    "OUBucket",
+    "OUSet",
+    "OUTreeSet",
+    "QFBTree",
+    "QFBucket",
+    "QFSet",
+    "QFTreeSet",
+    "QLBTree",
+    "QLBucket",
+    "QLSet",
+    "QLTreeSet",
     "QOBTree",
     "QOBucket",
     "QOSet",
@@ -137,6 +196,22 @@ __all__ = [
     "QQBucket",
     "QQSet",
     "QQTreeSet",
+    "UFBTree",
+    "UFBucket",
+    "UFSet",
+    "UFTreeSet",
+    "UIBTree",
+    "UIBucket",
+    "UISet",
+    "UITreeSet",
+    "UOBTree",
+    "UOBucket",
+    "UOSet",
+    "UOTreeSet",
+    "UUBTree",
+    "UUBucket",
+    "UUSet",
+    "UUTreeSet",
     "check",
     "difference",
     "family32",

@@ -5,12 +5,13 @@ Generated from the generic implementation, each a proper module-level class of
 prefix (``FAMILIES["IO"]``, also ``family32.IO``) holding the four classes and the set
 operations bound to that family, like the modules of ZODB's BTrees.
 
-Size bounds (items per bucket, children per interior node).  Pure Python pays per level
-and per split, not per item moved by ``list.insert``, so buckets are larger than BTrees' (30
-object keys, 120 integer keys); larger buckets make records and the chance that two
-transactions touch the same bucket larger too.  Numeric keys pack into compact records
-(4 or 8 bytes a key), so a 512-key bucket is a 4-8 KB record.  Measured with
-``benchmarks/bench_btrees.py``.
+Size bounds (``max_leaf_size`` keys per bucket, ``max_internal_size`` children per interior
+node: class attributes of the trees and tree sets, which a subclass may set, as in ZODB's
+BTrees).  Pure Python pays per level and per split, not per item moved by ``list.insert``,
+so buckets are larger than BTrees' (30 object keys, 120 integer keys); larger buckets make
+records and the chance that two transactions touch the same bucket larger too.  Numeric
+keys pack into compact records (4 or 8 bytes a key), so a 512-key bucket is a 4-8 KB
+record.  Measured with ``benchmarks/bench_btrees.py``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ from typing import Any
 from amberdb.btrees import _setops
 from amberdb.btrees._kinds import KINDS, Kind
 from amberdb.btrees._leaves import BucketBase, SetBase
+from amberdb.btrees._setops import MappingOperators, SetOperators
 from amberdb.btrees._tree import BTreeBase, TreeSetBase, _by_value, hot_methods
 
 __all__ = ["FAMILIES", "PREFIXES", "Family", "FamilyNamespace", "family32", "family64"]
 
 MODULE = "amberdb.btrees"
-PREFIXES = ("OO", "IO", "OI", "II", "IF", "LO", "OL", "LL", "LF", "QQ", "QO", "OQ")
+# The 21 families of ZODB's BTrees (all but its FileStorage-internal fsBTree).
+PREFIXES = (
+    *("OO", "IO", "OI", "II", "IF", "LO", "OL", "LL", "LF", "QQ", "QO", "OQ"),
+    *("IU", "UI", "UU", "UO", "OU", "UF", "LQ", "QL", "QF"),
+)
 
 # (max bucket size, max node size) by key kind
 NUMERIC_KEY_SIZES = (512, 512)
@@ -74,13 +80,13 @@ class Family:
         return f"<amberdb.btrees family {self.prefix}>"
 
 
-def _make_class(name: str, base: type, namespace: dict[str, Any]) -> Any:
+def _make_class(name: str, base: type, namespace: dict[str, Any], operators: type) -> Any:
     for attribute, value in namespace.items():
         if callable(value) and "<locals>" in getattr(value, "__qualname__", ""):
             value.__qualname__ = f"{name}.{attribute}"
             value.__module__ = MODULE
     namespace.update({"__slots__": (), "__module__": MODULE, "__qualname__": name})
-    return type(name, (base,), namespace)
+    return type(name, (base, operators), namespace)
 
 
 def _make_family(prefix: str) -> Family:
@@ -101,11 +107,13 @@ def _make_family(prefix: str) -> Family:
                 "one record."
             ),
         },
+        MappingOperators,
     )
     family.Set = _make_class(
         f"{prefix}Set",
         SetBase,
         {**common, "_vkind": None, "__doc__": f"A small sorted set of {kkind.description} keys, one record."},
+        SetOperators,
     )
     family.BTree = _make_class(
         f"{prefix}BTree",
@@ -116,12 +124,13 @@ def _make_family(prefix: str) -> Family:
             **hot_methods(kkind, vkind),
             "_vkind": vkind,
             "_bucket_class": family.Bucket,
-            "_max_bucket_size": bucket_size,
-            "_max_node_size": node_size,
+            "max_leaf_size": bucket_size,
+            "max_internal_size": node_size,
             "__doc__": (
                 f"A scalable sorted mapping of {kkind.description} keys to {vkind.description} values."
             ),
         },
+        MappingOperators,
     )
     family.TreeSet = _make_class(
         f"{prefix}TreeSet",
@@ -131,10 +140,11 @@ def _make_family(prefix: str) -> Family:
             **hot_methods(kkind, None),
             "_vkind": None,
             "_bucket_class": family.Set,
-            "_max_bucket_size": bucket_size,
-            "_max_node_size": node_size,
+            "max_leaf_size": bucket_size,
+            "max_internal_size": node_size,
             "__doc__": f"A scalable sorted set of {kkind.description} keys.",
         },
+        SetOperators,
     )
     return family
 
@@ -143,7 +153,29 @@ FAMILIES: dict[str, Family] = {prefix: _make_family(prefix) for prefix in PREFIX
 
 
 class FamilyNamespace:
-    """``family32`` or ``family64``: the integer width ZODB code picks its modules by."""
+    """``family32`` or ``family64``: the integer width ZODB code picks its modules by.
+
+    ``I`` stands for the signed integers of that width and ``U`` for the unsigned ones:
+    ``family32.IU`` is the ``IU`` family, ``family64.IU`` the ``LQ`` one.  Both are
+    singletons: pickling or copying one gives the same object back, and a record holding one
+    (``self.family = family64``) names the global ``amberdb.btrees.family64``.
+    """
+
+    # Pickle stores what __reduce__ names as a global of the object's __module__: the
+    # public module, where records may name the two families (see amberdb.serialize).
+    __module__ = MODULE
+
+    IO: Family
+    OI: Family
+    II: Family
+    IF: Family
+    IU: Family
+    UI: Family
+    UU: Family
+    UO: Family
+    OU: Family
+    UF: Family
+    OO: Family
 
     def __init__(self, bits: int, names: dict[str, str]) -> None:
         self.bits = bits
@@ -153,18 +185,16 @@ class FamilyNamespace:
         for name, prefix in names.items():
             setattr(self, name, FAMILIES[prefix])
 
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names __init__ did not set: typed code may say family64.IO.
-        raise AttributeError(f"{self!r} has no family {name!r}")
+    def __reduce__(self) -> str:
+        return f"family{self.bits}"
 
     def __repr__(self) -> str:
         return f"<amberdb.btrees.family{self.bits}>"
 
 
-family32 = FamilyNamespace(32, {"IO": "IO", "OI": "OI", "II": "II", "IF": "IF", "OO": "OO"})
-family64 = FamilyNamespace(
-    64,
-    {"IO": "LO", "OI": "OL", "II": "LL", "IF": "LF", "OO": "OO", "UU": "QQ", "UO": "QO", "OU": "OQ"},
-)
+_NAMES = ("IO", "OI", "II", "IF", "IU", "UI", "UU", "UO", "OU", "UF", "OO")
+family32 = FamilyNamespace(32, {name: name for name in _NAMES})
+# 64 bits: I is L and U is Q (family64.IU is LQ, family64.UF is QF).
+family64 = FamilyNamespace(64, {name: name.replace("I", "L").replace("U", "Q") for name in _NAMES})
 for _family in FAMILIES.values():
     _family.family = family32 if "L" not in _family.prefix and "Q" not in _family.prefix else family64

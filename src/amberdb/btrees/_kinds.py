@@ -1,4 +1,4 @@
-"""Key and value kinds: what a family's letter (``O``, ``I``, ``L``, ``Q``, ``F``) accepts.
+"""Key and value kinds: what a family's letter (``O``, ``I``, ``U``, ``L``, ``Q``, ``F``) accepts.
 
 A :class:`Kind` checks and converts one key or value, says whether its values are numbers,
 and makes the containers leaves and nodes keep them in: integer and float kinds use an
@@ -9,7 +9,8 @@ hundreds); a list as a list.
 
 Checking rules (those of ZODB's BTrees):
 
-* ``I`` signed 32-bit, ``L`` signed 64-bit, ``Q`` unsigned 64-bit integers.  Anything that
+* ``I`` signed 32-bit, ``U`` unsigned 32-bit, ``L`` signed 64-bit, ``Q`` unsigned 64-bit
+  integers.  Anything that
   is not an ``int`` (``bool`` and other subclasses count, and are stored as plain ``int``)
   is a ``TypeError``; an integer out of range is a :class:`BTreesOverflowError`, which is
   both an ``OverflowError`` and the ``TypeError`` BTrees raises.
@@ -225,9 +226,10 @@ class _ObjectKind(Kind):
 
 
 INT32 = _IntKind("I", 32, True, "i")
+UINT32 = _IntKind("U", 32, False, "I")
 INT64 = _IntKind("L", 64, True, "q")
 UINT64 = _IntKind("Q", 64, False, "Q")
 FLOAT = _FloatKind()
 OBJECT = _ObjectKind()
 
-KINDS: dict[str, Kind] = {"I": INT32, "L": INT64, "Q": UINT64, "F": FLOAT, "O": OBJECT}
+KINDS: dict[str, Kind] = {"I": INT32, "U": UINT32, "L": INT64, "Q": UINT64, "F": FLOAT, "O": OBJECT}

@@ -16,8 +16,9 @@ appended as a last element when not empty.
 
 from __future__ import annotations
 
+import operator
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, MutableMapping, MutableSet
 from typing import Any, ClassVar
 
 from amberdb.btrees import _conflict
@@ -94,8 +95,8 @@ class LeafBase(FamilyMember):
     _next: Any
 
     def _position(self, lo: Any, lo_incl: bool) -> tuple[Any, int]:
-        if lo is None:
-            return self, 0
+        if lo is None:  # no lower bound; excluding it leaves out the smallest key
+            return self, (0 if lo_incl else 1)
         keys = self._keys
         return self, (bisect_left(keys, lo) if lo_incl else bisect_right(keys, lo))
 
@@ -123,7 +124,8 @@ class LeafBase(FamilyMember):
             i = bisect_left(keys, key)
         except TypeError:  # a key not comparable with the keys
             return -1
-        return i if i != len(keys) and keys[i] == key else -1
+        # By identity too, for keys whose __eq__ is broken (as BTrees does)
+        return i if i != len(keys) and (keys[i] == key or keys[i] is key) else -1
 
     def __contains__(self, key: Any) -> bool:
         return self._find(key) >= 0
@@ -267,7 +269,7 @@ class BucketBase(LeafBase, MappingIteration):
         value = self._check_value(value)
         keys = self._keys
         i = bisect_left(keys, key)
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or keys[i] is key):
             old = self._values[i]
             if replace and old is not value and not (self._vkind.numeric and old == value):
                 self._changed()
@@ -388,12 +390,19 @@ class SetBase(LeafBase):
         """Merge two concurrent changes of this set (see :mod:`amberdb.btrees._conflict`)."""
         return _conflict.resolve_bucket(self._kkind, None, oldState, savedState, newState)
 
+    def __getitem__(self, index: int) -> Any:
+        """The key at position ``index`` (negative counts from the end), as ZODB's Sets allow."""
+        try:
+            return key_out(self._keys[operator.index(index)])
+        except IndexError:
+            raise IndexError(index) from None
+
     def add(self, key: Any) -> int:
         """Add ``key``: 1 if added, 0 if it was there."""
         key = self._check_key(key)
         keys = self._keys
         i = bisect_left(keys, key)
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or keys[i] is key):
             return 0
         self._keys_changing()
         keys.insert(i, key)
@@ -447,6 +456,11 @@ class SetBase(LeafBase):
         return f"{self.__class__.__name__}({list(self._keys)!r})"
 
 
+# The ABCs ZODB's BTrees register with: code that checks isinstance(c, MutableMapping) works.
+MutableMapping.register(BucketBase)
+MutableSet.register(SetBase)
+
+
 def _pairs(items: Any) -> Iterator[tuple[Any, Any]]:
     """The (key, value) pairs of a mapping (anything with ``items``) or of an iterable of pairs."""
     method = getattr(items, "iteritems", None) or getattr(items, "items", None)
@@ -454,5 +468,8 @@ def _pairs(items: Any) -> Iterator[tuple[Any, Any]]:
         yield from method()
         return
     for pair in items:
-        key, value = pair
+        try:
+            key, value = pair
+        except (TypeError, ValueError):  # BTrees raises TypeError for anything but a pair
+            raise TypeError(f"update needs (key, value) pairs, not {pair!r:.60}") from None
         yield key, value

@@ -71,6 +71,9 @@ def chunks(
 ) -> Iterator[Any]:
     """Yield per-bucket chunks of the range [lo, hi] from ``start.position(lo, lo_incl)``.
 
+    A missing bound (None) means no bound; excluding it (``lo_incl`` or ``hi_incl`` false)
+    leaves out the smallest or largest key, as ZODB's BTrees do.
+
     ``start`` is a tree or a bucket (anything with ``_position``).  ``skip`` items are passed
     over first (whole buckets at a time where possible), then at most ``limit`` items are
     produced (-1: no limit).  ``single`` stops after the first bucket (standalone buckets).
@@ -95,7 +98,11 @@ def chunks(
                 bucket = bucket._next
                 i = 0
                 continue
-            if hi is None or (keys[-1] <= hi if hi_incl else keys[-1] < hi):
+            if hi is None:
+                stop = n
+                if not hi_incl and (last or bucket._next is None):
+                    stop -= 1  # excludemax without a max: the largest key is left out
+            elif keys[-1] <= hi if hi_incl else keys[-1] < hi:
                 stop = n
             else:
                 stop = bisect_right(keys, hi) if hi_incl else bisect_left(keys, hi)
@@ -142,6 +149,8 @@ def count(start: Any, lo: Any, lo_incl: bool, hi: Any, hi_incl: bool, single: bo
         n = len(keys)
         if n:
             if hi is None or (keys[-1] <= hi if hi_incl else keys[-1] < hi):
+                if hi is None and not hi_incl and (single or bucket._next is None):
+                    n -= 1  # excludemax without a max: the largest key is left out
                 if n > i:
                     total += n - i
             else:

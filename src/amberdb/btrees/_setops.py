@@ -24,11 +24,15 @@ from a plain iterable, are checked against the result's key kind.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from itertools import chain
+from typing import TYPE_CHECKING, Any
 
+from amberdb.btrees._kinds import key_out
 from amberdb.btrees._leaves import FamilyMember, LeafBase
 
 __all__ = [
+    "MappingOperators",
+    "SetOperators",
     "difference",
     "intersection",
     "multiunion",
@@ -62,7 +66,13 @@ def _is_map(c: Any) -> bool:
 def _keys(c: Any, family: Any) -> list[Any]:
     """The sorted, distinct keys of ``c``, fit for ``family``."""
     if isinstance(c, FamilyMember):
-        keys = c._keys if isinstance(c, LeafBase) else list(c.iterkeys())  # type: ignore[attr-defined]
+        # The keys as stored (a None key as NONE_KEY, which sorts first), not as iteration
+        # gives them: a None key would not compare with the others.
+        keys: list[Any]
+        if isinstance(c, LeafBase):
+            keys = c._keys
+        else:
+            keys = list(chain.from_iterable(b._keys for b in c._buckets()))  # type: ignore[attr-defined]
         if c._kkind is family.key_kind:
             return keys
         check = family.key_kind.check
@@ -79,7 +89,7 @@ def _items(c: Any, family: Any) -> tuple[list[Any], list[Any] | None]:
     if isinstance(c, LeafBase):
         values: list[Any] = c._values  # type: ignore[attr-defined]
     else:
-        values = list(c.itervalues())
+        values = list(chain.from_iterable(b._values for b in c._buckets()))
     return _keys(c, family), values
 
 
@@ -225,3 +235,89 @@ def multiunion(seq: Iterable[Any], _default: Any = None) -> Any:
         else:
             found.update(_keys(item, family))
     return _new_set(family, sorted(found))
+
+
+# -- operators --------------------------------------------------------------------------
+#
+# The results are those of ZODB's BTrees (C implementation): ``|`` and ``&`` give a
+# ``<P>Set`` whatever the operands, ``-`` a ``<P>Set`` or, for a mapping on the left, a
+# ``<P>Bucket``; ``^`` (sets only) a container of the left operand's class.  The other
+# operand may be any collection or iterable of keys.
+
+
+class MappingOperators:
+    """``|``, ``&`` and ``-`` of buckets and trees (the keys; ``-`` keeps the items)."""
+
+    __slots__ = ()
+
+    def __or__(self, other: Any) -> Any:
+        return union(self, other)
+
+    __ror__ = __or__
+
+    def __and__(self, other: Any) -> Any:
+        return intersection(self, other)
+
+    __rand__ = __and__
+
+    def __sub__(self, other: Any) -> Any:
+        return difference(self, other)
+
+
+class SetOperators(MappingOperators):
+    """The set operators of sets and tree sets, their in-place forms, and ``isdisjoint``."""
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:  # provided by SetBase and TreeSetBase
+
+        def add(self, key: Any) -> int: ...
+        def remove(self, key: Any) -> None: ...
+        def update(self, items: Iterable[Any]) -> int: ...
+        def __contains__(self, key: Any) -> bool: ...
+
+    def __rsub__(self, other: Any) -> Any:
+        return difference(other, self)  # the keys of ``other`` (checked for this family) not here
+
+    def _merged(self, other: Any) -> list[tuple[Any, int, int]]:
+        """:func:`_merge` of this set's keys and ``other``'s, computed before anything changes."""
+        family = _family_of(self)
+        return list(_merge(_keys(self, family), _keys(other, family)))
+
+    def __xor__(self, other: Any) -> Any:
+        result = self.__class__()
+        result.update(key_out(key) for key, i, j in self._merged(other) if i < 0 or j < 0)
+        return result
+
+    __rxor__ = __xor__
+
+    def isdisjoint(self, other: Iterable[Any]) -> bool:
+        """True when no key of ``other`` is in this set."""
+        return not any(key in self for key in other)
+
+    # The in-place forms change the set through add and remove (which mark it changed).
+    def __ior__(self, other: Any) -> Any:
+        for key, i, _ in self._merged(other):
+            if i < 0:
+                self.add(key_out(key))
+        return self
+
+    def __iand__(self, other: Any) -> Any:
+        for key, _, j in self._merged(other):
+            if j < 0:
+                self.remove(key_out(key))
+        return self
+
+    def __isub__(self, other: Any) -> Any:
+        for key, i, j in self._merged(other):
+            if i >= 0 and j >= 0:
+                self.remove(key_out(key))
+        return self
+
+    def __ixor__(self, other: Any) -> Any:
+        for key, i, j in self._merged(other):
+            if i < 0:
+                self.add(key_out(key))
+            elif j >= 0:
+                self.remove(key_out(key))
+        return self

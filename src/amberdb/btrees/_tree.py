@@ -29,7 +29,7 @@ instance ``__dict__`` of a subclass when not empty.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, MutableSet
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from amberdb.btrees._kinds import NONE_KEY, Kind, key_out
@@ -64,8 +64,8 @@ class TreeBase(FamilyMember):
     _keys: list[Any]  # a list even for numeric keys: bisect is faster on a list than an array
     _children: list[Any]
     _bucket_class: ClassVar[type[LeafBase]]
-    _max_bucket_size: ClassVar[int]
-    _max_node_size: ClassVar[int]
+    max_leaf_size: ClassVar[int]
+    max_internal_size: ClassVar[int]
 
     def __init__(self, items: Any = None) -> None:
         self._leaf = True
@@ -110,10 +110,10 @@ class TreeBase(FamilyMember):
         node = self
         if not node._children:
             return None, 0
-        if lo is None:
+        if lo is None:  # no lower bound; excluding it leaves out the smallest key
             while not node._leaf:
                 node = node._children[0]
-            return node._children[0], 0
+            return node._children[0], (0 if lo_incl else 1)
         while not node._leaf:
             node = node._children[bisect_right(node._keys, lo)]
         bucket = node._children[bisect_right(node._keys, lo)]
@@ -156,7 +156,7 @@ class TreeBase(FamilyMember):
         new = bucket._split(at)
         node._keys.insert(i, new._keys[0])
         node._children.insert(i + 1, new)
-        limit = self._max_node_size
+        limit = self.max_internal_size
         for depth in range(len(path) - 1, -1, -1):
             node, i = path[depth]
             children = node._children
@@ -405,15 +405,22 @@ class TreeSetBase(TreeBase):
         raise NotImplementedError
 
 
+# As ZODB's BTrees do (see _leaves for buckets and sets).
+MutableMapping.register(BTreeBase)
+MutableSet.register(TreeSetBase)
+
+
 def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]]:
     """Lookup, insert and delete for a tree of the given kinds, with the checks inlined."""
     key_type, key_lo, key_hi = kkind.fast_type, kkind.lo, kkind.hi
     check_key = kkind.check
-    # Lookups skip the key check; for object keys they still map None to its stand-in.
-    none_keys = not kkind.numeric
+    # Lookups skip the key check; for object keys they still map None to its stand-in.  An
+    # object key is also found by identity (its __eq__ may be broken), as in BTrees; tested
+    # only after == fails, so a found key costs nothing more.
+    object_keys = not kkind.numeric
 
     def contains(self: TreeBase, key: Any) -> bool:
-        if none_keys and key is None:
+        if object_keys and key is None:
             key = NONE_KEY
         node = self
         try:
@@ -423,11 +430,11 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             i = bisect_left(keys, key)
         except (IndexError, TypeError):  # empty tree; a key not comparable with the keys
             return False
-        return i != len(keys) and keys[i] == key
+        return i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key))
 
     def _remove(self: TreeBase, key: Any) -> Any:
         """Delete ``key`` and return its value (None for sets); KeyError when missing."""
-        if none_keys and key is None:
+        if object_keys and key is None:
             key = NONE_KEY
         node = self
         try:
@@ -438,7 +445,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             i = bisect_left(keys, key)
         except (IndexError, TypeError):
             raise KeyError(key_out(key)) from None
-        if i == len(keys) or keys[i] != key:
+        if i == len(keys) or not (keys[i] == key or (object_keys and keys[i] is key)):
             raise KeyError(key_out(key))
         if bucket._p_jar is not None:
             mark_changed(bucket)
@@ -483,14 +490,14 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
                 return 1
             keys = bucket._keys
             i = bisect_left(keys, key)
-            if i != len(keys) and keys[i] == key:
+            if i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key)):
                 return 0
             if bucket._p_jar is not None:
                 mark_changed(bucket)
             if walks:
                 keys_changed(self)
             keys.insert(i, key)
-            if len(keys) > self._max_bucket_size:
+            if len(keys) > self.max_leaf_size:
                 self._grow(key)
             return 1
 
@@ -506,7 +513,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
     compare_values = vkind.numeric
 
     def getitem(self: TreeBase, key: Any) -> Any:
-        if none_keys and key is None:
+        if object_keys and key is None:
             key = NONE_KEY
         node = self
         try:
@@ -517,13 +524,13 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             i = bisect_left(keys, key)
         except (IndexError, TypeError):
             raise KeyError(key_out(key)) from None
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key)):
             return bucket._values[i]
         raise KeyError(key_out(key))
 
     def get(self: TreeBase, key: Any, default: Any = None) -> Any:
         """The value for ``key``, or ``default``."""
-        if none_keys and key is None:
+        if object_keys and key is None:
             key = NONE_KEY
         node = self
         try:
@@ -534,7 +541,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             i = bisect_left(keys, key)
         except (IndexError, TypeError):
             return default
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key)):
             return bucket._values[i]
         return default
 
@@ -553,7 +560,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             return 1
         keys = bucket._keys
         i = bisect_left(keys, key)
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key)):
             if replace:
                 values = bucket._values
                 old = values[i]
@@ -568,7 +575,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             keys_changed(self)
         keys.insert(i, key)
         bucket._values.insert(i, value)
-        if len(keys) > self._max_bucket_size:
+        if len(keys) > self.max_leaf_size:
             self._grow(key)
         return 1
 
@@ -588,7 +595,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             return
         keys = bucket._keys
         i = bisect_left(keys, key)
-        if i != len(keys) and keys[i] == key:
+        if i != len(keys) and (keys[i] == key or (object_keys and keys[i] is key)):
             values = bucket._values
             old = values[i]
             if old is not value and not (compare_values and old == value):
@@ -602,7 +609,7 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
             keys_changed(self)
         keys.insert(i, key)
         bucket._values.insert(i, value)
-        if len(keys) > self._max_bucket_size:
+        if len(keys) > self.max_leaf_size:
             self._grow(key)
 
     def insert(self: TreeBase, key: Any, value: Any) -> int:
@@ -625,6 +632,22 @@ def hot_methods(kkind: Kind, vkind: Kind | None) -> dict[str, Callable[..., Any]
     return methods
 
 
-def _by_value(self: BTreeBase, min: Any) -> list[tuple[Any, Any]]:
-    """(value, key) pairs of the items whose value is at least ``min``, largest value first."""
-    return sorted(((v, k) for k, v in self.iteritems() if v >= min), reverse=True)
+def _by_value(self: Any, min: Any) -> list[tuple[Any, Any]]:
+    """(value, key) pairs of the items whose value is at least ``min``, largest first.
+
+    Integer values are divided by a positive ``min`` (floor division), as ZODB's BTrees
+    "normalize" them; float values are left as they are.
+    """
+    min = self._check_value(min)
+    divisor = min if self._vkind.integer and min > 0 else None
+    leaves = self._buckets() if isinstance(self, TreeBase) else (self,)
+    # Stored keys (a None key is NONE_KEY, which sorts below the others), sorted, then
+    # turned into the keys users see.
+    found = [
+        (v if divisor is None else v // divisor, k)
+        for leaf in leaves
+        for k, v in zip(leaf._keys, leaf._values)
+        if v >= min
+    ]
+    found.sort(reverse=True)
+    return [(v, key_out(k)) for v, k in found]

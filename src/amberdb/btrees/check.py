@@ -3,25 +3,29 @@
 ``check(tree)`` raises AssertionError naming the first damage it finds:
 
 * every node has one separator fewer than children, sorted strictly increasing, and at most
-  ``_max_node_size`` children; only the root may be empty; children are all buckets of
+  ``max_internal_size`` children; only the root may be empty; children are all buckets of
   the tree's bucket class (``_leaf``) or all nodes of the tree's class;
 * every key lies within the bounds its ancestors' separators give it;
 * every bucket is non-empty, sorted strictly increasing, has a value per key (mappings),
-  holds at most ``_max_bucket_size`` keys, and keys and values pass the family's checks;
+  holds at most ``max_leaf_size`` keys, and keys and values pass the family's checks;
 * following ``_next`` from the first bucket visits exactly the tree's buckets in order and
   ends with None.
 
-It reads every record of the tree.
+It reads every record of the tree.  ``display(tree)`` prints the structure: nodes with their
+separators, buckets with their keys (and values).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, TextIO
 
+from amberdb.btrees._kinds import key_out
 from amberdb.btrees._leaves import LeafBase
 from amberdb.btrees._tree import TreeBase
+from amberdb.utils import oid_repr
 
-__all__ = ["check"]
+__all__ = ["check", "display"]
 
 
 def _fail(message: str) -> None:
@@ -70,8 +74,8 @@ def _check_node(tree: Any, node: Any, lo: Any, hi: Any, where: str, leaves: list
         return
     if len(keys) != len(children) - 1:
         _fail(f"{where}: {len(keys)} separators for {len(children)} children")
-    if len(children) > tree._max_node_size:
-        _fail(f"{where}: {len(children)} children, more than the bound {tree._max_node_size}")
+    if len(children) > tree.max_internal_size:
+        _fail(f"{where}: {len(children)} children, more than the bound {tree.max_internal_size}")
     for i in range(1, len(keys)):
         if not keys[i - 1] < keys[i]:
             _fail(f"{where}: separators out of order at {i}: {keys[i - 1]!r} then {keys[i]!r}")
@@ -89,7 +93,7 @@ def _check_node(tree: Any, node: Any, lo: Any, hi: Any, where: str, leaves: list
                     f"{child_where}: a {child.__class__.__name__} "
                     f"where a {tree._bucket_class.__name__} belongs"
                 )
-            _check_leaf(child, child_lo, child_hi, child_where, tree._max_bucket_size)
+            _check_leaf(child, child_lo, child_hi, child_where, tree.max_leaf_size)
             leaves.append(child)
         else:
             if child.__class__ is not tree.__class__:
@@ -118,3 +122,37 @@ def check(obj: Any) -> None:
             _fail(f"bucket chain: bucket {i} ends at {leaf._keys[-1]!r} after the next starts")
     if bucket is not None:
         _fail(f"bucket chain: the last bucket links to {bucket!r} instead of None")
+
+
+def _describe(obj: Any) -> str:
+    oid = obj._p_oid
+    return f"{obj.__class__.__name__} at {id(obj):#x}" + ("" if oid is None else f" oid {oid_repr(oid)}")
+
+
+def _display(obj: Any, indent: str, file: TextIO) -> None:
+    if isinstance(obj, LeafBase):
+        keys = [key_out(key) for key in obj._keys]
+        print(f"{indent}{_describe(obj)}: {len(keys)} keys", file=file)
+        if obj._is_map:
+            for key, value in zip(keys, obj._values):  # type: ignore[attr-defined]
+                print(f"{indent}    {key!r}: {value!r}", file=file)
+        else:
+            for key in keys:
+                print(f"{indent}    {key!r}", file=file)
+        return
+    children = obj._children
+    print(f"{indent}{_describe(obj)}: {len(children)} children", file=file)
+    for i, child in enumerate(children):
+        if i:  # the separator: the smallest key the next child may hold
+            print(f"{indent}    separator {key_out(obj._keys[i - 1])!r}", file=file)
+        _display(child, indent + "    ", file)
+
+
+def display(obj: Any, file: TextIO | None = None) -> None:
+    """Print the structure of ``obj`` (a tree, tree set, bucket or set) to ``file`` (stdout).
+
+    Reads every record of the tree.
+    """
+    if not isinstance(obj, (LeafBase, TreeBase)):
+        raise TypeError(f"display() needs an AmberDB BTrees container, not {type(obj).__name__}")
+    _display(obj, "", sys.stdout if file is None else file)
