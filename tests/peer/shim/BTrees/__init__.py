@@ -39,9 +39,11 @@ import types
 from typing import Any
 
 from zope.interface import classImplements, directlyProvides  # type: ignore[import-untyped]
+from zope.interface.common.sequence import IMinimalSequence  # type: ignore[import-untyped]
 
 import amberdb.btrees
 import amberdb.btrees.length
+from amberdb.btrees._seq import RangeView
 
 # The sdist's tests and support modules: extracted by tests/peer/sdists.py, named by the runner.
 __path__.append(os.path.join(os.path.abspath(os.environ["AMBERDB_PEER_BTREES"]), "BTrees"))
@@ -65,6 +67,8 @@ family32 = amberdb.btrees.family32
 family64 = amberdb.btrees.family64
 for _family in (family32, family64):
     directlyProvides(_family, Interfaces.IBTreeFamily)
+# keys(), values() and items() views: sequences, as the real package declares its results.
+classImplements(RangeView, IMinimalSequence)
 
 _KINDS = ("BTree", "Bucket", "Set", "TreeSet")
 _INTERFACES = {
