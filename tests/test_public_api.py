@@ -11,11 +11,12 @@ import amberdb.utils
 def test_top_level_exports_are_pinned() -> None:
     assert sorted(amberdb.__all__) == sorted(
         [
-            "DB", "ConflictError", "Connection", "ConnectionStateError", "CorruptedDataError",
-            "DatabaseError",
+            "DB", "AlreadyInTransaction", "AlreadyInTransactionError", "ConflictError", "Connection",
+            "ConnectionStateError", "CorruptedDataError", "DatabaseError",
             "DoomedTransaction", "DoomedTransactionError", "FileFormatError", "FileStorage",
             "InvalidObjectReference", "InvalidSavepointRollbackError", "MemoryStorage",
-            "NoTransactionError", "POSKeyError", "Persistent", "PersistentList", "PersistentMapping",
+            "NoTransaction", "NoTransactionError", "POSKeyError", "Persistent", "PersistentList",
+            "PersistentMapping",
             "ReadOnlyError", "RecordDecodeError", "SerializationError", "StorageError",
             "StorageForkedError", "StorageLockedError", "StorageTransactionError", "TransactionError",
             "TransactionFailedError", "TransientError", "UnsafeGlobalError", "connection",
@@ -32,6 +33,8 @@ def test_every_exception_derives_from_database_error() -> None:
         assert getattr(amberdb, name) is error
     assert issubclass(amberdb.POSKeyError, KeyError)
     assert issubclass(amberdb.ConflictError, amberdb.TransientError)
+    # As in the transaction package: ``except TransactionError`` catches conflicts too.
+    assert issubclass(amberdb.TransientError, amberdb.TransactionError)
 
 
 def test_transaction_module_api() -> None:

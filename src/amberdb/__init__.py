@@ -15,6 +15,8 @@ from amberdb.connection import Connection
 from amberdb.containers import PersistentList, PersistentMapping
 from amberdb.db import DB, connection
 from amberdb.exceptions import (
+    AlreadyInTransaction,
+    AlreadyInTransactionError,
     ConflictError,
     ConnectionStateError,
     CorruptedDataError,
@@ -24,6 +26,7 @@ from amberdb.exceptions import (
     FileFormatError,
     InvalidObjectReference,
     InvalidSavepointRollbackError,
+    NoTransaction,
     NoTransactionError,
     POSKeyError,
     ReadOnlyError,
@@ -46,6 +49,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DB",
+    "AlreadyInTransaction",
+    "AlreadyInTransactionError",
     "ConflictError",
     "Connection",
     "ConnectionStateError",
@@ -58,6 +63,7 @@ __all__ = [
     "InvalidObjectReference",
     "InvalidSavepointRollbackError",
     "MemoryStorage",
+    "NoTransaction",
     "NoTransactionError",
     "POSKeyError",
     "Persistent",

@@ -157,6 +157,10 @@ class Connection:
         self._use_lock = threading.Lock()
         self._user: int | None = None
         self._depth = 0
+        # The thread that opened the connection, and whether DB.cache_minimize() asked from
+        # another thread for a minimize at the next transaction boundary (see _minimize_for_db).
+        self._opener: int | None = None
+        self._minimize_later = False
         # More than 0 while a record's state is being unpickled: a record that touches other
         # objects then (a tampered one) is refused (see _refuse_while_unpickling).
         self._unpickling = 0
@@ -167,6 +171,7 @@ class Connection:
         self.transaction_manager = transaction_manager
         self._synch_manager = getattr(transaction_manager, "manager", transaction_manager)
         self._opened = True
+        self._opener = _get_ident()
         self._synch_manager.registerSynch(self)
         self._start_snapshot()
 
@@ -211,6 +216,8 @@ class Connection:
     def on_close(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` once when this connection is closed."""
         self._close_callbacks.append(callback)
+
+    onCloseCallback = on_close  # ZODB's name
 
     @property
     def opened(self) -> bool:
@@ -363,6 +370,30 @@ class Connection:
         of work, not in the middle of one.
         """
         self._cache.shrink()
+
+    # ZODB's names.
+    cacheMinimize = cache_minimize
+    cacheGC = cache_gc
+
+    def _minimize_for_db(self) -> None:
+        """``DB.cache_minimize()``: minimize now if this thread may, else at the next boundary.
+
+        Turning objects into ghosts under a thread that is using them would race with it, so
+        a connection opened by another thread minimizes in its own ``afterCompletion``.
+        Called with the database lock held, so a pooled connection cannot be opened meanwhile.
+        """
+        if self._opened and self._opener != _get_ident():
+            self._minimize_later = True
+            return
+        try:
+            self._enter("minimize the cache")
+        except ConnectionStateError:
+            self._minimize_later = True  # handed to another thread, which is inside it now
+            return
+        try:
+            self.cache_minimize()
+        finally:
+            self._leave()
 
     @property
     def cache_size(self) -> int:
@@ -717,7 +748,11 @@ class Connection:
         """The transaction ended: move to the newest state and trim the cache."""
         if self._joined is None and self._opened:
             self._start_snapshot()
-            self._cache.shrink()
+            if self._minimize_later:
+                self._minimize_later = False
+                self.cache_minimize()
+            else:
+                self._cache.shrink()
 
     def sync(self) -> None:
         """Abort the current transaction and move to the newest committed state."""

@@ -22,7 +22,7 @@ from amberdb.containers import PersistentMapping
 from amberdb.exceptions import ConnectionStateError, POSKeyError
 from amberdb.serialize import ClassResolver, ObjectWriter
 from amberdb.storage.base import Storage, TransactionMeta
-from amberdb.utils import Oid, oid_repr, z64
+from amberdb.utils import Oid, Tid, oid_repr, z64
 
 __all__ = ["DB", "connection"]
 
@@ -151,7 +151,37 @@ class DB:
         return TransactionScope(self, attempts)
 
     def __len__(self) -> int:
+        """The number of objects in the storage."""
         return len(self.storage)
+
+    def last_tid(self) -> Tid:
+        """The tid of the storage's newest committed transaction (``z64`` when there is none)."""
+        return self.storage.last_tid()
+
+    def storage_size(self) -> int:
+        """The storage's size in bytes: FileStorage's committed file length, the records of a
+        MemoryStorage; 0 for a storage that cannot tell (it has no ``size()``)."""
+        size = getattr(self.storage, "size", None)
+        return int(size()) if callable(size) else 0
+
+    def cache_minimize(self) -> None:
+        """Turn the unchanged loaded objects of every connection's cache into ghosts.
+
+        Pooled connections and those this thread opened are minimized now; a connection open
+        in another thread minimizes at its next transaction boundary, in that thread.
+        """
+        with self._lock:
+            for connection in list(self._connections):
+                connection._minimize_for_db()
+
+    # ZODB's names for the same things.
+    cacheMinimize = cache_minimize
+    getSize = storage_size
+    lastTransaction = last_tid
+
+    def objectCount(self) -> int:
+        """ZODB's name for ``len(db)``: the number of objects in the storage."""
+        return len(self)
 
     def close(self) -> None:
         """Close the storage and every connection.  Idempotent.

@@ -6,8 +6,6 @@ too, so ``except KeyError`` keeps working for a missing oid::
 
     DatabaseError
     ├── POSKeyError (also KeyError)            an oid with no record
-    ├── TransientError                          retrying the transaction may succeed
-    │   └── ConflictError                       two transactions wrote the same object
     ├── StorageError
     │   ├── ReadOnlyError                       write to a read-only storage or database
     │   ├── StorageLockedError                  another process holds the storage for writing
@@ -20,11 +18,17 @@ too, so ``except KeyError`` keeps working for a missing oid::
     ├── RecordDecodeError                       a record cannot be read back into an object
     ├── InvalidObjectReference                  an object belongs to another connection
     ├── ConnectionStateError                    a closed connection, or one used wrongly
-    └── TransactionError
+    └── TransactionError                        (as in the ``transaction`` package)
+        ├── TransientError                      retrying the transaction may succeed
+        │   └── ConflictError                   two transactions wrote the same object
         ├── DoomedTransactionError              commit of a doomed transaction
         ├── TransactionFailedError              a failed commit must be aborted first
         ├── NoTransactionError                  no transaction begun on an explicit manager
+        ├── AlreadyInTransactionError           begin() twice on an explicit manager
         └── InvalidSavepointRollbackError       rollback of a savepoint no longer valid
+
+``DoomedTransaction``, ``NoTransaction`` and ``AlreadyInTransaction`` are the names the
+``transaction`` package gives to the same classes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from __future__ import annotations
 from amberdb.utils import oid_repr
 
 __all__ = [
+    "AlreadyInTransaction",
+    "AlreadyInTransactionError",
     "ConflictError",
     "ConnectionStateError",
     "CorruptedDataError",
@@ -41,6 +47,7 @@ __all__ = [
     "FileFormatError",
     "InvalidObjectReference",
     "InvalidSavepointRollbackError",
+    "NoTransaction",
     "NoTransactionError",
     "POSKeyError",
     "ReadOnlyError",
@@ -74,46 +81,6 @@ class POSKeyError(KeyError, DatabaseError):
     def __str__(self) -> str:
         # KeyError.__str__ would quote the message; show it plainly.
         return str(self.args[0])
-
-
-class TransientError(DatabaseError):
-    """An error that may go away if the transaction is retried."""
-
-
-class ConflictError(TransientError):
-    """Two transactions changed the same object; the later commit loses.
-
-    ``oid`` is the object, ``class_name`` its class when known, ``serials`` the pair
-    ``(committed tid, tid the loser started from)``.
-    """
-
-    def __init__(
-        self,
-        message: str = "",
-        *,
-        oid: bytes | None = None,
-        class_name: str | None = None,
-        serials: tuple[bytes, bytes] | None = None,
-    ) -> None:
-        self.oid = oid
-        self.class_name = class_name
-        self.serials = serials
-        super().__init__(message or self._describe())
-
-    def _describe(self) -> str:
-        parts = ["database conflict error"]
-        if self.oid is not None:
-            parts.append(f"oid {oid_repr(self.oid)}")
-        if self.class_name:
-            parts.append(f"class {self.class_name}")
-        if self.serials is not None:
-            committed, started = self.serials
-            parts.append(f"committed tid {oid_repr(committed)}, yours based on {oid_repr(started)}")
-        return ", ".join(parts)
-
-    def with_class(self, class_name: str) -> ConflictError:
-        """Return a copy of this error that also names the object's class."""
-        return type(self)(oid=self.oid, class_name=class_name, serials=self.serials)
 
 
 class StorageError(DatabaseError):
@@ -187,6 +154,50 @@ class TransactionError(DatabaseError):
     """The transaction machinery was used in a way it does not allow."""
 
 
+class TransientError(TransactionError):
+    """An error that may go away if the transaction is retried.
+
+    A :class:`TransactionError`, as in the ``transaction`` package, so ``except
+    TransactionError`` also catches conflicts.
+    """
+
+
+class ConflictError(TransientError):
+    """Two transactions changed the same object; the later commit loses.
+
+    ``oid`` is the object, ``class_name`` its class when known, ``serials`` the pair
+    ``(committed tid, tid the loser started from)``.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        oid: bytes | None = None,
+        class_name: str | None = None,
+        serials: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        self.oid = oid
+        self.class_name = class_name
+        self.serials = serials
+        super().__init__(message or self._describe())
+
+    def _describe(self) -> str:
+        parts = ["database conflict error"]
+        if self.oid is not None:
+            parts.append(f"oid {oid_repr(self.oid)}")
+        if self.class_name:
+            parts.append(f"class {self.class_name}")
+        if self.serials is not None:
+            committed, started = self.serials
+            parts.append(f"committed tid {oid_repr(committed)}, yours based on {oid_repr(started)}")
+        return ", ".join(parts)
+
+    def with_class(self, class_name: str) -> ConflictError:
+        """Return a copy of this error that also names the object's class."""
+        return type(self)(oid=self.oid, class_name=class_name, serials=self.serials)
+
+
 class DoomedTransactionError(TransactionError):
     """A doomed transaction can only be aborted."""
 
@@ -201,6 +212,18 @@ class TransactionFailedError(TransactionError):
 
 class NoTransactionError(TransactionError):
     """An explicit transaction manager was used before ``begin()``."""
+
+
+NoTransaction = NoTransactionError
+"""The name the ``transaction`` package users know."""
+
+
+class AlreadyInTransactionError(TransactionError):
+    """``begin()`` was called on an explicit transaction manager with a transaction in progress."""
+
+
+AlreadyInTransaction = AlreadyInTransactionError
+"""The name the ``transaction`` package users know."""
 
 
 class InvalidSavepointRollbackError(TransactionError):

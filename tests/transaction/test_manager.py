@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import threading
 from typing import Any
@@ -11,10 +12,10 @@ import pytest
 import amberdb.transaction as transaction
 from amberdb.exceptions import ConflictError
 from amberdb.transaction import (
+    AlreadyInTransactionError,
     NoTransactionError,
     ThreadTransactionManager,
     Transaction,
-    TransactionError,
     TransactionFailedError,
     TransactionManager,
 )
@@ -119,13 +120,18 @@ def test_synchronizers_told_on_begin_and_can_be_unregistered() -> None:
     assert len(one.events) == 4
 
 
-def test_synchronizer_registered_mid_transaction_hears_its_completion() -> None:
+def test_synchronizer_registered_mid_transaction_hears_of_it_and_its_completion() -> None:
     tm = TransactionManager()
     txn = tm.get()
     synch = RecordingSynch()
     tm.registerSynch(synch)
+    # As in the transaction package: registering during a transaction tells of it at once.
+    assert synch.events == [("newTransaction", txn)]
     txn.commit()
-    assert synch.names() == ["beforeCompletion", "afterCompletion"]
+    assert synch.names() == ["newTransaction", "beforeCompletion", "afterCompletion"]
+    idle = RecordingSynch()
+    tm.registerSynch(idle)  # no transaction in progress: nothing to tell
+    assert idle.events == []
 
 
 def test_synchronizers_are_held_weakly() -> None:
@@ -160,7 +166,9 @@ def test_explicit_manager_needs_begin() -> None:
         assert "no transaction in progress: call begin() first" in str(info.value)
     txn = tm.begin()
     assert tm.get() is txn
-    with pytest.raises(TransactionError, match=r"begin\(\) called while a transaction is in progress"):
+    with pytest.raises(
+        AlreadyInTransactionError, match=r"begin\(\) called while a transaction is in progress"
+    ):
         tm.begin()
     tm.commit()
     with pytest.raises(NoTransactionError):
@@ -281,6 +289,83 @@ def test_run_notes_the_function_name() -> None:
 
     tm.run(named_work)
     assert notes == ["named_work"]
+
+
+def test_run_notes_of_unusual_callables() -> None:
+    tm = TransactionManager()
+
+    class BytesNamed:
+        __name__ = b"bytes name"
+        __doc__ = b"bytes doc"
+
+        def __call__(self) -> str:
+            return tm.get().description
+
+    assert tm.run(BytesNamed()) == "bytes name\n\nbytes doc"
+    # A nameless callable (a partial) gets no note: its __doc__ is its class's.
+    assert tm.run(functools.partial(lambda: tm.get().description)) == ""
+
+
+def test_run_refuses_bad_tries_at_once() -> None:
+    tm = TransactionManager()
+    with pytest.raises(ValueError, match="tries >= 1, got 0"):
+        tm.run(0)
+    with pytest.raises(ValueError, match="tries >= 1, got 0"):
+        tm.run(tries=0)
+
+
+def test_thread_manager_run_forms() -> None:
+    ttm = ThreadTransactionManager()
+    tries: list[int] = []
+
+    @ttm.run(2)
+    def _() -> int:
+        tries.append(1)
+        if len(tries) < 2:
+            raise ConflictError("again")
+        return len(tries)
+
+    assert _ == 2
+
+    @ttm.run
+    def answer() -> int:
+        return 42
+
+    assert answer == 42
+    assert ttm.run()(lambda: 7) == 7
+
+
+def test_is_retryable_error_without_a_transaction_knows_only_transient_errors() -> None:
+    tm = TransactionManager(explicit=True)
+    assert tm.isRetryableError(ConflictError()) and not tm.isRetryableError(FakeError())
+
+
+def test_attempt_asks_data_managers_before_aborting() -> None:
+    asked: list[str] = []
+
+    class Asked(ListDM):
+        def should_retry(self, error: BaseException) -> bool:
+            asked.append("joined" if self.joined is not None else "already aborted")
+            return True
+
+    tm = TransactionManager()
+    dm = Asked("a", tm)
+    for attempt in tm.attempts(2):
+        with attempt:
+            dm.append(len(asked))
+            if not asked:
+                raise FakeError("retry me")
+    assert asked == ["joined"] and dm.committed == [1]
+
+
+def test_registered_synchs_ignores_collected_ones() -> None:
+    ttm = ThreadTransactionManager()
+    synch = RecordingSynch()
+    ttm.registerSynch(synch)
+    assert ttm.registeredSynchs()
+    del synch
+    gc.collect()
+    assert not ttm.registeredSynchs()
 
 
 # -- the module API and threads -------------------------------------------------------------

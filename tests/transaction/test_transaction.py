@@ -491,7 +491,7 @@ def test_note_user_description_extension() -> None:
     ("action", "message"),
     [
         (lambda t: setattr(t, "user", b"bob"), "Transaction.user must be a str, not bytes"),
-        (lambda t: setattr(t, "description", None), "Transaction.description must be a str, not NoneType"),
+        (lambda t: setattr(t, "description", 5), "Transaction.description must be a str, not int"),
         (lambda t: setattr(t, "extension", []), "Transaction.extension must be a dict, not list"),
         (lambda t: t.note(b"x"), "note() takes a str, not bytes"),
     ],
@@ -537,3 +537,149 @@ def test_savepoint_dm_commits_normally() -> None:
     txn.join(dm)
     txn.commit()
     assert dm.calls() == PHASES
+
+
+# -- interrupts (KeyboardInterrupt, SystemExit) during clean-up ------------------------------
+
+
+class Interrupting:
+    """Raises KeyboardInterrupt from the named method; records calls in the shared log."""
+
+    def __init__(self, name: str, log: list[tuple[str, str]], on: str) -> None:
+        self.name, self.log, self.on = name, log, on
+
+    def sortKey(self) -> str:
+        return self.name
+
+    def __getattr__(self, method: str) -> Callable[..., None]:
+        if method.startswith("__"):
+            raise AttributeError(method)
+
+        def call(*args: Any) -> None:
+            self.log.append((self.name, method))
+            if method == self.on:
+                raise KeyboardInterrupt(f"{self.name}.{method}")
+
+        return call
+
+
+@pytest.mark.parametrize(
+    "where", ["synch.beforeCompletion", "dm.abort", "after-abort", "synch.afterCompletion", "before-abort"]
+)
+def test_an_interrupt_during_abort_is_raised_once_everything_was_aborted(where: str) -> None:
+    log: list[tuple[str, str]] = []
+    tm = TransactionManager()
+    synch = Interrupting("synch", log, where.partition(".")[2] if where.startswith("synch") else "")
+    tm.registerSynch(synch)  # type: ignore[arg-type]
+    txn = tm.get()
+    txn.join(Interrupting("dm", log, "abort" if where == "dm.abort" else ""))  # type: ignore[arg-type]
+    txn.join(RecordingDM("other", log))
+
+    def hook(name: str) -> None:
+        log.append(("hook", name))
+        if name == where:
+            raise KeyboardInterrupt(name)
+
+    txn.addBeforeAbortHook(hook, ("before-abort",))
+    txn.addAfterAbortHook(hook, ("after-abort",))
+    with pytest.raises(KeyboardInterrupt):
+        tm.abort()
+    assert log == [
+        ("hook", "before-abort"),
+        ("synch", "beforeCompletion"),
+        ("dm", "abort"),
+        ("other", "abort"),
+        ("hook", "after-abort"),
+        ("synch", "afterCompletion"),
+    ]
+    assert tm.get() is not txn and txn.status == Status.ACTIVE
+    with pytest.raises(TransactionError, match="already aborted"):
+        txn.commit()
+
+
+def test_an_interrupt_wins_over_an_earlier_error_of_the_abort() -> None:
+    log: list[tuple[str, str]] = []
+    txn = Transaction()
+    txn.join(RecordingDM("a", log, fail_on="abort"))
+    txn.join(Interrupting("b", log, "abort"))  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        txn.abort()
+
+
+@pytest.mark.parametrize("where", ["tpc_abort", "afterCompletion", "after-commit"])
+def test_an_interrupt_while_cleaning_up_a_failed_commit_finishes_the_clean_up(where: str) -> None:
+    log: list[tuple[str, str]] = []
+    tm = TransactionManager()
+    synch = Interrupting("synch", log, where)
+    tm.registerSynch(synch)  # type: ignore[arg-type]
+    txn = tm.get()
+    txn.join(Interrupting("a", log, where))  # type: ignore[arg-type]
+    txn.join(RecordingDM("b", log, fail_on="tpc_vote"))
+
+    def hook(ok: bool) -> None:
+        log.append(("hook", f"after-commit {ok}"))
+        if where == "after-commit":
+            raise KeyboardInterrupt
+
+    txn.addAfterCommitHook(hook)
+    with pytest.raises(KeyboardInterrupt) as info:
+        tm.commit()
+    assert isinstance(info.value.__cause__, FakeError)  # the commit's own error, kept
+    # Every clean-up step ran, in order, past the interrupt.
+    assert log[-4:] == [
+        ("a", "tpc_abort"),
+        ("b", "tpc_abort"),
+        ("synch", "afterCompletion"),
+        ("hook", "after-commit False"),
+    ]
+    assert txn.status == Status.COMMIT_FAILED
+    tm.unregisterSynch(synch)  # type: ignore[arg-type]
+    tm.abort()
+
+
+def test_an_interrupt_after_a_durable_commit_is_raised_once_all_were_told() -> None:
+    log: list[tuple[str, str]] = []
+    tm = TransactionManager()
+    synch = Interrupting("synch", log, "afterCompletion")
+    tm.registerSynch(synch)  # type: ignore[arg-type]
+    txn = tm.get()
+    txn.join(RecordingDM("a", log))
+    txn.addAfterCommitHook(lambda ok: log.append(("hook", f"after-commit {ok}")))
+    with pytest.raises(KeyboardInterrupt):
+        tm.commit()
+    assert txn.status == Status.COMMITTED
+    assert log[-2:] == [("synch", "afterCompletion"), ("hook", "after-commit True")]
+    assert tm.get() is not txn
+
+
+def test_before_abort_hook_errors_are_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    txn = Transaction()
+    dm = RecordingDM("a")
+    txn.join(dm)
+    txn.addBeforeAbortHook(lambda: 1 / 0)
+    with caplog.at_level(logging.ERROR, logger="amberdb.transaction"):
+        txn.abort()
+    assert dm.calls() == ["abort"]
+    assert "before-abort hook" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
+def test_before_abort_hooks_are_kept_by_a_failed_commit() -> None:
+    txn = Transaction()
+    txn.join(RecordingDM("a", fail_on="tpc_vote"))
+    ran: list[str] = []
+    txn.addBeforeAbortHook(ran.append, ("before-abort",))
+    with pytest.raises(FakeError):
+        txn.commit()
+    assert len(list(txn.getBeforeAbortHooks())) == 1
+    txn.abort()
+    assert ran == ["before-abort"]
+
+
+def test_transaction_without_manager_answers_is_retryable_error() -> None:
+    txn = Transaction()
+    assert txn.isRetryableError(transaction.TransientError()) and not txn.isRetryableError(FakeError())
+
+
+def test_set_user_checks_types() -> None:
+    with pytest.raises(TypeError, match="setUser"):
+        Transaction().setUser(b"bob")  # type: ignore[arg-type]

@@ -86,6 +86,12 @@ class MemoryStorage:
         """The number of oids with at least one revision."""
         return len(self._tids)
 
+    def size(self) -> int:
+        """The bytes of every record revision held (a full count: meant for an occasional look)."""
+        with self._lock:
+            self._check_open()
+            return sum(len(record) for records in self._records.values() for record in records)
+
     def iterator(self, start: Tid | None = None, stop: Tid | None = None) -> Iterator[TransactionRecord]:
         """Yield finished transactions with ``start <= tid <= stop``, oldest first."""
         self._check_open()

@@ -19,9 +19,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from amberdb.exceptions import (
+    AlreadyInTransaction,
+    AlreadyInTransactionError,
     DoomedTransaction,
     DoomedTransactionError,
     InvalidSavepointRollbackError,
+    NoTransaction,
     NoTransactionError,
     TransactionError,
     TransactionFailedError,
@@ -33,10 +36,13 @@ from amberdb.transaction.manager import ThreadTransactionManager, TransactionMan
 from amberdb.transaction.savepoint import Savepoint
 
 __all__ = [
+    "AlreadyInTransaction",
+    "AlreadyInTransactionError",
     "Attempt",
     "DoomedTransaction",
     "DoomedTransactionError",
     "InvalidSavepointRollbackError",
+    "NoTransaction",
     "NoTransactionError",
     "Savepoint",
     "Status",

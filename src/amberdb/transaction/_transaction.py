@@ -8,8 +8,9 @@ commit/join/savepoint on it raise :class:`TransactionError`)::
       ┌────────┐ ──────────────▶ ┌────────┐ ◀──┘ status stays Doomed
       │ Active │                 │ Doomed │
       └────────┘                 └────────┘
-        │    │    abort(): data managers' abort, after-abort hooks (what they change is
-        │    │    aborted too), manager lets go, afterCompletion
+        │    │    abort(): before-abort hooks, beforeCompletion, data managers' abort,
+        │    │    after-abort hooks (what they change is aborted too), manager lets go,
+        │    │    afterCompletion
         │    └───────────────────────┴──────────────▶ finished (status left as it was)
         │ commit(): before-commit hooks and
         │ beforeCompletion run while still Active
@@ -18,7 +19,7 @@ commit/join/savepoint on it raise :class:`TransactionError`)::
       │ Committing │ ──── tpc_finish* all returned ────▶ │ Committed │  hooks(True) ─▶ finished (their
       └────────────┘                                     └───────────┘  errors are logged, never raised)
         │ any of them raised: tpc_abort for data managers whose tpc_begin was called, abort
-        │ for the others; after-commit hooks(False), afterCompletion; the error propagates
+        │ for the others; afterCompletion, after-commit hooks(False); the error propagates
         ▼
       ┌───────────────┐  commit() / join() / savepoint() raise TransactionFailedError
       │ Commit failed │ ──── abort() ────▶ finished
@@ -48,6 +49,7 @@ from amberdb.exceptions import (
     InvalidSavepointRollbackError,
     TransactionError,
     TransactionFailedError,
+    TransientError,
 )
 from amberdb.transaction.interfaces import (
     DATA_MANAGER_METHODS,
@@ -85,6 +87,19 @@ def _sort_key(resource: DataManager) -> str:
     return resource.sortKey()
 
 
+def _interrupt(errors: list[BaseException]) -> BaseException | None:
+    """The first error that is not an ``Exception`` (KeyboardInterrupt, SystemExit), if any."""
+    for error in errors:
+        if not isinstance(error, Exception):
+            return error
+    return None
+
+
+def _first_error(errors: list[BaseException]) -> BaseException:
+    """The error to raise after a clean-up that went on through ``errors``: an interrupt first."""
+    return _interrupt(errors) or errors[0]
+
+
 class Transaction:
     """A unit of work: data managers join it, and it commits or aborts them all together.
 
@@ -108,6 +123,7 @@ class Transaction:
         self._resources: list[DataManager] = []
         self._before_commit: list[Hook] = []
         self._after_commit: list[Hook] = []
+        self._before_abort: list[Hook] = []
         self._after_abort: list[Hook] = []
         # Weak: a savepoint the application dropped should free its data managers' state.
         # Made on the first savepoint: most transactions take none, and commit is a hot path.
@@ -147,7 +163,9 @@ class Transaction:
         return self._description
 
     @description.setter
-    def description(self, value: str) -> None:
+    def description(self, value: str | None) -> None:
+        if value is None:
+            return  # as in the transaction package: None leaves the description alone
         if not isinstance(value, str):
             raise TypeError(f"Transaction.description must be a str, not {type(value).__name__}")
         self._description = value
@@ -166,14 +184,24 @@ class Transaction:
     # ZODB-era code reads and writes ``_extension``; it is the same dict.
     _extension = extension
 
-    def note(self, text: str) -> None:
-        """Add ``text`` (stripped) as a line of the description; empty text is ignored."""
+    def note(self, text: str | None) -> None:
+        """Add ``text`` (stripped) as a line of the description; empty text or None is ignored."""
+        if text is None:
+            return
         if not isinstance(text, str):
             raise TypeError(f"note() takes a str, not {type(text).__name__}")
         text = text.strip()
         if not text:
             return
         self._description = f"{self._description}\n{text}" if self._description else text
+
+    def setUser(self, user_name: str, path: str = "/") -> None:
+        """Set :attr:`user` to ``"<path> <user_name>"``, the form Zope and ZODB tools read."""
+        if not isinstance(user_name, str) or not isinstance(path, str):
+            raise TypeError(
+                f"setUser() takes str arguments, not {type(user_name).__name__} and {type(path).__name__}"
+            )
+        self._user = f"{path} {user_name}"
 
     def setExtendedInfo(self, name: str, value: Any) -> None:
         """Set one item of :attr:`extension`."""
@@ -276,6 +304,20 @@ class Transaction:
         """Return the registered after-commit hooks as ``(hook, args, kws)`` triples."""
         return iter(list(self._after_commit))
 
+    def addBeforeAbortHook(
+        self, hook: Callable[..., Any], args: Sequence[Any] = (), kws: Mapping[str, Any] | None = None
+    ) -> None:
+        """Call ``hook(*args, **kws)`` when abort starts, before the data managers abort.
+
+        Exceptions from the hook are logged, not raised, as in the ``transaction`` package
+        (an abort usually runs while another error is on its way out).
+        """
+        self._before_abort.append((hook, tuple(args), dict(kws or {})))
+
+    def getBeforeAbortHooks(self) -> Iterator[Hook]:
+        """Return the registered before-abort hooks as ``(hook, args, kws)`` triples."""
+        return iter(list(self._before_abort))
+
     def addAfterAbortHook(
         self, hook: Callable[..., Any], args: Sequence[Any] = (), kws: Mapping[str, Any] | None = None
     ) -> None:
@@ -298,7 +340,9 @@ class Transaction:
         finally:
             hooks.clear()
 
-    def _run_after_commit_hooks(self, ok: bool) -> None:
+    def _run_after_commit_hooks(self, ok: bool, errors: list[BaseException]) -> None:
+        # Errors are logged and collected; the caller raises only interrupts (the commit's
+        # outcome is decided by then).
         hooks = self._after_commit
         index = 0
         while index < len(hooks):
@@ -306,8 +350,25 @@ class Transaction:
             index += 1
             try:
                 hook(ok, *args, **kws)
-            except Exception:
+            except BaseException as exc:
                 log.error("after-commit hook %r raised; ignored", hook, exc_info=True)
+                errors.append(exc)
+        hooks.clear()
+
+    def _run_before_abort_hooks(self, errors: list[BaseException]) -> None:
+        # As in the transaction package, their errors are only logged; an interrupt
+        # (KeyboardInterrupt, SystemExit) is kept and raised once the abort is complete.
+        hooks = self._before_abort
+        index = 0
+        while index < len(hooks):
+            hook, args, kws = hooks[index]
+            index += 1
+            try:
+                hook(*args, **kws)
+            except BaseException as exc:
+                log.error("before-abort hook %r raised; ignored", hook, exc_info=True)
+                if not isinstance(exc, Exception):
+                    errors.append(exc)
         hooks.clear()
 
     def _run_after_abort_hooks(self, errors: list[BaseException]) -> None:
@@ -318,24 +379,45 @@ class Transaction:
             index += 1
             try:
                 hook(*args, **kws)
-            except Exception as exc:
+            except BaseException as exc:
                 log.error("after-abort hook %r raised", hook, exc_info=True)
                 errors.append(exc)
         hooks.clear()
 
     def _notify_synchs(self, event: str, errors: list[BaseException] | None = None) -> None:
-        # Every synchronizer hears about the event even when one of them raises; with no
-        # ``errors`` list the first exception is raised once all were told.
+        # Every synchronizer hears about the event even when one of them raises (even a
+        # KeyboardInterrupt: the others must still clean up); with no ``errors`` list the
+        # first exception is raised once all were told.
         collected: list[BaseException] = [] if errors is None else errors
         first = len(collected)
         for synch in self._synchs.live():
             try:
                 getattr(synch, event)(self)
-            except Exception as exc:
+            except BaseException as exc:
                 log.error("synchronizer %r raised in %s", synch, event, exc_info=True)
                 collected.append(exc)
         if errors is None and len(collected) > first:
-            raise collected[first]
+            raise _first_error(collected[first:])
+
+    # -- state checks ---------------------------------------------------------------------
+
+    # -- retrying -------------------------------------------------------------------------
+
+    def isRetryableError(self, error: BaseException) -> bool:
+        """Whether retrying this transaction after ``error`` may succeed.
+
+        True for a :class:`TransientError` (ConflictError and its kin), and for any error a
+        joined data manager's ``should_retry(error)`` accepts, as in the ``transaction``
+        package (zope.sqlalchemy's data manager says so for database serialization errors).
+        Ask before aborting: abort lets go of the data managers.
+        """
+        if isinstance(error, TransientError):
+            return True
+        for resource in self._resources:
+            should_retry = getattr(resource, "should_retry", None)
+            if should_retry is not None and should_retry(error):
+                return True
+        return False
 
     # -- state checks ---------------------------------------------------------------------
 
@@ -410,22 +492,37 @@ class Transaction:
                 )
                 raise
         except BaseException as exc:
-            self._clean_up_failed_commit(begun, finished)
+            # Clean-up errors are logged; the commit's own error propagates, unless an
+            # interrupt came during the clean-up (it must reach the caller).  As in the
+            # ``transaction`` package, synchronizers hear of the end before after-commit hooks.
+            errors: list[BaseException] = []
+            self._clean_up_failed_commit(begun, finished, errors)
             self._fail("commit", exc)
-            self._run_after_commit_hooks(False)
-            self._notify_synchs("afterCompletion", [])
+            self._notify_synchs("afterCompletion", errors)
+            self._run_after_commit_hooks(False, errors)
+            interrupt = _interrupt(errors)
+            if interrupt is not None and isinstance(exc, Exception):
+                raise interrupt from exc
             raise
         # Every data manager finished: the transaction is durable, and nothing from here on
-        # may report it as failed (errors are logged).  Synchronizers catch up first, then
-        # after-commit hooks run, as in the ``transaction`` package.
+        # may report it as failed (errors are logged, only an interrupt is raised, once all
+        # ran).  Synchronizers catch up first, then after-commit hooks run, as in the
+        # ``transaction`` package.
         self._status = Status.COMMITTED
+        errors = []
         try:
-            self._notify_synchs("afterCompletion", [])
-            self._run_after_commit_hooks(True)
+            self._notify_synchs("afterCompletion", errors)
+            self._run_after_commit_hooks(True, errors)
         finally:
             self._finish()
+        if errors:
+            interrupt = _interrupt(errors)
+            if interrupt is not None:
+                raise interrupt
 
-    def _clean_up_failed_commit(self, begun: set[int], finished: set[int]) -> None:
+    def _clean_up_failed_commit(
+        self, begun: set[int], finished: set[int], errors: list[BaseException]
+    ) -> None:
         for resource in self._resources:
             key = id(resource)
             if key in finished:
@@ -433,19 +530,21 @@ class Transaction:
             method = "tpc_abort" if key in begun else "abort"
             try:
                 getattr(resource, method)(self)
-            except Exception:
+            except BaseException as exc:
                 log.error(
                     "%s on %r raised while cleaning up a failed commit", method, resource, exc_info=True
                 )
+                errors.append(exc)
 
     # -- abort ----------------------------------------------------------------------------
 
     def abort(self) -> None:
         """Abort every joined data manager and end the transaction.
 
-        Every data manager, after-abort hook and synchronizer is called even if some raise;
-        the first exception is raised at the end.  Aborting a finished transaction does
-        nothing.
+        Every data manager, hook and synchronizer is called even if some raise (even with
+        a KeyboardInterrupt); the first exception is raised at the end (an interrupt before
+        any other; before-abort hooks' other errors are only logged).  Aborting a finished
+        transaction does nothing.
         """
         if self._finished:
             return
@@ -453,6 +552,8 @@ class Transaction:
             raise TransactionError("cannot abort: the transaction is committing")
         errors: list[BaseException] = []
         try:
+            if self._before_abort:
+                self._run_before_abort_hooks(errors)
             self._invalidate_savepoints("abort() of the transaction invalidated it")
             self._notify_synchs("beforeCompletion", errors)
             self._abort_resources(errors)
@@ -467,13 +568,13 @@ class Transaction:
         finally:
             self._finish()
         if errors:
-            raise errors[0]
+            raise _first_error(errors)
 
     def _abort_resources(self, errors: list[BaseException]) -> None:
         for resource in self._resources:
             try:
                 resource.abort(self)
-            except Exception as exc:
+            except BaseException as exc:
                 log.error("abort on %r raised", resource, exc_info=True)
                 errors.append(exc)
         self._resources.clear()
@@ -488,6 +589,8 @@ class Transaction:
         self._resources.clear()
         self._before_commit.clear()
         self._after_commit.clear()
+        if self._before_abort:  # rarely used: no call for it on the commit path
+            self._before_abort.clear()
         self._after_abort.clear()
         self._data.clear()
         self._invalidate_savepoints("the transaction is finished")
@@ -502,7 +605,7 @@ class Transaction:
 
         A data manager without a ``savepoint`` method makes this raise ``TypeError``, unless
         ``optimistic`` is true: then the savepoint is taken, but rolling back to it raises
-        :class:`InvalidSavepointRollbackError`.
+        ``TypeError`` (as in the ``transaction`` package) and changes nothing.
         """
         self._check_usable("take a savepoint")
         if self._status == Status.COMMITTING:
@@ -592,14 +695,15 @@ class Transaction:
         for resource in self._resources:
             try:
                 resource.abort(self)
-            except Exception as exc:
+            except BaseException as exc:
                 log.error("abort on %r raised in abort(subtransaction=True)", resource, exc_info=True)
                 errors.append(exc)
         self._resources.clear()
         self._invalidate_savepoints("abort(subtransaction=True) discarded the changes it covered")
         if errors:
-            self._fail("subtransaction abort", errors[0])
-            raise errors[0]
+            error = _first_error(errors)
+            self._fail("subtransaction abort", error)
+            raise error
 
     def __repr__(self) -> str:
         finished = ", finished" if self._finished else ""

@@ -1,10 +1,11 @@
 """Retrying a transaction on transient errors: ``for attempt in manager.attempts(3): with attempt:``.
 
 Each attempt begins a transaction when its ``with`` block starts and commits when the block
-ends.  If the block or the commit raises a transient error (ConflictError and its kin) and
-attempts remain, the transaction is aborted, the error is swallowed and the loop runs the
-block again; any other error, or a transient one on the last attempt, is raised after the
-abort.  Three attempts is the default, as Zope does.
+ends.  If the block or the commit raises a retryable error (ConflictError and its kin, or an
+error a joined data manager's ``should_retry`` accepts) and attempts remain, the transaction
+is aborted, the error is swallowed and the loop runs the block again; any other error, or a
+retryable one on the last attempt, is raised after the abort.  Three attempts is the
+default, as Zope does.
 """
 
 from __future__ import annotations
@@ -44,21 +45,26 @@ class Attempt:
         tb: TracebackType | None,
     ) -> bool:
         manager = self._manager
+        # Whether to retry is asked before the abort, which lets go of the data managers
+        # whose should_retry may know.
         if exc is None:
             try:
                 manager.commit()
             except BaseException as error:
+                retry = self._retry(error)
                 manager.abort()
-                if self._retry(error):
+                if retry:
                     return False  # nothing is propagating: the loop goes on
                 raise
             self.succeeded = True
             return False
+        retry = self._retry(exc)
         manager.abort()
-        return self._retry(exc)
+        return retry
 
     def _retry(self, error: BaseException) -> bool:
-        if self.last or not self._manager.isRetryableError(error):
+        # An interrupt (KeyboardInterrupt, SystemExit) is never retried.
+        if self.last or not isinstance(error, Exception) or not self._manager.isRetryableError(error):
             return False
         log.info("retrying the transaction after %r (attempt %d)", error, self.number)
         return True

@@ -9,6 +9,11 @@ commit.  At commit the transaction calls, on every joined data manager in ``sort
 order, ``tpc_begin`` on all, then ``commit`` on all, then ``tpc_vote`` on all, then
 ``tpc_finish`` on all.  When anything fails before ``tpc_finish``, data managers whose
 ``tpc_begin`` was called get ``tpc_abort`` and the others get ``abort``.
+
+Two methods are optional: ``savepoint()`` (:class:`SavepointDataManager`), and
+``should_retry(error) -> bool``, which makes ``attempts()``, ``run()`` and
+``isRetryableError`` retry the transaction after an error the data manager knows to be
+transient (a database serialization failure, say), as in the ``transaction`` package.
 """
 
 from __future__ import annotations
@@ -76,7 +81,11 @@ class Synchronizer(Protocol):
     """
 
     def newTransaction(self, txn: Transaction) -> None:
-        """Called when the manager starts ``txn`` (``begin()``, or ``get()`` creating one)."""
+        """Called when the manager's ``begin()`` starts ``txn``, and on registering during ``txn``.
+
+        An implicit start (``get()`` creating a transaction) does not call it: that happens
+        inside a data manager's first change.
+        """
 
     def beforeCompletion(self, txn: Transaction) -> None:
         """Called when ``txn`` starts to commit or abort."""

@@ -12,24 +12,59 @@ each thread has its own current transaction and its own synchronizers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TypeVar
+from typing import Protocol, TypeVar, overload
 
-from amberdb.exceptions import NoTransactionError, TransactionError, TransientError
+from amberdb.exceptions import AlreadyInTransactionError, NoTransactionError, TransientError
 from amberdb.transaction._transaction import Transaction
 from amberdb.transaction.attempts import DEFAULT_ATTEMPTS, Attempt, attempts
 from amberdb.transaction.interfaces import Synchronizer
 from amberdb.transaction.savepoint import Savepoint
 from amberdb.transaction.weakset import WeakRegistry
 
-__all__ = ["ThreadTransactionManager", "TransactionManager"]
+__all__ = ["RunDecorator", "ThreadTransactionManager", "TransactionManager"]
 
 log = logging.getLogger("amberdb.transaction")
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+class RunDecorator(Protocol):
+    """What ``run()`` and ``run(tries)`` return: applied to a function, runs it at once."""
+
+    def __call__(self, func: Callable[[], R], /) -> R: ...
+
+
+def _check_tries(tries: int) -> None:
+    if tries < 1:
+        raise ValueError(f"run() needs tries >= 1, got {tries}")
+
+
+def _text(value: object) -> str:
+    # A callable class may carry bytes (or anything) as its name or doc.
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def _run_note(func: Callable[..., object]) -> str:
+    """The note ``run`` gives a transaction: "name\n\ndoc", as the ``transaction`` package does.
+
+    A function named ``_`` (the usual name of a ``@run`` function) contributes only its doc.
+    """
+    name = getattr(func, "__name__", None)
+    if name is None:
+        return ""  # a partial or another nameless callable: its doc would be its class's
+    name = _text(name or "")
+    doc = _text(getattr(func, "__doc__", None) or "")
+    if name and name != "_":
+        return f"{name}\n\n{doc}" if doc else name
+    return doc
 
 
 class TransactionManager:
@@ -57,10 +92,13 @@ class TransactionManager:
     # -- the current transaction ----------------------------------------------------------
 
     def begin(self) -> Transaction:
-        """Start a new transaction, aborting the current one first (explicit: refusing to)."""
+        """Start a new transaction, aborting the current one first.
+
+        An explicit manager refuses instead, with :class:`AlreadyInTransactionError`.
+        """
         if self._txn is not None:
             if self._explicit:
-                raise TransactionError(
+                raise AlreadyInTransactionError(
                     "begin() called while a transaction is in progress; commit or abort it first "
                     "(this transaction manager is explicit)"
                 )
@@ -140,8 +178,15 @@ class TransactionManager:
     # -- synchronizers --------------------------------------------------------------------
 
     def registerSynch(self, synch: Synchronizer) -> None:
-        """Tell ``synch`` about every transaction of this manager (held by a weak reference)."""
+        """Tell ``synch`` about every transaction of this manager (held by a weak reference).
+
+        With a transaction in progress, ``synch.newTransaction`` hears of it at once, as in
+        the ``transaction`` package.
+        """
         self._synchs.add(synch)
+        txn = self._txn
+        if txn is not None:
+            synch.newTransaction(txn)
 
     def unregisterSynch(self, synch: Synchronizer) -> None:
         """Stop telling ``synch`` about transactions (no error if it was not registered)."""
@@ -151,35 +196,72 @@ class TransactionManager:
         """Unregister every synchronizer."""
         self._synchs.clear()
 
+    def registeredSynchs(self) -> bool:
+        """Whether any synchronizer is registered (and alive)."""
+        return bool(self._synchs.live())
+
     # -- retrying -------------------------------------------------------------------------
 
     def isRetryableError(self, error: BaseException) -> bool:
-        """Whether retrying the transaction that raised ``error`` may succeed."""
-        return isinstance(error, TransientError)
+        """Whether retrying the current transaction after ``error`` may succeed.
+
+        See :meth:`Transaction.isRetryableError`: a transient error, or one a joined data
+        manager's ``should_retry`` accepts.  With no transaction, only a transient error.
+        """
+        txn = self._txn
+        if txn is None:
+            return isinstance(error, TransientError)
+        return txn.isRetryableError(error)
 
     def attempts(self, number: int = DEFAULT_ATTEMPTS) -> Iterator[Attempt]:
-        """``for attempt in tm.attempts(3): with attempt: ...`` retries on transient errors."""
+        """``for attempt in tm.attempts(3): with attempt: ...`` retries on retryable errors."""
         return attempts(self, number)
 
-    def run(self, func: Callable[[], T], tries: int = 3) -> T:
-        """Call ``func`` in a new transaction and commit it, retrying on a transient error.
+    @overload
+    def run(self, func: None = None, tries: int = DEFAULT_ATTEMPTS) -> RunDecorator: ...
+    @overload
+    def run(self, func: int, tries: int = DEFAULT_ATTEMPTS) -> RunDecorator: ...
+    @overload
+    def run(self, func: Callable[[], T], tries: int = DEFAULT_ATTEMPTS) -> T: ...
+    def run(
+        self, func: Callable[[], T] | int | None = None, tries: int = DEFAULT_ATTEMPTS
+    ) -> T | RunDecorator:
+        """Call ``func`` in a new transaction and commit it, retrying on a retryable error.
 
-        The transaction is noted with the function's name.  After ``tries`` attempts, or on
-        any other error, the transaction is aborted and the exception propagates.
+        As in the ``transaction`` package: ``tm.run(func)``, ``tm.run(func, tries=5)``, and
+        as decorators that run the function at once and bind its name to the result:
+        ``@tm.run``, ``@tm.run()``, ``@tm.run(5)``.  The transaction is noted with the
+        function's name and docstring ("name\n\ndoc"; only the doc for a function named
+        ``_``).  After ``tries`` attempts, or on an error that is not retryable (see
+        :meth:`isRetryableError`), the transaction is aborted and the exception propagates.
         """
-        if tries < 1:
-            raise ValueError(f"run() needs tries >= 1, got {tries}")
-        name = getattr(func, "__name__", repr(func))
-        for attempt in range(1, tries + 1):
+        if func is None or isinstance(func, int):
+            # Checked now, not when the decorator is applied: the mistake is in this call.
+            tries = tries if func is None else func
+            _check_tries(tries)
+
+            def decorator(function: Callable[[], R], /) -> R:
+                return self._run(function, tries)
+
+            return decorator
+        _check_tries(tries)
+        return self._run(func, tries)
+
+    def _run(self, func: Callable[[], T], tries: int) -> T:
+        note = _run_note(func)
+        for attempt in itertools.count(1):
             txn = self.begin()
-            txn.note(name)
+            if note:
+                txn.note(note)
             try:
                 result = func()
                 self.commit()
             except BaseException as exc:
+                # Asked before the abort, which lets go of the data managers that may know.
+                retry = isinstance(exc, Exception) and attempt < tries and self.isRetryableError(exc)
                 self.abort()
-                if attempt < tries and self.isRetryableError(exc):
-                    log.info("retrying %s after %r (attempt %d of %d)", name, exc, attempt, tries)
+                if retry:
+                    log.info("retrying %s after %r (attempt %d of %d)", note or func, exc, attempt, tries)
                     continue
                 raise
             return result
@@ -282,6 +364,10 @@ class ThreadTransactionManager:
         """Unregister every synchronizer of this thread's manager."""
         self.manager.clearSynchs()
 
+    def registeredSynchs(self) -> bool:
+        """Whether this thread's manager has any synchronizer."""
+        return self.manager.registeredSynchs()
+
     def isRetryableError(self, error: BaseException) -> bool:
         """Whether retrying the transaction that raised ``error`` may succeed."""
         return self.manager.isRetryableError(error)
@@ -290,7 +376,15 @@ class ThreadTransactionManager:
         """Attempts on this thread's manager (see :meth:`TransactionManager.attempts`)."""
         return self.manager.attempts(number)
 
-    def run(self, func: Callable[[], T], tries: int = 3) -> T:
+    @overload
+    def run(self, func: None = None, tries: int = DEFAULT_ATTEMPTS) -> RunDecorator: ...
+    @overload
+    def run(self, func: int, tries: int = DEFAULT_ATTEMPTS) -> RunDecorator: ...
+    @overload
+    def run(self, func: Callable[[], T], tries: int = DEFAULT_ATTEMPTS) -> T: ...
+    def run(
+        self, func: Callable[[], T] | int | None = None, tries: int = DEFAULT_ATTEMPTS
+    ) -> T | RunDecorator:
         """Run ``func`` in a transaction of this thread (see :meth:`TransactionManager.run`)."""
         return self.manager.run(func, tries)
 

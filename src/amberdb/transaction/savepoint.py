@@ -46,7 +46,8 @@ class Savepoint:
         """Return every joined data manager to its state at this savepoint.
 
         Raises :class:`InvalidSavepointRollbackError` when the savepoint is no longer valid,
-        or when a data manager in it cannot roll back (an optimistic savepoint).
+        and ``TypeError`` when a data manager in it cannot roll back (an optimistic savepoint
+        over a data manager without savepoints); either way nothing is rolled back.
         """
         transaction = self._transaction
         if transaction is None:
@@ -74,8 +75,8 @@ class NoRollbackSavepoint:
         self.datamanager = datamanager
 
     def rollback(self) -> None:
-        """Always raise: there is no state to go back to."""
-        raise InvalidSavepointRollbackError(
+        """Always raise ``TypeError`` (as the ``transaction`` package does): nothing to go back to."""
+        raise TypeError(
             f"cannot roll back to an optimistic savepoint: data manager {self.datamanager!r} "
             "does not support savepoints"
         )

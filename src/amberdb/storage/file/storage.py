@@ -575,6 +575,11 @@ class FileStorage:
         self._check_open()
         return self._last_tid
 
+    def size(self) -> int:
+        """The length in bytes of the data file's committed part (what this storage reads)."""
+        self._check_open()
+        return self._end
+
     def __len__(self) -> int:
         """The number of oids with at least one revision."""
         if self._generation != GENERATION.value and not self._closed:
