@@ -151,3 +151,11 @@ def test_db_cache_minimize_waits_for_another_threads_boundary() -> None:
         minimized.set()
         thread.join(30)
         assert states == [False, None]
+
+
+def test_transaction_status_values_match_the_transaction_package() -> None:
+    # Synchronizers compare txn.status with the package's Status constants.
+    real = importlib.import_module("transaction._transaction").Status
+    ours = amber_transaction.Status
+    for name in ("ACTIVE", "COMMITTING", "COMMITTED", "DOOMED", "COMMITFAILED"):
+        assert getattr(ours, name) == getattr(real, name), name

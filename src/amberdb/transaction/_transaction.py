@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Status", "Transaction"]
 
-log = logging.getLogger("amberdb.transaction")
+_LOGGER = logging.getLogger("amberdb.transaction")
 
 # Data-manager classes already checked to provide every protocol method (join is per commit).
 _checked_resource_types: set[type] = set()
@@ -81,6 +81,7 @@ class Status:
     COMMITTED = "Committed"
     DOOMED = "Doomed"
     COMMIT_FAILED = "Commit failed"
+    COMMITFAILED = COMMIT_FAILED  # the transaction package's spelling
 
 
 def _sort_key(resource: DataManager) -> str:
@@ -351,7 +352,7 @@ class Transaction:
             try:
                 hook(ok, *args, **kws)
             except BaseException as exc:
-                log.error("after-commit hook %r raised; ignored", hook, exc_info=True)
+                _LOGGER.error("after-commit hook %r raised; ignored", hook, exc_info=True)
                 errors.append(exc)
         hooks.clear()
 
@@ -366,7 +367,7 @@ class Transaction:
             try:
                 hook(*args, **kws)
             except BaseException as exc:
-                log.error("before-abort hook %r raised; ignored", hook, exc_info=True)
+                _LOGGER.error("before-abort hook %r raised; ignored", hook, exc_info=True)
                 if not isinstance(exc, Exception):
                     errors.append(exc)
         hooks.clear()
@@ -380,7 +381,7 @@ class Transaction:
             try:
                 hook(*args, **kws)
             except BaseException as exc:
-                log.error("after-abort hook %r raised", hook, exc_info=True)
+                _LOGGER.error("after-abort hook %r raised", hook, exc_info=True)
                 errors.append(exc)
         hooks.clear()
 
@@ -394,7 +395,7 @@ class Transaction:
             try:
                 getattr(synch, event)(self)
             except BaseException as exc:
-                log.error("synchronizer %r raised in %s", synch, event, exc_info=True)
+                _LOGGER.error("synchronizer %r raised in %s", synch, event, exc_info=True)
                 collected.append(exc)
         if errors is None and len(collected) > first:
             raise _first_error(collected[first:])
@@ -485,7 +486,7 @@ class Transaction:
                     resource.tpc_finish(self)
                     finished.add(id(resource))
             except BaseException:
-                log.critical(
+                _LOGGER.critical(
                     "a data manager failed in tpc_finish, after others may have finished: "
                     "the data managers of this transaction may be inconsistent",
                     exc_info=True,
@@ -531,7 +532,7 @@ class Transaction:
             try:
                 getattr(resource, method)(self)
             except BaseException as exc:
-                log.error(
+                _LOGGER.error(
                     "%s on %r raised while cleaning up a failed commit", method, resource, exc_info=True
                 )
                 errors.append(exc)
@@ -575,7 +576,7 @@ class Transaction:
             try:
                 resource.abort(self)
             except BaseException as exc:
-                log.error("abort on %r raised", resource, exc_info=True)
+                _LOGGER.error("abort on %r raised", resource, exc_info=True)
                 errors.append(exc)
         self._resources.clear()
 
@@ -696,7 +697,7 @@ class Transaction:
             try:
                 resource.abort(self)
             except BaseException as exc:
-                log.error("abort on %r raised in abort(subtransaction=True)", resource, exc_info=True)
+                _LOGGER.error("abort on %r raised in abort(subtransaction=True)", resource, exc_info=True)
                 errors.append(exc)
         self._resources.clear()
         self._invalidate_savepoints("abort(subtransaction=True) discarded the changes it covered")
