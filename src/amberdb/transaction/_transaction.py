@@ -84,6 +84,31 @@ class Status:
     COMMITFAILED = COMMIT_FAILED  # the transaction package's spelling
 
 
+def _run_logged_hooks(
+    hooks: list[Hook],
+    leading: tuple[Any, ...],
+    message: str,
+    errors: list[BaseException],
+    interrupts_only: bool = False,
+) -> None:
+    """Call each ``hook(*leading, *args, **kws)``, logging what raises, then forget them all.
+
+    What a hook raises goes to ``errors`` (only interrupts, with ``interrupts_only``).  An
+    index loop, not iteration: a hook may add hooks, and those must run too.
+    """
+    index = 0
+    while index < len(hooks):
+        hook, args, kws = hooks[index]
+        index += 1
+        try:
+            hook(*leading, *args, **kws)
+        except BaseException as exc:
+            _LOGGER.error(message, hook, exc_info=True)
+            if not interrupts_only or not isinstance(exc, Exception):
+                errors.append(exc)
+    hooks.clear()
+
+
 def _sort_key(resource: DataManager) -> str:
     return resource.sortKey()
 
@@ -344,46 +369,17 @@ class Transaction:
     def _run_after_commit_hooks(self, ok: bool, errors: list[BaseException]) -> None:
         # Errors are logged and collected; the caller raises only interrupts (the commit's
         # outcome is decided by then).
-        hooks = self._after_commit
-        index = 0
-        while index < len(hooks):
-            hook, args, kws = hooks[index]
-            index += 1
-            try:
-                hook(ok, *args, **kws)
-            except BaseException as exc:
-                _LOGGER.error("after-commit hook %r raised; ignored", hook, exc_info=True)
-                errors.append(exc)
-        hooks.clear()
+        _run_logged_hooks(self._after_commit, (ok,), "after-commit hook %r raised; ignored", errors)
 
     def _run_before_abort_hooks(self, errors: list[BaseException]) -> None:
         # As in the transaction package, their errors are only logged; an interrupt
         # (KeyboardInterrupt, SystemExit) is kept and raised once the abort is complete.
-        hooks = self._before_abort
-        index = 0
-        while index < len(hooks):
-            hook, args, kws = hooks[index]
-            index += 1
-            try:
-                hook(*args, **kws)
-            except BaseException as exc:
-                _LOGGER.error("before-abort hook %r raised; ignored", hook, exc_info=True)
-                if not isinstance(exc, Exception):
-                    errors.append(exc)
-        hooks.clear()
+        _run_logged_hooks(
+            self._before_abort, (), "before-abort hook %r raised; ignored", errors, interrupts_only=True
+        )
 
     def _run_after_abort_hooks(self, errors: list[BaseException]) -> None:
-        hooks = self._after_abort
-        index = 0
-        while index < len(hooks):
-            hook, args, kws = hooks[index]
-            index += 1
-            try:
-                hook(*args, **kws)
-            except BaseException as exc:
-                _LOGGER.error("after-abort hook %r raised", hook, exc_info=True)
-                errors.append(exc)
-        hooks.clear()
+        _run_logged_hooks(self._after_abort, (), "after-abort hook %r raised", errors)
 
     def _notify_synchs(self, event: str, errors: list[BaseException] | None = None) -> None:
         # Every synchronizer hears about the event even when one of them raises (even a
