@@ -16,7 +16,9 @@ from amberdb.exceptions import (
     POSKeyError,
     ReadOnlyError,
 )
-from amberdb.utils import p64
+from amberdb.storage.base import TransactionMeta
+from amberdb.storage.memory import MemoryStorage
+from amberdb.utils import p64, z64
 from tests.models import Book, Node
 
 
@@ -241,7 +243,7 @@ def test_read_only_database_refuses_commits(db_path: str) -> None:
 
 
 def test_db_rejects_bad_arguments() -> None:
-    with pytest.raises(TypeError, match="DB\\(\\) takes None, a file path or a storage, not int"):
+    with pytest.raises(TypeError, match="DB\\(\\) takes None, a URI, a file path or a storage, not int"):
         DB(42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cache_size must be >= 0"):
         DB(None, cache_size=-1)
@@ -262,3 +264,39 @@ def test_cache_gc_bounds_memory_within_one_transaction() -> None:
     assert total == sum(range(500))
     conn.close()
     db.close()
+
+
+class _RootCreatedMeanwhile(MemoryStorage):
+    """A storage whose first root load misses: another process creates the root right after."""
+
+    def __init__(self, other: amberdb.DB) -> None:
+        super().__init__()
+        self._other = other
+        self._raced = False
+
+    def load(self, oid: bytes, before: bytes | None = None) -> tuple[bytes, bytes]:
+        if oid == z64 and not self._raced:
+            self._raced = True
+            record = self._other.storage.load(z64)[0]
+            try:
+                super().load(oid, before)
+            except POSKeyError:
+                # The other process commits its root between our load and our store.
+                self.begin(TransactionMeta(description="the other process's root"))
+                self.store(z64, z64, record)
+                self.vote()
+                self.finish()
+                raise
+        return super().load(oid, before)
+
+
+def test_a_root_created_by_another_process_meanwhile_is_loaded() -> None:
+    source = amberdb.DB(None)
+    storage = _RootCreatedMeanwhile(source)
+    db = amberdb.DB(storage)  # its own root creation conflicts: it takes the other's root
+    conn = db.open(transaction.TransactionManager())
+    assert dict(conn.root()) == {}
+    assert [txn.meta.description for txn in storage.iterator()] == ["the other process's root"]
+    conn.close()
+    db.close()
+    source.close()

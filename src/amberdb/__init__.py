@@ -44,6 +44,7 @@ from amberdb.exceptions import (
 from amberdb.persistent import Persistent
 from amberdb.storage.file import FileStorage
 from amberdb.storage.memory import MemoryStorage
+from amberdb.storage.uri import open_storage
 
 __version__ = "0.1.0"
 
@@ -81,4 +82,5 @@ __all__ = [
     "TransientError",
     "UnsafeGlobalError",
     "connection",
+    "open_storage",
 ]

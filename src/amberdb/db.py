@@ -1,7 +1,9 @@
 """DB: a database: one storage, the class allow-list, and a pool of connections.
 
 ``DB(None)`` is an in-memory database, ``DB("path/to/file.fs")`` opens (creating if needed)
-a FileStorage, and ``DB(storage)`` uses any :class:`~amberdb.storage.base.Storage`.
+a FileStorage, ``DB("memory:")`` or ``DB("file:///data.fs?read_only=true")`` opens what the URI
+names (:mod:`amberdb.storage.uri`), and ``DB(storage)`` uses any
+:class:`~amberdb.storage.base.Storage`.
 ``db.open()`` hands out a connection, reusing closed ones (and their warm caches) from a
 pool; ``amberdb.connection(...)`` is the one-line shortcut whose close also closes the
 database.
@@ -19,9 +21,10 @@ from typing import Any, TypeVar
 from amberdb import transaction as _transaction
 from amberdb.connection import Connection
 from amberdb.containers import PersistentMapping
-from amberdb.exceptions import ConnectionStateError, POSKeyError
+from amberdb.exceptions import ConflictError, ConnectionStateError, POSKeyError
 from amberdb.serialize import ClassResolver, ObjectWriter
 from amberdb.storage.base import Storage, TransactionMeta
+from amberdb.storage.uri import open_storage
 from amberdb.utils import Oid, Tid, oid_repr, z64
 
 __all__ = ["DB", "connection"]
@@ -38,12 +41,11 @@ def _open_storage(storage: Storage | str | os.PathLike[str] | None, read_only: b
 
         return MemoryStorage()
     if isinstance(storage, (str, os.PathLike)):
-        from amberdb.storage.file import FileStorage
-
-        return FileStorage(os.fspath(storage), read_only=read_only)
+        return open_storage(storage, read_only=read_only)
     if not isinstance(storage, Storage):
         raise TypeError(
-            f"DB() takes None, a file path or a storage, not {type(storage).__qualname__} {storage!r:.80}"
+            f"DB() takes None, a URI, a file path or a storage, not {type(storage).__qualname__} "
+            f"{storage!r:.80}"
         )
     return storage
 
@@ -90,6 +92,10 @@ class DB:
                 self.storage.store(z64, z64, record)
                 self.storage.vote()
                 self.storage.finish()
+            except ConflictError:
+                # Another process (or DB) created the root since the load: use theirs.
+                self.storage.abort()
+                self.storage.load(z64)
             except BaseException:
                 self.storage.abort()
                 raise

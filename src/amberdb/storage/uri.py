@@ -1,0 +1,150 @@
+"""Storage URIs: ``amberdb.open_storage(uri)`` and ``amberdb.DB(uri)``.
+
+=================================  ==========================================================
+``memory:``                        a new, empty :class:`~amberdb.storage.memory.MemoryStorage`
+``file:///abs/path.fs``            a :class:`~amberdb.storage.file.FileStorage`; ``file:rel.fs``
+                                   is relative to the working directory
+``file:...?read_only=true``        FileStorage's options: ``read_only``, ``create``,
+                                   ``fsync``, ``salvage`` (``true``/``false``, ``1``/``0``,
+                                   ``yes``/``no``)
+``path/to/data.fs``                a plain path: a FileStorage
+``<scheme>:...``                   a scheme a package registered in the ``amberdb.storages``
+                                   entry-point group (or with :func:`register_scheme`)
+=================================  ==========================================================
+
+A string is a URI when it starts with a scheme of two or more characters and a colon
+(``memory:``, ``file:``, ``postgresql://``); anything else, and every ``os.PathLike``, is a
+path.  A path whose first colon comes before any slash (``data:2024.fs``) must be given as a
+``pathlib.Path`` or a ``file:`` URI.  An unknown scheme or option fails with ``ValueError``
+naming it and what is known.
+
+An entry point of the ``amberdb.storages`` group is named after its scheme and loads a
+callable ``opener(uri: str, read_only: bool) -> Storage``; it is imported only when a URI with
+that scheme is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from amberdb.storage.base import Storage
+
+__all__ = ["ENTRY_POINT_GROUP", "Opener", "known_schemes", "open_storage", "register_scheme"]
+
+ENTRY_POINT_GROUP = "amberdb.storages"
+"""The entry-point group in which a package registers a URI scheme."""
+
+Opener = Callable[[str, bool], Storage]
+"""Opens the storage a URI names: ``opener(uri, read_only)``."""
+
+# Two or more characters: "C:\\data.fs" stays a (Windows) path.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]+):")
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_FILE_OPTIONS = ("read_only", "create", "fsync", "salvage")
+
+_registered: dict[str, Opener] = {}
+_registry_lock = threading.Lock()
+
+
+def register_scheme(scheme: str, opener: Opener) -> None:
+    """Let ``open_storage`` open URIs of ``scheme`` with ``opener(uri, read_only)``."""
+    if _SCHEME.fullmatch(scheme + ":") is None:
+        raise ValueError(f"{scheme!r} is not a URI scheme (a letter, then letters, digits, '+', '-', '.')")
+    with _registry_lock:
+        _registered[scheme.lower()] = opener
+
+
+def known_schemes() -> list[str]:
+    """The schemes ``open_storage`` knows: built in, registered, and from entry points."""
+    names = set(_BUILT_IN) | set(_registered)
+    names.update(entry.name.lower() for entry in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def open_storage(uri: str | os.PathLike[str], *, read_only: bool = False) -> Storage:
+    """The storage ``uri`` names (see the module docstring); ``read_only`` applies to any."""
+    if isinstance(uri, os.PathLike):
+        return _open_file_path(os.fspath(uri), {}, read_only)
+    if not isinstance(uri, str):
+        raise TypeError(f"a storage URI or path is a str or os.PathLike, not {type(uri).__qualname__}")
+    if not uri:
+        raise ValueError("empty storage URI or path")
+    found = _SCHEME.match(uri)
+    if found is None:
+        return _open_file_path(uri, {}, read_only)
+    scheme = found.group(1).lower()
+    opener = _BUILT_IN.get(scheme) or _registered.get(scheme) or _entry_point_opener(scheme)
+    if opener is None:
+        raise ValueError(
+            f"unknown storage scheme {scheme!r} in {uri!r}: known schemes are "
+            f"{', '.join(known_schemes())} (a package adds one through the {ENTRY_POINT_GROUP!r} "
+            "entry-point group; a file path with a colon in it can be given as pathlib.Path or "
+            "a file: URI)"
+        )
+    storage = opener(uri, read_only)
+    if not isinstance(storage, Storage):
+        returned = type(storage).__qualname__
+        raise TypeError(f"the opener of scheme {scheme!r} returned {returned}, not a storage")
+    return storage
+
+
+def _entry_point_opener(scheme: str) -> Opener | None:
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name.lower() == scheme:
+            opener: Opener = entry.load()
+            return opener
+    return None
+
+
+def _options(uri: str, query: str, known: tuple[str, ...]) -> dict[str, bool]:
+    options: dict[str, bool] = {}
+    for name, text in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if name not in known:
+            shown = ", ".join(known) if known else "none"
+            raise ValueError(f"unknown option {name!r} in storage URI {uri!r}: known options are {shown}")
+        value = text.lower()
+        if value not in _TRUE | _FALSE:
+            raise ValueError(f"option {name}={text!r} in storage URI {uri!r} is not true or false")
+        options[name] = value in _TRUE
+    return options
+
+
+def _open_memory(uri: str, read_only: bool) -> Storage:
+    from amberdb.storage.memory import MemoryStorage
+
+    parts = urlsplit(uri)
+    if parts.netloc or parts.path.strip("/"):
+        raise ValueError(f"a memory: URI names no place, got {uri!r}")
+    _options(uri, parts.query, ())
+    if read_only:
+        raise ValueError(f"{uri!r}: a new in-memory storage cannot be read-only (it would stay empty)")
+    return MemoryStorage()
+
+
+def _open_file(uri: str, read_only: bool) -> Storage:
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"file: URI {uri!r} names host {parts.netloc!r}: only local files can be opened")
+    if parts.fragment:
+        raise ValueError(f"file: URI {uri!r} has a fragment (#...); options go after '?'")
+    path = unquote(parts.path)
+    if not path:
+        raise ValueError(f"file: URI {uri!r} names no file")
+    return _open_file_path(path, _options(uri, parts.query, _FILE_OPTIONS), read_only)
+
+
+def _open_file_path(path: str, options: dict[str, bool], read_only: bool) -> Storage:
+    from amberdb.storage.file import FileStorage
+
+    if read_only:
+        options["read_only"] = True
+    return FileStorage(path, **options)
+
+
+_BUILT_IN: dict[str, Opener] = {"memory": _open_memory, "file": _open_file}
