@@ -148,11 +148,11 @@ class Connection:
         self._spill: SpillFile | None = None
         self._stored: list[Persistent] = []  # objects written by the commit in progress
         self._resolved: list[Oid] = []  # stored as a merge: the objects in memory are stale
-        # MVCC: reads see transactions up to _snapshot; _pending holds invalidations from
+        # MVCC: reads see transactions up to _snapshot; _invalidated holds invalidations from
         # other connections, guarded by the database's lock.
         self._snapshot: Tid = z64
         self._read_before: Tid = p64(1)
-        self._pending: set[Oid] = set()
+        self._invalidated: set[Oid] = set()
         # One thread at a time inside the connection: _user is that thread, _depth its nesting.
         self._use_lock = threading.Lock()
         self._user: int | None = None
@@ -509,7 +509,7 @@ class Connection:
         """Write the records of every new and changed object to the storage."""
         spill = self._spill
         if spill is not None:
-            self._write_pending(_spill_sink(spill))
+            self._write_changed(_spill_sink(spill))
             for oid, base, record in spill.entries():
                 self._store(oid, base, record)
             return
@@ -519,7 +519,7 @@ class Connection:
             stored.append(obj)
             self._store(oid, base, record)
 
-        self._write_pending(store)
+        self._write_changed(store)
 
     def _store(self, oid: Oid, base: Tid, record: bytes) -> None:
         try:
@@ -553,7 +553,7 @@ class Connection:
         storage.store(oid, saved_tid, resolve(self._db._resolver, oid, old_record, saved_record, record))
         self._resolved.append(oid)
 
-    def _write_pending(self, sink: Callable[[Oid, Tid, bytes, Persistent], None]) -> None:
+    def _write_changed(self, sink: Callable[[Oid, Tid, bytes, Persistent], None]) -> None:
         """Serialize every added and changed object (and objects they newly reach) into sink."""
         writer = self._writer
         added = self._added
@@ -703,7 +703,7 @@ class Connection:
         self._check_open("take a savepoint")
         if self._spill is None:
             self._spill = SpillFile()
-        self._write_pending(_spill_sink(self._spill))
+        self._write_changed(_spill_sink(self._spill))
         self._cache.shrink()
         return _ConnectionSavepoint(self, self._spill.position)
 
@@ -761,13 +761,13 @@ class Connection:
         self._start_snapshot()
 
     def _start_snapshot(self) -> None:
-        if not self._pending and self._storage.last_tid() == self._snapshot:
+        if not self._invalidated and self._storage.last_tid() == self._snapshot:
             return  # nothing new (checked in this order, a commit in between is seen next time)
         with self._db._lock:
-            pending = self._pending
-            self._pending = set()
+            invalidated = self._invalidated
+            self._invalidated = set()
             self._take_snapshot()
-        for oid in pending:
+        for oid in invalidated:
             obj = self._cache.get(oid)
             if obj is not None and obj._p_state != GHOST:
                 ghostify(obj)
@@ -779,7 +779,7 @@ class Connection:
 
     def _invalidate(self, oids: Iterable[Oid]) -> None:
         """Other connections committed changes to ``oids`` (called under the db lock)."""
-        self._pending.update(oids)
+        self._invalidated.update(oids)
 
 
 def _state_misfit(obj: Persistent, oid: Oid, error: Exception) -> RecordDecodeError:

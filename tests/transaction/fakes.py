@@ -105,7 +105,7 @@ class ListDM:
         self.committed: list[int] = []
         self.working: list[int] = []
         self.joined: Transaction | None = None
-        self._pending: list[int] | None = None
+        self._prepared: list[int] | None = None
 
     def append(self, value: int) -> None:
         if self.joined is None:
@@ -119,22 +119,22 @@ class ListDM:
         self.joined = None
 
     def tpc_begin(self, txn: Transaction) -> None:
-        self._pending = None
+        self._prepared = None
 
     def commit(self, txn: Transaction) -> None:
-        self._pending = list(self.working)
+        self._prepared = list(self.working)
 
     def tpc_vote(self, txn: Transaction) -> None:
-        assert self._pending is not None
+        assert self._prepared is not None
 
     def tpc_finish(self, txn: Transaction) -> None:
-        assert self._pending is not None
-        self.committed = self._pending
-        self._pending = None
+        assert self._prepared is not None
+        self.committed = self._prepared
+        self._prepared = None
         self.joined = None
 
     def tpc_abort(self, txn: Transaction) -> None:
-        self._pending = None
+        self._prepared = None
         self.working = list(self.committed)
         self.joined = None
 

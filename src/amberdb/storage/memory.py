@@ -40,7 +40,7 @@ class MemoryStorage:
         self._owner: int | None = None
         self._tid = z64
         self._meta = TransactionMeta()
-        self._pending: dict[Oid, bytes] = {}
+        self._txn_records: dict[Oid, bytes] = {}
 
     # -- properties -------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class MemoryStorage:
         self._owner = threading.get_ident()
         self._meta = meta
         self._tid = next_tid(self._last_tid)
-        self._pending = {}
+        self._txn_records = {}
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
         """Add a revision of ``oid`` to the open transaction; ConflictError per invariant 2."""
@@ -146,7 +146,7 @@ class MemoryStorage:
             committed = tids[-1] if tids else z64
         if committed != base_tid:
             raise ConflictError(oid=oid, serials=(committed, base_tid))
-        self._pending[oid] = bytes(record)
+        self._txn_records[oid] = bytes(record)
         self._bump_oid(oid)
 
     def vote(self) -> None:
@@ -160,9 +160,9 @@ class MemoryStorage:
         if self._state != _VOTED:
             raise StorageTransactionError(f"finish() needs a voted transaction, state is {self._state}")
         tid = self._tid
-        records = [DataRecord(oid, tid, rec) for oid, rec in self._pending.items()]
+        records = [DataRecord(oid, tid, rec) for oid, rec in self._txn_records.items()]
         with self._lock:
-            for oid, rec in self._pending.items():
+            for oid, rec in self._txn_records.items():
                 self._tids.setdefault(oid, []).append(tid)
                 self._records.setdefault(oid, []).append(rec)
             self._transactions.append(TransactionRecord(tid, self._meta, records))
@@ -178,7 +178,7 @@ class MemoryStorage:
     def _end(self) -> None:
         self._state = _IDLE
         self._owner = None
-        self._pending = {}
+        self._txn_records = {}
         self._commit_lock.release()
 
     def close(self) -> None:

@@ -63,7 +63,7 @@ class SpillFile:
         # cannot be in any other connection's cache, so only these need invalidating)
         self._existing: set[int] = set()
         self._flushed = 0  # bytes already in the file
-        self._pending = bytearray()  # bytes after _flushed, not yet written
+        self._unwritten = bytearray()  # bytes after _flushed, not yet written
         # A child of os.fork() shares the file with its parent: one writing into it would
         # change what the other commits (amberdb.storage.forks).
         self._generation = GENERATION.value
@@ -79,7 +79,7 @@ class SpillFile:
     @property
     def position(self) -> int:
         """The end of the spill: what a savepoint remembers to roll back to."""
-        return self._flushed + len(self._pending)
+        return self._flushed + len(self._unwritten)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -91,29 +91,29 @@ class SpillFile:
         """Add ``record`` as the newest spilled state of ``oid``."""
         if self._generation != GENERATION.value:
             self._check_process()
-        pending = self._pending
-        offset = self._flushed + len(pending)
+        unwritten = self._unwritten
+        offset = self._flushed + len(unwritten)
         key = int.from_bytes(oid, "big")
         fields = _pack_fields(oid, base_tid, self._index.get(key, _NONE), len(record), _crc32(record))
-        pending += fields
-        pending += _pack_u32(_crc32(fields))
-        pending += record
+        unwritten += fields
+        unwritten += _pack_u32(_crc32(fields))
+        unwritten += record
         self._index[key] = offset
         if base_tid != z64:
             self._existing.add(key)
-        if len(pending) >= _FLUSH_AT:
+        if len(unwritten) >= _FLUSH_AT:
             self._flush()
 
     def _flush(self) -> None:
-        if self._pending:
-            os.pwrite(self._fd, self._pending, self._flushed)
-            self._flushed += len(self._pending)
-            self._pending = bytearray()
+        if self._unwritten:
+            os.pwrite(self._fd, self._unwritten, self._flushed)
+            self._flushed += len(self._unwritten)
+            self._unwritten = bytearray()
 
     def _read(self, offset: int, size: int) -> bytes:
         if offset >= self._flushed:
             start = offset - self._flushed
-            return bytes(self._pending[start : start + size])
+            return bytes(self._unwritten[start : start + size])
         self._flush()
         data = os.pread(self._fd, size, offset)
         if len(data) != size:

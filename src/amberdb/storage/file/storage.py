@@ -635,8 +635,8 @@ class FileStorage:
         self._body_crc = 0
         self._count = 0
         self._meta_lens = (0, 0, 0)
-        self._pending_oids: array[int] = array("q")
-        self._pending_offsets: array[int] = array("q")
+        self._txn_oids: array[int] = array("q")
+        self._txn_offsets: array[int] = array("q")
         self._failure: BaseException | None = None
 
     def begin(self, meta: TransactionMeta) -> None:
@@ -743,13 +743,13 @@ class FileStorage:
             self._failure = exc
             raise
         if self._count < _PENDING_LIMIT:
-            self._pending_oids.append(oid_int)
-            self._pending_offsets.append(offset)
-        elif self._pending_oids:
+            self._txn_oids.append(oid_int)
+            self._txn_offsets.append(offset)
+        elif self._txn_oids:
             # A big transaction: finish() reads the records' headers back from the file
             # instead of holding 16 bytes per record until then.
-            self._pending_oids = array("q")
-            self._pending_offsets = array("q")
+            self._txn_oids = array("q")
+            self._txn_offsets = array("q")
         self._count += 1
         if oid_int >= self._next_oid:
             # An oid chosen by the caller: new_oid must not hand it out meanwhile (invariant 5).
@@ -823,7 +823,7 @@ class FileStorage:
             # Durable all the same; but stop writing, and let the next open judge the file.
             self._broken = exc
         with self._lock:
-            if self._count > len(self._pending_oids):
+            if self._count > len(self._txn_oids):
                 try:
                     index_transaction(self._fd, self._path, self._txn_pos, index)
                 except BaseException as exc:
@@ -835,7 +835,7 @@ class FileStorage:
                     self._end_txn()
                     raise
             else:
-                for oid, offset in zip(self._pending_oids, self._pending_offsets):
+                for oid, offset in zip(self._txn_oids, self._txn_offsets):
                     index[oid] = offset
             self._end = self._txn_pos + self._written
             self._last_tid = tid
