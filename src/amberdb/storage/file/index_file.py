@@ -32,6 +32,7 @@ __all__ = [
     "SavedIndex",
     "decode_index_file",
     "index_beside_a_cut_file",
+    "own_index_file",
     "read_index_file",
     "write_index_file",
 ]
@@ -82,31 +83,45 @@ def read_index_file(path: str, fd: int, file_id: bytes, file_id_crc: int, size: 
     None when there is none, when it fails its own checks, or when it belongs to another
     file.  Raises CorruptedDataError when it is valid for this file and the file contradicts it.
     """
+    # An index that is missing, unreadable, fails its own check or belongs to another file is
+    # derived data: scan and rebuild it.
+    saved, _ = own_index_file(path, file_id)
+    if saved is None:
+        return None
+    problem = _contradiction(fd, file_id_crc, saved.position, saved.last_tid, size)
+    if problem is not None:
+        raise CorruptedDataError(
+            f"{path} disagrees with its index file {path}.index: the index (intact, written for"
+            f" this data file) says the data file holds transactions up to offset {saved.position},"
+            f" the last with tid {oid_repr(saved.last_tid)}, but {problem}. Either the data file is"
+            " damaged, or it was replaced by an older copy (say, a backup) while its newer index"
+            f" stayed: deleting the index file is right only in that second case. {RECOVERY_HINT}",
+            path=path,
+            offset=saved.position,
+            problem=problem,
+        )
+    return saved
+
+
+def own_index_file(path: str, file_id: bytes) -> tuple[SavedIndex | None, str | None]:
+    """The index file of the data file ``path`` if it passes its own checks and was written
+    for this file (``file_id``); else None and why not (no reason when there is no index file).
+    """
     index_path = path + ".index"
     try:
         with open(index_path, "rb") as f:
             data = f.read()
-    except OSError:
-        return None
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"index file {index_path} cannot be read ({exc}): an open scans the data file"
     try:
         h, index = decode_index_file(data)
-    except ValueError:
-        return None  # derived data that failed its own check: rebuild it
+    except ValueError as exc:
+        return None, f"index file {index_path} is invalid ({exc}): an open ignores it and scans"
     if h.file_id != file_id:
-        return None
-    problem = _contradiction(fd, file_id_crc, h.position, h.last_tid, size)
-    if problem is not None:
-        raise CorruptedDataError(
-            f"{path} disagrees with its index file {index_path}: the index (intact, written for"
-            f" this data file) says the data file holds transactions up to offset {h.position},"
-            f" the last with tid {oid_repr(h.last_tid)}, but {problem}. Either the data file is"
-            " damaged, or it was replaced by an older copy (say, a backup) while its newer index"
-            f" stayed: deleting the index file is right only in that second case. {RECOVERY_HINT}",
-            path=path,
-            offset=h.position,
-            problem=problem,
-        )
-    return SavedIndex(h.position, h.last_tid, h.next_oid, index)
+        return None, f"index file {index_path} belongs to another data file: an open ignores it"
+    return SavedIndex(h.position, h.last_tid, h.next_oid, index), None
 
 
 def _contradiction(fd: int, file_id_crc: int, position: int, last_tid: bytes, size: int) -> str | None:

@@ -31,7 +31,7 @@ from amberdb.storage.file.format import (
     is_partial_file_header,
     magic_damaged,
 )
-from amberdb.storage.file.index_file import SavedIndex, decode_index_file, index_beside_a_cut_file
+from amberdb.storage.file.index_file import SavedIndex, index_beside_a_cut_file, own_index_file
 from amberdb.storage.file.locking import writers_kept_out
 from amberdb.storage.file.recovery import (
     describe_txn_problem,
@@ -246,24 +246,10 @@ class _Walker:
 
 def _read_index_file(name: str, file_id: bytes, report: VerifyReport) -> SavedIndex | None:
     """The index file of this data file when it passes its own checks, else None (and a note)."""
-    index_path = name + ".index"
-    try:
-        with open(index_path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        report.notes.append(f"index file {index_path} cannot be read ({exc}): an open scans the data file")
-        return None
-    try:
-        h, entries = decode_index_file(data)
-    except ValueError as exc:
-        report.notes.append(f"index file {index_path} is invalid ({exc}): an open ignores it and scans")
-        return None
-    if h.file_id != file_id:
-        report.notes.append(f"index file {index_path} belongs to another data file: an open ignores it")
-        return None
-    return SavedIndex(h.position, h.last_tid, h.next_oid, entries)
+    saved, why_not = own_index_file(name, file_id)
+    if why_not is not None:
+        report.notes.append(why_not)
+    return saved
 
 
 def _compare_index(saved: SavedIndex, walker: _Walker, report: VerifyReport) -> None:
