@@ -19,7 +19,8 @@ def test_top_level_exports_are_pinned() -> None:
             "PersistentMapping",
             "ReadOnlyError", "RecordDecodeError", "SerializationError", "StorageError",
             "StorageForkedError", "StorageLockedError", "StorageTransactionError", "TransactionError",
-            "TransactionFailedError", "TransientError", "UnsafeGlobalError", "connection", "open_storage",
+            "TransactionFailedError", "TransientError", "UnsafeGlobalError", "VoteConflictError",
+            "connection", "open_storage",
         ]
     )  # fmt: skip
     for name in amberdb.__all__:

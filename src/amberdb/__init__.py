@@ -40,6 +40,7 @@ from amberdb.exceptions import (
     TransactionFailedError,
     TransientError,
     UnsafeGlobalError,
+    VoteConflictError,
 )
 from amberdb.persistent import Persistent
 from amberdb.storage.file import FileStorage
@@ -81,6 +82,7 @@ __all__ = [
     "TransactionFailedError",
     "TransientError",
     "UnsafeGlobalError",
+    "VoteConflictError",
     "connection",
     "open_storage",
 ]

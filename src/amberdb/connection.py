@@ -6,9 +6,17 @@ and takes part in transactions as a *data manager*: the transaction package call
 ``savepoint``; the connection writes records through its storage.
 
 Snapshot isolation: a connection reads the database as of the last transaction committed
-when its own transaction began (``_snapshot``); newer revisions written by other connections
-are skipped by loading ``before`` the snapshot.  Their oids arrive as invalidations and are
-applied (the objects turned into ghosts) only at transaction boundaries.
+when its own transaction began (``_snapshot``); newer revisions written by other committers
+are skipped by loading ``before`` the snapshot.  At each transaction boundary the connection
+asks its storage what changed since (``poll_invalidations``) and turns those objects into
+ghosts: whoever committed -- another connection, another ``DB``, another process -- the
+storage is the one source of invalidations.  A storage that can no longer tell makes the
+connection forget every cached object instead.
+
+Committing serializes every changed object first and only then begins the storage's
+transaction, so no application code (``__getstate__``, a persistent id) runs while the
+storage's commit lock may be held.  Conflicts a storage reports at ``store`` or at ``vote``
+are resolved here (``_p_resolveConflict``) and voted again, or raised naming oid and class.
 
 Savepoints write the records of changed objects to a spill file and let the objects become
 ghosts again, so a transaction can change more objects than fit in memory; the final commit
@@ -20,7 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from amberdb.cache import ObjectCache
@@ -34,6 +42,7 @@ from amberdb.exceptions import (
     RecordDecodeError,
     SerializationError,
     TransactionError,
+    VoteConflictError,
 )
 from amberdb.persistent import (
     CHANGED,
@@ -62,6 +71,12 @@ _set = object.__setattr__
 _get_ident = threading.get_ident
 _get_slot = object.__getattribute__
 _T = TypeVar("_T")
+
+COMMIT_BUFFER_SIZE = 64 << 20
+"""Bytes of serialized records a commit keeps in memory before moving them to a spill file."""
+
+MAX_REVOTES = 10
+"""Votes a commit retries after resolving conflicts the storage reported at vote."""
 
 
 def _exclusive(method: Callable[..., _T]) -> Callable[..., _T]:
@@ -131,8 +146,9 @@ class Connection:
         self._db = db
         self._storage = db.storage
         self._cache = ObjectCache(cache_size, self._in_spill)
-        self._reader = ObjectReader(db._resolver, self._ghost_for)
-        self._writer = ObjectWriter(db._resolver, self._reference)
+        self._resolver = db.class_resolver
+        self._reader = ObjectReader(self._resolver, self._ghost_for)
+        self._writer = ObjectWriter(self._resolver, self._reference)
         self.root = RootConvenience(self)
         self.transaction_manager: Any = None
         # The manager registerSynch went to: for a per-thread manager, the opening thread's
@@ -148,11 +164,16 @@ class Connection:
         self._spill: SpillFile | None = None
         self._stored: list[Persistent] = []  # objects written by the commit in progress
         self._resolved: list[Oid] = []  # stored as a merge: the objects in memory are stale
-        # MVCC: reads see transactions up to _snapshot; _invalidated holds invalidations from
-        # other connections, guarded by the database's lock.
+        # What the storage reported at vote as changed by others before this commit
+        # (None: it could not tell); applied at finish.
+        self._polled_at_vote: Collection[Oid] | None = ()
+        # MVCC: reads see transactions up to _snapshot.  _invalidated holds oids to turn into
+        # ghosts at the next boundary (known at finish, before the snapshot moves on), and
+        # _forget_all says the storage could not tell what changed.
         self._snapshot: Tid = z64
         self._read_before: Tid = p64(1)
         self._invalidated: set[Oid] = set()
+        self._forget_all = False
         # One thread at a time inside the connection: _user is that thread, _depth its nesting.
         self._use_lock = threading.Lock()
         self._user: int | None = None
@@ -188,7 +209,7 @@ class Connection:
             )
         self._leave_manager()
         callbacks, self._close_callbacks = self._close_callbacks, []
-        self._db._release(self)
+        self._db.release_connection(self)
         for callback in callbacks:
             callback()
 
@@ -348,7 +369,7 @@ class Connection:
     def _ghost_for(self, oid: Oid, name: str) -> Persistent:
         obj = self._cache.get(oid)
         if obj is None:
-            obj = make_ghost(self._db._resolver.persistent_class(name), oid, self)
+            obj = make_ghost(self._resolver.persistent_class(name), oid, self)
             self._cache.add(oid, obj)
         return obj
 
@@ -498,28 +519,45 @@ class Connection:
         self._revert()
 
     def tpc_begin(self, transaction: Any) -> None:
-        """Start writing: waits for the storage's commit lock."""
+        """Check that this connection may commit; the storage is begun in ``commit``."""
         self._check_open("commit")
         if self._storage.read_only:
             raise ReadOnlyError(f"cannot commit: {self._storage.name} is read-only")
-        self._storage.begin(_meta(transaction))
 
     @_exclusive
     def commit(self, transaction: Any) -> None:
-        """Write the records of every new and changed object to the storage."""
+        """Serialize every new and changed object, then begin the storage and store them.
+
+        Serializing first keeps application code out of the time the storage may hold its
+        commit lock.  The records wait in memory, or past ``COMMIT_BUFFER_SIZE`` bytes in the
+        spill file, as savepoints keep them.
+        """
+        buffered: list[tuple[Oid, Tid, bytes]] = []
         spill = self._spill
-        if spill is not None:
+        if spill is None:
+            stored = self._stored  # what abort turns back into ghosts, whatever fails below
+            size = 0
+
+            def buffer(oid: Oid, base: Tid, record: bytes, obj: Persistent) -> None:
+                nonlocal size, spill
+                if spill is not None:
+                    spill.store(oid, base, record)
+                    return
+                stored.append(obj)
+                buffered.append((oid, base, record))
+                size += len(record)
+                if size > COMMIT_BUFFER_SIZE:
+                    spill = self._spill = SpillFile()
+                    for entry in buffered:
+                        spill.store(*entry)
+                    buffered.clear()
+
+            self._write_changed(buffer)
+        else:
             self._write_changed(_spill_sink(spill))
-            for oid, base, record in spill.entries():
-                self._store(oid, base, record)
-            return
-        stored = self._stored
-
-        def store(oid: Oid, base: Tid, record: bytes, obj: Persistent) -> None:
-            stored.append(obj)
+        self._storage.begin(_meta(transaction))
+        for oid, base, record in buffered if spill is None else spill.entries():
             self._store(oid, base, record)
-
-        self._write_changed(store)
 
     def _store(self, oid: Oid, base: Tid, record: bytes) -> None:
         try:
@@ -527,21 +565,10 @@ class Connection:
         except ConflictError as conflict:
             self._store_resolved(conflict, oid, base, record)
 
-    def _written_oids(self) -> list[Oid]:
-        """The oids other connections must invalidate: those the commit in progress changed.
-
-        Objects this commit created are left out: no other connection can have them cached,
-        and a big transaction creating a million objects would otherwise hand every other
-        connection a million oids to hold until its next transaction.
-        """
-        if self._spill is not None:
-            return self._spill.existing_oids()
-        return [obj._p_oid for obj in self._stored if obj._p_oid is not None and obj._p_serial != z64]
-
     def _store_resolved(self, conflict: ConflictError, oid: Oid, base: Tid, record: bytes) -> None:
         """Store the merge of ``record`` with what another transaction committed meanwhile."""
         name = decode_header(record).class_name
-        cls = self._db._resolver.persistent_class(name)
+        cls = self._resolver.persistent_class(name)
         if getattr(cls, "_p_resolveConflict", None) is None or base == z64:
             raise conflict.with_class(name) from None
         storage = self._storage
@@ -550,7 +577,7 @@ class Connection:
             saved_record, saved_tid = storage.load(oid)
         except POSKeyError:
             raise conflict.with_class(name) from None
-        storage.store(oid, saved_tid, resolve(self._db._resolver, oid, old_record, saved_record, record))
+        storage.store(oid, saved_tid, resolve(self._resolver, oid, old_record, saved_record, record))
         self._resolved.append(oid)
 
     def _write_changed(self, sink: Callable[[Oid, Tid, bytes, Persistent], None]) -> None:
@@ -578,21 +605,52 @@ class Connection:
             mark_unchanged(obj)
             _set(obj, "_p_estimated_size", len(record))
 
+    @_exclusive
     def tpc_vote(self, transaction: Any) -> None:
-        """Make the transaction durable."""
-        self._storage.vote()
+        """Make the transaction durable, resolving conflicts the storage reports at vote.
+
+        Once the vote holds, no other transaction can finish before this one (storage
+        invariant 6): the poll made then names everything others committed since this
+        connection's snapshot, which finish applies.
+        """
+        storage = self._storage
+        for _ in range(MAX_REVOTES):
+            try:
+                storage.vote()
+                break
+            except VoteConflictError as conflicts:
+                self._resolve_at_vote(conflicts)
+        else:
+            storage.vote()  # a conflict now is raised as it is: retrying the transaction may pass
+        self._polled_at_vote = storage.poll_invalidations(self._snapshot)[1]
+
+    def _resolve_at_vote(self, conflicts: VoteConflictError) -> None:
+        """Store a merged record for every conflict a vote reported, or raise ConflictError."""
+        spill = self._spill
+        objects = {obj._p_oid: obj for obj in self._stored} if spill is None else {}
+        for oid, serials in conflicts.conflicts.items():
+            spilled = None if spill is None else spill.load(oid)
+            if spilled is not None:
+                record, base = spilled
+            else:
+                obj = objects.get(oid)
+                if obj is None:
+                    raise ConflictError(oid=oid, serials=serials)  # a store this commit did not make
+                record, base = self._writer.serialize(obj), obj._p_serial
+            self._store_resolved(ConflictError(oid=oid, serials=serials), oid, base, record)
 
     @_exclusive
     def tpc_finish(self, transaction: Any) -> None:
         """Publish the transaction: objects get their new serial, others see the change."""
-        db = self._db
-        with db._lock:
-            tid = self._storage.finish()
-            # Durable from here: nothing below asks the storage anything, so nothing can
-            # turn a commit that happened into one reported as failed.
-            if db._has_other_connections(self):
-                db._invalidate(self._written_oids(), self)
-            self._take_snapshot(tid)
+        tid = self._storage.finish()
+        # Durable from here: nothing below asks the storage anything, so nothing can turn a
+        # commit that happened into one reported as failed.
+        polled = self._polled_at_vote
+        if polled is None:
+            self._forget_all = True
+        else:
+            self._invalidated.update(polled)
+        self._take_snapshot(tid)
         spill = self._spill
         for obj in self._stored:
             if obj._p_jar is self:
@@ -694,6 +752,7 @@ class Connection:
         self._added = {}
         self._stored = []
         self._resolved = []
+        self._polled_at_vote = ()
 
     # -- savepoints -------------------------------------------------------------------------
 
@@ -761,25 +820,30 @@ class Connection:
         self._start_snapshot()
 
     def _start_snapshot(self) -> None:
-        if not self._invalidated and self._storage.last_tid() == self._snapshot:
-            return  # nothing new (checked in this order, a commit in between is seen next time)
-        with self._db._lock:
-            invalidated = self._invalidated
-            self._invalidated = set()
-            self._take_snapshot()
+        """Move to the storage's newest state, invalidating what changed since the last one."""
+        newest, changed = self._storage.poll_invalidations(self._snapshot)
+        if newest == self._snapshot and not changed and not self._invalidated and not self._forget_all:
+            return
+        invalidated, self._invalidated = self._invalidated, set()
+        self._take_snapshot(newest)
+        cache = self._cache
+        if changed is None or self._forget_all:
+            # The storage cannot say what changed: nothing cached can be trusted.
+            self._forget_all = False
+            for _, live in cache.live_objects():
+                if live._p_state != GHOST:
+                    ghostify(live)
+            return
+        invalidated.update(changed)
         for oid in invalidated:
-            obj = self._cache.get(oid)
+            obj = cache.get(oid)
             if obj is not None and obj._p_state != GHOST:
                 ghostify(obj)
 
-    def _take_snapshot(self, tid: Tid | None = None) -> None:
-        """Read as of ``tid`` from now on (default: the storage's newest transaction)."""
-        self._snapshot = self._storage.last_tid() if tid is None else tid
-        self._read_before = p64(u64(self._snapshot) + 1)
-
-    def _invalidate(self, oids: Iterable[Oid]) -> None:
-        """Other connections committed changes to ``oids`` (called under the db lock)."""
-        self._invalidated.update(oids)
+    def _take_snapshot(self, tid: Tid) -> None:
+        """Read as of ``tid`` from now on."""
+        self._snapshot = tid
+        self._read_before = p64(u64(tid) + 1)
 
 
 def _state_misfit(obj: Persistent, oid: Oid, error: Exception) -> RecordDecodeError:

@@ -71,8 +71,7 @@ class DB:
         self.cache_size = cache_size
         self.pool_size = pool_size
         self._resolver = ClassResolver(allowed_modules, allowed_classes)
-        # Guards the pool, the set of connections, and the pairing of a storage's newest
-        # tid with the invalidations a connection has not applied yet.
+        # Guards the pool and the set of connections.
         self._lock = threading.RLock()
         self._pool: list[Connection] = []
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
@@ -124,7 +123,15 @@ class DB:
         connection._open(manager)
         return connection
 
-    def _release(self, connection: Connection) -> None:
+    # -- what connections use (they learn of changes from the storage, not from the DB) --
+
+    @property
+    def class_resolver(self) -> ClassResolver:
+        """The classes records may name: what every connection loads and writes through."""
+        return self._resolver
+
+    def release_connection(self, connection: Connection) -> None:
+        """Take back a connection that closed, keeping up to ``pool_size`` for reuse."""
         with self._lock:
             if self._closed:
                 return
@@ -132,18 +139,6 @@ class DB:
             while len(self._pool) > self.pool_size:
                 dropped = self._pool.pop(0)
                 self._connections.discard(dropped)
-
-    def _has_other_connections(self, connection: Connection) -> bool:
-        """Whether any connection besides ``connection`` (open or pooled) has a cache."""
-        return len(self._connections) > 1 or connection not in self._connections
-
-    def _invalidate(self, oids: list[Oid], origin: Connection) -> None:
-        """Tell every other connection that ``oids`` changed (called under ``_lock``)."""
-        if not oids:
-            return
-        for connection in list(self._connections):
-            if connection is not origin:
-                connection._invalidate(oids)
 
     def transaction(self, attempts: int = 1) -> TransactionScope:
         """A transaction on a connection of its own, as a ``with`` block or a decorator.

@@ -21,6 +21,7 @@ too, so ``except KeyError`` keeps working for a missing oid::
     └── TransactionError                        (as in the ``transaction`` package)
         ├── TransientError                      retrying the transaction may succeed
         │   └── ConflictError                   two transactions wrote the same object
+        │       └── VoteConflictError           a storage's vote found conflicts (all of them)
         ├── DoomedTransactionError              commit of a doomed transaction
         ├── TransactionFailedError              a failed commit must be aborted first
         ├── NoTransactionError                  no transaction begun on an explicit manager
@@ -61,6 +62,7 @@ __all__ = [
     "TransactionFailedError",
     "TransientError",
     "UnsafeGlobalError",
+    "VoteConflictError",
 ]
 
 
@@ -196,6 +198,30 @@ class ConflictError(TransientError):
     def with_class(self, class_name: str) -> ConflictError:
         """Return a copy of this error that also names the object's class."""
         return type(self)(oid=self.oid, class_name=class_name, serials=self.serials)
+
+
+class VoteConflictError(ConflictError):
+    """A storage's ``vote()`` found conflicts: ``conflicts`` maps each oid to its serials.
+
+    The serials are ``(committed tid, tid the store was based on)`` as in ConflictError;
+    ``oid`` and ``serials`` describe the first conflict.  The storage's transaction is still
+    open: store resolved records based on the committed tids and vote again, or abort.
+    """
+
+    def __init__(self, conflicts: dict[bytes, tuple[bytes, bytes]], message: str = "") -> None:
+        if not conflicts:
+            raise ValueError("VoteConflictError needs at least one conflict")
+        self.conflicts = dict(conflicts)
+        oid, serials = next(iter(self.conflicts.items()))
+        if not message and len(self.conflicts) > 1:
+            others = ", ".join(oid_repr(other) for other in list(self.conflicts)[1:6])
+            more = "" if len(self.conflicts) <= 6 else f" and {len(self.conflicts) - 6} more"
+            message = f"{ConflictError(oid=oid, serials=serials)}; also oids {others}{more}"
+        super().__init__(message, oid=oid, serials=serials)
+
+    def with_class(self, class_name: str) -> ConflictError:
+        """A plain ConflictError for the first conflicting oid, naming its class."""
+        return ConflictError(oid=self.oid, class_name=class_name, serials=self.serials)
 
 
 class DoomedTransactionError(TransactionError):

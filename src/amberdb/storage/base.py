@@ -5,22 +5,35 @@ with one revision per committed transaction.  It never sees a Python object, nev
 and never resolves conflicts: that happens above it, in the connection.  This keeps tools that
 work on storages (copy, verify, pack) free of application code.
 
-Commit protocol (one committer at a time; :meth:`Storage.begin` waits for the previous one)::
+Commit protocol (one committer at a time, from the moment a storage takes its commit lock --
+in :meth:`Storage.begin` or as late as :meth:`Storage.vote` -- until ``finish`` or ``abort``)::
 
                  begin(meta)           store(...)*          vote()            finish()
       idle ──────────────────▶ open ─────────────▶ open ─────────▶ voted ─────────▶ idle
-                                 │                   │               │
+                                 │         ▲         │               │
+                                 │         └─────────┤ VoteConflictError: still open;
+                                 │                   │ store resolved records, vote again
                                  └──── abort() ──────┴──── abort() ──┴──▶ idle
 
-Invariants every implementation keeps (the conformance suite in ``tests/`` checks them):
+The object layer serializes every record before it calls ``begin``: a storage may take its
+lock there (embedded storages do) or only in ``vote`` (a remote storage, to keep its lock
+for one round trip), and nothing it waits on under that lock runs application code.
+
+Invariants every implementation keeps (:mod:`amberdb.testing` checks them against any
+storage):
 
 1. ``load`` only ever returns data of *finished* transactions; a transaction becomes visible
-   to ``load`` and ``last_tid`` atomically in ``finish``.
-2. ``store`` raises :class:`~amberdb.exceptions.ConflictError` when ``base_tid`` is not the
-   tid of the object's newest committed revision (``z64`` for an object never committed).
-   The error carries ``oid`` and ``serials=(committed tid, base_tid)``; the transaction stays
-   open, so the caller may store a resolved record for the same oid or ``abort()``.  A second
-   store of the same oid in one transaction is checked against the committed tid too.
+   to ``load`` and ``last_tid`` atomically in ``finish`` (for a storage that follows another
+   process's commits, in the ``poll_invalidations`` that first reports it).
+2. A store whose ``base_tid`` is not the tid of the object's newest committed revision
+   (``z64`` for an object never committed) is a *conflict*.  The storage reports it either
+   from ``store`` (:class:`~amberdb.exceptions.ConflictError` carrying ``oid`` and
+   ``serials=(committed tid, base_tid)``) or, at the latest, from ``vote``
+   (:class:`~amberdb.exceptions.VoteConflictError` naming every conflicting oid with the
+   same pair).  Either way the transaction stays open, so the caller may store a resolved
+   record (with the committed tid as ``base_tid``) and vote again, or ``abort()``.  A vote
+   never succeeds while a conflict is outstanding.  A second store of the same oid in one
+   transaction is checked against the committed tid too.
 3. After ``vote`` returns, the transaction survives a crash (unless the storage was opened
    with durability relaxed, where its documentation says so).  A transaction is visible
    after a crash only if it was completely written; an aborted one never is, and one cut
@@ -28,11 +41,22 @@ Invariants every implementation keeps (the conformance suite in ``tests/`` check
 4. Tids handed out by ``finish`` increase strictly.
 5. ``new_oid`` never returns an oid that this storage instance returned before, nor one that
    has a record.  Oid ``z64`` is the root and is never handed out by ``new_oid``.
+6. Between a ``vote`` that returned and the ``finish`` or ``abort`` that follows, no other
+   transaction finishes: a ``poll_invalidations`` made then reports everything committed
+   before this transaction, and nothing after it.
+7. ``poll_invalidations(since)`` returns ``(newest, oids)`` as one atomic observation:
+   ``newest`` is the tid of the newest transaction ``load`` sees from then on, and ``oids``
+   holds every oid that a transaction with ``since < tid <= newest`` changed (it may leave
+   out oids those transactions created: nobody can have them cached).  ``oids`` is None when
+   the storage can no longer tell -- ``since`` is older than the history it keeps, or is
+   not a tid it knows -- and the caller must then forget every object it has cached.
+   Several databases or processes on one storage's data each poll for themselves: this,
+   not any in-process signal, is how a connection learns what other committers changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -104,12 +128,19 @@ class Storage(Protocol):
         """The tid of the newest finished transaction (``z64`` for an empty storage)."""
         ...
 
+    def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
+        """``(newest tid, oids changed after since)``, or None for the oids (invariant 7).
+
+        Called by every connection at every transaction boundary: cheap when nothing changed.
+        """
+        ...
+
     def new_oid(self) -> Oid:
         """A fresh oid for an object about to be stored (see invariant 5)."""
         ...
 
     def begin(self, meta: TransactionMeta) -> None:
-        """Start a commit, waiting until no other commit is in progress."""
+        """Start a commit; a storage that locks early waits here for the previous committer."""
         ...
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
@@ -120,7 +151,10 @@ class Storage(Protocol):
         ...
 
     def vote(self) -> None:
-        """Make the open transaction durable (invariant 3); after this only finish/abort."""
+        """Make the open transaction durable (invariant 3); after this only finish/abort.
+
+        May raise VoteConflictError instead (invariant 2): the transaction is still open.
+        """
         ...
 
     def finish(self) -> Tid:

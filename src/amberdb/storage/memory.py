@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from amberdb.exceptions import ConflictError, POSKeyError, StorageError, StorageTransactionError
 from amberdb.storage.base import DataRecord, TransactionMeta, TransactionRecord
@@ -41,6 +41,10 @@ class MemoryStorage:
         self._tid = z64
         self._meta = TransactionMeta()
         self._txn_records: dict[Oid, bytes] = {}
+        # For poll_invalidations: per finished transaction, its tid and the oids it changed
+        # that existed before it (new ones need no invalidation).
+        self._change_tids: list[Tid] = []
+        self._changed: list[tuple[Oid, ...]] = []
 
     # -- properties -------------------------------------------------------------------------
 
@@ -81,6 +85,21 @@ class MemoryStorage:
         """The tid of the newest finished transaction."""
         self._check_open()
         return self._last_tid
+
+    def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
+        """The newest tid and the oids changed after ``since`` (full history: never None
+        unless ``since`` is newer than anything committed here)."""
+        with self._lock:
+            self._check_open()
+            newest = self._last_tid
+            if since == newest:
+                return newest, ()
+            if since > newest:
+                return newest, None
+            oids: set[Oid] = set()
+            for changed in self._changed[bisect.bisect_right(self._change_tids, since) :]:
+                oids.update(changed)
+            return newest, oids
 
     def __len__(self) -> int:
         """The number of oids with at least one revision."""
@@ -162,6 +181,8 @@ class MemoryStorage:
         tid = self._tid
         records = [DataRecord(oid, tid, rec) for oid, rec in self._txn_records.items()]
         with self._lock:
+            self._change_tids.append(tid)
+            self._changed.append(tuple(oid for oid in self._txn_records if oid in self._tids))
             for oid, rec in self._txn_records.items():
                 self._tids.setdefault(oid, []).append(tid)
                 self._records.setdefault(oid, []).append(rec)

@@ -99,7 +99,8 @@ import struct
 import threading
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Collection, Iterator
 from types import TracebackType
 
 from amberdb.exceptions import (
@@ -173,6 +174,9 @@ _RELEASE_AFTER = 8 << 20
 # Records a transaction's (oid, offset) pairs are kept for in memory; beyond, finish() reads
 # them back from the file.
 _PENDING_LIMIT = 1 << 16
+# poll_invalidations remembers the changed oids of recent transactions up to about this many
+# oids in all (8 bytes each); a connection whose snapshot is older drops its whole cache.
+_POLL_WINDOW = 1 << 20
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _IDLE, _OPEN, _VOTED, _DIRTY = "idle", "open", "voted", "dirty"
 _CLOSED_GENERATION = -1
@@ -244,6 +248,11 @@ class FileStorage:
         self._oid_lock = threading.Lock()
         self._state = _IDLE
         self._owner: int | None = None
+        # poll_invalidations: (tid, changed oids or None if too many) of the transactions
+        # finished since the open, newest last; changes after _poll_floor are all known.
+        self._recent: deque[tuple[Tid, array[int] | None]] = deque()
+        self._recent_oids = 0
+        self._poll_floor = z64
         self._reset_txn()
         try:
             self._open(create)
@@ -365,6 +374,7 @@ class FileStorage:
         self._index = index
         self._end = end
         self._last_tid = last_tid
+        self._poll_floor = last_tid
         self._next_oid = max(self._next_oid, index.max_oid() + 1, 1)
 
     def _scan(
@@ -575,6 +585,38 @@ class FileStorage:
         self._check_open()
         return self._last_tid
 
+    def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
+        """The newest tid and the oids changed after ``since`` (base invariant 7).
+
+        None for the oids when ``since`` is older than the transactions this instance has
+        seen finish (before its open, or out of its window of recent changes).
+        """
+        self._check_open()
+        with self._lock:
+            newest = self._last_tid
+            if since == newest:
+                return newest, ()
+            if since > newest or since < self._poll_floor:
+                return newest, None
+            changed: set[int] = set()
+            for tid, oids in reversed(self._recent):
+                if tid <= since:
+                    break
+                if oids is None:
+                    return newest, None
+                changed.update(oids)
+        return newest, {p64(oid) for oid in changed}
+
+    def _remember_changes(self, tid: Tid, oids: array[int] | None) -> None:
+        """Keep ``oids`` for poll_invalidations, forgetting the oldest beyond the window (under ``_lock``)."""
+        recent = self._recent
+        recent.append((tid, oids))
+        self._recent_oids += 1 if oids is None else len(oids) + 1
+        while self._recent_oids > _POLL_WINDOW and len(recent) > 1:
+            old_tid, old = recent.popleft()
+            self._recent_oids -= 1 if old is None else len(old) + 1
+            self._poll_floor = old_tid
+
     def size(self) -> int:
         """The length in bytes of the data file's committed part (what this storage reads)."""
         self._check_open()
@@ -637,6 +679,9 @@ class FileStorage:
         self._meta_lens = (0, 0, 0)
         self._txn_oids: array[int] = array("q")
         self._txn_offsets: array[int] = array("q")
+        # Oids stored that existed before (what other snapshots must invalidate); None when
+        # there are more than the poll window holds.
+        self._txn_changed: array[int] | None = array("q")
         self._failure: BaseException | None = None
 
     def begin(self, meta: TransactionMeta) -> None:
@@ -719,10 +764,17 @@ class FileStorage:
         if current < 0:
             committed = z64
             current = 0
-        elif current + _D <= self._mapped and self._map is not None:
-            committed = self._map[current + 8 : current + 16]  # no system call
         else:
-            committed = pread_exact(self._fd, _D, current)[8:16]
+            if current + _D <= self._mapped and self._map is not None:
+                committed = self._map[current + 8 : current + 16]  # no system call
+            else:
+                committed = pread_exact(self._fd, _D, current)[8:16]
+            changed = self._txn_changed
+            if changed is not None:
+                if len(changed) < _POLL_WINDOW:
+                    changed.append(oid_int)
+                else:
+                    self._txn_changed = None
         if committed != base_tid:
             raise ConflictError(oid=oid, serials=(committed, base_tid))
         buf = self._buf
@@ -839,6 +891,7 @@ class FileStorage:
                     index[oid] = offset
             self._end = self._txn_pos + self._written
             self._last_tid = tid
+            self._remember_changes(tid, self._txn_changed)
         self._end_txn()
         self._publish_end()
         return tid
