@@ -285,22 +285,32 @@ class FileStorage:
             close_in_children(self._lock_fd)
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         size = os.fstat(self._fd).st_size
-        header = pread_exact(self._fd, FILE_HEADER.size, 0)
-        if self._check_file_header(header, size):
+        if not self._take_file_header(size):
             if self._read_only:
                 return  # an empty (or half-created) file reads as an empty storage
             # New file, or a crash during creation left a prefix of our header.
             self._file_id = os.urandom(8)
+            self._file_id_crc = zlib.crc32(self._file_id)
             _pwrite_all(self._fd, encode_file_header(self._file_id), 0)
             os.fsync(self._fd)
             _fsync_dir(path)
             size = FILE_HEADER.size
-        else:
-            self._file_id = FILE_HEADER.unpack(header)[1]
-        self._file_id_crc = zlib.crc32(self._file_id)
         self._load(size)
         if not self._read_only:
             self._publish_end()
+
+    def _take_file_header(self, size: int) -> bool:
+        """Check the file header and take its file id; False when the file has none yet.
+
+        None yet: the file is empty, or its creation (a crash, or a writer still at it) left
+        only a prefix of the header.
+        """
+        header = pread_exact(self._fd, FILE_HEADER.size, 0)
+        if self._check_file_header(header, size):
+            return False
+        self._file_id = FILE_HEADER.unpack(header)[1]
+        self._file_id_crc = zlib.crc32(self._file_id)
+        return True
 
     def _check_file_header(self, header: bytes, size: int) -> bool:
         """True when the file is empty or a crash cut its creation short; else check it.
@@ -351,31 +361,48 @@ class FileStorage:
             start, prev_tid, self._next_oid, index = saved
         # Read before the scan: below it nothing changed while the scan read (I9).
         committed = published_end(self._path) if self._read_only else None
+        result, index = self._scan_committed(index, start, size, prev_tid, committed)
+        if not self._read_only:
+            self._repair_tail(result)
+        self._index = index
+        self._end = result.end
+        self._last_tid = result.last_tid
+        self._poll_floor = result.last_tid
+        self._next_oid = max(self._next_oid, index.max_oid() + 1, 1)
+
+    def _scan_committed(
+        self, index: OffsetIndex, start: int, size: int, prev_tid: bytes, committed: int | None
+    ) -> tuple[ScanResult, OffsetIndex]:
+        """Scan ``[start, size)`` into ``index`` and decide what of it is committed (I3, I4, I9).
+
+        ``committed`` is the end a live writer published before the scan began (read-only
+        storages only).  The result's ``end`` and ``last_tid`` take in a voted tail that
+        nobody can abort any more (indexed, and listed in ``voted``); damage raises
+        CorruptedDataError unless salvaging, which records it in :attr:`damage`.
+        """
         result, index = self._scan(index, start, size, prev_tid)
         if self._read_only and (result.tail == "damaged" or result.voted_tail is not None):
             result, index = self._judge_end_as_reader(result, index, committed)
-        end, last_tid = result.end, result.last_tid
-        voted = list(result.voted)
         if result.tail == "damaged":
             assert result.damage is not None
             if not self._salvage:
                 raise corruption(self._path, result.damage.offset, result.damage.problem)
             if self._damage is None:
                 self._damage = result.damage
-        if result.voted_tail is not None:
-            # Nobody can abort it any more (we are the writer, or no writer is alive): it is
-            # committed (I4).
-            index_transaction(self._fd, self._path, end, index)
-            voted.append(end)
-            end += result.voted_tail.length
-            last_tid = result.voted_tail.tid
-        if not self._read_only:
-            self._repair_tail(result, voted)
-        self._index = index
-        self._end = end
-        self._last_tid = last_tid
-        self._poll_floor = last_tid
-        self._next_oid = max(self._next_oid, index.max_oid() + 1, 1)
+        voted_tail = result.voted_tail
+        if voted_tail is None:
+            return result, index
+        # Nobody can abort it any more (we are the writer, or no writer is alive): it is
+        # committed (I4).
+        index_transaction(self._fd, self._path, result.end, index)
+        return dataclasses.replace(
+            result,
+            end=result.end + voted_tail.length,
+            last_tid=voted_tail.tid,
+            transactions=result.transactions + 1,
+            voted=[*result.voted, result.end],
+            voted_tail=None,
+        ), index
 
     def _scan(
         self, index: OffsetIndex, start: int, size: int, prev_tid: bytes
@@ -413,13 +440,13 @@ class FileStorage:
             return result, index
         return dataclasses.replace(result, tail="clean", damage=None, voted_tail=None), index
 
-    def _repair_tail(self, result: ScanResult, voted: list[int]) -> None:
+    def _repair_tail(self, result: ScanResult) -> None:
         """Truncate a proven torn tail (I3) and mark committed ``v`` transactions ``c`` (I4)."""
         changed = False
         if result.tail == "torn":
             os.ftruncate(self._fd, result.stop)
             changed = True
-        for pos in voted:
+        for pos in result.voted:
             _pwrite_all(self._fd, STATUS_COMMITTED, pos + STATUS_OFFSET)
             changed = True
         if changed:
