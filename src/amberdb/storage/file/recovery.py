@@ -440,8 +440,8 @@ def _index_records(
     return refilled
 
 
-def index_transaction(fd: int, name: str, pos: int, index: OffsetIndex, chunk: int = 1 << 20) -> None:
-    """Point ``index`` at every data record of the complete transaction at ``pos``.
+def index_transaction(fd: int, name: str, pos: int, index: OffsetIndex, chunk: int = 1 << 20) -> TxnHeader:
+    """Point ``index`` at every data record of the complete transaction at ``pos``; its header.
 
     For a transaction verified already (just written and synced, or scanned): its checksum
     is not read again, only its headers, ``chunk`` bytes at a time.
@@ -451,6 +451,7 @@ def index_transaction(fd: int, name: str, pos: int, index: OffsetIndex, chunk: i
         raise corruption(name, pos, "the file ends inside a transaction header")
     h = decode_txn_header(head)
     _index_records(fd, name, pos, h.tid, h.meta_len, h.records, h.length, index, b"", pos, chunk)
+    return h
 
 
 def read_transaction(

@@ -61,10 +61,16 @@ I9  Readers never see what a live writer may take back.  A read-only opener that
     reader read before scanning, decides: damage below it is damage (the writer never
     writes there), anything past it may still be aborted, rewritten or written, and the
     reader leaves it out.  A reader never reads at or past its own ``_end``, and a writer
-    truncates only past its own ``_end``, which is never below a reader's: the writer's
-    truncation never removes a page a reader reads (no SIGBUS).  A writer also checks at
-    ``begin`` that the file still ends where it left it: a second writer let in by a deleted
-    lock file stops it rather than have their transactions overwrite each other.
+    never truncates below a reader's ``_end``: a writer cuts only its own open or voted
+    transaction (abort, from where it began) or a torn tail past every valid transaction
+    (an open, I3), while a reader's ``_end`` -- a follower's too, however far it has
+    followed (I12) -- only ever lies at the end of a transaction no writer takes back: one
+    marked ``c``, which its writer does in ``finish``, past the last point it could abort,
+    or a ``v`` one taken while no writer was alive, which the next writer commits (I4).
+    So the writer's truncation never removes a page a reader reads (no SIGBUS).  A writer
+    also checks at ``begin`` that the file still ends where it left it: a second writer let
+    in by a deleted lock file stops it rather than have their transactions overwrite each
+    other.
 
 I10 Loads verify.  Every load checks the record checksum, that the record is the oid asked
     for, that it lies below ``_end``, and, walking back pointers, that offsets and tids
@@ -73,6 +79,24 @@ I10 Loads verify.  Every load checks the record checksum, that the record is the
 I11 No sharing across fork.  A storage remembers the process generation it was opened in
     (:mod:`amberdb.storage.forks`); in a child every operation raises StorageForkedError,
     and ``close`` only drops the child's copies of the descriptors.
+
+I12 Followers.  A read-only storage that is not salvaged follows the file's writer, in
+    ``poll_invalidations`` and nowhere else.  While the file still ends at ``_end``, one
+    fstat is the whole cost.  When it grew, the new bytes are scanned and their end judged
+    by the code an open uses (I3, I4, I9): what a live writer may still abort, rewrite or
+    be writing is left out, damage below its published end raises CorruptedDataError, and
+    a voted tail that no writer can abort any more is taken.  While a live writer streams a
+    transaction behind its zero header (I2) and has published no end past ``_end``, the
+    poll stops at that header instead of reading the growing stream at every transaction
+    boundary.  What a poll takes is scanned into an index of its own and merged into the
+    storage's under the lock loads hold, together with ``_end`` and ``_last_tid``: loads
+    and ``last_tid`` move there only, by whole transactions, never half of one.  Each
+    transaction taken reports as changed the oids it wrote that existed before it.  A file
+    found shorter than ``_end`` raises CorruptedDataError naming it, and the map never
+    grows past the file's end (a truncation by another program between two looks can still
+    kill a load with SIGBUS, as for any reader: see ``_release_pages``).  The index file
+    plays no part, and a salvaged storage stays the snapshot it opened.  Checked by
+    ``tests/storage/test_follower.py``.
 
 ``finish`` publishes a voted transaction by updating the in-memory index: from the (oid,
 offset) pairs ``store`` kept or, past ``_PENDING_LIMIT`` records, by reading the records'
@@ -131,6 +155,7 @@ from amberdb.storage.file.format import (
     TRAILER_MAGIC,
     TXN_HEADER,
     TXN_TRAILER,
+    ZERO_TXN_HEADER,
     encode_file_header,
     encode_txn_header,
     file_header_crc_ok,
@@ -201,8 +226,9 @@ def _fsync_dir(path: str) -> None:
 class FileStorage:
     """The default embedded storage: one append-only data file (see the module invariants).
 
-    ``read_only=True`` opens without the writer lock and never changes a file.  With
-    ``salvage=True`` (read-only only) a damaged file opens too, as the snapshot of the
+    ``read_only=True`` opens without the writer lock and never changes a file; such a
+    storage follows another process's commits at each :meth:`poll_invalidations` (I12).
+    With ``salvage=True`` (read-only only) a damaged file opens too, as the snapshot of the
     verified transactions before its first damage, described by :attr:`damage`: a way to
     copy data out.  ``fsync=False`` trades durability of the last commits for speed.
     """
@@ -221,6 +247,8 @@ class FileStorage:
         self._path = os.fspath(path)
         self._read_only = read_only
         self._salvage = salvage
+        # A salvaged storage is a snapshot of what precedes damage: there is nothing to follow.
+        self._follows = read_only and not salvage
         self._damage: Damage | None = None
         self._fsync = fsync
         self._fd = -1
@@ -246,6 +274,8 @@ class FileStorage:
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._oid_lock = threading.Lock()
+        # One follower scan at a time, and never a close under it (taken before _lock).
+        self._follow_lock = threading.Lock()
         self._state = _IDLE
         self._owner: int | None = None
         # poll_invalidations: (tid, changed oids or None if too many) of the transactions
@@ -608,17 +638,26 @@ class FileStorage:
         return new
 
     def last_tid(self) -> Tid:
-        """The tid of the newest finished transaction (z64 when empty)."""
+        """The tid of the newest finished transaction (z64 when empty).
+
+        A read-only storage answers the newest one it has followed so far (I12): what its
+        open or its latest :meth:`poll_invalidations` took in, not what a writer in another
+        process may have finished since.
+        """
         self._check_open()
         return self._last_tid
 
     def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
         """The newest tid and the oids changed after ``since`` (base invariant 7).
 
-        None for the oids when ``since`` is older than the transactions this instance has
-        seen finish (before its open, or out of its window of recent changes).
+        A read-only storage first takes in what a writer in another process finished since
+        its last look (I12).  None for the oids when ``since`` is older than the transactions
+        this instance has seen finish (before its open, or out of its window of recent
+        changes).
         """
         self._check_open()
+        if self._follows:
+            self._follow()
         with self._lock:
             newest = self._last_tid
             if since == newest:
@@ -633,6 +672,76 @@ class FileStorage:
                     return newest, None
                 changed.update(oids)
         return newest, {p64(oid) for oid in changed}
+
+    def _follow(self) -> None:
+        """Take in the transactions the file's writer finished since the last look (I12)."""
+        with self._follow_lock:
+            if self._closed or self._closing:
+                self._check_open()
+            start = self._end
+            size = os.fstat(self._fd).st_size
+            if size == start:
+                return  # hot path: every transaction boundary of every connection ends here
+            if not self._file_id and not self._take_file_header(size):
+                return  # opened while the writer was creating the file, and still is
+            if size < start:
+                raise self._shrunk(size)
+            # Read before the scan, as an open does: below it nothing changes meanwhile (I9).
+            committed = published_end(self._path)
+            if self._being_streamed(start, committed):
+                return
+            fresh = OffsetIndex(floating=True)
+            result, fresh = self._scan_committed(fresh, start, size, self._last_tid, committed)
+            if result.end == start:
+                return
+            changes = self._changes_in(start, result.end)
+            with self._lock:
+                index = self._index
+                for oid, offset in fresh.items():
+                    index[oid] = offset
+                self._end = result.end
+                self._last_tid = result.last_tid
+                for tid, oids in changes:
+                    self._remember_changes(tid, oids)
+
+    def _being_streamed(self, pos: int, committed: int | None) -> bool:
+        """True when a live writer is streaming out a transaction at ``pos`` (I12).
+
+        A scan that meets its zero header searches everything behind it for a valid
+        transaction, which would read the whole growing stream at every poll.  With a
+        writer alive and nothing published past ``pos``, the judgment of I9 leaves out
+        whatever that search finds, so it can be skipped.
+        """
+        if committed is not None and committed > pos:
+            return False  # a zero header below what the writer published is damage: scan
+        if pread_exact(self._fd, _H, pos) != ZERO_TXN_HEADER:
+            return False
+        with writers_kept_out(self._path) as no_writer:
+            return not no_writer
+
+    def _changes_in(self, start: int, end: int) -> list[tuple[Tid, array[int] | None]]:
+        """Each transaction in ``[start, end)``, oldest first, with the oids it changed.
+
+        Changed: written, and present before it (in the index, or created by an earlier
+        transaction of the range); None when more than the poll window holds.  Reads
+        ``_index`` without ``_lock``: only the follower, under ``_follow_lock``, changes it.
+        """
+        known = self._index
+        created: set[int] = set()
+        changes: list[tuple[Tid, array[int] | None]] = []
+        pos = start
+        while pos < end:
+            written = OffsetIndex(floating=True)
+            header = index_transaction(self._fd, self._path, pos, written)
+            changed = array("q")
+            for oid, _ in written.items():
+                if oid in known or oid in created:
+                    changed.append(oid)
+                else:
+                    created.add(oid)
+            changes.append((header.tid, changed if len(changed) <= _POLL_WINDOW else None))
+            pos += header.length
+        return changes
 
     def _remember_changes(self, tid: Tid, oids: array[int] | None) -> None:
         """Keep ``oids`` for poll_invalidations, forgetting the oldest beyond the window (under ``_lock``)."""
@@ -975,7 +1084,7 @@ class FileStorage:
         try:
             self.abort()
         finally:
-            with self._lock:
+            with self._follow_lock, self._lock:
                 try:
                     if not self._read_only and self._broken is None and self._fd >= 0:
                         os.fsync(self._fd)  # the index must not describe bytes not yet on disk
