@@ -9,6 +9,10 @@ import pytest
 
 import amberdb
 import amberdb.transaction as transaction
+from amberdb.storage.base import Storage
+from amberdb.storage.file import FileStorage
+from amberdb.storage.memory import MemoryStorage
+from amberdb.testing import VoteConflictStorage
 
 
 @pytest.fixture(autouse=True)
@@ -19,17 +23,29 @@ def _fresh_thread_transaction() -> Iterator[None]:
     transaction.abort()
 
 
-@pytest.fixture
-def db() -> Iterator[amberdb.DB]:
-    """An in-memory database."""
-    database = amberdb.DB(None)
+def _open_storage(kind: str, directory: Path) -> Storage:
+    if kind == "memory":
+        return MemoryStorage()
+    if kind == "file":
+        return FileStorage(directory / "data.fs")
+    return VoteConflictStorage(MemoryStorage())
+
+
+@pytest.fixture(params=["memory", "file", "vote-conflicts"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[amberdb.DB]:
+    """A database on each kind of storage: the object layer works the same on all of them.
+
+    ``vote-conflicts`` finds conflicts only at vote and locks only there, as a remote
+    storage may (amberdb.testing.VoteConflictStorage).
+    """
+    database = amberdb.DB(_open_storage(request.param, tmp_path))
     yield database
     database.close()
 
 
 @pytest.fixture
 def conn(db: amberdb.DB) -> Iterator[amberdb.Connection]:
-    """A connection to the in-memory database, on the thread's transaction manager."""
+    """A connection to the database, on the thread's transaction manager."""
     connection = db.open()
     yield connection
     transaction.abort()

@@ -387,6 +387,8 @@ class SlowToLoad(Persistent):
 
 
 def test_connection_used_from_two_threads_at_once_is_refused(db: DB) -> None:
+    SlowToLoad.loading.clear()  # set by the run on another storage
+    SlowToLoad.proceed.clear()
     with db.transaction() as conn:
         conn.root.slow = SlowToLoad()
     conn = db.open()

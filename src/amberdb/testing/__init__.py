@@ -1,0 +1,59 @@
+"""The storage conformance kit: one call runs AmberDB's whole storage suite against your storage.
+
+In your own pytest suite::
+
+    from amberdb.testing import StorageFactory, conformance_suite
+
+    class MyFactory(StorageFactory):
+        durable = True
+
+        def create(self):
+            return MyStorage(self.directory / "data", create=True)
+
+        def reopen(self):
+            return MyStorage(self.directory / "data")
+
+    TestMyStorage = conformance_suite(MyFactory)
+
+The suite checks the numbered invariants of :mod:`amberdb.storage.base` -- conflicts reported
+at ``store`` or at ``vote``, one committer at a time, polls that name what changed -- plus,
+where the factory says the storage can, durability across reopening and across a committing
+process killed at a random moment, and a second instance (a second process) that follows the
+first one's commits; and the object layer on top: two :class:`~amberdb.DB` objects on one
+set of data, each transaction seeing one committed state, conflicts raised or resolved.
+It needs ``pytest`` and ``hypothesis`` (the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+from amberdb.testing.doubles import VoteConflictStorage
+from amberdb.testing.factories import (
+    FileStorageFactory,
+    MemoryStorageFactory,
+    StorageFactory,
+    VoteConflictFactory,
+)
+from amberdb.testing.object_suite import ObjectSuite
+from amberdb.testing.storage_suite import ReadOnlySuite, StorageMachineSuite, StorageSuite, commit
+
+__all__ = [
+    "FileStorageFactory",
+    "MemoryStorageFactory",
+    "StorageFactory",
+    "VoteConflictFactory",
+    "VoteConflictStorage",
+    "commit",
+    "conformance_suite",
+]
+
+
+def conformance_suite(factory_class: type[StorageFactory]) -> type:
+    """A pytest test class running every conformance test against ``factory_class``'s storages.
+
+    Assign it to a name starting with ``Test`` in a test module for pytest to collect it.
+    """
+    return type(
+        f"ConformanceOf{factory_class.__name__}",
+        (StorageSuite, StorageMachineSuite, ReadOnlySuite, ObjectSuite),
+        {"factory_class": factory_class, "__test__": True},
+    )

@@ -1,0 +1,146 @@
+"""Storage factories: how :mod:`amberdb.testing` makes, reopens and shares a storage's data.
+
+A storage author subclasses :class:`StorageFactory` (or uses one here) and hands the class
+to :func:`amberdb.testing.conformance_suite`.  Each test gets a fresh factory with a fresh
+temporary directory of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from amberdb.storage.base import Storage
+from amberdb.storage.file import FileStorage, verify
+from amberdb.storage.memory import MemoryStorage
+from amberdb.testing.doubles import VoteConflictStorage
+
+__all__ = ["FileStorageFactory", "MemoryStorageFactory", "StorageFactory", "VoteConflictFactory"]
+
+
+class StorageFactory:
+    """Makes the storages one test uses, all on one set of data in ``directory``.
+
+    Subclasses implement :meth:`create`, and where the storage can do it :meth:`reopen`,
+    :meth:`open_second` and :meth:`uri`; the suite skips what a storage cannot do.
+    """
+
+    durable: ClassVar[bool] = False
+    """True when committed data survives closing the storage and the death of its process."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.opened: list[Storage] = []
+
+    def create(self) -> Storage:
+        """A new writable storage on new, empty data."""
+        raise NotImplementedError
+
+    def reopen(self) -> Storage:
+        """The data :meth:`create` made, opened again after its storage closed or its process died.
+
+        Only for durable storages.
+        """
+        raise NotImplementedError(f"{type(self).__name__} storages are not durable")
+
+    def open_second(self, first: Storage) -> Storage:
+        """Another storage instance on ``first``'s data while ``first`` stays open, as a second
+        process would open it (it may be read-only: a follower of ``first``'s commits).
+
+        The default shares ``first`` itself, for storages that live in one process.
+        """
+        return first
+
+    def uri(self) -> str | None:
+        """A URI another process opens the same data with (:func:`amberdb.open_storage`), or None."""
+        return None
+
+    def track(self, storage: Storage) -> Storage:
+        """Remember ``storage`` so :meth:`cleanup` closes it; returns it."""
+        self.opened.append(storage)
+        return storage
+
+    def check(self) -> None:
+        """Raise if the data is inconsistent (called after each test, every storage closed)."""
+
+    def cleanup(self) -> None:
+        """Close every storage this factory made, then :meth:`check` the data."""
+        for storage in reversed(self.opened):
+            storage.close()
+        self.check()
+
+
+class MemoryStorageFactory(StorageFactory):
+    """MemoryStorage: one process, not durable; a second "process" shares the instance."""
+
+    def create(self) -> Storage:
+        """A new MemoryStorage."""
+        return self.track(MemoryStorage())
+
+
+class FileStorageFactory(StorageFactory):
+    """FileStorage on ``directory/data.fs``; the second instance is a read-only follower."""
+
+    durable = True
+    options: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def path(self) -> Path:
+        """The data file."""
+        return self.directory / "data.fs"
+
+    def create(self) -> Storage:
+        """A new FileStorage (the file must not exist yet)."""
+        if self.path.exists():
+            raise FileExistsError(self.path)
+        return self.track(FileStorage(self.path, **self.options))
+
+    def reopen(self) -> Storage:
+        """The file opened again, writable."""
+        return self.track(FileStorage(self.path, **self.options))
+
+    def open_second(self, first: Storage) -> Storage:
+        """A read-only FileStorage on the same file: it follows ``first``'s commits."""
+        return self.track(FileStorage(self.path, read_only=True))
+
+    def uri(self) -> str | None:
+        """``file://`` and the data file's path."""
+        return f"file://{self.path}"
+
+    def check(self) -> None:
+        """``amberdb.storage.file.verify`` finds nothing wrong."""
+        if self.path.exists():
+            report = verify(self.path)
+            if not report.ok or report.notes:
+                raise AssertionError(f"{self.path} does not verify: {report}")
+
+
+class VoteConflictFactory(StorageFactory):
+    """:class:`VoteConflictStorage` over what ``inner`` (another factory class) makes."""
+
+    inner: ClassVar[type[StorageFactory]] = MemoryStorageFactory
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self._inner = self.inner(directory)
+        self.durable = self._inner.durable  # type: ignore[misc]
+
+    def create(self) -> Storage:
+        """The wrapper over a new inner storage."""
+        return self.track(VoteConflictStorage(self._inner.create()))
+
+    def reopen(self) -> Storage:
+        """The wrapper over the inner data, reopened."""
+        return self.track(VoteConflictStorage(self._inner.reopen()))
+
+    def open_second(self, first: Storage) -> Storage:
+        """The wrapper over the inner factory's second instance."""
+        assert isinstance(first, VoteConflictStorage)
+        second = self._inner.open_second(first.inner)
+        return first if second is first.inner else self.track(VoteConflictStorage(second))
+
+    def cleanup(self) -> None:
+        """Close the wrappers, then let the inner factory check its data."""
+        for storage in reversed(self.opened):
+            storage.close()
+        self._inner.cleanup()

@@ -1,0 +1,272 @@
+"""The object half of the conformance suite: databases, connections and transactions on a storage.
+
+The checks that matter for many processes use two independent :class:`~amberdb.DB` objects,
+one on the storage the factory created and one on its second instance (a follower, another
+client, or the same in-process storage): every transaction of either sees one committed
+state, whoever committed it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from amberdb import transaction as txn
+from amberdb.btrees import Length, OOBTree
+from amberdb.connection import Connection
+from amberdb.containers import PersistentMapping
+from amberdb.db import DB
+from amberdb.exceptions import ConflictError
+from amberdb.testing.factories import StorageFactory
+from amberdb.testing.objects import Account, MergingCounter
+
+__all__ = ["ObjectSuite", "TwoDatabases"]
+
+ACCOUNTS = 5
+OPENING_BALANCE = 100
+ALLOWED = (Account, MergingCounter)
+
+
+class TwoDatabases:
+    """A writable database on a new storage, and a second one on its second instance."""
+
+    def __init__(self, factory: StorageFactory) -> None:
+        self.factory = factory
+        self.first_storage = factory.create()
+        self.first = DB(self.first_storage, allowed_classes=ALLOWED)
+        self._second: DB | None = None
+
+    @property
+    def second(self) -> DB:
+        """The database on the second instance, opened on first use (after the first has data)."""
+        if self._second is None:
+            storage = self.factory.open_second(self.first_storage)
+            self._second = DB(storage, allowed_classes=ALLOWED)
+        return self._second
+
+    def connect(self, db: DB) -> tuple[Connection, txn.TransactionManager]:
+        """A connection with a transaction manager of its own."""
+        manager = txn.TransactionManager()
+        return db.open(manager), manager
+
+    def close(self) -> None:
+        """Close both databases (the second first: it may share the first's storage)."""
+        if self._second is not None:
+            self._second.close()
+        self.first.close()
+
+
+class ObjectSuite:
+    """Object-level conformance tests; :func:`amberdb.testing.conformance_suite` binds a factory."""
+
+    factory_class: ClassVar[type[StorageFactory]]
+
+    @pytest.fixture
+    def dbs(self, tmp_path: Any) -> Iterator[TwoDatabases]:
+        """Two databases on one set of data."""
+        factory = self.factory_class(tmp_path)
+        both = TwoDatabases(factory)
+        try:
+            yield both
+        finally:
+            both.close()
+            factory.cleanup()
+
+    def test_objects_round_trip(self, dbs: TwoDatabases) -> None:
+        with dbs.first.transaction() as conn:
+            conn.root.tree = tree = OOBTree()
+            for i in range(500):
+                tree[f"k{i:04d}"] = Account(i)
+            conn.root.length = Length(500)
+        conn, manager = dbs.connect(dbs.second)
+        manager.begin()
+        assert conn.root.length() == 500
+        assert [a.balance for a in conn.root.tree.values()] == list(range(500))
+        manager.abort()
+        conn.close()
+
+    def test_other_database_sees_commit_at_its_next_transaction(self, dbs: TwoDatabases) -> None:
+        with dbs.first.transaction() as conn:
+            conn.root.account = Account(1)
+        reader, manager = dbs.connect(dbs.second)
+        manager.begin()
+        account = reader.root.account
+        assert account.balance == 1
+        with dbs.first.transaction() as conn:
+            conn.root.account.balance = 2
+            conn.root.other = Account(3)
+        # Within its transaction the reader keeps its snapshot, loaded or not.
+        assert account.balance == 1
+        assert "other" not in reader.root()
+        manager.begin()
+        assert account.balance == 2 and reader.root.other.balance == 3
+        manager.abort()
+        reader.close()
+
+    def test_conflict_between_databases_names_oid_and_class(self, dbs: TwoDatabases) -> None:
+        with dbs.first.transaction() as conn:
+            conn.root.account = Account(10)
+        if dbs.second.read_only:
+            pytest.skip("the second instance is read-only")
+        a, manager_a = dbs.connect(dbs.first)
+        b, manager_b = dbs.connect(dbs.second)
+        manager_a.begin()
+        manager_b.begin()
+        a.root.account.balance += 1
+        b.root.account.balance += 2
+        manager_a.commit()
+        with pytest.raises(ConflictError) as info:
+            manager_b.commit()
+        manager_b.abort()
+        assert info.value.oid == a.root.account._p_oid
+        assert "Account" in str(info.value)
+        manager_b.begin()
+        assert b.root.account.balance == 11
+        manager_a.abort()
+        manager_b.abort()
+        a.close()
+        b.close()
+
+    def test_concurrent_changes_are_resolved(self, dbs: TwoDatabases) -> None:
+        with dbs.first.transaction() as conn:
+            conn.root.counter = MergingCounter()
+            conn.root.length = Length(0)
+            # Not empty: the first insert into an empty tree changes the tree itself.
+            conn.root.tree = OOBTree({"0": 0})
+        writer_db = dbs.first if dbs.second.read_only else dbs.second
+        a, manager_a = dbs.connect(dbs.first)
+        b, manager_b = dbs.connect(writer_db)
+        for round_ in range(3):
+            manager_a.begin()
+            manager_b.begin()
+            for conn, step in ((a, 1), (b, 10)):
+                conn.root.counter.count += step
+                conn.root.length.change(step)
+                conn.root.tree[f"{round_}-{step}"] = step
+            manager_a.commit()
+            manager_b.commit()  # every change conflicts; each one resolves
+        with dbs.first.transaction() as conn:
+            assert conn.root.counter.count == 33
+            assert conn.root.length() == 33
+            expected = sorted(["0", *(f"{r}-{s}" for r in range(3) for s in (1, 10))])
+            assert sorted(conn.root.tree.keys()) == expected
+        a.close()
+        b.close()
+
+    def test_two_database_state_machine(self, tmp_path: Any) -> None:
+        count = iter(range(1_000_000))
+
+        def machine() -> BalancesMachine:
+            directory = tmp_path / f"example-{next(count)}"
+            os.mkdir(directory)
+            return BalancesMachine(self.factory_class(directory))
+
+        run_state_machine_as_test(
+            machine,  # type: ignore[arg-type]  # any callable returning a machine works
+            settings=settings(
+                max_examples=15,
+                stateful_step_count=25,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+            ),
+        )
+
+
+class BalancesMachine(RuleBasedStateMachine):
+    """Transfers between accounts, committed through either database; readers on both check
+    that every transaction of theirs sees one committed state: the newest when it began."""
+
+    def __init__(self, factory: StorageFactory) -> None:
+        super().__init__()
+        self.factory = factory
+        self.dbs = TwoDatabases(factory)
+        with self.dbs.first.transaction() as conn:
+            conn.root.accounts = PersistentMapping({i: Account(OPENING_BALANCE) for i in range(ACCOUNTS)})
+        self.history: list[list[int]] = [[OPENING_BALANCE] * ACCOUNTS]
+        self.writers = [self.dbs.connect(self.dbs.first)]
+        if not self.dbs.second.read_only:
+            self.writers.append(self.dbs.connect(self.dbs.second))
+        # Readers: one on each database; each remembers the state its transaction began at.
+        self.readers = [self.dbs.connect(self.dbs.first), self.dbs.connect(self.dbs.second)]
+        self.reader_state = [-1, -1]
+        for i in range(2):
+            self.begin_reader(i)
+
+    def teardown(self) -> None:
+        for conn, manager in self.writers + self.readers:
+            manager.abort()
+            conn.close()
+        self.dbs.close()
+        self.factory.cleanup()
+
+    @rule(
+        writer=st.integers(0, 1),
+        source=st.integers(0, ACCOUNTS - 1),
+        to=st.integers(0, ACCOUNTS - 1),  # not "target": rule() reserves that name
+        amount=st.integers(1, 30),
+    )
+    def transfer(self, writer: int, source: int, to: int, amount: int) -> None:
+        conn, manager = self.writers[writer % len(self.writers)]
+        manager.begin()
+        accounts = conn.root.accounts
+        accounts[source].balance -= amount
+        accounts[to].balance += amount
+        manager.commit()
+        state = list(self.history[-1])
+        state[source] -= amount
+        state[to] += amount
+        self.history.append(state)
+
+    @precondition(lambda self: len(self.writers) == 2)
+    @rule(source=st.integers(0, ACCOUNTS - 1))
+    def racing_transfers_one_loses(self, source: int) -> None:
+        (a, manager_a), (b, manager_b) = self.writers
+        target = (source + 1) % ACCOUNTS
+        manager_a.begin()
+        manager_b.begin()
+        for conn in (a, b):
+            conn.root.accounts[source].balance -= 1
+            conn.root.accounts[target].balance += 1
+        manager_a.commit()
+        with pytest.raises(ConflictError):
+            manager_b.commit()
+        manager_b.abort()
+        state = list(self.history[-1])
+        state[source] -= 1
+        state[target] += 1
+        self.history.append(state)
+
+    @rule(reader=st.integers(0, 1))
+    def begin_reader(self, reader: int) -> None:
+        _conn, manager = self.readers[reader]
+        manager.begin()
+        self.reader_state[reader] = len(self.history) - 1
+
+    @rule(reader=st.integers(0, 1), account=st.integers(0, ACCOUNTS - 1))
+    def read_one(self, reader: int, account: int) -> None:
+        conn, _ = self.readers[reader]
+        expected = self.history[self.reader_state[reader]][account]
+        assert conn.root.accounts[account].balance == expected
+
+    @rule(reader=st.integers(0, 1))
+    def minimize_reader(self, reader: int) -> None:
+        self.readers[reader][0].cache_minimize()
+
+    @invariant()
+    def readers_see_their_snapshot(self) -> None:
+        for reader, (conn, _) in enumerate(self.readers):
+            balances = [conn.root.accounts[i].balance for i in range(ACCOUNTS)]
+            assert balances == self.history[self.reader_state[reader]]
+            assert sum(balances) == OPENING_BALANCE * ACCOUNTS
