@@ -1,0 +1,175 @@
+"""A commit that fails at any point leaves every object as committed: the family of a defect
+found in review (objects serialized before a failing store kept their uncommitted state).
+
+A wrapper storage fails the N-th call to one of its methods; each test enumerates every
+call a commit makes, for commits kept in memory, moved to the spill file part-way
+(``COMMIT_BUFFER_SIZE``), and spilled by a savepoint, on storages that report conflicts at
+store and at vote.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Collection
+from typing import Any
+
+import pytest
+
+import amberdb
+import amberdb.transaction as transaction
+from amberdb.storage.base import Storage, TransactionMeta
+from amberdb.storage.memory import MemoryStorage
+from amberdb.testing import VoteConflictStorage
+from amberdb.utils import Oid, Tid
+
+from .models import Book
+
+connection_module = importlib.import_module("amberdb.connection")  # amberdb.connection is also a function
+
+
+class InjectedFaultError(Exception):
+    """The failure the storage was told to raise."""
+
+
+class FailingStorage:
+    """Delegates to ``inner``; the ``countdown``-th call of ``method`` raises InjectedFaultError."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.method = ""
+        self.countdown = -1
+        self.calls: dict[str, int] = {}
+        self.committing = False
+
+    def arm(self, method: str, countdown: int) -> None:
+        self.method, self.countdown, self.calls = method, countdown, {}
+
+    def _call(self, method: str, *args: Any) -> Any:
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if method == self.method:
+            self.countdown -= 1
+            if self.countdown == 0:
+                raise InjectedFaultError(f"{method} call {self.calls[method]}")
+        return getattr(self.inner, method)(*args)
+
+    read_only = False
+
+    @property
+    def name(self) -> str:
+        return "failing"
+
+    def load(self, oid: Oid, before: Tid | None = None) -> tuple[bytes, Tid]:
+        return self.inner.load(oid, before)
+
+    def last_tid(self) -> Tid:
+        return self.inner.last_tid()
+
+    def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
+        # Only the poll a commit makes after its vote is a fault point here; a failing poll
+        # at a transaction boundary is the next begin()'s error.
+        if not self.committing:
+            return self.inner.poll_invalidations(since)
+        result: tuple[Tid, Collection[Oid] | None] = self._call("poll_invalidations", since)
+        return result
+
+    def new_oid(self) -> Oid:
+        oid: Oid = self.inner.new_oid()
+        return oid
+
+    def begin(self, meta: TransactionMeta) -> None:
+        self._call("begin", meta)
+        self.committing = True
+
+    def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
+        self._call("store", oid, base_tid, record)
+
+    def vote(self) -> None:
+        self._call("vote")
+
+    def finish(self) -> Tid:
+        self.committing = False
+        tid: Tid = self.inner.finish()
+        return tid
+
+    def abort(self) -> None:
+        self.committing = False
+        self.inner.abort()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+BOOKS = 6
+
+
+def _setup(inner: Storage) -> tuple[amberdb.DB, FailingStorage]:
+    storage = FailingStorage(inner)
+    db = amberdb.DB(storage)
+    with db.transaction() as conn:
+        conn.root.books = [Book(f"b{i}") for i in range(BOOKS)]
+    return db, storage
+
+
+def _change_everything(conn: amberdb.Connection, savepoint: bool) -> None:
+    books = conn.root.books
+    for i, book in enumerate(books[: BOOKS // 2]):
+        book.title = f"changed {i}"
+    if savepoint:
+        transaction.savepoint()
+    for i, book in enumerate(books[BOOKS // 2 :]):
+        book.title = f"changed later {i}"
+    conn.root.added = Book("new")
+
+
+def _calls_of_a_commit(inner: Storage, method: str, savepoint: bool) -> int:
+    db, storage = _setup(inner)
+    conn = db.open()
+    _change_everything(conn, savepoint)
+    storage.arm(method, -1)
+    transaction.commit()
+    calls = storage.calls.get(method, 0)
+    conn.close()
+    db.close()
+    return calls
+
+
+STORAGES = {"store-conflicts": MemoryStorage, "vote-conflicts": lambda: VoteConflictStorage(MemoryStorage())}
+
+
+@pytest.mark.parametrize("kind", sorted(STORAGES))
+@pytest.mark.parametrize("method", ["begin", "store", "vote", "poll_invalidations"])
+@pytest.mark.parametrize("how", ["in memory", "moved to the spill", "savepoint"])
+def test_a_commit_failing_at_any_call_leaves_objects_as_committed(
+    kind: str, method: str, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if how == "moved to the spill":
+        monkeypatch.setattr(connection_module, "COMMIT_BUFFER_SIZE", 40)
+    savepoint = how == "savepoint"
+    calls = _calls_of_a_commit(STORAGES[kind](), method, savepoint)
+    assert calls >= 1
+    for failing_call in range(1, calls + 1):
+        db, storage = _setup(STORAGES[kind]())
+        conn = db.open()
+        books = conn.root.books
+        _change_everything(conn, savepoint)
+        storage.arm(method, failing_call)
+        with pytest.raises(InjectedFaultError):
+            transaction.commit()
+        transaction.abort()
+        storage.arm("", -1)
+        # Every object reads as committed, whether it is still loaded or not ...
+        assert [book.title for book in books] == [f"b{i}" for i in range(BOOKS)], (method, failing_call)
+        assert "added" not in conn.root()
+        # ... and the same changes then commit in full.
+        _change_everything(conn, savepoint)
+        transaction.commit()
+        other = db.open(transaction.TransactionManager())
+        titles = [book.title for book in other.root.books]
+        assert titles[: BOOKS // 2] == [f"changed {i}" for i in range(BOOKS // 2)]
+        assert other.root.added.title == "new"
+        other.close()
+        conn.close()
+        db.close()
