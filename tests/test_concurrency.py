@@ -483,3 +483,26 @@ def test_other_connections_are_told_only_about_changed_objects(db: DB, spilled: 
     assert seen.balance == 50
     assert len(other.root()["items"]) == 300
     other.close()
+
+
+def test_connection_too_far_behind_its_storage_forgets_its_whole_cache(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import amberdb.storage.file.storage as file_storage
+
+    monkeypatch.setattr(file_storage, "_POLL_WINDOW", 8)
+    db = DB(db_path)
+    with db.transaction() as conn:
+        conn.root.books = [Book(f"b{i}") for i in range(5)]
+    reader = db.open(transaction.TransactionManager())
+    books = reader.root.books
+    assert [book.title for book in books] == [f"b{i}" for i in range(5)]
+    for round_ in range(10):  # more changes than the storage remembers
+        with db.transaction() as conn:
+            conn.root.books[round_ % 5].title = f"round {round_}"
+    assert db.storage.poll_invalidations(reader._snapshot)[1] is None
+    reader.transaction_manager.begin()
+    assert all(book._p_status == "ghost" for book in books)
+    assert [book.title for book in books] == [f"round {i}" for i in range(5, 10)]
+    reader.close()
+    db.close()
