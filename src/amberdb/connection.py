@@ -821,7 +821,12 @@ class Connection:
 
     def _start_snapshot(self) -> None:
         """Move to the storage's newest state, invalidating what changed since the last one."""
-        newest, changed = self._storage.poll_invalidations(self._snapshot)
+        since = self._snapshot
+        if since == z64 and not len(self._cache):
+            # A new connection has nothing to invalidate: ask only what is newest, instead of
+            # the changes of the storage's whole history.
+            since = self._storage.last_tid()
+        newest, changed = self._storage.poll_invalidations(since)
         if newest == self._snapshot and not changed and not self._invalidated and not self._forget_all:
             return
         invalidated, self._invalidated = self._invalidated, set()
