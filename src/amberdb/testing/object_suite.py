@@ -8,19 +8,16 @@ state, whoever committed it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from amberdb import transaction as txn
@@ -31,6 +28,7 @@ from amberdb.db import DB
 from amberdb.exceptions import ConflictError
 from amberdb.testing.factories import StorageFactory
 from amberdb.testing.objects import Account, MergingCounter
+from amberdb.testing.storage_suite import run_machine
 
 __all__ = ["ObjectSuite", "TwoDatabases"]
 
@@ -166,22 +164,7 @@ class ObjectSuite:
         b.close()
 
     def test_two_database_state_machine(self, tmp_path: Any) -> None:
-        count = iter(range(1_000_000))
-
-        def machine() -> BalancesMachine:
-            directory = tmp_path / f"example-{next(count)}"
-            os.mkdir(directory)
-            return BalancesMachine(self.factory_class(directory))
-
-        run_state_machine_as_test(
-            machine,  # type: ignore[arg-type]  # any callable returning a machine works
-            settings=settings(
-                max_examples=15,
-                stateful_step_count=25,
-                deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-            ),
-        )
+        run_machine(tmp_path, self.factory_class, BalancesMachine, examples=15, steps=25)
 
 
 class BalancesMachine(RuleBasedStateMachine):

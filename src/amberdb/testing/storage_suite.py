@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -39,7 +39,7 @@ from amberdb.storage.base import IterableStorage, Storage, TransactionMeta
 from amberdb.testing.factories import StorageFactory
 from amberdb.utils import Oid, Tid, p64, u64, z64
 
-__all__ = ["StorageSuite", "commit", "store_expecting_conflict"]
+__all__ = ["StorageSuite", "commit", "run_machine", "store_expecting_conflict"]
 
 META = TransactionMeta()
 
@@ -562,6 +562,9 @@ class StorageMachine(RuleBasedStateMachine):
         self.stale: dict[Oid, tuple[Tid, Tid]] = {}  # stores whose conflict is reported at vote
         self.voted = False
 
+    def teardown(self) -> None:
+        self.factory.cleanup()
+
     def _committed(self, oid: Oid) -> Tid:
         revs = self.model.get(oid)
         return revs[-1][0] if revs else z64
@@ -688,26 +691,34 @@ class StorageMachineSuite:
     factory_class: ClassVar[type[StorageFactory]]
 
     def test_state_machine(self, tmp_path: Any) -> None:
-        count = iter(range(1_000_000))
+        run_machine(tmp_path, self.factory_class, StorageMachine, examples=25, steps=30)
 
-        def machine() -> StorageMachine:
-            # Each example gets a directory (and so data) of its own.
-            directory = tmp_path / f"example-{next(count)}"
-            os.mkdir(directory)
-            factory = self.factory_class(directory)
-            made = StorageMachine(factory)
-            made.teardown = factory.cleanup  # type: ignore[method-assign]
-            return made
 
-        run_state_machine_as_test(
-            machine,  # type: ignore[arg-type]  # any callable returning a machine works
-            settings=settings(
-                max_examples=25,
-                stateful_step_count=30,
-                deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-            ),
-        )
+def run_machine(
+    tmp_path: Any,
+    factory_class: type[StorageFactory],
+    build: Callable[[StorageFactory], RuleBasedStateMachine],
+    *,
+    examples: int,
+    steps: int,
+) -> None:
+    """Run the state machine ``build`` makes, each example on data of its own (a fresh directory)."""
+    count = iter(range(1_000_000))
+
+    def machine() -> RuleBasedStateMachine:
+        directory = tmp_path / f"example-{next(count)}"
+        os.mkdir(directory)
+        return build(factory_class(directory))
+
+    run_state_machine_as_test(
+        machine,  # type: ignore[arg-type]  # any callable returning a machine works
+        settings=settings(
+            max_examples=examples,
+            stateful_step_count=steps,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        ),
+    )
 
 
 class ReadOnlySuite:
