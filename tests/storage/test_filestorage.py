@@ -345,6 +345,27 @@ def test_second_writer_locked_out(tmp_path: Path) -> None:
     FileStorage(path).close()
 
 
+def test_new_writer_hides_the_previous_writers_end(tmp_path: Path) -> None:
+    """I9: until a new writer publishes its own end, readers find none (not a stale one)."""
+    from amberdb.storage.file import locking
+
+    path = str(tmp_path / "data.fs")
+    fd = locking.acquire_writer_lock(path)
+    locking.publish_end(fd, 1 << 40)  # what a writer that died after a big commit left
+    os.close(fd)
+    with open(path + ".lock", "ab") as f:
+        f.write(b"trailing junk a reader never looks at\n")
+    assert locking.published_end(path) == 1 << 40
+    fd = locking.acquire_writer_lock(path)
+    try:
+        assert locking.published_end(path) is None
+        assert Path(path + ".lock").read_bytes().split(b"\n")[0].strip() == str(os.getpid()).encode()
+        locking.publish_end(fd, 32)
+        assert locking.published_end(path) == 32
+    finally:
+        os.close(fd)
+
+
 def test_lock_held_by_other_process(tmp_path: Path) -> None:
     path = tmp_path / "data.fs"
     code = textwrap.dedent(
