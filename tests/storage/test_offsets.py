@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+import zlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -142,3 +146,64 @@ def test_from_bytes_rejects_garbage(data: bytes) -> None:
         return
     with pytest.raises(ValueError):
         OffsetIndex.from_bytes(data)
+
+
+def read_back(data: bytes, length: int | None = None, **crc: int) -> OffsetIndex:
+    """``OffsetIndex.read_from`` over a file holding ``data`` after a 5-byte prefix."""
+    with tempfile.TemporaryFile() as f:
+        f.write(b"head:" + data)
+        f.flush()
+        os.lseek(f.fileno(), 5, os.SEEK_SET)
+        return OffsetIndex.read_from(f.fileno(), len(data) if length is None else length, **crc)
+
+
+@given(st.dictionaries(OIDS, OFFSETS, max_size=50))
+@settings(deadline=None)
+def test_read_from_reads_what_from_bytes_reads(entries: dict[int, int]) -> None:
+    index = OffsetIndex()
+    for oid, offset in entries.items():
+        index[oid] = offset
+    data = index.to_bytes()
+    clone = read_back(data, crc_start=7, expected_crc=zlib.crc32(data, 7))
+    assert clone == OffsetIndex.from_bytes(data) == index
+    assert list(clone.items()) == sorted(entries.items())
+    assert clone.max_oid() == max(entries, default=-1)
+    clone[3] = 33  # the array read into is an ordinary, growable one
+    clone[5000] = 55
+    assert clone.get(3) == 33 and clone.get(5000) == 55
+
+
+def small_index_bytes() -> bytes:
+    index = OffsetIndex()
+    for oid in (0, 1, 2, 5, 1 << 40):
+        index[oid] = 100 + oid % 1000
+    return index.to_bytes()
+
+
+def test_read_from_refuses_what_from_bytes_refuses() -> None:
+    data = small_index_bytes()
+    for cut in range(len(data)):  # a file cut short, whatever length it claims
+        with pytest.raises(ValueError):
+            read_back(data[:cut], len(data))
+        with pytest.raises(ValueError):
+            read_back(data[:cut])
+    with pytest.raises(ValueError, match="wrong length"):
+        read_back(data + b"x")
+    pair_at = len(data) - 16  # the overflow pair of oid 2**40: make it collide with the array
+    with pytest.raises(ValueError, match="bad overflow entry"):
+        read_back(data[:pair_at] + (1).to_bytes(8, "little") + data[pair_at + 8 :])
+
+
+def test_read_from_checks_the_crc_before_the_entries() -> None:
+    data = small_index_bytes()
+    crc = zlib.crc32(data)
+    assert read_back(data, expected_crc=crc) == OffsetIndex.from_bytes(data)
+    with pytest.raises(ValueError, match="checksum"):
+        read_back(data, expected_crc=crc ^ 1)
+    with pytest.raises(ValueError, match="checksum"):
+        read_back(data, crc_start=1, expected_crc=crc)
+    for pos in range(32, len(data)):  # past the header every damaged byte is a checksum mismatch
+        damaged = bytearray(data)
+        damaged[pos] ^= 0xFF
+        with pytest.raises(ValueError, match="checksum"):
+            read_back(bytes(damaged), expected_crc=crc)

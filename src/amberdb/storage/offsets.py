@@ -15,8 +15,10 @@ len(self._dense))`` in the array, all others in ``self._overflow``.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
+import zlib
 from array import array
 from collections.abc import Iterator
 
@@ -204,29 +206,78 @@ class OffsetIndex:
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> OffsetIndex:
         """Rebuild an index from :meth:`to_bytes` output; ValueError when ``data`` is malformed."""
         view = memoryview(data)
-        if len(view) < _HEAD.size:
-            raise ValueError("OffsetIndex data too short")
-        magic, dense_len, overflow_len, count = _HEAD.unpack_from(view, 0)
-        if magic != _MAGIC:
-            raise ValueError("OffsetIndex data has the wrong magic")
+        dense_len, _, count = _decode_head(view[: _HEAD.size], len(view))
         dense_end = _HEAD.size + 8 * dense_len
-        if len(view) != dense_end + _PAIR.size * overflow_len:
-            raise ValueError("OffsetIndex data has the wrong length")
         dense = array("q")
         dense.frombytes(view[_HEAD.size : dense_end])
+        return cls._assemble(dense, view[dense_end:], count)
+
+    @classmethod
+    def read_from(
+        cls, fd: int, length: int, crc_start: int = 0, expected_crc: int | None = None
+    ) -> OffsetIndex:
+        """Read the ``length`` bytes :meth:`to_bytes` wrote from ``fd``'s current position.
+
+        With ``expected_crc``, the CRC-32 of those bytes continued from ``crc_start`` must
+        match it.  ValueError when they are fewer, malformed or fail that check.
+        """
+        head = _read_exactly(fd, _HEAD.size)
+        dense_len, overflow_len, count = _decode_head(head, length)
+        # Read straight into the array: for millions of oids, a bytes object in between
+        # would cost as much again in copying and page faults as the array itself.
+        dense = _missing_block(dense_len)
+        _read_into(fd, memoryview(dense).cast("B"))
+        tail = _read_exactly(fd, _PAIR.size * overflow_len)
+        if expected_crc is not None:
+            # Before the entries are judged: damage reads as what it is, a checksum mismatch.
+            crc = zlib.crc32(tail, zlib.crc32(dense, zlib.crc32(head, crc_start)))
+            if crc != expected_crc:
+                raise ValueError("checksum mismatch")
+        return cls._assemble(dense, tail, count)
+
+    @classmethod
+    def _assemble(cls, dense: array[int], tail: bytes | memoryview, count: int) -> OffsetIndex:
+        """The index of a little-endian ``dense`` array and the overflow pairs in ``tail``."""
         if sys.byteorder != "little":
             dense.byteswap()
         # No scan of the entries here (it would cost more than the read): the index file
         # around this data carries a checksum, and loads check each record's oid.
+        dense_len = len(dense)
         overflow: dict[int, int] = {}
-        for oid, off in _PAIR.iter_unpack(view[dense_end:]):
+        for oid, off in _PAIR.iter_unpack(tail):
             if oid < dense_len or off < 0 or oid in overflow:
                 raise ValueError("OffsetIndex data holds a bad overflow entry")
             overflow[oid] = off
+        if not len(overflow) <= count <= dense_len + len(overflow):
+            raise ValueError("OffsetIndex data has an impossible entry count")
         index = cls()
         index._dense = dense
         index._overflow = overflow
-        if not len(overflow) <= count <= len(dense) + len(overflow):
-            raise ValueError("OffsetIndex data has an impossible entry count")
         index._count = count
         return index
+
+
+def _decode_head(head: bytes | memoryview, length: int) -> tuple[int, int, int]:
+    """Dense length, overflow count and entry count of data ``length`` bytes long starting with ``head``."""
+    if length < _HEAD.size or len(head) < _HEAD.size:
+        raise ValueError("OffsetIndex data too short")
+    magic, dense_len, overflow_len, count = _HEAD.unpack_from(head, 0)
+    if magic != _MAGIC:
+        raise ValueError("OffsetIndex data has the wrong magic")
+    if length != _HEAD.size + 8 * dense_len + _PAIR.size * overflow_len:
+        raise ValueError("OffsetIndex data has the wrong length")
+    return dense_len, overflow_len, count
+
+
+def _read_into(fd: int, buffer: memoryview) -> None:
+    while buffer:
+        got = os.readv(fd, [buffer])
+        if not got:
+            raise ValueError("OffsetIndex data too short")
+        buffer = buffer[got:]
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    buffer = bytearray(size)
+    _read_into(fd, memoryview(buffer))
+    return bytes(buffer)
