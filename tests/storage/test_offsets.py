@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 import zlib
 
@@ -207,3 +208,33 @@ def test_read_from_checks_the_crc_before_the_entries() -> None:
         damaged[pos] ^= 0xFF
         with pytest.raises(ValueError, match="checksum"):
             read_back(bytes(damaged), expected_crc=crc)
+
+
+def test_saved_array_ends_at_the_largest_oid() -> None:
+    index = OffsetIndex()
+    for oid in range(1000):
+        index[oid] = oid + 1
+    assert len(index._dense) > 1000  # growth left an empty tail
+    assert len(index.to_bytes()) == 32 + 8 * 1000
+    for oid in range(900, 1000):
+        del index[oid]
+    index[3_000_000] = 7  # in the overflow dict, saved as a pair after the array
+    data = index.to_bytes()
+    assert len(data) == 32 + 8 * 900 + 16
+    clone = OffsetIndex.from_bytes(data)
+    assert clone == index and clone.max_oid() == 3_000_000
+    del clone[3_000_000]
+    assert clone.max_oid() == 899
+    assert len(OffsetIndex().to_bytes()) == 32
+
+
+def test_an_untrimmed_array_still_loads() -> None:
+    """What earlier versions saved: the array with the empty tail growth left."""
+    index = OffsetIndex()
+    for oid in range(10):
+        index[oid] = oid + 1
+    slots = [oid + 1 for oid in range(10)] + [-1] * 1014
+    data = struct.pack(f"<8sQQQ{len(slots)}q", b"AMBOFFS\x02", len(slots), 0, 10, *slots)
+    for clone in (OffsetIndex.from_bytes(data), read_back(data)):
+        assert clone == index and clone.max_oid() == 9
+        assert len(clone.to_bytes()) == 32 + 8 * 10

@@ -162,18 +162,25 @@ class OffsetIndex:
         top = max(self._overflow, default=-1)
         if top >= self._base:  # overflow entries at or above the base lie past the array
             return top
+        used = self._used_length()
+        return self._base + used - 1 if used else top  # else the largest oid, if any, lies below it
+
+    def _used_length(self) -> int:
+        """One past the last slot of the array that holds an offset (0 when none does)."""
         dense = self._dense
         end = len(dense)
-        # Skip the all-missing tail a block at a time (growth leaves up to half the array empty).
+        if end and dense[-1] != _MISSING:
+            return end  # a loaded index: to_bytes saved it without its empty tail
+        # Skip the empty tail growth leaves (a fifth of the array) a block at a time.
         while end > 0:
             start = max(0, end - 4096)
             block = dense[start:end]
             if block.count(_MISSING) != len(block):
                 for i in range(end - 1, start - 1, -1):
                     if dense[i] != _MISSING:
-                        return self._base + i
+                        return i + 1
             end = start
-        return top  # the array holds nothing: the largest oid, if any, lies below it
+        return 0
 
     def copy(self) -> OffsetIndex:
         """An independent copy."""
@@ -191,13 +198,16 @@ class OffsetIndex:
         self._count = 0
 
     def to_bytes(self) -> bytes:
-        """Serialise (little-endian, independent of the machine) for :meth:`from_bytes`."""
+        """Serialise (little-endian, independent of the machine) for :meth:`from_bytes`, :meth:`read_from`."""
         if self._base:
             raise ValueError("only an index whose array starts at oid 0 can be saved")
-        dense = self._dense
+        # Not the empty tail growth leaves: every open would read it, and max_oid of the
+        # loaded index then finds the largest oid in the last slot.
+        dense = memoryview(self._dense)[: self._used_length()]
         if sys.byteorder != "little":
-            dense = array("q", dense)
-            dense.byteswap()
+            swapped = array("q", dense)
+            swapped.byteswap()
+            dense = memoryview(swapped)
         parts = [_HEAD.pack(_MAGIC, len(dense), len(self._overflow), self._count), dense.tobytes()]
         parts.extend(_PAIR.pack(oid, off) for oid, off in sorted(self._overflow.items()))
         return b"".join(parts)
