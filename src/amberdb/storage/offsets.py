@@ -41,6 +41,10 @@ def _missing_block(n: int) -> array[int]:
     return array("q", [_MISSING]) * n
 
 
+_BLOCK_SCAN = 4096
+_EMPTY_BLOCK = _missing_block(_BLOCK_SCAN)
+
+
 class OffsetIndex:
     """Map ``oid -> offset`` (both non-negative integers), dense where oids are dense."""
 
@@ -171,11 +175,12 @@ class OffsetIndex:
         end = len(dense)
         if end and dense[-1] != _MISSING:
             return end  # a loaded index: to_bytes saved it without its empty tail
-        # Skip the empty tail growth leaves (a fifth of the array) a block at a time.
+        # Skip the empty tail growth leaves (a fifth of the array) a block at a time,
+        # comparing arrays of the same type, which is a memcmp: no int objects per slot.
         while end > 0:
-            start = max(0, end - 4096)
-            block = dense[start:end]
-            if block.count(_MISSING) != len(block):
+            start = max(0, end - _BLOCK_SCAN)
+            empty = _EMPTY_BLOCK if end - start == _BLOCK_SCAN else _EMPTY_BLOCK[: end - start]
+            if dense[start:end] != empty:
                 for i in range(end - 1, start - 1, -1):
                     if dense[i] != _MISSING:
                         return i + 1
