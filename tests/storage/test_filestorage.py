@@ -269,6 +269,41 @@ def test_bad_index_rebuilt(tmp_path: Path, scan_starts: list[int], damage: str) 
     assert scan_starts[-1] == fmt.FILE_HEADER.size
 
 
+@pytest.mark.parametrize(
+    "forgery", ["huge_array", "overflow_in_array", "impossible_count", "extra_byte", "no_entries", "empty"]
+)
+def test_index_with_a_valid_crc_but_bad_entries_is_ignored(
+    tmp_path: Path, scan_starts: list[int], forgery: str
+) -> None:
+    """I6: entries that make no sense are refused even under a matching CRC (a forged index)."""
+    path = tmp_path / "data.fs"
+    index = Path(str(path) + ".index")
+    tids = fill(path)
+    raw = index.read_bytes()
+    h = fmt.decode_index_header(raw[: fmt.INDEX_HEADER.size], raw[fmt.INDEX_HEADER.size :])
+    payload = bytearray(raw[fmt.INDEX_HEADER.size :])
+    magic, dense_len, overflow_len, count = struct.unpack_from("<8sQQQ", payload)
+    if forgery == "huge_array":  # would allocate 8 TB if believed
+        struct.pack_into("<8sQQQ", payload, 0, magic, 1 << 40, overflow_len, count)
+    elif forgery == "overflow_in_array":
+        struct.pack_into("<8sQQQ", payload, 0, magic, dense_len, 1, count + 1)
+        payload += struct.pack("<qq", 0, 1234)
+    elif forgery == "impossible_count":
+        struct.pack_into("<8sQQQ", payload, 0, magic, dense_len, overflow_len, dense_len + 1)
+    elif forgery == "extra_byte":
+        payload += b"\0"
+    elif forgery == "no_entries":
+        payload = bytearray()
+    if forgery == "empty":
+        index.write_bytes(b"")
+    else:
+        header = fmt.encode_index_header(h.file_id, h.position, h.last_tid, h.next_oid, bytes(payload))
+        index.write_bytes(header + payload)
+    with FileStorage(path) as fs:
+        check_filled(fs, tids)
+    assert scan_starts[-1] == fmt.FILE_HEADER.size
+
+
 def test_index_reserved_bytes_are_checked(tmp_path: Path, scan_starts: list[int]) -> None:
     """I6: the index CRC covers every header byte, the reserved ones too."""
     path = tmp_path / "data.fs"
@@ -343,6 +378,27 @@ def test_second_writer_locked_out(tmp_path: Path) -> None:
     finally:
         fs.close()
     FileStorage(path).close()
+
+
+def test_new_writer_hides_the_previous_writers_end(tmp_path: Path) -> None:
+    """I9: until a new writer publishes its own end, readers find none (not a stale one)."""
+    from amberdb.storage.file import locking
+
+    path = str(tmp_path / "data.fs")
+    fd = locking.acquire_writer_lock(path)
+    locking.publish_end(fd, 1 << 40)  # what a writer that died after a big commit left
+    os.close(fd)
+    with open(path + ".lock", "ab") as f:
+        f.write(b"trailing junk a reader never looks at\n")
+    assert locking.published_end(path) == 1 << 40
+    fd = locking.acquire_writer_lock(path)
+    try:
+        assert locking.published_end(path) is None
+        assert Path(path + ".lock").read_bytes().split(b"\n")[0].strip() == str(os.getpid()).encode()
+        locking.publish_end(fd, 32)
+        assert locking.published_end(path) == 32
+    finally:
+        os.close(fd)
 
 
 def test_lock_held_by_other_process(tmp_path: Path) -> None:

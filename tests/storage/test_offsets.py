@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import struct
+import tempfile
+import zlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -142,3 +147,94 @@ def test_from_bytes_rejects_garbage(data: bytes) -> None:
         return
     with pytest.raises(ValueError):
         OffsetIndex.from_bytes(data)
+
+
+def read_back(data: bytes, length: int | None = None, **crc: int) -> OffsetIndex:
+    """``OffsetIndex.read_from`` over a file holding ``data`` after a 5-byte prefix."""
+    with tempfile.TemporaryFile() as f:
+        f.write(b"head:" + data)
+        f.flush()
+        os.lseek(f.fileno(), 5, os.SEEK_SET)
+        return OffsetIndex.read_from(f.fileno(), len(data) if length is None else length, **crc)
+
+
+@given(st.dictionaries(OIDS, OFFSETS, max_size=50))
+@settings(deadline=None)
+def test_read_from_reads_what_from_bytes_reads(entries: dict[int, int]) -> None:
+    index = OffsetIndex()
+    for oid, offset in entries.items():
+        index[oid] = offset
+    data = index.to_bytes()
+    clone = read_back(data, crc_start=7, expected_crc=zlib.crc32(data, 7))
+    assert clone == OffsetIndex.from_bytes(data) == index
+    assert list(clone.items()) == sorted(entries.items())
+    assert clone.max_oid() == max(entries, default=-1)
+    clone[3] = 33  # the array read into is an ordinary, growable one
+    clone[5000] = 55
+    assert clone.get(3) == 33 and clone.get(5000) == 55
+
+
+def small_index_bytes() -> bytes:
+    index = OffsetIndex()
+    for oid in (0, 1, 2, 5, 1 << 40):
+        index[oid] = 100 + oid % 1000
+    return index.to_bytes()
+
+
+def test_read_from_refuses_what_from_bytes_refuses() -> None:
+    data = small_index_bytes()
+    for cut in range(len(data)):  # a file cut short, whatever length it claims
+        with pytest.raises(ValueError):
+            read_back(data[:cut], len(data))
+        with pytest.raises(ValueError):
+            read_back(data[:cut])
+    with pytest.raises(ValueError, match="wrong length"):
+        read_back(data + b"x")
+    pair_at = len(data) - 16  # the overflow pair of oid 2**40: make it collide with the array
+    with pytest.raises(ValueError, match="bad overflow entry"):
+        read_back(data[:pair_at] + (1).to_bytes(8, "little") + data[pair_at + 8 :])
+
+
+def test_read_from_checks_the_crc_before_the_entries() -> None:
+    data = small_index_bytes()
+    crc = zlib.crc32(data)
+    assert read_back(data, expected_crc=crc) == OffsetIndex.from_bytes(data)
+    with pytest.raises(ValueError, match="checksum"):
+        read_back(data, expected_crc=crc ^ 1)
+    with pytest.raises(ValueError, match="checksum"):
+        read_back(data, crc_start=1, expected_crc=crc)
+    for pos in range(32, len(data)):  # past the header every damaged byte is a checksum mismatch
+        damaged = bytearray(data)
+        damaged[pos] ^= 0xFF
+        with pytest.raises(ValueError, match="checksum"):
+            read_back(bytes(damaged), expected_crc=crc)
+
+
+def test_saved_array_ends_at_the_largest_oid() -> None:
+    index = OffsetIndex()
+    for oid in range(1000):
+        index[oid] = oid + 1
+    assert len(index._dense) > 1000  # growth left an empty tail
+    assert len(index.to_bytes()) == 32 + 8 * 1000
+    for oid in range(900, 1000):
+        del index[oid]
+    index[3_000_000] = 7  # in the overflow dict, saved as a pair after the array
+    data = index.to_bytes()
+    assert len(data) == 32 + 8 * 900 + 16
+    clone = OffsetIndex.from_bytes(data)
+    assert clone == index and clone.max_oid() == 3_000_000
+    del clone[3_000_000]
+    assert clone.max_oid() == 899
+    assert len(OffsetIndex().to_bytes()) == 32
+
+
+def test_an_untrimmed_array_still_loads() -> None:
+    """What earlier versions saved: the array with the empty tail growth left."""
+    index = OffsetIndex()
+    for oid in range(10):
+        index[oid] = oid + 1
+    slots = [oid + 1 for oid in range(10)] + [-1] * 1014
+    data = struct.pack(f"<8sQQQ{len(slots)}q", b"AMBOFFS\x02", len(slots), 0, 10, *slots)
+    for clone in (OffsetIndex.from_bytes(data), read_back(data)):
+        assert clone == index and clone.max_oid() == 9
+        assert len(clone.to_bytes()) == 32 + 8 * 10

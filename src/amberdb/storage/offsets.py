@@ -15,8 +15,10 @@ len(self._dense))`` in the array, all others in ``self._overflow``.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
+import zlib
 from array import array
 from collections.abc import Iterator
 
@@ -37,6 +39,10 @@ _BLOCK = 1 << 16
 
 def _missing_block(n: int) -> array[int]:
     return array("q", [_MISSING]) * n
+
+
+_BLOCK_SCAN = 4096
+_EMPTY_BLOCK = _missing_block(_BLOCK_SCAN)
 
 
 class OffsetIndex:
@@ -160,18 +166,26 @@ class OffsetIndex:
         top = max(self._overflow, default=-1)
         if top >= self._base:  # overflow entries at or above the base lie past the array
             return top
+        used = self._used_length()
+        return self._base + used - 1 if used else top  # else the largest oid, if any, lies below it
+
+    def _used_length(self) -> int:
+        """One past the last slot of the array that holds an offset (0 when none does)."""
         dense = self._dense
         end = len(dense)
-        # Skip the all-missing tail a block at a time (growth leaves up to half the array empty).
+        if end and dense[-1] != _MISSING:
+            return end  # a loaded index: to_bytes saved it without its empty tail
+        # Skip the empty tail growth leaves (a fifth of the array) a block at a time,
+        # comparing arrays of the same type, which is a memcmp: no int objects per slot.
         while end > 0:
-            start = max(0, end - 4096)
-            block = dense[start:end]
-            if block.count(_MISSING) != len(block):
+            start = max(0, end - _BLOCK_SCAN)
+            empty = _EMPTY_BLOCK if end - start == _BLOCK_SCAN else _EMPTY_BLOCK[: end - start]
+            if dense[start:end] != empty:
                 for i in range(end - 1, start - 1, -1):
                     if dense[i] != _MISSING:
-                        return self._base + i
+                        return i + 1
             end = start
-        return top  # the array holds nothing: the largest oid, if any, lies below it
+        return 0
 
     def copy(self) -> OffsetIndex:
         """An independent copy."""
@@ -189,13 +203,16 @@ class OffsetIndex:
         self._count = 0
 
     def to_bytes(self) -> bytes:
-        """Serialise (little-endian, independent of the machine) for :meth:`from_bytes`."""
+        """Serialise (little-endian, independent of the machine) for :meth:`from_bytes`, :meth:`read_from`."""
         if self._base:
             raise ValueError("only an index whose array starts at oid 0 can be saved")
-        dense = self._dense
+        # Not the empty tail growth leaves: every open would read it, and max_oid of the
+        # loaded index then finds the largest oid in the last slot.
+        dense = memoryview(self._dense)[: self._used_length()]
         if sys.byteorder != "little":
-            dense = array("q", dense)
-            dense.byteswap()
+            swapped = array("q", dense)
+            swapped.byteswap()
+            dense = memoryview(swapped)
         parts = [_HEAD.pack(_MAGIC, len(dense), len(self._overflow), self._count), dense.tobytes()]
         parts.extend(_PAIR.pack(oid, off) for oid, off in sorted(self._overflow.items()))
         return b"".join(parts)
@@ -204,29 +221,78 @@ class OffsetIndex:
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> OffsetIndex:
         """Rebuild an index from :meth:`to_bytes` output; ValueError when ``data`` is malformed."""
         view = memoryview(data)
-        if len(view) < _HEAD.size:
-            raise ValueError("OffsetIndex data too short")
-        magic, dense_len, overflow_len, count = _HEAD.unpack_from(view, 0)
-        if magic != _MAGIC:
-            raise ValueError("OffsetIndex data has the wrong magic")
+        dense_len, _, count = _decode_head(view[: _HEAD.size], len(view))
         dense_end = _HEAD.size + 8 * dense_len
-        if len(view) != dense_end + _PAIR.size * overflow_len:
-            raise ValueError("OffsetIndex data has the wrong length")
         dense = array("q")
         dense.frombytes(view[_HEAD.size : dense_end])
+        return cls._assemble(dense, view[dense_end:], count)
+
+    @classmethod
+    def read_from(
+        cls, fd: int, length: int, crc_start: int = 0, expected_crc: int | None = None
+    ) -> OffsetIndex:
+        """Read the ``length`` bytes :meth:`to_bytes` wrote from ``fd``'s current position.
+
+        With ``expected_crc``, the CRC-32 of those bytes continued from ``crc_start`` must
+        match it.  ValueError when they are fewer, malformed or fail that check.
+        """
+        head = _read_exactly(fd, _HEAD.size)
+        dense_len, overflow_len, count = _decode_head(head, length)
+        # Read straight into the array: for millions of oids, a bytes object in between
+        # would cost as much again in copying and page faults as the array itself.
+        dense = _missing_block(dense_len)
+        _read_into(fd, memoryview(dense).cast("B"))
+        tail = _read_exactly(fd, _PAIR.size * overflow_len)
+        if expected_crc is not None:
+            # Before the entries are judged: damage reads as what it is, a checksum mismatch.
+            crc = zlib.crc32(tail, zlib.crc32(dense, zlib.crc32(head, crc_start)))
+            if crc != expected_crc:
+                raise ValueError("checksum mismatch")
+        return cls._assemble(dense, tail, count)
+
+    @classmethod
+    def _assemble(cls, dense: array[int], tail: bytes | memoryview, count: int) -> OffsetIndex:
+        """The index of a little-endian ``dense`` array and the overflow pairs in ``tail``."""
         if sys.byteorder != "little":
             dense.byteswap()
         # No scan of the entries here (it would cost more than the read): the index file
         # around this data carries a checksum, and loads check each record's oid.
+        dense_len = len(dense)
         overflow: dict[int, int] = {}
-        for oid, off in _PAIR.iter_unpack(view[dense_end:]):
+        for oid, off in _PAIR.iter_unpack(tail):
             if oid < dense_len or off < 0 or oid in overflow:
                 raise ValueError("OffsetIndex data holds a bad overflow entry")
             overflow[oid] = off
+        if not len(overflow) <= count <= dense_len + len(overflow):
+            raise ValueError("OffsetIndex data has an impossible entry count")
         index = cls()
         index._dense = dense
         index._overflow = overflow
-        if not len(overflow) <= count <= len(dense) + len(overflow):
-            raise ValueError("OffsetIndex data has an impossible entry count")
         index._count = count
         return index
+
+
+def _decode_head(head: bytes | memoryview, length: int) -> tuple[int, int, int]:
+    """Dense length, overflow count and entry count of data ``length`` bytes long starting with ``head``."""
+    if length < _HEAD.size or len(head) < _HEAD.size:
+        raise ValueError("OffsetIndex data too short")
+    magic, dense_len, overflow_len, count = _HEAD.unpack_from(head, 0)
+    if magic != _MAGIC:
+        raise ValueError("OffsetIndex data has the wrong magic")
+    if length != _HEAD.size + 8 * dense_len + _PAIR.size * overflow_len:
+        raise ValueError("OffsetIndex data has the wrong length")
+    return dense_len, overflow_len, count
+
+
+def _read_into(fd: int, buffer: memoryview) -> None:
+    while buffer:
+        got = os.readv(fd, [buffer])
+        if not got:
+            raise ValueError("OffsetIndex data too short")
+        buffer = buffer[got:]
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    buffer = bytearray(size)
+    _read_into(fd, memoryview(buffer))
+    return bytes(buffer)

@@ -123,6 +123,7 @@ __all__ = [
     "magic_damaged",
     "record_checksum",
     "txn_checksum",
+    "unpack_index_header",
 ]
 
 FORMAT_VERSION = 2
@@ -263,11 +264,19 @@ def encode_index_header(
 
 def decode_index_header(data: bytes | memoryview, payload: bytes | memoryview) -> IndexHeader:
     """Unpack an index-file header; ValueError when its magic, version or CRC is wrong."""
+    header, crc = unpack_index_header(data)
+    if zlib.crc32(payload, crc) != header.crc:
+        raise ValueError("index file checksum mismatch")
+    return header
+
+
+def unpack_index_header(data: bytes | memoryview) -> tuple[IndexHeader, int]:
+    """Unpack an index-file header, and the CRC-32 of its checked bytes to continue over the
+    entries (its ``crc`` is their final value); ValueError when its magic or version is wrong.
+    """
     if len(data) < INDEX_HEADER.size:
         raise ValueError("index file too short")
     header = IndexHeader(*INDEX_HEADER.unpack_from(data, 0))
     if header.magic != INDEX_MAGIC:
         raise ValueError(f"index file has the wrong magic or version {bytes(header.magic)!r}")
-    if zlib.crc32(payload, zlib.crc32(data[:INDEX_HEADER_CHECKED])) != header.crc:
-        raise ValueError("index file checksum mismatch")
-    return header
+    return header, zlib.crc32(data[:INDEX_HEADER_CHECKED])

@@ -21,8 +21,8 @@ from amberdb.storage.file.format import (
     TXN_HEADER,
     TXN_TRAILER,
     IndexHeader,
-    decode_index_header,
     encode_index_header,
+    unpack_index_header,
 )
 from amberdb.storage.file.recovery import RECOVERY_HINT, describe_txn_problem, pread_exact
 from amberdb.storage.offsets import OffsetIndex
@@ -30,8 +30,8 @@ from amberdb.utils import oid_repr, z64
 
 __all__ = [
     "SavedIndex",
-    "decode_index_file",
     "index_beside_a_cut_file",
+    "load_index_file",
     "own_index_file",
     "read_index_file",
     "write_index_file",
@@ -50,11 +50,20 @@ class SavedIndex(NamedTuple):
     offsets: OffsetIndex
 
 
-def decode_index_file(data: bytes) -> tuple[IndexHeader, OffsetIndex]:
-    """Header and entries of an index file's bytes; ValueError when it fails its own checks."""
-    view = memoryview(data)
-    header = decode_index_header(view[: INDEX_HEADER.size], view[INDEX_HEADER.size :])
-    return header, OffsetIndex.from_bytes(view[INDEX_HEADER.size :])
+def load_index_file(index_path: str) -> tuple[IndexHeader, OffsetIndex]:
+    """Header and entries of the index file ``index_path``, read with one copy of the entries.
+
+    OSError when it cannot be read, ValueError when it fails its own checks.
+    """
+    fd = os.open(index_path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.read(fd, INDEX_HEADER.size)
+        header, crc = unpack_index_header(head)
+        offsets = OffsetIndex.read_from(fd, size - INDEX_HEADER.size, crc, header.crc)
+    finally:
+        os.close(fd)
+    return header, offsets
 
 
 def index_beside_a_cut_file(path: str, size: int) -> str | None:
@@ -66,8 +75,7 @@ def index_beside_a_cut_file(path: str, size: int) -> str | None:
     """
     index_path = path + ".index"
     try:
-        with open(index_path, "rb") as f:
-            h, _ = decode_index_file(f.read())
+        h, _ = load_index_file(index_path)
     except (OSError, ValueError):
         return None
     return (
@@ -109,14 +117,11 @@ def own_index_file(path: str, file_id: bytes) -> tuple[SavedIndex | None, str | 
     """
     index_path = path + ".index"
     try:
-        with open(index_path, "rb") as f:
-            data = f.read()
+        h, index = load_index_file(index_path)
     except FileNotFoundError:
         return None, None
     except OSError as exc:
         return None, f"index file {index_path} cannot be read ({exc}): an open scans the data file"
-    try:
-        h, index = decode_index_file(data)
     except ValueError as exc:
         return None, f"index file {index_path} is invalid ({exc}): an open ignores it and scans"
     if h.file_id != file_id:

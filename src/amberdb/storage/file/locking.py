@@ -54,8 +54,11 @@ def acquire_writer_lock(path: str) -> int:
                 raise StorageLockedError(message) from None
             time.sleep(_RETRY_EVERY)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid():>{_PID_LINE - 1}}\n".encode("ascii"), 0)
+        # Overwrite, not truncate: freeing the file's block makes ext4 journal, which can take
+        # milliseconds while other writes are in flight.  The blank end line hides the
+        # previous writer's end from readers until this one publishes its own.
+        pid_line = f"{os.getpid():>{_PID_LINE - 1}}\n".encode("ascii")
+        os.pwrite(fd, pid_line + _NO_END, 0)
     except BaseException:
         os.close(fd)
         raise
@@ -64,6 +67,7 @@ def acquire_writer_lock(path: str) -> int:
 
 _PID_LINE = 12  # the pid, right-aligned, and a newline
 _END_LINE = 16 + 8 + 1  # the end and its CRC-32 in hex, and a newline
+_NO_END = b" " * (_END_LINE - 1) + b"\n"  # what published_end reads as unknown
 
 
 def publish_end(fd: int, end: int) -> None:
