@@ -18,6 +18,11 @@ transaction, so no application code (``__getstate__``, a persistent id) runs whi
 storage's commit lock may be held.  Conflicts a storage reports at ``store`` or at ``vote``
 are resolved here (``_p_resolveConflict``) and voted again, or raised naming oid and class.
 
+What a connection and its :class:`~amberdb.db.DB` use of each other is small and public:
+the DB calls :meth:`Connection.attach` (from ``DB.open``), :meth:`Connection.minimize_for_db`
+and :meth:`Connection.database_closed`; the connection uses ``db.storage``,
+``db.class_resolver`` and ``db.release_connection``.
+
 Savepoints write the records of changed objects to a spill file and let the objects become
 ghosts again, so a transaction can change more objects than fit in memory; the final commit
 streams the spill into the storage.
@@ -179,7 +184,7 @@ class Connection:
         self._user: int | None = None
         self._depth = 0
         # The thread that opened the connection, and whether DB.cache_minimize() asked from
-        # another thread for a minimize at the next transaction boundary (see _minimize_for_db).
+        # another thread for a minimize at the next transaction boundary (see minimize_for_db).
         self._opener: int | None = None
         self._minimize_later = False
         # More than 0 while a record's state is being unpickled: a record that touches other
@@ -188,7 +193,13 @@ class Connection:
 
     # -- opening and closing --------------------------------------------------------------
 
-    def _open(self, transaction_manager: Any) -> None:
+    def attach(self, transaction_manager: Any) -> None:
+        """Start serving ``transaction_manager`` at the storage's newest state (called by ``DB.open``).
+
+        Refused while the connection is open: a pooled connection is attached by its DB only.
+        """
+        if self._opened:
+            raise ConnectionStateError(f"{self!r} is already open; use db.open() for another connection")
         self.transaction_manager = transaction_manager
         self._synch_manager = getattr(transaction_manager, "manager", transaction_manager)
         self._opened = True
@@ -220,7 +231,7 @@ class Connection:
         if manager is not None:
             manager.unregisterSynch(self)
 
-    def _database_closed(self) -> None:
+    def database_closed(self) -> None:
         """The database closed (called by ``DB.close``): this connection can do nothing more.
 
         Uncommitted changes stay joined to their transaction, whose commit then fails with a
@@ -396,7 +407,7 @@ class Connection:
     cacheMinimize = cache_minimize
     cacheGC = cache_gc
 
-    def _minimize_for_db(self) -> None:
+    def minimize_for_db(self) -> None:
         """``DB.cache_minimize()``: minimize now if this thread may, else at the next boundary.
 
         Turning objects into ghosts under a thread that is using them would race with it, so

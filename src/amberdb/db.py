@@ -120,7 +120,7 @@ class DB:
             if connection is None:
                 connection = Connection(self, self.cache_size)
                 self._connections.add(connection)
-        connection._open(manager)
+        connection.attach(manager)
         return connection
 
     # -- what connections use (they learn of changes from the storage, not from the DB) --
@@ -173,7 +173,7 @@ class DB:
         """
         with self._lock:
             for connection in list(self._connections):
-                connection._minimize_for_db()
+                connection.minimize_for_db()
 
     # ZODB's names for the same things.
     cacheMinimize = cache_minimize
@@ -199,7 +199,7 @@ class DB:
             connections = list(self._connections)
         try:
             for connection in connections:
-                connection._database_closed()
+                connection.database_closed()
         finally:
             self.storage.close()
 
