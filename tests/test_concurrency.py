@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 import threading
 from typing import Any
@@ -12,8 +13,13 @@ import amberdb
 import amberdb.transaction as transaction
 from amberdb import DB, ConflictError, Persistent, PersistentMapping
 from amberdb.exceptions import ConnectionStateError
+from amberdb.storage.base import TransactionMeta
+from amberdb.storage.memory import MemoryStorage
+from amberdb.testing import VoteConflictStorage
 from amberdb.utils import z64
 from tests.models import Book
+
+connection_module = importlib.import_module("amberdb.connection")  # amberdb.connection is also a function
 
 THREADS = 4
 
@@ -505,4 +511,43 @@ def test_connection_too_far_behind_its_storage_forgets_its_whole_cache(
     assert all(book._p_status == "ghost" for book in books)
     assert [book.title for book in books] == [f"round {i}" for i in range(5, 10)]
     reader.close()
+    db.close()
+
+
+class _CommitsBeforeEveryVote(VoteConflictStorage):
+    """Another client commits ``oid`` again just before each of this client's votes."""
+
+    oid = z64
+    votes = 0
+
+    def vote(self) -> None:
+        if self.oid != z64:
+            self.votes += 1
+            record, tid = self.inner.load(self.oid)
+            self.inner.begin(TransactionMeta(description="the other client"))
+            self.inner.store(self.oid, tid, record)
+            self.inner.vote()
+            self.inner.finish()
+        super().vote()
+
+
+def test_conflicts_at_every_vote_end_in_a_conflict_error_naming_the_class() -> None:
+    storage = _CommitsBeforeEveryVote(MemoryStorage())
+    db = DB(storage)
+    with db.transaction() as conn:
+        conn.root.counter = Counter()
+    conn = db.open(transaction.TransactionManager())
+    counter = conn.root.counter
+    counter.hit()
+    storage.oid = counter._p_oid
+    with pytest.raises(ConflictError, match="Counter") as info:
+        conn.transaction_manager.commit()
+    assert info.value.oid == counter._p_oid
+    assert storage.votes == connection_module.MAX_REVOTES + 1  # it resolved and voted again each time
+    conn.transaction_manager.abort()
+    storage.oid = z64
+    counter.hit()  # the retry passes once the other client stops
+    conn.transaction_manager.commit()
+    assert counter.count == 1
+    conn.close()
     db.close()

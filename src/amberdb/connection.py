@@ -632,7 +632,15 @@ class Connection:
             except VoteConflictError as conflicts:
                 self._resolve_at_vote(conflicts)
         else:
-            storage.vote()  # a conflict now is raised as it is: retrying the transaction may pass
+            try:
+                storage.vote()
+            except VoteConflictError as conflicts:
+                # Others keep committing these objects between our votes: give up as any
+                # conflict does (retrying the transaction may pass), naming the class.
+                obj = self._cache.get(conflicts.oid) if conflicts.oid is not None else None
+                if obj is None:
+                    raise
+                raise conflicts.with_class(class_name(obj.__class__)) from None
         self._polled_at_vote = storage.poll_invalidations(self._snapshot)[1]
 
     def _resolve_at_vote(self, conflicts: VoteConflictError) -> None:
