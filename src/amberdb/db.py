@@ -156,8 +156,13 @@ class DB:
         return len(self.storage)
 
     def last_tid(self) -> Tid:
-        """The tid of the storage's newest committed transaction (``z64`` when there is none)."""
-        return self.storage.last_tid()
+        """The tid of the storage's newest committed transaction (``z64`` when there is none).
+
+        Asked through a poll, so a storage following another process's commits (a read-only
+        FileStorage) answers with the newest, not with what it last took in.
+        """
+        storage = self.storage
+        return storage.poll_invalidations(storage.last_tid())[0]
 
     def storage_size(self) -> int:
         """The storage's size in bytes: FileStorage's committed file length, the records of a

@@ -275,8 +275,10 @@ def test_db_on_a_follower_moves_only_at_transaction_boundaries(tmp_path: Path) -
             transaction.begin()
             n1 = conn.root()["n"]
             assert n1 >= n0 + 3
+            seen_tid = conn.root()._p_serial
             writer.expect(committed_at_least(n1 + 2))
             assert conn.root()["n"] == n1
+            assert db.last_tid() > seen_tid  # the DB asks the file, not what was taken in
             transaction.abort()
             assert conn.root()["n"] >= n1 + 2
         finally:
