@@ -172,13 +172,10 @@ class Connection:
         # What the storage reported at vote as changed by others before this commit
         # (None: it could not tell); applied at finish.
         self._polled_at_vote: Collection[Oid] | None = ()
-        # MVCC: reads see transactions up to _snapshot.  _invalidated holds oids to turn into
-        # ghosts at the next boundary (known at finish, before the snapshot moves on), and
-        # _forget_all says the storage could not tell what changed.
+        # MVCC: reads see transactions up to _snapshot.  The snapshot only ever moves
+        # together with the invalidation of what changed up to it (_move_snapshot).
         self._snapshot: Tid = z64
         self._read_before: Tid = p64(1)
-        self._invalidated: set[Oid] = set()
-        self._forget_all = False
         # One thread at a time inside the connection: _user is that thread, _depth its nesting.
         self._use_lock = threading.Lock()
         self._user: int | None = None
@@ -204,8 +201,15 @@ class Connection:
         self._synch_manager = getattr(transaction_manager, "manager", transaction_manager)
         self._opened = True
         self._opener = _get_ident()
-        self._synch_manager.registerSynch(self)
-        self._start_snapshot()
+        try:
+            self._synch_manager.registerSynch(self)  # polls too, with a transaction in progress
+            self._start_snapshot()
+        except BaseException:
+            # Not handed out (the poll failed): it must not stay registered with the manager,
+            # taking part in the thread's transactions, nor leave the pool with its cache.
+            self._leave_manager()
+            self._db.release_connection(self)
+            raise
 
     def close(self) -> None:
         """Give the connection back to the database's pool.  Idempotent.
@@ -664,12 +668,6 @@ class Connection:
         tid = self._storage.finish()
         # Durable from here: nothing below asks the storage anything, so nothing can turn a
         # commit that happened into one reported as failed.
-        polled = self._polled_at_vote
-        if polled is None:
-            self._forget_all = True
-        else:
-            self._invalidated.update(polled)
-        self._take_snapshot(tid)
         spill = self._spill
         for obj in self._stored:
             if obj._p_jar is self:
@@ -685,6 +683,11 @@ class Connection:
             merged = self._cache.get(oid)
             if merged is not None:
                 ghostify(merged)
+        # What others committed before this transaction is invalidated now, as the snapshot
+        # moves to it, not at the next boundary: the poll there may fail (after a durable
+        # commit that is only logged), and the next transaction would then read these
+        # objects stale from the cache beside others loaded at the new snapshot.
+        self._move_snapshot(tid, self._polled_at_vote)
         self._end_transaction()
 
     def tpc_abort(self, transaction: Any) -> None:
@@ -846,28 +849,28 @@ class Connection:
             # the changes of the storage's whole history.
             since = self._storage.last_tid()
         newest, changed = self._storage.poll_invalidations(since)
-        if newest == self._snapshot and not changed and not self._invalidated and not self._forget_all:
+        if newest == self._snapshot and changed is not None and not changed:
             return
-        invalidated, self._invalidated = self._invalidated, set()
-        self._take_snapshot(newest)
+        self._move_snapshot(newest, changed)
+
+    def _move_snapshot(self, tid: Tid, changed: Collection[Oid] | None) -> None:
+        """Read as of ``tid`` from now on, turning what ``changed`` since into ghosts.
+
+        ``changed`` None: the storage cannot say what changed, and nothing cached can be
+        trusted.  One step, so no read ever sees the new snapshot beside a stale object.
+        """
+        self._snapshot = tid
+        self._read_before = p64(u64(tid) + 1)
         cache = self._cache
-        if changed is None or self._forget_all:
-            # The storage cannot say what changed: nothing cached can be trusted.
-            self._forget_all = False
+        if changed is None:
             for _, live in cache.live_objects():
                 if live._p_state != GHOST:
                     ghostify(live)
             return
-        invalidated.update(changed)
-        for oid in invalidated:
+        for oid in changed:
             obj = cache.get(oid)
             if obj is not None and obj._p_state != GHOST:
                 ghostify(obj)
-
-    def _take_snapshot(self, tid: Tid) -> None:
-        """Read as of ``tid`` from now on."""
-        self._snapshot = tid
-        self._read_before = p64(u64(tid) + 1)
 
 
 def _state_misfit(obj: Persistent, oid: Oid, error: Exception) -> RecordDecodeError:
