@@ -905,14 +905,17 @@ class FileStorage:
                 committed = self._map[current + 8 : current + 16]  # no system call
             else:
                 committed = pread_exact(self._fd, _D, current)[8:16]
+        if committed != base_tid:
+            raise ConflictError(oid=oid, serials=(committed, base_tid))
+        if current:
+            # Changed for other snapshots -- noted only once the store is accepted: a refused
+            # one writes nothing, and polls must not report it (base invariant 7).
             changed = self._txn_changed
             if changed is not None:
                 if len(changed) < _POLL_WINDOW:
                     changed.append(oid_int)
                 else:
                     self._txn_changed = None
-        if committed != base_tid:
-            raise ConflictError(oid=oid, serials=(committed, base_tid))
         buf = self._buf
         offset = self._txn_pos + self._written + len(buf)
         checked = _pack_checked(oid, self._tid, current, size)
