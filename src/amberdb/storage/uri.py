@@ -16,7 +16,7 @@ A string is a URI when it starts with a scheme of two or more characters and a c
 (``memory:``, ``file:``, ``postgresql://``); anything else, and every ``os.PathLike``, is a
 path.  A path whose first colon comes before any slash (``data:2024.fs``) must be given as a
 ``pathlib.Path`` or a ``file:`` URI.  An unknown scheme or option fails with ``ValueError``
-naming it and what is known.
+naming it and what is known; so does an option given twice or without a value.
 
 An entry point of the ``amberdb.storages`` group is named after its scheme and loads a
 callable ``opener(uri: str, read_only: bool) -> Storage``; it is imported only when a URI with
@@ -56,6 +56,9 @@ def register_scheme(scheme: str, opener: Opener) -> None:
     """Let ``open_storage`` open URIs of ``scheme`` with ``opener(uri, read_only)``."""
     if _SCHEME.fullmatch(scheme + ":") is None:
         raise ValueError(f"{scheme!r} is not a URI scheme (a letter, then letters, digits, '+', '-', '.')")
+    if scheme.lower() in _BUILT_IN:
+        # open_storage looks built-in schemes up first: a registration would be ignored.
+        raise ValueError(f"scheme {scheme.lower()!r} is built in and cannot be registered again")
     with _registry_lock:
         _registered[scheme.lower()] = opener
 
@@ -104,7 +107,20 @@ def _entry_point_opener(scheme: str) -> Opener | None:
 
 def _options(uri: str, query: str, known: tuple[str, ...]) -> dict[str, bool]:
     options: dict[str, bool] = {}
-    for name, text in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+    # Field by field rather than urllib's strict parsing, whose "bad query field" names
+    # neither the URI nor the option.
+    for field in query.split("&") if query else ():
+        if not field:
+            raise ValueError(f"empty option (a stray '&') in storage URI {uri!r}")
+        if "=" not in field:
+            name = unquote(field)
+            raise ValueError(
+                f"option {name!r} has no value in storage URI {uri!r}: write {name}=true or {name}=false"
+            )
+        ((name, text),) = parse_qsl(field, keep_blank_values=True)
+        if name in options:
+            # The last value winning would quietly turn read_only=true&read_only=false writable.
+            raise ValueError(f"option {name!r} is given twice in storage URI {uri!r}")
         if name not in known:
             shown = ", ".join(known) if known else "none"
             raise ValueError(f"unknown option {name!r} in storage URI {uri!r}: known options are {shown}")

@@ -104,8 +104,9 @@ class FileStorageFactory(StorageFactory):
         return self.track(FileStorage(self.path, read_only=True))
 
     def uri(self) -> str | None:
-        """``file://`` and the data file's path."""
-        return f"file://{self.path}"
+        """The data file's ``file:`` URI (absolute and percent-encoded: a directory named
+        with ``#``, ``?`` or ``%`` names the same file)."""
+        return self.path.absolute().as_uri()
 
     def check(self) -> None:
         """``amberdb.storage.file.verify`` finds nothing wrong."""

@@ -1,0 +1,78 @@
+"""Hostile storage URIs: each fails with a message naming the URI and what is wrong in it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import amberdb
+import amberdb.transaction as transaction
+from amberdb import MemoryStorage, open_storage
+from amberdb.storage import uri as uris
+from amberdb.testing import FileStorageFactory
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_schemes() -> Iterator[None]:
+    before = dict(uris._registered)
+    yield
+    uris._registered.clear()
+    uris._registered.update(before)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        # Defect: the last of two values won silently -- here a read-only URI opened writable.
+        ("read_only=true&read_only=false", r"option 'read_only' is given twice"),
+        ("fsync=1&fsync=1", r"option 'fsync' is given twice"),
+        # Defect: urllib's "bad query field: 'read_only'" named neither the URI nor the fix.
+        ("read_only", r"option 'read_only' has no value.*read_only=true"),
+        ("read_only=true&", r"empty option"),
+        ("&read_only=true", r"empty option"),
+    ],
+)
+def test_a_bad_query_names_the_uri_and_the_problem(tmp_path: Path, query: str, message: str) -> None:
+    target = tmp_path / "data.fs"
+    uri = f"file:{target}?{query}"
+    with pytest.raises(ValueError, match=message) as info:
+        open_storage(uri)
+    assert uri in str(info.value)
+    with pytest.raises(ValueError, match=message):
+        amberdb.DB(uri)
+    assert not target.exists()  # refused before anything was opened or created
+
+
+def test_registering_a_built_in_scheme_is_refused() -> None:
+    # Defect: register_scheme("file", opener) returned quietly and then open_storage kept
+    # using the built-in opener, never the registered one.
+    with pytest.raises(ValueError, match=r"'file' is built in"):
+        uris.register_scheme("file", lambda uri, read_only: MemoryStorage())
+    with pytest.raises(ValueError, match=r"'memory' is built in"):
+        uris.register_scheme("Memory", lambda uri, read_only: MemoryStorage())
+
+
+@pytest.mark.parametrize("name", ["a #1", "50%41", "what?", "sp ace"])
+def test_the_kits_file_uri_names_the_factorys_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # Defect: FileStorageFactory.uri() was f"file://{path}", unquoted: a directory with '#',
+    # '?' or '%' in its name gave a URI of another file (or a refused one), and a relative
+    # directory one naming a host.
+    monkeypatch.chdir(tmp_path)
+    for directory in (tmp_path / "absolute" / name, Path("relative") / name):
+        directory.mkdir(parents=True)
+        factory = FileStorageFactory(directory)
+        storage = factory.create()
+        db = amberdb.DB(storage)
+        tm = transaction.TransactionManager()
+        db.open(tm).root()["here"] = True
+        tm.commit()
+        uri = factory.uri()
+        assert uri is not None
+        follower = amberdb.DB(uri, read_only=True)
+        assert follower.open(transaction.TransactionManager()).root()["here"] is True
+        follower.close()
+        db.close()
