@@ -140,7 +140,11 @@ class Storage(Protocol):
         ...
 
     def begin(self, meta: TransactionMeta) -> None:
-        """Start a commit; a storage that locks early waits here for the previous committer."""
+        """Start a commit; a storage that locks early waits here for the previous committer.
+
+        Raises StorageTransactionError at once, without waiting, when the calling thread's
+        own transaction is still open (it would otherwise wait for itself).
+        """
         ...
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:

@@ -26,15 +26,22 @@ It needs ``pytest`` and ``hypothesis`` (the ``test`` extra).
 
 from __future__ import annotations
 
-from amberdb.testing.doubles import VoteConflictStorage
-from amberdb.testing.factories import (
+import pytest
+
+# The suites are not test modules of the author's project, so pytest would not rewrite their
+# assertions: a failing check would read as a bare "AssertionError".  Registered before they
+# are imported, they fail showing the values compared.
+pytest.register_assert_rewrite("amberdb.testing.storage_suite", "amberdb.testing.object_suite")
+
+from amberdb.testing.doubles import VoteConflictStorage  # noqa: E402
+from amberdb.testing.factories import (  # noqa: E402
     FileStorageFactory,
     MemoryStorageFactory,
     StorageFactory,
     VoteConflictFactory,
 )
-from amberdb.testing.object_suite import ObjectSuite
-from amberdb.testing.storage_suite import ReadOnlySuite, StorageMachineSuite, StorageSuite, commit
+from amberdb.testing.object_suite import ObjectSuite  # noqa: E402
+from amberdb.testing.storage_suite import ReadOnlySuite, StorageMachineSuite, StorageSuite, commit  # noqa: E402
 
 __all__ = [
     "FileStorageFactory",

@@ -28,6 +28,10 @@ class StorageFactory:
     durable: ClassVar[bool] = False
     """True when committed data survives closing the storage and the death of its process."""
 
+    blocking_timeout: ClassVar[float] = 10.0
+    """Seconds a call that must not wait (a thread's second ``begin``) may block before the
+    test fails saying so, instead of hanging the test run."""
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.opened: list[Storage] = []

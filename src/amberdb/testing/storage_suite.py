@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -37,7 +37,7 @@ from amberdb.exceptions import (
 )
 from amberdb.storage.base import IterableStorage, Storage, TransactionMeta
 from amberdb.testing.factories import StorageFactory
-from amberdb.utils import Oid, Tid, p64, u64, z64
+from amberdb.utils import Oid, Tid, oid_repr, p64, u64, z64
 
 __all__ = ["StorageSuite", "commit", "run_machine", "store_expecting_conflict"]
 
@@ -71,6 +71,31 @@ def store_expecting_conflict(storage: Storage, oid: Oid, base: Tid, record: byte
     with pytest.raises(VoteConflictError) as info:
         storage.vote()
     assert info.value.conflicts.get(oid) == (committed, base), info.value.conflicts
+
+
+def _returns_soon(factory: StorageFactory, call: Callable[[], object], what: Callable[[], str]) -> None:
+    """Run ``call()`` in a thread; fail saying ``what()`` if it blocks longer than the factory allows."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # raised again in the test's thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, daemon=True, name="amberdb-conformance-call")
+    thread.start()
+    thread.join(factory.blocking_timeout)
+    if thread.is_alive():
+        raise AssertionError(f"{what()}; it blocked for {factory.blocking_timeout} s instead")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _oids(oids: Collection[Oid] | None) -> str:
+    return "None" if oids is None else "{" + ", ".join(sorted(map(oid_repr, oids))) + "}"
 
 
 def _nothing_new_since(storage: Storage, tid: Tid) -> None:
@@ -255,25 +280,34 @@ class StorageSuite:
             assert storage.load(z64) == (b"second", tid)
             assert len(storage) == 1
 
-    def test_protocol_errors(self, storage: Storage) -> None:
-        with pytest.raises(StorageTransactionError):
-            storage.store(z64, z64, b"x")
-        with pytest.raises(StorageTransactionError):
-            storage.vote()
-        with pytest.raises(StorageTransactionError):
-            storage.finish()
-        storage.begin(META)
-        with pytest.raises(StorageTransactionError):
-            storage.finish()
-        with pytest.raises(StorageTransactionError):
+    def test_protocol_errors(self, factory: StorageFactory, storage: Storage) -> None:
+        doing = ["the first calls"]
+
+        def calls() -> None:
+            with pytest.raises(StorageTransactionError):
+                storage.store(z64, z64, b"x")
+            with pytest.raises(StorageTransactionError):
+                storage.vote()
+            with pytest.raises(StorageTransactionError):
+                storage.finish()
             storage.begin(META)
-        storage.store(z64, z64, b"x")
-        storage.vote()
-        with pytest.raises(StorageTransactionError):
-            storage.store(p64(1), z64, b"y")
-        with pytest.raises(StorageTransactionError):
+            with pytest.raises(StorageTransactionError):
+                storage.finish()
+            doing[0] = "begin() called again by the thread whose transaction is open"
+            with pytest.raises(StorageTransactionError):
+                storage.begin(META)
+            doing[0] = "the calls after it"
+            storage.store(z64, z64, b"x")
             storage.vote()
-        storage.finish()
+            with pytest.raises(StorageTransactionError):
+                storage.store(p64(1), z64, b"y")
+            with pytest.raises(StorageTransactionError):
+                storage.vote()
+            storage.finish()
+
+        # A storage that locks in begin() and waits there for itself would hang the run: the
+        # calls run in a thread of their own, watched.
+        _returns_soon(factory, calls, lambda: f"{doing[0]} must raise StorageTransactionError at once")
 
     def test_tids_increase_strictly(self, storage: Storage) -> None:
         tids = [commit(storage, {p64(i): (z64, b"r")}) for i in range(50)]
@@ -364,11 +398,20 @@ class StorageSuite:
         _nothing_new_since(storage, t1)
         t2 = commit(storage, {a: (t1, b"a2"), c: (z64, b"c")})
         t3 = commit(storage, {b: (t1, b"b2")})
+        rule = (
+            "invariant 7: poll_invalidations(since) names the oids changed by transactions with"
+            " since < tid <= newest"
+        )
+        a_, b_, c_ = map(oid_repr, (a, b, c))
         newest, changed = storage.poll_invalidations(t1)
-        assert newest == t3 == storage.last_tid()
-        assert changed is not None and {a, b} <= set(changed) <= {a, b, c}
+        assert newest == t3 == storage.last_tid(), f"{rule}; newest must be the last tid, got {newest!r}"
+        assert changed is not None and {a, b} <= set(changed) <= {a, b, c}, (
+            f"{rule}; since t1, {a_} and {b_} changed and {c_} is new, got {_oids(changed)}"
+        )
         newest, changed = storage.poll_invalidations(t2)
-        assert newest == t3 and changed is not None and b in set(changed) and a not in set(changed)
+        assert newest == t3 and changed is not None and b in set(changed) and a not in set(changed), (
+            f"{rule}; since t2, {b_} changed ({a_} changed at t2 itself), got {_oids(changed)}"
+        )
         _nothing_new_since(storage, t3)
 
     def test_poll_beyond_the_newest_tid_forgets_everything(self, storage: Storage) -> None:
