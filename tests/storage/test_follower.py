@@ -365,6 +365,7 @@ def test_follower_step_by_step_matches_the_writer(
 def test_a_snapshot_older_than_the_window_gets_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """I12, base invariant 7: a follower remembers changes within the same window as a writer."""
     monkeypatch.setattr(storage_module, "_POLL_WINDOW", 6)
+    monkeypatch.setattr(storage_module, "_ENTRY_COST", 1)  # a transaction costs its oids + 1
     path = tmp_path / "data.fs"
     with FileStorage(path) as writer, FileStorage(path, read_only=True) as follower:
         tids = {p64(oid): z64 for oid in range(9)}

@@ -202,6 +202,10 @@ _PENDING_LIMIT = 1 << 16
 # poll_invalidations remembers the changed oids of recent transactions up to about this many
 # oids in all (8 bytes each); a connection whose snapshot is older drops its whole cache.
 _POLL_WINDOW = 1 << 20
+# What remembering one transaction costs besides its oids (its tid, array, tuple and deque
+# slot: about 200 bytes), counted in oids: without it a window of small transactions held
+# some 25 times the memory it is sized for.
+_ENTRY_COST = 25
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _IDLE, _OPEN, _VOTED, _DIRTY = "idle", "open", "voted", "dirty"
 _CLOSED_GENERATION = -1
@@ -747,10 +751,10 @@ class FileStorage:
         """Keep ``oids`` for poll_invalidations, forgetting the oldest beyond the window (under ``_lock``)."""
         recent = self._recent
         recent.append((tid, oids))
-        self._recent_oids += 1 if oids is None else len(oids) + 1
+        self._recent_oids += _ENTRY_COST if oids is None else len(oids) + _ENTRY_COST
         while self._recent_oids > _POLL_WINDOW and len(recent) > 1:
             old_tid, old = recent.popleft()
-            self._recent_oids -= 1 if old is None else len(old) + 1
+            self._recent_oids -= _ENTRY_COST if old is None else len(old) + _ENTRY_COST
             self._poll_floor = old_tid
 
     def size(self) -> int:
