@@ -37,6 +37,8 @@ DEFAULT_POOL_SIZE = 7
 
 def _open_storage(storage: Storage | str | os.PathLike[str] | None, read_only: bool) -> Storage:
     if storage is None:
+        if read_only:
+            raise ValueError("DB(None, read_only=True): a new in-memory database cannot be read-only")
         from amberdb.storage.memory import MemoryStorage
 
         return MemoryStorage()
@@ -46,6 +48,12 @@ def _open_storage(storage: Storage | str | os.PathLike[str] | None, read_only: b
         raise TypeError(
             f"DB() takes None, a URI, a file path or a storage, not {type(storage).__qualname__} "
             f"{storage!r:.80}"
+        )
+    if read_only and not storage.read_only:
+        # Dropping the flag would let commits through a database asked to be read-only.
+        raise ValueError(
+            f"DB(storage, read_only=True) got the writable storage {storage!r}: open the storage "
+            "read-only (e.g. FileStorage(path, read_only=True)), or give DB a path or URI"
         )
     return storage
 

@@ -9,7 +9,7 @@ import pytest
 
 import amberdb
 import amberdb.transaction as transaction
-from amberdb import MemoryStorage, open_storage
+from amberdb import FileStorage, MemoryStorage, open_storage
 from amberdb.storage import uri as uris
 from amberdb.testing import FileStorageFactory
 
@@ -75,4 +75,30 @@ def test_the_kits_file_uri_names_the_factorys_file(
         follower = amberdb.DB(uri, read_only=True)
         assert follower.open(transaction.TransactionManager()).root()["here"] is True
         follower.close()
+        db.close()
+
+
+def test_read_only_is_never_dropped_silently(tmp_path: Path) -> None:
+    # Defect: DB(..., read_only=True) gave a writable database, and commits went through,
+    # when it was handed a writable storage object, None, or a URI whose registered opener
+    # ignored read_only: the flag applied only to paths and file: URIs.
+    uris.register_scheme("ignores-read-only", lambda uri, read_only: MemoryStorage())
+    with pytest.raises(ValueError, match=r"scheme 'ignores-read-only' ignored read_only=True"):
+        open_storage("ignores-read-only:", read_only=True)
+    with pytest.raises(ValueError, match=r"ignored read_only=True"):
+        amberdb.DB("ignores-read-only:", read_only=True)
+    with pytest.raises(ValueError, match=r"in-memory database cannot be read-only"):
+        amberdb.DB(None, read_only=True)
+    writable = MemoryStorage()
+    with pytest.raises(ValueError, match=r"read_only=True.*writable storage <MemoryStorage"):
+        amberdb.DB(writable, read_only=True)
+    assert writable.last_tid() == b"\0" * 8  # refused before anything was written
+    # What works: a storage opened read-only, with or without the flag.
+    path = tmp_path / "data.fs"
+    amberdb.DB(path).close()
+    for db in (
+        amberdb.DB(FileStorage(path, read_only=True), read_only=True),
+        amberdb.DB(path, read_only=True),
+    ):
+        assert db.read_only
         db.close()

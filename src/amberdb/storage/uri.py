@@ -94,6 +94,11 @@ def open_storage(uri: str | os.PathLike[str], *, read_only: bool = False) -> Sto
     if not isinstance(storage, Storage):
         returned = type(storage).__qualname__
         raise TypeError(f"the opener of scheme {scheme!r} returned {returned}, not a storage")
+    if read_only and not storage.read_only:
+        # A writable storage handed to a caller who asked for a read-only one would let
+        # its commits through.
+        storage.close()
+        raise ValueError(f"the opener of scheme {scheme!r} ignored read_only=True: it returned {storage!r}")
     return storage
 
 
