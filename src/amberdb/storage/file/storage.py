@@ -88,8 +88,10 @@ I12 Followers.  A read-only storage that is not salvaged follows the file's writ
     a voted tail that no writer can abort any more is taken.  While a live writer streams a
     transaction behind its zero header (I2) and has published no end past ``_end``, the
     poll stops at that header instead of reading the growing stream at every transaction
-    boundary.  What a poll takes is scanned into an index of its own and merged into the
-    storage's under the lock loads hold, together with ``_end`` and ``_last_tid``: loads
+    boundary; and a torn tail a dead writer left is scanned once, not again at every poll
+    while the file stays as it was (the next writer cuts it before writing).  What a poll
+    takes is scanned into an index of its own and merged into the storage's under the lock
+    loads hold, together with ``_end`` and ``_last_tid``: loads
     and ``last_tid`` move there only, by whole transactions, never half of one.  Each
     transaction taken reports as changed the oids it wrote that existed before it.  A file
     found shorter than ``_end`` raises CorruptedDataError naming it, and the map never
@@ -287,6 +289,9 @@ class FileStorage:
         self._recent: deque[tuple[Tid, array[int] | None]] = deque()
         self._recent_oids = 0
         self._poll_floor = z64
+        # (size, mtime, ctime) of the file when a follower's poll last found only a torn tail
+        # past _end: while the file still looks so, nobody wrote, and it is not scanned again.
+        self._torn_stamp: tuple[int, int, int] | None = None
         self._reset_txn()
         try:
             self._open(create)
@@ -683,9 +688,15 @@ class FileStorage:
             if self._closed or self._closing:
                 self._check_open()
             start = self._end
-            size = os.fstat(self._fd).st_size
+            stat = os.fstat(self._fd)
+            size = stat.st_size
             if size == start:
                 return  # hot path: every transaction boundary of every connection ends here
+            stamp = (size, stat.st_mtime_ns, stat.st_ctime_ns)
+            if stamp == self._torn_stamp:
+                # A dead writer's torn tail (a stream cut short can be gigabytes), unchanged
+                # since the last poll judged it: the next writer cuts it before writing.
+                return
             if not self._file_id and not self._take_file_header(size):
                 return  # opened while the writer was creating the file, and still is
             if size < start:
@@ -697,6 +708,8 @@ class FileStorage:
             fresh = OffsetIndex(floating=True)
             result, fresh = self._scan_committed(fresh, start, size, self._last_tid, committed)
             if result.end == start:
+                if result.tail == "torn" and result.stop == start:
+                    self._torn_stamp = stamp
                 return
             changes = self._changes_in(start, result.end)
             with self._lock:
