@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import amberdb
 import amberdb.transaction as transaction
 from amberdb import FileStorage, MemoryStorage, open_storage
+from amberdb.exceptions import StorageError
 from amberdb.storage import uri as uris
 from amberdb.testing import FileStorageFactory
 
@@ -102,3 +104,30 @@ def test_read_only_is_never_dropped_silently(tmp_path: Path) -> None:
     ):
         assert db.read_only
         db.close()
+
+
+def test_a_memory_uri_with_a_fragment_is_refused_as_a_file_uri_is() -> None:
+    # Defect: "memory:#anything" opened a MemoryStorage, the fragment ignored, while a
+    # file: URI with one is refused.
+    with pytest.raises(ValueError, match=r"memory: URI 'memory:#x' has a fragment"):
+        open_storage("memory:#x")
+
+
+def test_a_uri_naming_a_place_that_cannot_hold_a_database_says_so(tmp_path: Path) -> None:
+    # Defects: a path in a missing directory failed naming the writer's lock file
+    # (".../nowhere/data.fs.lock"); a device such as /dev/null got an OSError naming no
+    # file at all ("[Errno 22] Invalid argument", from fsync), after creating
+    # /dev/null.lock beside it.
+    missing = tmp_path / "nowhere" / "data.fs"
+    with pytest.raises(StorageError, match=r"data.fs: its directory .*nowhere does not exist") as info:
+        amberdb.DB(missing.as_uri())
+    assert ".lock" not in str(info.value)
+    assert not missing.parent.exists()
+    fifo = tmp_path / "a-fifo"
+    os.mkfifo(fifo)
+    for uri in (fifo.as_uri(), str(tmp_path)):
+        with pytest.raises(StorageError, match=r"is not a regular file"):
+            open_storage(uri)
+        with pytest.raises(StorageError, match=r"is not a regular file"):
+            open_storage(uri, read_only=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-fifo"]  # no lock file beside them

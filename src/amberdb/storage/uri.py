@@ -142,6 +142,8 @@ def _open_memory(uri: str, read_only: bool) -> Storage:
     parts = urlsplit(uri)
     if parts.netloc or parts.path.strip("/"):
         raise ValueError(f"a memory: URI names no place, got {uri!r}")
+    if parts.fragment:
+        raise ValueError(f"memory: URI {uri!r} has a fragment (#...), which names nothing")
     _options(uri, parts.query, ())
     if read_only:
         raise ValueError(f"{uri!r}: a new in-memory storage cannot be read-only (it would stay empty)")

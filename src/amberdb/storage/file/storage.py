@@ -83,22 +83,21 @@ I11 No sharing across fork.  A storage remembers the process generation it was o
 I12 Followers.  A read-only storage that is not salvaged follows the file's writer, in
     ``poll_invalidations`` and nowhere else.  While the file still ends at ``_end``, one
     fstat is the whole cost.  When it grew, the new bytes are scanned and their end judged
-    by the code an open uses (I3, I4, I9): what a live writer may still abort, rewrite or
-    be writing is left out, damage below its published end raises CorruptedDataError, and
-    a voted tail that no writer can abort any more is taken.  While a live writer streams a
-    transaction behind its zero header (I2) and has published no end past ``_end``, the
-    poll stops at that header instead of reading the growing stream at every transaction
+    by the code an open uses (I3, I4, I9): what a live writer may still abort, rewrite or be
+    writing is left out, damage below its published end raises CorruptedDataError, and a
+    voted tail that no writer can abort any more is taken.  While a live writer streams a
+    transaction behind its zero header (I2) and has published no end past ``_end``, the poll
+    stops at that header instead of reading the growing stream at every transaction
     boundary; and a torn tail a dead writer left is scanned once, not again at every poll
     while the file stays as it was (the next writer cuts it before writing).  What a poll
     takes is scanned into an index of its own and merged into the storage's under the lock
-    loads hold, together with ``_end`` and ``_last_tid``: loads
-    and ``last_tid`` move there only, by whole transactions, never half of one.  Each
-    transaction taken reports as changed the oids it wrote that existed before it.  A file
-    found shorter than ``_end`` raises CorruptedDataError naming it, and the map never
-    grows past the file's end (a truncation by another program between two looks can still
-    kill a load with SIGBUS, as for any reader: see ``_release_pages``).  The index file
-    plays no part, and a salvaged storage stays the snapshot it opened.  Checked by
-    ``tests/storage/test_follower.py``.
+    loads hold, together with ``_end`` and ``_last_tid``: loads and ``last_tid`` move there
+    only, by whole transactions, never half of one.  Each transaction taken reports as
+    changed the oids it wrote that existed before it.  A file found shorter than ``_end``
+    raises CorruptedDataError naming it, and the map never grows past the file's end (a
+    truncation by another program between two looks can still kill a load with SIGBUS, as
+    for any reader: see ``_release_pages``).  The index file plays no part, and a salvaged
+    storage stays the snapshot it opened.  Checked by ``tests/storage/test_follower.py``.
 
 ``finish`` publishes a voted transaction by updating the in-memory index: from the (oid,
 offset) pairs ``store`` kept or, past ``_PENDING_LIMIT`` records, by reading the records'
@@ -121,6 +120,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
+import stat
 import struct
 import threading
 import zlib
@@ -306,12 +306,21 @@ class FileStorage:
     def _open(self, create: bool) -> None:
         path = self._path
         try:
-            size = os.stat(path).st_size
+            info = os.stat(path)
         except FileNotFoundError:
             size = -1
+        else:
+            size = info.st_size
+            if not stat.S_ISREG(info.st_mode):
+                # A directory, device or pipe: refused before a lock file is made beside it.
+                raise StorageError(f"{path} is not a regular file: a FileStorage needs one")
         if size < 0 and (self._read_only or not create):
             why = "read_only" if self._read_only else "create=False"
             raise StorageError(f"{path}: no such file (not created because {why})")
+        if size < 0 and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            # Said here: the first thing to fail would be the writer's lock file, by its name.
+            directory = os.path.dirname(os.path.abspath(path))
+            raise StorageError(f"{path}: its directory {directory} does not exist")
         if size > 0:
             # Check the header before touching anything: a foreign or damaged file stays as
             # it is, and no lock file appears beside it.
@@ -688,11 +697,11 @@ class FileStorage:
             if self._closed or self._closing:
                 self._check_open()
             start = self._end
-            stat = os.fstat(self._fd)
-            size = stat.st_size
+            info = os.fstat(self._fd)
+            size = info.st_size
             if size == start:
                 return  # hot path: every transaction boundary of every connection ends here
-            stamp = (size, stat.st_mtime_ns, stat.st_ctime_ns)
+            stamp = (size, info.st_mtime_ns, info.st_ctime_ns)
             if stamp == self._torn_stamp:
                 # A dead writer's torn tail (a stream cut short can be gigabytes), unchanged
                 # since the last poll judged it: the next writer cuts it before writing.
