@@ -9,6 +9,7 @@ import pytest
 
 import amberdb
 import amberdb.transaction as transaction
+from amberdb.storage import uri as uris
 from amberdb.storage.base import Storage
 from amberdb.storage.file import FileStorage
 from amberdb.storage.memory import MemoryStorage
@@ -56,3 +57,12 @@ def conn(db: amberdb.DB) -> Iterator[amberdb.Connection]:
 def db_path(tmp_path: Path) -> str:
     """Path of a not-yet-existing database file."""
     return str(tmp_path / "data.fs")
+
+
+@pytest.fixture
+def no_leftover_schemes() -> Iterator[None]:
+    """Storage URI schemes a test registers are forgotten after it."""
+    before = dict(uris._registered)
+    yield
+    uris._registered.clear()
+    uris._registered.update(before)

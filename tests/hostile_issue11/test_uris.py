@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,7 @@ from amberdb.exceptions import StorageError
 from amberdb.storage import uri as uris
 from amberdb.testing import FileStorageFactory
 
-
-@pytest.fixture(autouse=True)
-def _no_leftover_schemes() -> Iterator[None]:
-    before = dict(uris._registered)
-    yield
-    uris._registered.clear()
-    uris._registered.update(before)
+pytestmark = pytest.mark.usefixtures("no_leftover_schemes")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,7 @@ from amberdb import FileStorage, MemoryStorage, open_storage
 from amberdb.exceptions import ReadOnlyError
 from amberdb.storage import uri as uris
 
-
-@pytest.fixture(autouse=True)
-def _no_leftover_schemes() -> Iterator[None]:
-    before = dict(uris._registered)
-    yield
-    uris._registered.clear()
-    uris._registered.update(before)
+pytestmark = pytest.mark.usefixtures("no_leftover_schemes")
 
 
 def _commit_value(target: str | Path, value: int) -> None:
