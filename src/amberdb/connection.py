@@ -147,8 +147,11 @@ class _ConnectionSavepoint:
 class Connection:
     """An object view of the database for one thread and its transaction manager."""
 
-    def __init__(self, db: DB, cache_size: int) -> None:
+    def __init__(self, db: DB, cache_size: int, before: Tid | None = None) -> None:
         self._db = db
+        # A historical connection (db.open(at=/before=)) reads only revisions older than
+        # this, never moves, and refuses every change.
+        self._before = before
         self._storage = db.storage
         self._cache = ObjectCache(cache_size, self._in_spill)
         self._resolver = db.class_resolver
@@ -201,6 +204,11 @@ class Connection:
         self._synch_manager = getattr(transaction_manager, "manager", transaction_manager)
         self._opened = True
         self._opener = _get_ident()
+        if self._before is not None:
+            self._snapshot = p64(u64(self._before) - 1)
+            self._read_before = self._before
+            self._synch_manager.registerSynch(self)
+            return
         try:
             self._synch_manager.registerSynch(self)  # polls too, with a transaction in progress
             self._start_snapshot()
@@ -254,6 +262,17 @@ class Connection:
         self._close_callbacks.append(callback)
 
     onCloseCallback = on_close  # ZODB's name
+
+    @property
+    def before(self) -> Tid | None:
+        """For a historical connection, the tid it reads before (ZODB's ``before``); else None."""
+        return self._before
+
+    def _historical_why(self) -> str:
+        return (
+            f"this connection shows the database as it was before tid {oid_repr(self._before)}"
+            " (db.open(at=...) or before=...) and is read-only"
+        )
 
     @property
     def opened(self) -> bool:
@@ -352,6 +371,8 @@ class Connection:
         self._join()
 
     def _assign(self, obj: Persistent) -> Oid:
+        if self._before is not None:
+            raise ReadOnlyError(f"cannot add {class_name(obj.__class__)}: {self._historical_why()}")
         if self._storage.read_only:
             raise ReadOnlyError(f"cannot add {class_name(obj.__class__)}: the database is read-only")
         oid = self._storage.new_oid()
@@ -450,6 +471,9 @@ class Connection:
         if not self._opened:
             what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
             raise ConnectionStateError(f"cannot change {what}: {self._closed_because}")
+        if self._before is not None:
+            what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
+            raise ReadOnlyError(f"cannot change {what}: {self._historical_why()}")
         if self._joined is None:
             try:
                 self._join()
@@ -536,6 +560,8 @@ class Connection:
     def tpc_begin(self, transaction: Any) -> None:
         """Check that this connection may commit; the storage is begun in ``commit``."""
         self._check_open("commit")
+        if self._before is not None:
+            raise ReadOnlyError(f"cannot commit: {self._historical_why()}")
         if self._storage.read_only:
             raise ReadOnlyError(f"cannot commit: {self._storage.name} is read-only")
 
@@ -843,6 +869,8 @@ class Connection:
 
     def _start_snapshot(self) -> None:
         """Move to the storage's newest state, invalidating what changed since the last one."""
+        if self._before is not None:
+            return  # a historical connection stays where it was opened
         since = self._snapshot
         if since == z64 and not len(self._cache):
             # A new connection has nothing to invalidate: ask only what is newest, instead of

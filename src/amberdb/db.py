@@ -11,6 +11,7 @@ database.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import threading
@@ -25,7 +26,7 @@ from amberdb.exceptions import ConflictError, ConnectionStateError, POSKeyError
 from amberdb.serialize import ClassResolver, ObjectWriter
 from amberdb.storage.base import Storage, TransactionMeta
 from amberdb.storage.uri import open_storage
-from amberdb.utils import Oid, Tid, oid_repr, z64
+from amberdb.utils import Oid, Tid, oid_repr, p64, tid_from_time, u64, z64
 
 __all__ = ["DB", "connection"]
 
@@ -116,17 +117,29 @@ class DB:
         """Allow records to load ``cls``; ``name`` maps an old ``module.Class`` name to it."""
         self._resolver.register(cls, name)
 
-    def open(self, transaction_manager: Any = None) -> Connection:
-        """A connection, bound to ``transaction_manager`` (default: the thread's manager)."""
+    def open(
+        self,
+        transaction_manager: Any = None,
+        *,
+        at: bytes | datetime.datetime | None = None,
+        before: bytes | datetime.datetime | None = None,
+    ) -> Connection:
+        """A connection, bound to ``transaction_manager`` (default: the thread's manager).
+
+        With ``at`` (a tid or a datetime) the connection is *historical*: it shows the
+        database as it was right after that moment -- with ``before``, right before it --
+        keeps that view across transactions, and refuses every change with ReadOnlyError.
+        """
         if self._closed:
             raise ConnectionStateError(
                 f"cannot open a connection: the database on {self.storage.name} is closed"
             )
         manager = _transaction.manager if transaction_manager is None else transaction_manager
+        historical = None if at is None and before is None else _read_before(at, before)
         with self._lock:
-            connection = self._pool.pop() if self._pool else None
+            connection = self._pool.pop() if self._pool and historical is None else None
             if connection is None:
-                connection = Connection(self, self.cache_size)
+                connection = Connection(self, self.cache_size, before=historical)
                 self._connections.add(connection)
         connection.attach(manager)
         return connection
@@ -142,6 +155,9 @@ class DB:
         """Take back a connection that closed, keeping up to ``pool_size`` for reuse."""
         with self._lock:
             if self._closed:
+                return
+            if connection.before is not None:
+                self._connections.discard(connection)  # its cache shows the past: not reused
                 return
             self._pool.append(connection)
             while len(self._pool) > self.pool_size:
@@ -289,6 +305,26 @@ class TransactionScope:
                 connection.close()
 
         return run_in_transaction
+
+
+def _read_before(at: bytes | datetime.datetime | None, before: bytes | datetime.datetime | None) -> Tid:
+    """The tid a historical connection reads before, from ``open``'s ``at`` or ``before``."""
+    if at is not None and before is not None:
+        raise ValueError("db.open() takes at= or before=, not both")
+    moment = at if at is not None else before
+    if isinstance(moment, datetime.datetime):
+        tid = tid_from_time(moment.timestamp())
+    elif isinstance(moment, bytes) and len(moment) == 8:
+        tid = moment
+    else:
+        raise TypeError(f"db.open(at=/before=) takes an 8-byte tid or a datetime, not {moment!r:.80}")
+    if at is not None:
+        if tid == b"\xff" * 8:
+            raise ValueError("db.open(at=...): no tid comes after the largest one")
+        tid = p64(u64(tid) + 1)
+    if tid == z64:
+        raise ValueError("db.open(before=...): nothing was committed before tid 0x0")
+    return tid
 
 
 def _no_references(obj: Any) -> Oid:
