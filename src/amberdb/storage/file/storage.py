@@ -409,7 +409,9 @@ class FileStorage:
             start, prev_tid, self._next_oid, index = saved
         # Read before the scan: below it nothing changed while the scan read (I9).
         committed = published_end(self._path) if self._read_only else None
-        result, index = self._scan_committed(index, start, size, prev_tid, committed)
+        result, scanned = self._scan_committed(index, start, size, prev_tid, committed)
+        assert scanned is not None  # an index in, an index out (salvage's may be a new one)
+        index = scanned
         if not self._read_only:
             self._repair_tail(result)
         self._index = index
@@ -419,14 +421,16 @@ class FileStorage:
         self._next_oid = max(self._next_oid, index.max_oid() + 1, 1)
 
     def _scan_committed(
-        self, index: OffsetIndex, start: int, size: int, prev_tid: bytes, committed: int | None
-    ) -> tuple[ScanResult, OffsetIndex]:
+        self, index: OffsetIndex | None, start: int, size: int, prev_tid: bytes, committed: int | None
+    ) -> tuple[ScanResult, OffsetIndex | None]:
         """Scan ``[start, size)`` into ``index`` and decide what of it is committed (I3, I4, I9).
 
         ``committed`` is the end a live writer published before the scan began (read-only
         storages only).  The result's ``end`` and ``last_tid`` take in a voted tail that
         nobody can abort any more (indexed, and listed in ``voted``); damage raises
-        CorruptedDataError unless salvaging, which records it in :attr:`damage`.
+        CorruptedDataError unless salvaging, which records it in :attr:`damage`.  With
+        ``index`` None the scan only verifies and judges (a follower indexes what it takes
+        per transaction, in ``_changes_in``).
         """
         result, index = self._scan(index, start, size, prev_tid)
         if self._read_only and (result.tail == "damaged" or result.voted_tail is not None):
@@ -442,7 +446,8 @@ class FileStorage:
             return result, index
         # Nobody can abort it any more (we are the writer, or no writer is alive): it is
         # committed (I4).
-        index_transaction(self._fd, self._path, result.end, index)
+        if index is not None:
+            index_transaction(self._fd, self._path, result.end, index)
         return dataclasses.replace(
             result,
             end=result.end + voted_tail.length,
@@ -453,8 +458,8 @@ class FileStorage:
         ), index
 
     def _scan(
-        self, index: OffsetIndex, start: int, size: int, prev_tid: bytes
-    ) -> tuple[ScanResult, OffsetIndex]:
+        self, index: OffsetIndex | None, start: int, size: int, prev_tid: bytes
+    ) -> tuple[ScanResult, OffsetIndex | None]:
         """:func:`scan` into ``index``; when salvaging, also past a transaction that makes no sense."""
         try:
             return scan(self._fd, self._path, self._file_id_crc, start, size, prev_tid, index), index
@@ -469,8 +474,8 @@ class FileStorage:
             return dataclasses.replace(result, tail="damaged", damage=Damage(exc.offset, exc.problem)), index
 
     def _judge_end_as_reader(
-        self, result: ScanResult, index: OffsetIndex, committed: int | None
-    ) -> tuple[ScanResult, OffsetIndex]:
+        self, result: ScanResult, index: OffsetIndex | None, committed: int | None
+    ) -> tuple[ScanResult, OffsetIndex | None]:
         """Decide a voted tail or damage after the valid transactions for a read-only open (I9).
 
         ``committed`` is the end a live writer had published before the scan began.
@@ -714,13 +719,12 @@ class FileStorage:
             committed = published_end(self._path)
             if self._being_streamed(start, committed):
                 return
-            fresh = OffsetIndex(floating=True)
-            result, fresh = self._scan_committed(fresh, start, size, self._last_tid, committed)
+            result, _ = self._scan_committed(None, start, size, self._last_tid, committed)
             if result.end == start:
                 if result.tail == "torn" and result.stop == start:
                     self._torn_stamp = stamp
                 return
-            changes = self._changes_in(start, result.end)
+            changes, fresh = self._changes_in(start, result.end)
             with self._lock:
                 index = self._index
                 for oid, offset in fresh.items():
@@ -745,14 +749,16 @@ class FileStorage:
         with writers_kept_out(self._path) as no_writer:
             return not no_writer
 
-    def _changes_in(self, start: int, end: int) -> list[tuple[Tid, array[int] | None]]:
-        """Each transaction in ``[start, end)``, oldest first, with the oids it changed.
+    def _changes_in(self, start: int, end: int) -> tuple[list[tuple[Tid, array[int] | None]], OffsetIndex]:
+        """Each transaction in ``[start, end)`` (verified already), oldest first, with the oids
+        it changed; and the index of all their records, newest revision per oid.
 
         Changed: written, and present before it (in the index, or created by an earlier
         transaction of the range); None when more than the poll window holds.  Reads
         ``_index`` without ``_lock``: only the follower, under ``_follow_lock``, changes it.
         """
         known = self._index
+        fresh = OffsetIndex(floating=True)
         created: set[int] = set()
         changes: list[tuple[Tid, array[int] | None]] = []
         pos = start
@@ -760,14 +766,15 @@ class FileStorage:
             written = OffsetIndex(floating=True)
             header = index_transaction(self._fd, self._path, pos, written)
             changed = array("q")
-            for oid, _ in written.items():
+            for oid, offset in written.items():
+                fresh[oid] = offset
                 if oid in known or oid in created:
                     changed.append(oid)
                 else:
                     created.add(oid)
             changes.append((header.tid, changed if len(changed) <= _POLL_WINDOW else None))
             pos += header.length
-        return changes
+        return changes, fresh
 
     def _remember_changes(self, tid: Tid, oids: array[int] | None) -> None:
         """Keep ``oids`` for poll_invalidations, forgetting the oldest beyond the window (under ``_lock``)."""
