@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from amberdb.exceptions import CorruptedDataError, StorageForkedError
 from amberdb.storage.forks import GENERATION
 from amberdb.storage.offsets import OffsetIndex
-from amberdb.utils import Oid, Tid, oid_repr, p64, z64
+from amberdb.utils import Oid, Tid, oid_repr, p64
 
 __all__ = ["SpillFile"]
 
@@ -59,9 +59,6 @@ class SpillFile:
         self._fd = self._file.fileno()
         # oid (as int) -> offset of its newest entry; 8 bytes per oid where oids are dense
         self._index = OffsetIndex(floating=True)
-        # oids stored with a base tid: objects that existed before the transaction (new ones
-        # cannot be in any other connection's cache, so only these need invalidating)
-        self._existing: set[int] = set()
         self._flushed = 0  # bytes already in the file
         self._unwritten = bytearray()  # bytes after _flushed, not yet written
         # A child of os.fork() shares the file with its parent: one writing into it would
@@ -99,8 +96,6 @@ class SpillFile:
         unwritten += _pack_u32(_crc32(fields))
         unwritten += record
         self._index[key] = offset
-        if base_tid != z64:
-            self._existing.add(key)
         if len(unwritten) >= _FLUSH_AT:
             self._flush()
 
@@ -201,11 +196,6 @@ class SpillFile:
     def oids(self) -> list[Oid]:
         """Every spilled oid."""
         return [p64(key) for key in self._index.keys()]  # noqa: SIM118 - OffsetIndex is not iterable
-
-    def existing_oids(self) -> list[Oid]:
-        """The spilled oids of objects that existed before this transaction."""
-        index = self._index
-        return [p64(key) for key in self._existing if key in index]
 
     def oids_since(self, position: int) -> list[Oid]:
         """The oids with entries written at or after ``position``."""
