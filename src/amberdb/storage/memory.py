@@ -20,6 +20,10 @@ __all__ = ["MemoryStorage"]
 _IDLE, _OPEN, _VOTED = "idle", "open", "voted"
 
 
+def _tid_of(txn: TransactionRecord) -> Tid:
+    return txn.tid
+
+
 class MemoryStorage:
     """An in-memory storage with full history; one committer at a time across threads."""
 
@@ -41,9 +45,8 @@ class MemoryStorage:
         self._tid = z64
         self._meta = TransactionMeta()
         self._txn_records: dict[Oid, bytes] = {}
-        # For poll_invalidations: per finished transaction, its tid and the oids it changed
-        # that existed before it (new ones need no invalidation).
-        self._change_tids: list[Tid] = []
+        # For poll_invalidations: per finished transaction (as in _transactions), the oids it
+        # changed that existed before it (new ones need no invalidation).
         self._changed: list[tuple[Oid, ...]] = []
 
     # -- properties -------------------------------------------------------------------------
@@ -97,7 +100,8 @@ class MemoryStorage:
             if since > newest:
                 return newest, None
             oids: set[Oid] = set()
-            for changed in self._changed[bisect.bisect_right(self._change_tids, since) :]:
+            first = bisect.bisect_right(self._transactions, since, key=_tid_of)
+            for changed in self._changed[first:]:
                 oids.update(changed)
             return newest, oids
 
@@ -181,7 +185,6 @@ class MemoryStorage:
         tid = self._tid
         records = [DataRecord(oid, tid, rec) for oid, rec in self._txn_records.items()]
         with self._lock:
-            self._change_tids.append(tid)
             self._changed.append(tuple(oid for oid in self._txn_records if oid in self._tids))
             for oid, rec in self._txn_records.items():
                 self._tids.setdefault(oid, []).append(tid)
