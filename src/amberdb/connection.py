@@ -655,22 +655,19 @@ class Connection:
         connection's snapshot, which finish applies.
         """
         storage = self._storage
-        for _ in range(MAX_REVOTES):
+        for revotes in range(MAX_REVOTES + 1):
             try:
                 storage.vote()
                 break
             except VoteConflictError as conflicts:
+                if revotes == MAX_REVOTES:
+                    # Others keep committing these objects between our votes: give up as any
+                    # conflict does (retrying the transaction may pass), naming the class.
+                    obj = self._cache.get(conflicts.oid) if conflicts.oid is not None else None
+                    if obj is None:
+                        raise
+                    raise conflicts.with_class(class_name(obj.__class__)) from None
                 self._resolve_at_vote(conflicts)
-        else:
-            try:
-                storage.vote()
-            except VoteConflictError as conflicts:
-                # Others keep committing these objects between our votes: give up as any
-                # conflict does (retrying the transaction may pass), naming the class.
-                obj = self._cache.get(conflicts.oid) if conflicts.oid is not None else None
-                if obj is None:
-                    raise
-                raise conflicts.with_class(class_name(obj.__class__)) from None
         self._polled_at_vote = storage.poll_invalidations(self._snapshot)[1]
 
     def _resolve_at_vote(self, conflicts: VoteConflictError) -> None:
