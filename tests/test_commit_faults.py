@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Collection
-from typing import Any
 
 import pytest
 
@@ -19,7 +18,7 @@ import amberdb
 import amberdb.transaction as transaction
 from amberdb.storage.base import Storage, TransactionMeta
 from amberdb.storage.memory import MemoryStorage
-from amberdb.testing import VoteConflictStorage
+from amberdb.testing import StorageWrapper, VoteConflictStorage
 from amberdb.utils import Oid, Tid
 
 from .models import Book
@@ -31,11 +30,11 @@ class InjectedFaultError(Exception):
     """The failure the storage was told to raise."""
 
 
-class FailingStorage:
-    """Delegates to ``inner``; the ``countdown``-th call of ``method`` raises InjectedFaultError."""
+class FailingStorage(StorageWrapper):
+    """Wraps ``inner``; the ``countdown``-th call of ``method`` raises InjectedFaultError."""
 
     def __init__(self, inner: Storage) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.method = ""
         self.countdown = -1
         self.calls: dict[str, int] = {}
@@ -44,62 +43,45 @@ class FailingStorage:
     def arm(self, method: str, countdown: int) -> None:
         self.method, self.countdown, self.calls = method, countdown, {}
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _count(self, method: str) -> None:
+        """Count a call of ``method``; raise when it is the one armed."""
         self.calls[method] = self.calls.get(method, 0) + 1
         if method == self.method:
             self.countdown -= 1
             if self.countdown == 0:
                 raise InjectedFaultError(f"{method} call {self.calls[method]}")
-        return getattr(self.inner, method)(*args)
-
-    read_only = False
 
     @property
     def name(self) -> str:
         return "failing"
 
-    def load(self, oid: Oid, before: Tid | None = None) -> tuple[bytes, Tid]:
-        return self.inner.load(oid, before)
-
-    def last_tid(self) -> Tid:
-        return self.inner.last_tid()
-
     def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
         # Only the poll a commit makes after its vote is a fault point here; a failing poll
         # at a transaction boundary is the next begin()'s error.
-        if not self.committing:
-            return self.inner.poll_invalidations(since)
-        result: tuple[Tid, Collection[Oid] | None] = self._call("poll_invalidations", since)
-        return result
-
-    def new_oid(self) -> Oid:
-        oid: Oid = self.inner.new_oid()
-        return oid
+        if self.committing:
+            self._count("poll_invalidations")
+        return super().poll_invalidations(since)
 
     def begin(self, meta: TransactionMeta) -> None:
-        self._call("begin", meta)
+        self._count("begin")
+        super().begin(meta)
         self.committing = True
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
-        self._call("store", oid, base_tid, record)
+        self._count("store")
+        super().store(oid, base_tid, record)
 
     def vote(self) -> None:
-        self._call("vote")
+        self._count("vote")
+        super().vote()
 
     def finish(self) -> Tid:
         self.committing = False
-        tid: Tid = self.inner.finish()
-        return tid
+        return super().finish()
 
     def abort(self) -> None:
         self.committing = False
-        self.inner.abort()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __len__(self) -> int:
-        return len(self.inner)
+        super().abort()
 
 
 BOOKS = 6

@@ -21,7 +21,8 @@ where the factory says the storage can, durability across reopening and across a
 process killed at a random moment, and a second instance (a second process) that follows the
 first one's commits; and the object layer on top: two :class:`~amberdb.DB` objects on one
 set of data, each transaction seeing one committed state, conflicts raised or resolved.
-It needs ``pytest`` and ``hypothesis`` (the ``test`` extra).
+``StorageWrapper`` passes every call to a wrapped storage: subclass it for a test double that
+changes one call.  It needs ``pytest`` and ``hypothesis`` (the ``testing`` extra).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import pytest
 # are imported, they fail showing the values compared.
 pytest.register_assert_rewrite("amberdb.testing.storage_suite", "amberdb.testing.object_suite")
 
-from amberdb.testing.doubles import VoteConflictStorage  # noqa: E402
+from amberdb.testing.doubles import StorageWrapper, VoteConflictStorage  # noqa: E402
 from amberdb.testing.factories import (  # noqa: E402
     FileStorageFactory,
     MemoryStorageFactory,
@@ -47,6 +48,7 @@ __all__ = [
     "FileStorageFactory",
     "MemoryStorageFactory",
     "StorageFactory",
+    "StorageWrapper",
     "VoteConflictFactory",
     "VoteConflictStorage",
     "commit",

@@ -1,8 +1,9 @@
-"""VoteConflictStorage: a storage that finds conflicts only at vote, as a remote storage may.
+"""Storage test doubles: StorageWrapper, the base, and VoteConflictStorage.
 
-A network or SQL storage wants one round trip per commit, not one per object: it sends every
-record at ``vote`` and learns of conflicts then, and it takes the database-wide commit lock
-only for that vote.  This wrapper gives any storage that behaviour, so the object layer's
+VoteConflictStorage finds conflicts only at vote, as a remote storage may.  A network or SQL
+storage wants one round trip per commit, not one per object: it sends every record at
+``vote`` and learns of conflicts then, and it takes the database-wide commit lock only for
+that vote.  VoteConflictStorage gives any storage that behaviour, so the object layer's
 resolve-and-vote-again path and late locking are tested without a server.  It is a real
 storage (it passes :mod:`amberdb.testing`'s suite), safe for many threads: each thread has a
 transaction of its own until its vote takes the wrapped storage's commit lock.
@@ -17,7 +18,7 @@ from amberdb.exceptions import POSKeyError, StorageTransactionError, VoteConflic
 from amberdb.storage.base import IterableStorage, Storage, TransactionMeta, TransactionRecord
 from amberdb.utils import Oid, Tid, z64
 
-__all__ = ["VoteConflictStorage"]
+__all__ = ["StorageWrapper", "VoteConflictStorage"]
 
 _IDLE, _OPEN, _VOTED = "idle", "open", "voted"
 
@@ -28,16 +29,15 @@ class _Txn(threading.local):
     stores: dict[Oid, tuple[Tid, bytes]]
 
 
-class VoteConflictStorage:
-    """Wraps ``inner``: ``store`` only buffers, ``vote`` locks, checks every base tid, writes.
+class StorageWrapper:
+    """Passes every call of the storage protocol to ``inner``.
 
-    A vote that finds conflicts releases the lock and raises VoteConflictError naming every
-    conflicting oid; the transaction stays open for resolved records and another vote.
+    The base of test doubles: subclass it and override only what the double changes (a call
+    that fails on demand, conflicts found late), so the rest stays the wrapped storage's.
     """
 
     def __init__(self, inner: Storage) -> None:
         self._inner = inner
-        self._txn = _Txn()
 
     @property
     def inner(self) -> Storage:
@@ -51,11 +51,11 @@ class VoteConflictStorage:
 
     @property
     def name(self) -> str:
-        """``vote-conflicts:`` and the wrapped storage's name."""
-        return f"vote-conflicts:{self._inner.name}"
+        """The wrapped storage's."""
+        return self._inner.name
 
     def __repr__(self) -> str:
-        return f"<VoteConflictStorage over {self._inner!r}>"
+        return f"<{type(self).__name__} over {self._inner!r}>"
 
     def load(self, oid: Oid, before: Tid | None = None) -> tuple[bytes, Tid]:
         """The wrapped storage's load."""
@@ -73,6 +73,30 @@ class VoteConflictStorage:
         """A fresh oid from the wrapped storage."""
         return self._inner.new_oid()
 
+    def begin(self, meta: TransactionMeta) -> None:
+        """The wrapped storage's begin."""
+        self._inner.begin(meta)
+
+    def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
+        """The wrapped storage's store."""
+        self._inner.store(oid, base_tid, record)
+
+    def vote(self) -> None:
+        """The wrapped storage's vote."""
+        self._inner.vote()
+
+    def finish(self) -> Tid:
+        """The wrapped storage's finish."""
+        return self._inner.finish()
+
+    def abort(self) -> None:
+        """The wrapped storage's abort."""
+        self._inner.abort()
+
+    def close(self) -> None:
+        """Close the wrapped storage."""
+        self._inner.close()
+
     def __len__(self) -> int:
         return len(self._inner)
 
@@ -82,6 +106,23 @@ class VoteConflictStorage:
         if not isinstance(inner, IterableStorage):
             raise TypeError(f"{inner!r} cannot list its transactions")
         return inner.iterator(start, stop)
+
+
+class VoteConflictStorage(StorageWrapper):
+    """Wraps ``inner``: ``store`` only buffers, ``vote`` locks, checks every base tid, writes.
+
+    A vote that finds conflicts releases the lock and raises VoteConflictError naming every
+    conflicting oid; the transaction stays open for resolved records and another vote.
+    """
+
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner)
+        self._txn = _Txn()
+
+    @property
+    def name(self) -> str:
+        """``vote-conflicts:`` and the wrapped storage's name."""
+        return f"vote-conflicts:{self._inner.name}"
 
     def _expect(self, method: str, state: str) -> _Txn:
         txn = self._txn
