@@ -1,0 +1,90 @@
+"""Subcommands that write: ``pack`` and ``copy``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from amberdb.cli.common import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    CliError,
+    close_quietly,
+    open_read_only,
+    open_writable,
+    print_json,
+    storage_size,
+)
+from amberdb.cli.inspect import print_verify_report, verify_open_storage
+from amberdb.cli.progress import Progress, format_bytes
+from amberdb.storage.base import Storage
+
+__all__ = ["cmd_copy", "cmd_pack"]
+
+
+def _size_text(size: int | None) -> str:
+    return "unknown" if size is None else f"{size:,} bytes ({format_bytes(size)})"
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from amberdb.db import DB
+
+    if args.days < 0:
+        raise CliError("--days must not be negative")
+    storage = open_writable(args.uri)
+    db = DB(storage)
+    try:
+        pack = getattr(db, "pack", None)
+        if pack is None:
+            raise CliError("this version of amberdb has no DB.pack")
+        before = storage_size(storage)
+        with Progress("packing", quiet=args.quiet) as progress:
+            pack(days=args.days, progress=progress.update)
+        after = storage_size(storage)
+    finally:
+        db.close()
+    result: dict[str, Any] = {"uri": args.uri, "days": args.days, "size_before": before, "size_after": after}
+    if args.json:
+        print_json(result)
+    else:
+        print(f"packed {storage.name}")
+        print(f"  size before: {_size_text(before)}")
+        print(f"  size after:  {_size_text(after)}")
+    return EXIT_OK
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    source = open_read_only(args.source)
+    destination: Storage | None = None
+    try:
+        destination = open_writable_or_new(args.destination)
+        copy = getattr(destination, "copy_transactions_from", None)
+        if copy is None:
+            raise CliError(f"{destination.name}: this storage cannot copy transactions in")
+        count = copy(source)
+    except BaseException:
+        close_quietly(destination)
+        raise
+    finally:
+        source.close()
+    report = verify_open_storage(destination, args.destination, args.quiet)
+    report["copied_transactions"] = count
+    if args.json:
+        print_json(report)
+    else:
+        print(f"copied {count:,} transaction(s) from {args.source} to {args.destination}")
+        print_verify_report(report, False)
+    return EXIT_OK if report["ok"] else EXIT_PROBLEMS
+
+
+def open_writable_or_new(uri: str) -> Storage:
+    """The destination of a copy: an existing storage, or a new file."""
+    from amberdb.cli.common import file_path
+    from amberdb.storage.uri import open_storage
+
+    if file_path(uri) is None:
+        return open_writable(uri)
+    try:
+        return open_storage(uri)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
