@@ -236,11 +236,11 @@ def verify_storage(storage: Storage, report: _Report, quiet: bool, *, checksums:
     try:
         if checksums:
             _verify_iterator(storage, report, quiet)
-        roots, leaves, foreign = _walk_references(storage, report, quiet)
+        walk, roots, leaves, foreign = _walk_references(storage, report, quiet)
     except BaseException:
         close_quietly(storage)
         raise
-    _check_btrees(storage, report, roots + leaves, foreign, quiet)
+    _check_btrees(storage, report, walk, roots + leaves, foreign, quiet)
 
 
 def _verify_iterator(storage: Storage, report: _Report, quiet: bool) -> None:
@@ -289,12 +289,14 @@ class _Walk:
         return shown
 
 
-def _walk_references(storage: Storage, report: _Report, quiet: bool) -> tuple[list[int], list[int], set[str]]:
+def _walk_references(
+    storage: Storage, report: _Report, quiet: bool
+) -> tuple[_Walk, list[int], list[int], set[str]]:
     """Breadth first from the root over record headers: report dangling references.
 
-    Returns the BTree objects to check: roots of trees (not their interior nodes) and
-    buckets or sets that something other than their own tree refers to; and the classes
-    outside amberdb that BTree records refer to.
+    Returns the walk (parents, for paths); the BTree objects to check: roots of trees (not
+    their interior nodes) and buckets or sets that something other than their own tree refers
+    to; and the classes outside amberdb that BTree records refer to.
     """
     tree_bucket, leaf_names = _btree_classes()
     walk = _Walk(storage)
@@ -311,7 +313,7 @@ def _walk_references(storage: Storage, report: _Report, quiet: bool) -> tuple[li
     except POSKeyError:
         report.notes.append("the storage has no root object (oid 0x0): nothing is reachable")
         report.counts["reachable"] = 0
-        return [], [], foreign
+        return walk, [], [], foreign
     with Progress("walking references", quiet=quiet, unit="objects") as progress:
         while queue:
             oid = queue.popleft()
@@ -369,7 +371,7 @@ def _walk_references(storage: Storage, report: _Report, quiet: bool) -> tuple[li
     report.counts["reachable"] = reached
     # A node met before the reference that makes it interior was seen is not a root.
     roots = [oid for oid in tree_roots if oid not in interior]
-    return roots, sorted(loose_leaves), foreign
+    return walk, roots, sorted(loose_leaves), foreign
 
 
 class _Stub(Persistent):
@@ -382,7 +384,9 @@ class _Stub(Persistent):
         raise RuntimeError("amberdb verify does not load application objects")
 
 
-def _check_btrees(storage: Storage, report: _Report, oids: list[int], foreign: set[str], quiet: bool) -> None:
+def _check_btrees(
+    storage: Storage, report: _Report, walk: _Walk, oids: list[int], foreign: set[str], quiet: bool
+) -> None:
     from amberdb.btrees import check
     from amberdb.db import DB
 
@@ -398,7 +402,6 @@ def _check_btrees(storage: Storage, report: _Report, oids: list[int], foreign: s
             db.register_class(type(f"Stub[{name}]", (_Stub,), {"_p_is_twin": True}), name)
         manager = transaction_module.TransactionManager()
         conn = db.open(manager)
-        walk = _Walk(storage)
         with Progress("checking btrees", quiet=quiet, unit="btrees") as progress:
             for done, oid in enumerate(oids, 1):
                 progress.update(done, len(oids))
@@ -410,13 +413,14 @@ def _check_btrees(storage: Storage, report: _Report, oids: list[int], foreign: s
                         "btree",
                         f"{oid_repr(p64(oid))} fails its check: {exc}",
                         oid=oid_repr(p64(oid)),
-                        path=_path_from(storage, report, oid, walk),
+                        path=walk.path(oid),
                     )
                 except DatabaseError as exc:
                     report.problem(
                         "btree",
                         f"{oid_repr(p64(oid))} could not be checked: {_one_line(exc)}",
                         oid=oid_repr(p64(oid)),
+                        path=walk.path(oid),
                     )
                 if done % 100 == 0:
                     conn.cache_minimize()
@@ -424,10 +428,6 @@ def _check_btrees(storage: Storage, report: _Report, oids: list[int], foreign: s
         conn.close()
     finally:
         db.close()
-
-
-def _path_from(storage: Storage, report: _Report, oid: int, walk: _Walk) -> list[str]:
-    return [oid_repr(p64(oid))] if oid not in walk.parents else walk.path(oid)
 
 
 def _one_line(exc: BaseException) -> str:
