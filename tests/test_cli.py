@@ -528,3 +528,109 @@ def test_copy_then_verify(database: Path, tmp_path: Path) -> None:
 def _no_stray_transaction() -> Iterator[None]:
     yield
     transaction.abort()
+
+
+# -- the same subcommands in-process, against the documented API (until main has it) -------
+#
+# These run amberdb.cli.main() in this process on a storage double that offers history() and
+# undo_log() as amberdb.storage.base documents them, and on a DB.pack stand-in: they check
+# what the command asks of those methods and prints, whatever storage implements them.
+
+
+class _Entry:
+    def __init__(self, tid: bytes, meta: TransactionMeta, size: int = 0) -> None:
+        self.tid, self.meta, self.size = tid, meta, size
+
+
+class HistoryDouble(amberdb.MemoryStorage):
+    """A MemoryStorage with history() and undo_log() (newest first), read-only on request."""
+
+    opened_read_only = False
+
+    @property
+    def read_only(self) -> bool:
+        return self.opened_read_only
+
+    def close(self) -> None:
+        pass  # opened again by the next command of the test
+
+    def _newest_first(self) -> list[Any]:
+        return list(reversed(list(self.iterator())))
+
+    def history(self, oid: bytes, size: int = 1) -> list[_Entry]:
+        found = [
+            _Entry(txn.tid, txn.meta, len(d.record))
+            for txn in self._newest_first()
+            for d in txn.records
+            if d.oid == oid
+        ]
+        if not found:
+            raise amberdb.POSKeyError(oid)
+        return found[:size]
+
+    def undo_log(self, first: int = 0, last: int = -20) -> list[_Entry]:
+        stop = first - last if last < 0 else last
+        return [_Entry(txn.tid, txn.meta) for txn in self._newest_first()][first:stop]
+
+
+@pytest.fixture
+def double(no_leftover_schemes: None) -> HistoryDouble:
+    from amberdb.storage.uri import register_scheme
+
+    storage = HistoryDouble()
+    db = amberdb.DB(storage)
+    for i in range(3):
+
+        def change(root: Any, i: int = i) -> None:
+            root.count = i
+
+        commit(db, f"commit {i}", change, user=f"u{i}")
+    storage.opened_read_only = True
+
+    def opener(uri: str, read_only: bool) -> HistoryDouble:
+        assert read_only, "history and undo-log open their storage read-only"
+        return storage
+
+    register_scheme("clidouble", opener)
+    return storage
+
+
+def test_history_in_process(double: HistoryDouble, capsys: pytest.CaptureFixture[str]) -> None:
+    from amberdb.cli import main
+
+    assert main(["history", "clidouble:", "0x0", "--size", "2", "--json"]) == 0
+    revisions = json.loads(capsys.readouterr().out)["revisions"]
+    assert [r["description"] for r in revisions] == ["commit 2", "commit 1"]
+    assert revisions[0]["user"] == "u2" and revisions[0]["size"] > 0
+    assert main(["history", "clidouble:", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("history of 0x0, newest first:") and "'commit 0'" in out
+    assert main(["history", "clidouble:", "12345"]) == 1
+    assert capsys.readouterr().err == "amberdb: error: memory: no object 0x3039\n"
+
+
+def test_undo_log_in_process(double: HistoryDouble, capsys: pytest.CaptureFixture[str]) -> None:
+    from amberdb.cli import main
+
+    assert main(["undo-log", "clidouble:", "--limit", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["transactions"]
+    assert [r["description"] for r in rows] == ["commit 2", "commit 1"]
+    assert main(["undo-log", "clidouble:"]) == 0
+    assert capsys.readouterr().out.count("\n") == 4  # three commits and the root's creation
+
+
+def test_pack_in_process(database: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    from amberdb.cli import main
+
+    calls: list[tuple[Any, float]] = []
+
+    def pack(self: amberdb.DB, t: Any = None, days: float = 0, progress: Any = None) -> None:
+        calls.append((t, days))
+        for done in range(0, 101, 25):
+            progress(done, 100)
+
+    monkeypatch.setattr(amberdb.DB, "pack", pack, raising=False)
+    assert main(["--quiet", "pack", str(database), "--days", "2.5"]) == 0
+    assert calls == [(None, 2.5)]
+    out = capsys.readouterr().out
+    assert f"size before: {database.stat().st_size:,} bytes" in out
