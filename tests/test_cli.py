@@ -634,3 +634,54 @@ def test_pack_in_process(database: Path, monkeypatch: pytest.MonkeyPatch, capsys
     assert calls == [(None, 2.5)]
     out = capsys.readouterr().out
     assert f"size before: {database.stat().st_size:,} bytes" in out
+
+
+# -- the progress line ----------------------------------------------------------------------
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def _drive(stream: _Stream, quiet: bool = False) -> str:
+    from amberdb.cli.progress import Progress
+
+    clock = [100.0]
+    progress = Progress("copying", quiet=quiet, stream=stream)  # type: ignore[arg-type]
+    progress._now = lambda: clock[0]
+    progress._start = clock[0]
+    for step in range(101):
+        clock[0] += 0.1
+        progress.update(step * 1024 * 1024, 100 * 1024 * 1024)
+    progress.close()
+    return stream.text
+
+
+def test_progress_on_a_terminal_redraws_one_line() -> None:
+    text = _drive(_Stream(tty=True))
+    assert text.count("\n") == 1 and text.endswith("\n")
+    frames = text.split("\r\x1b[K")[1:]
+    assert 30 < len(frames) <= 101
+    assert "MiB/s" in frames[10] and "left" in frames[10] and "%" in frames[10]
+    assert frames[-1].startswith("copying  100.0%")
+
+
+def test_progress_elsewhere_prints_a_few_plain_lines() -> None:
+    lines = _drive(_Stream(tty=False)).splitlines()
+    assert 5 <= len(lines) <= 12  # about every 10%
+    assert "\r" not in "".join(lines)
+    assert lines[-1].startswith("copying  100.0%")
+
+
+def test_progress_quiet_prints_nothing() -> None:
+    assert _drive(_Stream(tty=True), quiet=True) == ""
