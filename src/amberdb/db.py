@@ -228,7 +228,10 @@ class DB:
         ]
 
     def undo_log(
-        self, first: int = 0, last: int = -20, filter: Any = None  # ZODB's name for it
+        self,
+        first: int = 0,
+        last: int = -20,
+        filter: Any = None,  # ZODB's name for it
     ) -> list[dict[str, Any]]:
         """The undoable transactions, newest first, as dicts with ``id`` (pass it to
         :meth:`undo`), ``time``, ``user_name``, ``description`` and the extension's keys.
