@@ -15,16 +15,18 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from amberdb.exceptions import ConflictError, POSKeyError, StorageTransactionError, UndoError
-from amberdb.record import encode_record
+from amberdb.record import decode_header, encode_record
 from amberdb.storage.base import Storage, TransactionMeta
 from amberdb.storage.memory import MemoryStorage
 from amberdb.testing.factories import StorageFactory
-from amberdb.testing.storage_suite import commit
+from amberdb.testing.storage_suite import commit, run_machine
 from amberdb.utils import Oid, Tid, p64, u64, z64
 
-__all__ = ["HistorySuite", "PackSuite", "node"]
+__all__ = ["HistoryMachine", "HistorySuite", "PackSuite", "node"]
 
 _CLASS = "amberdb.testing:Node"
 
@@ -243,6 +245,11 @@ class HistorySuite(_Fixtures):
 
         assert shape(copy) == shape(source)
 
+    def test_history_state_machine(self, tmp_path: Any) -> None:
+        run_machine(
+            tmp_path, self.factory_class, lambda f: HistoryMachine(f, packs=False), examples=20, steps=25
+        )
+
     def test_get_size_grows(self, storage: Storage) -> None:
         empty = storage.get_size()
         commit(storage, {z64: (z64, node(b"x" * 1000))})
@@ -393,6 +400,11 @@ class PackSuite(_Fixtures):
             for oid, value in acknowledged.items():
                 assert storage.load(oid) == value
 
+    def test_history_state_machine_with_packs(self, tmp_path: Any) -> None:
+        run_machine(
+            tmp_path, self.factory_class, lambda f: HistoryMachine(f, packs=True), examples=25, steps=30
+        )
+
     def test_progress_is_reported(self, storage: Storage) -> None:
         oids = [storage.new_oid() for _ in range(50)]
         commit(storage, {z64: (z64, node(b"r", *oids)), **{oid: (z64, node(b"x")) for oid in oids}})
@@ -402,3 +414,152 @@ class PackSuite(_Fixtures):
         assert all(0 <= done <= total for done, total in reports)
         assert reports[-1][0] == reports[-1][1]
         assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+
+
+class HistoryMachine(RuleBasedStateMachine):
+    """Commits, undos, packs (when ``packs``) and reopens against a model of the whole history.
+
+    After every step the storage's ``iterator``, ``undo_log``, ``history`` and loads must
+    tell exactly the model's story: a systematic check that the four views of one history
+    agree, and that an undo restores exactly what invariant 8 says or refuses naming exactly
+    the oids in the way.
+    """
+
+    OIDS = 6
+
+    def __init__(self, factory: StorageFactory, packs: bool) -> None:
+        super().__init__()
+        self.factory = factory
+        self.packs = packs
+        self.storage = factory.create()
+        # The model: transactions oldest first as (tid, meta, {oid: record}).
+        self.txns: list[tuple[Tid, TransactionMeta, dict[Oid, bytes]]] = []
+        self.packed: Tid | None = None
+
+    def teardown(self) -> None:
+        self.factory.cleanup()
+
+    def _revisions(self, oid: Oid) -> list[tuple[Tid, TransactionMeta, bytes]]:
+        return [(tid, meta, records[oid]) for tid, meta, records in self.txns if oid in records]
+
+    def _current(self, oid: Oid) -> tuple[Tid, bytes] | None:
+        revisions = self._revisions(oid)
+        return (revisions[-1][0], revisions[-1][2]) if revisions else None
+
+    @rule(
+        changes=st.dictionaries(
+            st.integers(0, OIDS - 1), st.lists(st.integers(0, OIDS - 1), max_size=3), min_size=1, max_size=4
+        ),
+        text=st.text(max_size=8),
+    )
+    def commit(self, changes: dict[int, list[int]], text: str) -> None:
+        meta = TransactionMeta(user=text, description=f"c {len(self.txns)} {text}")
+        records = {
+            p64(oid): node(text.encode() + b"%d" % len(self.txns), *map(p64, refs))
+            for oid, refs in changes.items()
+        }
+        items = {}
+        for oid, record in records.items():
+            current = self._current(oid)
+            items[oid] = (current[0] if current else z64, record)
+        tid = commit(self.storage, items, meta)
+        self.txns.append((tid, meta, records))
+
+    @precondition(lambda self: bool(self.txns))
+    @rule(data=st.data())
+    def undo(self, data: st.DataObject) -> None:
+        tid, _, records = data.draw(st.sampled_from(self.txns))
+        meta = TransactionMeta(description="undo")
+        if self.packed is not None and tid <= self.packed:
+            with pytest.raises(UndoError):
+                self.storage.undo(tid, meta)
+            return
+        restored: dict[Oid, bytes] = {}
+        refused = set()
+        for oid in records:
+            older = [rev for rev in self._revisions(oid) if rev[0] < tid]
+            if not older:
+                continue
+            current = self._current(oid)
+            assert current is not None
+            if current[0] == tid:
+                restored[oid] = older[-1][2]
+            else:
+                refused.add(oid)
+        if refused:
+            last = self.storage.last_tid()
+            with pytest.raises(UndoError) as info:
+                self.storage.undo(tid, meta)
+            assert set(info.value.oids) == refused
+            assert self.storage.last_tid() == last
+            return
+        new_tid = self.storage.undo(tid, meta)
+        assert new_tid > self.txns[-1][0]
+        self.txns.append((new_tid, meta, restored))
+
+    @precondition(lambda self: self.packs and bool(self.txns))
+    @rule(data=st.data())
+    def pack(self, data: st.DataObject) -> None:
+        pack_tid = data.draw(st.sampled_from([tid for tid, _, _ in self.txns]))
+        self.storage.pack(pack_tid)
+        live: set[Oid] = set()
+        cut: dict[Oid, int] = {}
+        for oid in {oid for _, _, records in self.txns for oid in records}:
+            revisions = self._revisions(oid)
+            cut[oid] = max(0, len([rev for rev in revisions if rev[0] <= pack_tid]) - 1)
+        stack = [z64, *(oid for oid in cut if self._revisions(oid)[-1][0] > pack_tid)]
+        while stack:
+            oid = stack.pop()
+            if oid in live or oid not in cut:
+                continue
+            live.add(oid)
+            for _, _, record in self._revisions(oid)[cut[oid] :]:
+                stack.extend(ref for ref, _ in decode_header(record).refs)
+        kept_revisions = {(oid, rev[0]) for oid in live for rev in self._revisions(oid)[cut[oid] :]}
+        txns = []
+        for tid, meta, records in self.txns:
+            kept = {oid: record for oid, record in records.items() if (oid, tid) in kept_revisions}
+            if kept or tid > pack_tid:
+                txns.append((tid, meta, kept))
+        self.txns = txns
+        self.packed = pack_tid if self.packed is None else max(self.packed, pack_tid)
+
+    @precondition(lambda self: self.factory.durable)
+    @rule()
+    def reopen(self) -> None:
+        self.storage.close()
+        self.storage = self.factory.reopen()
+
+    @precondition(lambda self: bool(self.txns))
+    @rule(data=st.data())
+    def load_before(self, data: st.DataObject) -> None:
+        oid = p64(data.draw(st.integers(0, self.OIDS - 1)))
+        before = data.draw(st.sampled_from([tid for tid, _, _ in self.txns]))
+        older = [rev for rev in self._revisions(oid) if rev[0] < before]
+        if older:
+            assert self.storage.load(oid, before) == (older[-1][2], older[-1][0])
+        else:
+            with pytest.raises(POSKeyError):
+                self.storage.load(oid, before)
+
+    @rule()
+    def copy(self) -> None:
+        copy = MemoryStorage()
+        assert copy.copy_transactions_from(self.storage) == len(self.txns)
+        assert [(t.tid, t.meta) for t in copy.iterator()] == [(tid, meta) for tid, meta, _ in self.txns]
+
+    @invariant()
+    def views_agree_with_the_model(self) -> None:
+        storage = self.storage
+        assert [
+            (t.tid, t.meta, {r.oid: r.record for r in t.records}) for t in storage.iterator()
+        ] == self.txns
+        undoable = [(tid, meta) for tid, meta, _ in self.txns if self.packed is None or tid > self.packed]
+        assert [(info.tid, info.meta) for info in storage.undo_log(0, 10_000)] == undoable[::-1]
+        oids = {oid for _, _, records in self.txns for oid in records}
+        assert len(storage) == len(oids)
+        for oid in oids:
+            revisions = self._revisions(oid)
+            assert storage.load(oid) == (revisions[-1][2], revisions[-1][0])
+            expected = [(tid, meta, len(record)) for tid, meta, record in reversed(revisions)]
+            assert [(r.tid, r.meta, r.size) for r in storage.history(oid, 100)] == expected
