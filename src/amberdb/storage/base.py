@@ -58,7 +58,9 @@ storage):
    other.  ``pack(pack_tid)`` keeps every revision newer than ``pack_tid``, and of older
    revisions exactly the newest one of each object still reachable -- from the root
    (``z64``) through the references in record headers (:func:`amberdb.record.references`),
-   or from any revision newer than ``pack_tid`` -- and forgets everything else.  Commits
+   or from any revision newer than ``pack_tid`` -- and forgets everything else (a
+   transaction left without records goes too, except the newest, which keeps ``last_tid``).
+   Commits
    made while it packs survive it.  A pack interrupted at any moment (crash, signal,
    KeyboardInterrupt) leaves the storage as before it or as after it.  Transactions at or
    before the newest pack time cannot be undone (``undo`` raises UndoError saying so) and

@@ -232,7 +232,9 @@ class MemoryStorage:
             records = [
                 rec for rec in txn.records if rec.oid in self._tids and self._tids[rec.oid][0] == txn.tid
             ]
-            if records:
+            if records or txn is self._transactions[-1]:
+                # The newest transaction stays, emptied if need be, as FileStorage's does: a
+                # file names its last tid only through it.
                 kept.append(TransactionRecord(txn.tid, txn.meta, records))
         changed = dict(zip((txn.tid for txn in self._transactions), self._changed))
         self._transactions = kept

@@ -517,9 +517,10 @@ class HistoryMachine(RuleBasedStateMachine):
                 stack.extend(ref for ref, _ in decode_header(record).refs)
         kept_revisions = {(oid, rev[0]) for oid in live for rev in self._revisions(oid)[cut[oid] :]}
         txns = []
+        newest = self.txns[-1][0]
         for tid, meta, records in self.txns:
             kept = {oid: record for oid, record in records.items() if (oid, tid) in kept_revisions}
-            if kept or tid > pack_tid:
+            if kept or tid > pack_tid or tid == newest:  # the newest stays, maybe emptied
                 txns.append((tid, meta, kept))
         self.txns = txns
         self.packed = pack_tid if self.packed is None else max(self.packed, pack_tid)
