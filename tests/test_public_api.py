@@ -19,7 +19,7 @@ def test_top_level_exports_are_pinned() -> None:
             "PersistentMapping",
             "ReadOnlyError", "RecordDecodeError", "SerializationError", "StorageError",
             "StorageForkedError", "StorageLockedError", "StorageTransactionError", "TransactionError",
-            "TransactionFailedError", "TransientError", "UnsafeGlobalError", "VoteConflictError",
+            "TransactionFailedError", "TransientError", "UndoError", "UnsafeGlobalError", "VoteConflictError",
             "connection", "open_storage",
         ]
     )  # fmt: skip

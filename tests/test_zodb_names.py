@@ -103,20 +103,9 @@ def test_file_storage_size_is_its_committed_length(tmp_path: Path) -> None:
         assert storage.size() == path.stat().st_size
 
 
-def test_storage_without_size_reports_zero() -> None:
+def test_get_size_is_the_storage_size() -> None:
     with amberdb.DB(None) as db:
-        db.storage = _NoSize(db.storage)  # type: ignore[assignment]
-        assert db.storage_size() == 0
-
-
-class _NoSize:
-    def __init__(self, storage: Any) -> None:
-        self._storage = storage
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "size":
-            raise AttributeError(name)
-        return getattr(self._storage, name)
+        assert db.getSize() == db.storage_size() == db.storage.get_size() > 0
 
 
 def test_db_cache_minimize_waits_for_another_threads_boundary() -> None:

@@ -39,6 +39,7 @@ from amberdb.exceptions import (
     TransactionError,
     TransactionFailedError,
     TransientError,
+    UndoError,
     UnsafeGlobalError,
     VoteConflictError,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "TransactionError",
     "TransactionFailedError",
     "TransientError",
+    "UndoError",
     "UnsafeGlobalError",
     "VoteConflictError",
     "connection",

@@ -502,12 +502,12 @@ class Connection:
             if spilled is None:
                 try:
                     record, serial = self._storage.load(oid)
-                    if serial > self._snapshot:
-                        record, serial = self._storage.load(oid, self._read_before)
                 except POSKeyError as exc:
                     raise POSKeyError(
                         oid, f"cannot load {class_name(obj.__class__)}: it is referred to but has no record"
                     ) from exc
+                if serial > self._snapshot:
+                    record, serial = self._load_before(obj, oid)
             else:
                 record, serial = spilled
             self._restore(obj, oid, record, serial, self._reader.header(oid, record))
@@ -516,6 +516,18 @@ class Connection:
             if not self._depth:
                 self._user = None
                 self._use_lock.release()
+
+    def _load_before(self, obj: Persistent, oid: Oid) -> tuple[bytes, Tid]:
+        """The revision this connection's view shows of an object changed since."""
+        try:
+            return self._storage.load(oid, self._read_before)
+        except POSKeyError as exc:
+            raise POSKeyError(
+                oid,
+                f"cannot load {class_name(obj.__class__)}: this connection's view (before tid"
+                f" {oid_repr(self._read_before)}) is older than every revision the storage keeps of"
+                " it -- a pack removed them; begin a new transaction to see the current state",
+            ) from exc
 
     def _restore(self, obj: Persistent, oid: Oid, record: bytes, serial: Tid, header: RecordHeader) -> None:
         self._unpickling += 1

@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from amberdb import transaction as _transaction
+from amberdb.conflict import resolve as _resolve_conflict
 from amberdb.connection import Connection
 from amberdb.containers import PersistentMapping
 from amberdb.exceptions import ConflictError, ConnectionStateError, POSKeyError
 from amberdb.serialize import ClassResolver, ObjectWriter
-from amberdb.storage.base import Storage, TransactionMeta
+from amberdb.storage.base import PackProgress, Storage, TransactionMeta
+from amberdb.storage.history import log_slice
 from amberdb.storage.uri import open_storage
-from amberdb.utils import Oid, Tid, oid_repr, p64, tid_from_time, u64, z64
+from amberdb.utils import Oid, Tid, oid_repr, p64, tid_from_time, time_from_tid, u64, z64
 
 __all__ = ["DB", "connection"]
 
@@ -189,10 +193,104 @@ class DB:
         return storage.poll_invalidations(storage.last_tid())[0]
 
     def storage_size(self) -> int:
-        """The storage's size in bytes: FileStorage's committed file length, the records of a
-        MemoryStorage; 0 for a storage that cannot tell (it has no ``size()``)."""
-        size = getattr(self.storage, "size", None)
-        return int(size()) if callable(size) else 0
+        """The storage's size in bytes (its ``get_size()``): FileStorage's committed file
+        length, the records of a MemoryStorage."""
+        return self.storage.get_size()
+
+    getSize = storage_size
+
+    # -- history and upkeep -----------------------------------------------------------------
+
+    def pack(self, t: float | None = None, days: float = 0, progress: PackProgress | None = None) -> None:
+        """Remove old revisions and garbage (objects unreachable from the root).
+
+        Keeps everything a snapshot at or after the pack time can see: the time is ``t``
+        (POSIX seconds; now when None) minus ``days`` days.  Other connections and threads
+        go on reading and committing meanwhile, and their commits are kept.  ``progress``
+        receives ``(done, total)`` updates.  Transactions up to the pack time cannot be
+        undone afterwards.
+        """
+        self._check_open("pack")
+        if days < 0:
+            raise ValueError(f"days must be >= 0, got {days}")
+        when = (time.time() if t is None else float(t)) - days * 86400.0
+        self.storage.pack(tid_from_time(max(when, 0.0)), progress=progress)
+
+    def history(self, oid_or_object: Any, size: int = 1) -> list[dict[str, Any]]:
+        """The revisions of an object (or an oid), newest first, as dicts with ``tid``,
+        ``time`` (POSIX seconds), ``user_name``, ``description`` and ``size`` (record bytes),
+        plus the keys of the transaction's extension metadata."""
+        self._check_open("read history")
+        oid = _oid_of(oid_or_object)
+        return [
+            _describe(revision.tid, revision.meta, size=revision.size)
+            for revision in self.storage.history(oid, size)
+        ]
+
+    def undo_log(
+        self,
+        first: int = 0,
+        last: int = -20,
+        filter: Any = None,  # ZODB's name for it
+    ) -> list[dict[str, Any]]:
+        """The undoable transactions, newest first, as dicts with ``id`` (pass it to
+        :meth:`undo`), ``time``, ``user_name``, ``description`` and the extension's keys.
+
+        ``first``/``last`` as in ZODB: from the ``first``-th newest up to the ``last``-th,
+        a negative ``last`` counting from ``first``.  ``filter(entry) -> bool`` keeps some.
+        """
+        self._check_open("read the undo log")
+        if filter is None:
+            infos = self.storage.undo_log(first, last)
+            return [_describe(info.tid, info.meta, id=info.tid) for info in infos]
+        # As in ZODB, first/last count the entries the filter keeps: read the log in pages.
+        start, stop = log_slice(first, last)
+        kept: list[dict[str, Any]] = []
+        read, page = 0, max(100, stop)
+        while len(kept) < stop:
+            infos = self.storage.undo_log(read, read + page)
+            kept.extend(e for e in (_describe(i.tid, i.meta, id=i.tid) for i in infos) if filter(e))
+            if len(infos) < page:
+                break
+            read += page
+        return kept[start:stop]
+
+    undoLog = undo_log
+
+    def undo_info(
+        self, first: int = 0, last: int = -20, specification: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """:meth:`undo_log`, keeping entries whose keys equal every item of ``specification``."""
+        wanted = dict(specification or {})
+        return self.undo_log(
+            first, last, lambda entry: all(entry.get(key) == value for key, value in wanted.items())
+        )
+
+    undoInfo = undo_info
+
+    def undo(self, id: bytes, txn: Any = None) -> Tid:
+        """Undo transaction ``id`` (an ``id`` from :meth:`undo_log`) and return the new tid.
+
+        Commits at once, in a transaction of its own, restoring every object that ``id``
+        changed to its state from before it; the connections see it from their next
+        transaction.  Raises UndoError naming the oids when later transactions changed the
+        same objects and ``_p_resolveConflict`` cannot merge the change.  Undoing an undo
+        redoes.  ``txn`` is accepted for ZODB's signature and not used.
+        """
+        self._check_open("undo")
+        if not isinstance(id, bytes) or len(id) != 8:
+            raise TypeError(f"undo() takes an id from undo_log() (8 bytes), not {id!r:.80}")
+        resolver = self._resolver
+
+        def merge(oid: Oid, undone: bytes, committed: bytes, restored: bytes) -> bytes:
+            return _resolve_conflict(resolver, oid, undone, committed, restored)
+
+        meta = TransactionMeta(description=f"undo of transaction {oid_repr(id)}")
+        return self.storage.undo(id, meta, merge)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ConnectionStateError(f"cannot {what}: the database on {self.storage.name} is closed")
 
     def cache_minimize(self) -> None:
         """Turn the unchanged loaded objects of every connection's cache into ghosts.
@@ -325,6 +423,38 @@ def _read_before(at: bytes | datetime.datetime | None, before: bytes | datetime.
     if tid == z64:
         raise ValueError("db.open(before=...): nothing was committed before tid 0x0")
     return tid
+
+
+def _oid_of(oid_or_object: Any) -> Oid:
+    """The oid of a stored object, an 8-byte oid, or an integer oid."""
+    if isinstance(oid_or_object, bytes):
+        if len(oid_or_object) != 8:
+            raise ValueError(f"an oid is 8 bytes, got {oid_or_object!r:.80}")
+        return oid_or_object
+    if isinstance(oid_or_object, int) and not isinstance(oid_or_object, bool):
+        return p64(oid_or_object)
+    oid = getattr(oid_or_object, "_p_oid", None)
+    if isinstance(oid, bytes):
+        return oid
+    raise ValueError(
+        f"{type(oid_or_object).__qualname__} object has no oid: it is not a stored persistent"
+        " object (commit it first), nor an oid"
+    )
+
+
+def _describe(tid: Tid, meta: TransactionMeta, **fields: Any) -> dict[str, Any]:
+    """ZODB's dict for a transaction or revision: its extension's keys, then ours."""
+    entry: dict[str, Any] = {}
+    if meta.extension:
+        try:
+            extension = json.loads(meta.extension)
+        except ValueError:
+            extension = None
+        if isinstance(extension, dict):
+            entry.update(extension)
+    entry.update(tid=tid, time=time_from_tid(tid), user_name=meta.user, description=meta.description)
+    entry.update(fields)
+    return entry
 
 
 def _no_references(obj: Any) -> Oid:

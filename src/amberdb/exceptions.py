@@ -12,6 +12,7 @@ too, so ``except KeyError`` keeps working for a missing oid::
     │   ├── FileFormatError                     not an AmberDB file, or a damaged one
     │   │   └── CorruptedDataError              a file failed a check: where, what, how to recover
     │   ├── StorageTransactionError             storage commit protocol used out of order
+    │   ├── UndoError                           a transaction that cannot be undone (oids named)
     │   └── StorageForkedError                  a storage used in a child after os.fork()
     ├── SerializationError (also TypeError)     an object cannot be written as a record
     ├── UnsafeGlobalError                       a record names a class or function not allowed
@@ -61,6 +62,7 @@ __all__ = [
     "TransactionError",
     "TransactionFailedError",
     "TransientError",
+    "UndoError",
     "UnsafeGlobalError",
     "VoteConflictError",
 ]
@@ -125,6 +127,16 @@ class CorruptedDataError(FileFormatError):
         self.offset = offset
         self.oid = oid
         self.problem = problem
+        super().__init__(message)
+
+
+class UndoError(StorageError):
+    """An undo that cannot be done: ``oids`` are the objects that stand in the way (later
+    transactions changed them and their changes did not merge); empty when the transaction
+    itself cannot be undone (unknown, or packed away)."""
+
+    def __init__(self, message: str, oids: tuple[bytes, ...] = ()) -> None:
+        self.oids = tuple(oids)
         super().__init__(message)
 
 

@@ -122,7 +122,7 @@ def history(path: str) -> None:
     """List the transactions the file holds."""
     db = DB(path, read_only=True)
     storage = db.storage
-    for txn in storage.iterator():  # type: ignore[attr-defined]
+    for txn in storage.iterator():
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(amberdb.utils.time_from_tid(txn.tid)))
         _say(
             f"  transaction {amberdb.utils.u64(txn.tid):#x} at {when}: "

@@ -52,11 +52,29 @@ storage):
    not a tid it knows -- and the caller must then forget every object it has cached.
    Several databases or processes on one storage's data each poll for themselves: this,
    not any in-process signal, is how a connection learns what other committers changed.
+8. History.  Every finished transaction is kept, with its metadata, until a ``pack``
+   removes what no snapshot at or after the pack time can see: ``iterator``, ``undo_log``,
+   ``history`` and ``load(before=...)`` all read that one history and agree with each
+   other.  ``pack(pack_tid)`` keeps every revision newer than ``pack_tid``, and of older
+   revisions exactly the newest one of each object still reachable -- from the root
+   (``z64``) through the references in record headers (:func:`amberdb.record.references`),
+   or from any revision newer than ``pack_tid`` -- and forgets everything else (a
+   transaction left without records goes too, except the newest, which keeps ``last_tid``).
+   Commits
+   made while it packs survive it.  A pack interrupted at any moment (crash, signal,
+   KeyboardInterrupt) leaves the storage as before it or as after it.  Transactions at or
+   before the newest pack time cannot be undone (``undo`` raises UndoError saying so) and
+   ``undo_log`` leaves them out.
+9. Restores.  ``begin(meta, tid=tid)`` starts a transaction that commits with exactly that
+   tid, which must be above ``last_tid()`` (else StorageTransactionError, from ``begin`` or
+   at the latest from ``vote``); its stores
+   are not checked for conflicts (``base_tid`` is ignored).  It is how
+   ``copy_transactions_from`` copies history, with tids and metadata, between storages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -65,9 +83,13 @@ from amberdb.utils import Oid, Tid
 __all__ = [
     "DataRecord",
     "IterableStorage",
+    "PackProgress",
+    "Revision",
     "Storage",
+    "TransactionInfo",
     "TransactionMeta",
     "TransactionRecord",
+    "UndoResolver",
 ]
 
 
@@ -100,6 +122,36 @@ class TransactionRecord:
     tid: Tid
     meta: TransactionMeta
     records: list[DataRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TransactionInfo:
+    """A committed transaction without its records, as :meth:`Storage.undo_log` lists it."""
+
+    tid: Tid
+    meta: TransactionMeta
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One revision of an object, as :meth:`Storage.history` lists it: ``size`` is the
+    length of its record in bytes."""
+
+    tid: Tid
+    meta: TransactionMeta
+    size: int
+
+
+UndoResolver = Callable[[Oid, bytes, bytes, bytes], bytes]
+"""``resolve(oid, undone, committed, restored) -> record`` for an undo whose object changed
+again after the undone transaction: ``undone`` is the record that transaction wrote (the
+common ancestor), ``committed`` the newest one, ``restored`` the one from before it.  Returns
+the merged record, or raises ConflictError to refuse.  Supplied by the object layer (it
+unpickles); a storage only passes bytes through it."""
+
+PackProgress = Callable[[int, int], None]
+"""``progress(done, total)``: how far a pack is, in units the storage chooses (bytes read,
+say); ``done`` grows to ``total``."""
 
 
 @runtime_checkable
@@ -139,11 +191,12 @@ class Storage(Protocol):
         """A fresh oid for an object about to be stored (see invariant 5)."""
         ...
 
-    def begin(self, meta: TransactionMeta) -> None:
+    def begin(self, meta: TransactionMeta, tid: Tid | None = None) -> None:
         """Start a commit; a storage that locks early waits here for the previous committer.
 
         Raises StorageTransactionError at once, without waiting, when the calling thread's
-        own transaction is still open (it would otherwise wait for itself).
+        own transaction is still open (it would otherwise wait for itself).  With ``tid``
+        the transaction is a *restore* (invariant 9).
         """
         ...
 
@@ -177,11 +230,58 @@ class Storage(Protocol):
         """The number of objects (oids with at least one revision)."""
         ...
 
-
-@runtime_checkable
-class IterableStorage(Storage, Protocol):
-    """A storage that can list its committed transactions, oldest first."""
+    # -- history (invariants 8 and 9) -------------------------------------------------------
 
     def iterator(self, start: Tid | None = None, stop: Tid | None = None) -> Iterator[TransactionRecord]:
-        """Yield committed transactions with ``start <= tid <= stop``, oldest first."""
+        """Yield committed transactions with ``start <= tid <= stop``, oldest first, each
+        with its metadata and records.
+
+        A snapshot: transactions finished after the first item are not listed.
+        """
         ...
+
+    def undo_log(self, first: int = 0, last: int = -20) -> list[TransactionInfo]:
+        """The undoable transactions, newest first, from the ``first``-th to before the
+        ``last``-th (a negative ``last`` counts ``-last`` from ``first``), ZODB's convention."""
+        ...
+
+    def history(self, oid: Oid, size: int = 1) -> list[Revision]:
+        """Up to ``size`` revisions of ``oid``, newest first; POSKeyError when it has none."""
+        ...
+
+    def undo(self, tid: Tid, meta: TransactionMeta, resolve: UndoResolver | None = None) -> Tid:
+        """Commit a new transaction restoring each object ``tid`` changed to its state
+        before ``tid``, and return the new tid.
+
+        Objects that ``tid`` created are left alone (once the objects that referred to them
+        are restored nothing does; pack collects them).  When a later transaction changed an
+        object again, ``resolve`` merges (see :data:`UndoResolver`); without one, or when it
+        refuses, nothing is committed and UndoError names every such oid.  UndoError too for
+        a tid that is not a transaction here, or one at or before the last pack time.
+        Raises StorageTransactionError when the calling thread's transaction is open.
+        """
+        ...
+
+    def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
+        """Remove what no snapshot at or after ``pack_tid`` can see, and garbage (invariant 8).
+
+        Readers and committers go on while it runs; a ``pack_tid`` above ``last_tid()``
+        packs at ``last_tid()``.
+        """
+        ...
+
+    def copy_transactions_from(self, other: Storage) -> int:
+        """Copy every transaction of ``other`` newer than this storage's ``last_tid()``, with
+        its tid, metadata and records (invariant 9), oldest first; return how many.
+
+        Run again after ``other`` committed more, it copies only the new ones.
+        """
+        ...
+
+    def get_size(self) -> int:
+        """About how many bytes the storage occupies (records and metadata of every revision)."""
+        ...
+
+
+IterableStorage = Storage
+"""Every storage lists its transactions now (invariant 8); kept for code that named it."""

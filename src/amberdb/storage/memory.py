@@ -12,7 +12,18 @@ import threading
 from collections.abc import Collection, Iterator
 
 from amberdb.exceptions import ConflictError, POSKeyError, StorageError, StorageTransactionError
-from amberdb.storage.base import DataRecord, TransactionMeta, TransactionRecord
+from amberdb.record import references
+from amberdb.storage.base import (
+    DataRecord,
+    PackProgress,
+    Revision,
+    Storage,
+    TransactionInfo,
+    TransactionMeta,
+    TransactionRecord,
+    UndoResolver,
+)
+from amberdb.storage.history import copy_transactions, newest_first_slice, undo_transaction
 from amberdb.utils import Oid, Tid, next_tid, oid_repr, p64, u64, z64
 
 __all__ = ["MemoryStorage"]
@@ -45,6 +56,9 @@ class MemoryStorage:
         self._tid = z64
         self._meta = TransactionMeta()
         self._txn_records: dict[Oid, bytes] = {}
+        self._restoring = False
+        # The newest pack time (None: never packed); undo refuses transactions up to it.
+        self._packed_tid: Tid | None = None
         # For poll_invalidations: per finished transaction (as in _transactions), the oids it
         # changed that existed before it (new ones need no invalidation).
         self._changed: list[tuple[Oid, ...]] = []
@@ -60,6 +74,11 @@ class MemoryStorage:
     def name(self) -> str:
         """``"memory"``."""
         return "memory"
+
+    @property
+    def packed_tid(self) -> Tid | None:
+        """The newest pack time (None when never packed): older transactions cannot be undone."""
+        return self._packed_tid
 
     def __repr__(self) -> str:
         return f"<MemoryStorage {len(self)} objects, last tid {oid_repr(self._last_tid)}>"
@@ -97,7 +116,8 @@ class MemoryStorage:
             newest = self._last_tid
             if since == newest:
                 return newest, ()
-            if since > newest:
+            if since > newest or (self._packed_tid is not None and since < self._packed_tid):
+                # A pack dropped whole transactions before its time: changes then are unknown.
                 return newest, None
             oids: set[Oid] = set()
             first = bisect.bisect_right(self._transactions, since, key=_tid_of)
@@ -109,11 +129,13 @@ class MemoryStorage:
         """The number of oids with at least one revision."""
         return len(self._tids)
 
-    def size(self) -> int:
+    def get_size(self) -> int:
         """The bytes of every record revision held (a full count: meant for an occasional look)."""
         with self._lock:
             self._check_open()
             return sum(len(record) for records in self._records.values() for record in records)
+
+    size = get_size
 
     def iterator(self, start: Tid | None = None, stop: Tid | None = None) -> Iterator[TransactionRecord]:
         """Yield finished transactions with ``start <= tid <= stop``, oldest first."""
@@ -126,6 +148,100 @@ class MemoryStorage:
             if stop is not None and txn.tid > stop:
                 break
             yield txn
+
+    def undo_log(self, first: int = 0, last: int = -20) -> list[TransactionInfo]:
+        """Undoable transactions, newest first (ZODB's ``first``/``last`` convention)."""
+        self._check_open()
+        with self._lock:
+            transactions = list(self._transactions)
+        packed = self._packed_tid
+        infos = (
+            TransactionInfo(txn.tid, txn.meta)
+            for txn in reversed(transactions)
+            if packed is None or txn.tid > packed
+        )
+        return newest_first_slice(infos, first, last)
+
+    def history(self, oid: Oid, size: int = 1) -> list[Revision]:
+        """Up to ``size`` revisions of ``oid``, newest first."""
+        with self._lock:
+            self._check_open()
+            tids = self._tids.get(oid)
+            if not tids:
+                raise POSKeyError(oid)
+            picked = list(zip(reversed(tids), reversed(self._records[oid])))[: max(size, 0)]
+            result = []
+            for tid, record in picked:
+                i = bisect.bisect_left(self._transactions, tid, key=_tid_of)
+                result.append(Revision(tid, self._transactions[i].meta, len(record)))
+        return result
+
+    def undo(self, tid: Tid, meta: TransactionMeta, resolve: UndoResolver | None = None) -> Tid:
+        """Commit a transaction restoring the states from before ``tid`` (see Storage.undo)."""
+        self._check_open()
+        return undo_transaction(self, tid, meta, resolve, self._packed_tid)
+
+    def copy_transactions_from(self, other: Storage) -> int:
+        """Copy ``other``'s transactions newer than ours, tids and metadata kept."""
+        self._check_open()
+        return copy_transactions(self, other)
+
+    def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
+        """Forget revisions no snapshot at or after ``pack_tid`` sees, and garbage.
+
+        Holds the commit lock throughout (it is all in memory, so that is short).
+        """
+        self._check_open()
+        if not isinstance(pack_tid, bytes) or len(pack_tid) != 8:
+            raise TypeError(f"pack_tid must be an 8-byte tid, got {pack_tid!r:.80}")
+        if self._state != _IDLE and self._owner == threading.get_ident():
+            raise StorageTransactionError("pack() while this thread's transaction is open: end it first")
+        with self._commit_lock, self._lock:
+            pack_tid = min(pack_tid, self._last_tid)
+            self._pack_locked(pack_tid, progress)
+
+    def _pack_locked(self, pack_tid: Tid, progress: PackProgress | None) -> None:
+        total = len(self._tids)
+        # For each oid: the index of its newest revision at or before pack_tid (-1: none).
+        cut = {oid: bisect.bisect_right(tids, pack_tid) - 1 for oid, tids in self._tids.items()}
+        live: set[Oid] = set()
+        stack: list[Oid] = [z64]
+        for oid, tids in self._tids.items():
+            if cut[oid] < len(tids) - 1:
+                stack.append(oid)  # it has revisions after the pack time: all kept
+        while stack:
+            oid = stack.pop()
+            if oid in live or oid not in self._tids:
+                continue
+            live.add(oid)
+            if progress is not None:
+                progress(len(live), total)
+            for record in self._records[oid][max(cut[oid], 0) :]:
+                stack.extend(ref for ref in references(record) if ref not in live)
+        for oid in list(self._tids):
+            keep_from = max(cut[oid], 0)
+            if oid not in live:
+                del self._tids[oid], self._records[oid]
+            elif keep_from:
+                del self._tids[oid][:keep_from], self._records[oid][:keep_from]
+        kept = []
+        for txn in self._transactions:
+            if txn.tid > pack_tid:
+                kept.append(txn)
+                continue
+            records = [
+                rec for rec in txn.records if rec.oid in self._tids and self._tids[rec.oid][0] == txn.tid
+            ]
+            if records or txn is self._transactions[-1]:
+                # The newest transaction stays, emptied if need be, as FileStorage's does: a
+                # file names its last tid only through it.
+                kept.append(TransactionRecord(txn.tid, txn.meta, records))
+        changed = dict(zip((txn.tid for txn in self._transactions), self._changed))
+        self._transactions = kept
+        self._changed = [changed[txn.tid] for txn in kept]
+        self._packed_tid = pack_tid if self._packed_tid is None else max(pack_tid, self._packed_tid)
+        if progress is not None:
+            progress(total, total)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -143,19 +259,28 @@ class MemoryStorage:
         with self._oid_lock:
             self._next_oid = max(self._next_oid, u64(oid) + 1)
 
-    def begin(self, meta: TransactionMeta) -> None:
-        """Start a commit, waiting for any other commit to end."""
+    def begin(self, meta: TransactionMeta, tid: Tid | None = None) -> None:
+        """Start a commit, waiting for any other commit to end; with ``tid``, a restore."""
         self._check_open()
+        if tid is not None and (not isinstance(tid, bytes) or len(tid) != 8):
+            raise TypeError(f"tid must be 8 bytes, got {tid!r:.80}")
         if self._state != _IDLE and self._owner == threading.get_ident():
             raise StorageTransactionError("begin() called twice without finish() or abort()")
         self._commit_lock.acquire()
         if self._closed:
             self._commit_lock.release()
             raise StorageError("storage memory is closed")
+        if tid is not None and tid <= self._last_tid:
+            self._commit_lock.release()
+            raise StorageTransactionError(
+                f"cannot restore transaction {oid_repr(tid)}: it is not above the newest one here,"
+                f" {oid_repr(self._last_tid)}"
+            )
         self._state = _OPEN
         self._owner = threading.get_ident()
         self._meta = meta
-        self._tid = next_tid(self._last_tid)
+        self._tid = next_tid(self._last_tid) if tid is None else tid
+        self._restoring = tid is not None
         self._txn_records = {}
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
@@ -167,7 +292,7 @@ class MemoryStorage:
         with self._lock:
             tids = self._tids.get(oid)
             committed = tids[-1] if tids else z64
-        if committed != base_tid:
+        if committed != base_tid and not self._restoring:
             raise ConflictError(oid=oid, serials=(committed, base_tid))
         self._txn_records[oid] = bytes(record)
         self._bump_oid(oid)
@@ -203,6 +328,7 @@ class MemoryStorage:
         self._state = _IDLE
         self._owner = None
         self._txn_records = {}
+        self._restoring = False
         self._commit_lock.release()
 
     def close(self) -> None:

@@ -32,7 +32,9 @@ import pytest
 # The suites are not test modules of the author's project, so pytest would not rewrite their
 # assertions: a failing check would read as a bare "AssertionError".  Registered before they
 # are imported, they fail showing the values compared.
-pytest.register_assert_rewrite("amberdb.testing.storage_suite", "amberdb.testing.object_suite")
+pytest.register_assert_rewrite(
+    "amberdb.testing.storage_suite", "amberdb.testing.object_suite", "amberdb.testing.history_suite"
+)
 
 from amberdb.testing.doubles import StorageWrapper, VoteConflictStorage  # noqa: E402
 from amberdb.testing.factories import (  # noqa: E402
@@ -41,12 +43,15 @@ from amberdb.testing.factories import (  # noqa: E402
     StorageFactory,
     VoteConflictFactory,
 )
+from amberdb.testing.history_suite import HistorySuite, PackSuite  # noqa: E402
 from amberdb.testing.object_suite import ObjectSuite  # noqa: E402
 from amberdb.testing.storage_suite import ReadOnlySuite, StorageMachineSuite, StorageSuite, commit  # noqa: E402
 
 __all__ = [
     "FileStorageFactory",
+    "HistorySuite",
     "MemoryStorageFactory",
+    "PackSuite",
     "StorageFactory",
     "StorageWrapper",
     "VoteConflictFactory",
@@ -63,6 +68,6 @@ def conformance_suite(factory_class: type[StorageFactory]) -> type:
     """
     return type(
         f"ConformanceOf{factory_class.__name__}",
-        (StorageSuite, StorageMachineSuite, ReadOnlySuite, ObjectSuite),
+        (StorageSuite, StorageMachineSuite, ReadOnlySuite, ObjectSuite, HistorySuite),
         {"factory_class": factory_class, "__test__": True},
     )

@@ -15,7 +15,16 @@ import threading
 from collections.abc import Collection, Iterator
 
 from amberdb.exceptions import POSKeyError, StorageTransactionError, VoteConflictError
-from amberdb.storage.base import IterableStorage, Storage, TransactionMeta, TransactionRecord
+from amberdb.storage.base import (
+    PackProgress,
+    Revision,
+    Storage,
+    TransactionInfo,
+    TransactionMeta,
+    TransactionRecord,
+    UndoResolver,
+)
+from amberdb.storage.history import copy_transactions, undo_transaction
 from amberdb.utils import Oid, Tid, z64
 
 __all__ = ["StorageWrapper", "VoteConflictStorage"]
@@ -26,6 +35,7 @@ _IDLE, _OPEN, _VOTED = "idle", "open", "voted"
 class _Txn(threading.local):
     state = _IDLE
     meta = TransactionMeta()
+    tid: Tid | None = None
     stores: dict[Oid, tuple[Tid, bytes]]
 
 
@@ -73,9 +83,9 @@ class StorageWrapper:
         """A fresh oid from the wrapped storage."""
         return self._inner.new_oid()
 
-    def begin(self, meta: TransactionMeta) -> None:
+    def begin(self, meta: TransactionMeta, tid: Tid | None = None) -> None:
         """The wrapped storage's begin."""
-        self._inner.begin(meta)
+        self._inner.begin(meta, tid)
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
         """The wrapped storage's store."""
@@ -101,11 +111,34 @@ class StorageWrapper:
         return len(self._inner)
 
     def iterator(self, start: Tid | None = None, stop: Tid | None = None) -> Iterator[TransactionRecord]:
-        """The wrapped storage's transactions (it must be iterable)."""
-        inner = self._inner
-        if not isinstance(inner, IterableStorage):
-            raise TypeError(f"{inner!r} cannot list its transactions")
-        return inner.iterator(start, stop)
+        """The wrapped storage's transactions."""
+        return self._inner.iterator(start, stop)
+
+    def undo_log(self, first: int = 0, last: int = -20) -> list[TransactionInfo]:
+        """The wrapped storage's undo log."""
+        return self._inner.undo_log(first, last)
+
+    def history(self, oid: Oid, size: int = 1) -> list[Revision]:
+        """The wrapped storage's history of ``oid``."""
+        return self._inner.history(oid, size)
+
+    def undo(self, tid: Tid, meta: TransactionMeta, resolve: UndoResolver | None = None) -> Tid:
+        """An undo through this wrapper's own begin/store/vote/finish (so a double's changed
+        calls take part), refusing what the wrapped storage's undo log leaves out (packed)."""
+        packed = getattr(self._inner, "packed_tid", None)
+        return undo_transaction(self, tid, meta, resolve, packed)
+
+    def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
+        """The wrapped storage's pack."""
+        self._inner.pack(pack_tid, progress=progress)
+
+    def copy_transactions_from(self, other: Storage) -> int:
+        """Copies through this wrapper's own calls (restores)."""
+        return copy_transactions(self, other)
+
+    def get_size(self) -> int:
+        """The wrapped storage's size."""
+        return self._inner.get_size()
 
 
 class VoteConflictStorage(StorageWrapper):
@@ -135,13 +168,14 @@ class VoteConflictStorage(StorageWrapper):
             raise StorageTransactionError(f"{method}() needs {wanted} transaction, state is {txn.state}")
         return txn
 
-    def begin(self, meta: TransactionMeta) -> None:
-        """Start this thread's transaction; nothing is locked yet."""
+    def begin(self, meta: TransactionMeta, tid: Tid | None = None) -> None:
+        """Start this thread's transaction; nothing is locked yet (a restore's ``tid`` is
+        checked at vote)."""
         if self._inner.read_only:
             self._inner.begin(meta)  # raises the wrapped storage's ReadOnlyError
         txn = self._expect("begin", _IDLE)
         self.last_tid()  # a closed storage refuses here, as begin() of any storage does
-        txn.state, txn.meta, txn.stores = _OPEN, meta, {}
+        txn.state, txn.meta, txn.stores, txn.tid = _OPEN, meta, {}, tid
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
         """Buffer a revision; its base tid is checked at vote."""
@@ -162,10 +196,10 @@ class VoteConflictStorage(StorageWrapper):
         """
         txn = self._expect("vote", _OPEN)
         inner = self._inner
-        inner.begin(txn.meta)
+        inner.begin(txn.meta, txn.tid)
         try:
             conflicts: dict[Oid, tuple[Tid, Tid]] = {}
-            for oid, (base, _) in txn.stores.items():
+            for oid, (base, _) in txn.stores.items() if txn.tid is None else ():
                 try:
                     committed = inner.load(oid)[1]
                 except POSKeyError:

@@ -139,7 +139,15 @@ from amberdb.exceptions import (
     StorageForkedError,
     StorageTransactionError,
 )
-from amberdb.storage.base import TransactionMeta, TransactionRecord
+from amberdb.storage.base import (
+    PackProgress,
+    Revision,
+    Storage,
+    TransactionInfo,
+    TransactionMeta,
+    TransactionRecord,
+    UndoResolver,
+)
 from amberdb.storage.file.format import (
     DATA_HEADER,
     DATA_HEADER_CHECKED,
@@ -158,6 +166,8 @@ from amberdb.storage.file.format import (
     TXN_HEADER,
     TXN_TRAILER,
     ZERO_TXN_HEADER,
+    TxnHeader,
+    decode_txn_header,
     encode_file_header,
     encode_txn_header,
     file_header_crc_ok,
@@ -179,6 +189,7 @@ from amberdb.storage.file.recovery import (
     scan,
 )
 from amberdb.storage.forks import GENERATION, close_in_children, forget_in_children
+from amberdb.storage.history import copy_transactions, newest_first_slice, undo_transaction
 from amberdb.storage.offsets import OffsetIndex
 from amberdb.utils import Oid, Tid, next_tid, oid_repr, p64, z64
 
@@ -292,6 +303,8 @@ class FileStorage:
         # (size, mtime, ctime) of the file when a follower's poll last found only a torn tail
         # past _end: while the file still looks so, nobody wrote, and it is not scanned again.
         self._torn_stamp: tuple[int, int, int] | None = None
+        # The newest pack time recorded in the file header (None: never packed).
+        self._packed_tid: Tid | None = None
         self._reset_txn()
         try:
             self._open(create)
@@ -521,6 +534,11 @@ class FileStorage:
     def path(self) -> str:
         """The data file's path."""
         return self._path
+
+    @property
+    def packed_tid(self) -> Tid | None:
+        """The newest pack time (None when never packed): older transactions cannot be undone."""
+        return self._packed_tid
 
     @property
     def damage(self) -> Damage | None:
@@ -786,10 +804,12 @@ class FileStorage:
             self._recent_oids -= _ENTRY_COST if old is None else len(old) + _ENTRY_COST
             self._poll_floor = old_tid
 
-    def size(self) -> int:
+    def get_size(self) -> int:
         """The length in bytes of the data file's committed part (what this storage reads)."""
         self._check_open()
         return self._end
+
+    size = get_size
 
     def __len__(self) -> int:
         """The number of oids with at least one revision."""
@@ -800,31 +820,190 @@ class FileStorage:
     def iterator(self, start: Tid | None = None, stop: Tid | None = None) -> Iterator[TransactionRecord]:
         """Yield finished transactions with ``start <= tid <= stop``, oldest first.
 
-        Every transaction visited is verified (checksums, layout, tid order): damage raises
-        CorruptedDataError, never yields garbage.
+        Every transaction yielded is verified (checksums, layout, tid order): damage raises
+        CorruptedDataError, never yields garbage.  The transactions before ``start`` are
+        skipped by their headers and trailers, read from whichever end of the file is nearer.
         """
         self._check_open()
         end = self._end  # a snapshot: transactions finished later are not listed
-        pos = FILE_HEADER.size
-        prev = z64
+        pos, prev = FILE_HEADER.size, z64
+        if start is not None:
+            pos, prev = self._locate(start, end)
         while pos < end:
             self._check_open()
-            if start is not None:
-                # Before the range: verify the checksum without building the records.
-                h, problem = describe_txn_problem(self._fd, self._file_id_crc, pos, end, prev)
-                if problem is not None:
-                    raise corruption(self._path, pos, problem)
-                assert h is not None
-                if h.tid < start:
-                    prev = h.tid
-                    pos += h.length
-                    continue
             h, txn = read_transaction(self._fd, self._path, self._file_id_crc, pos, end, prev)
             if stop is not None and h.tid > stop:
                 return
             yield txn
             prev = h.tid
             pos += h.length
+
+    def _locate(self, tid: Tid, end: int) -> tuple[int, Tid]:
+        """The position of the first transaction with a tid of at least ``tid`` (``end`` when
+        none), and the tid of the one before it (z64 when none)."""
+        if end <= FILE_HEADER.size:
+            return end, z64
+        newest = self._last_tid
+        first_start = FILE_HEADER.size
+        first = self._txn_header_at(first_start, end)
+        if tid <= first.tid:
+            return first_start, z64
+        if tid > newest:
+            return end, newest
+        # Tids are clock readings: how far ``tid`` lies between the first and the newest says
+        # about where its transaction is.
+        span = int.from_bytes(newest, "big") - int.from_bytes(first.tid, "big")
+        ahead = int.from_bytes(tid, "big") - int.from_bytes(first.tid, "big")
+        if ahead * 2 < span:
+            pos, prev = first_start, z64
+            while pos < end:
+                h = self._txn_header_at(pos, end)
+                if h.tid >= tid:
+                    return pos, prev
+                prev = h.tid
+                pos += h.length
+            return end, prev
+        for pos, h in self._newest_first(end):
+            if h.tid < tid:
+                return pos + h.length, h.tid
+        return first_start, z64
+
+    def _txn_header_at(self, pos: int, end: int) -> TxnHeader:
+        """The header of the transaction at ``pos``, checked against its trailer (not its
+        checksum: what is yielded is verified in full later)."""
+        h, problem = describe_txn_problem(self._fd, self._file_id_crc, pos, end, z64, check_body=False)
+        if problem is not None:
+            raise corruption(self._path, pos, problem)
+        assert h is not None
+        return h
+
+    def _newest_first(self, end: int) -> Iterator[tuple[int, TxnHeader]]:
+        """``(position, header)`` of each transaction before ``end``, newest first, walking
+        back through the trailers; header and trailer must agree and tids decrease."""
+        pos = end
+        newer: bytes | None = None
+        while pos > FILE_HEADER.size:
+            if pos - _T < FILE_HEADER.size + _H:
+                raise corruption(self._path, pos, "a transaction trailer overlaps the file header")
+            length, _, magic = TXN_TRAILER.unpack(pread_exact(self._fd, _T, pos - _T))
+            if magic != TRAILER_MAGIC or length < _H + _T or length > pos - FILE_HEADER.size:
+                problem = f"no transaction trailer (magic {magic!r}, length {length})"
+                raise corruption(self._path, pos - _T, problem)
+            start = pos - length
+            h = decode_txn_header(pread_exact(self._fd, _H, start))
+            if h.length != length:
+                problem = f"transaction header says length {h.length}, its trailer {length}"
+                raise corruption(self._path, start, problem)
+            if newer is not None and h.tid >= newer:
+                raise corruption(self._path, start, "transaction tids do not increase")
+            yield start, h
+            newer = h.tid
+            pos = start
+
+    def _verified_meta(self, pos: int, end: int) -> TransactionMeta:
+        """The metadata of the transaction at ``pos``, after verifying its checksum."""
+        h, problem = describe_txn_problem(self._fd, self._file_id_crc, pos, end, z64)
+        if problem is not None:
+            raise corruption(self._path, pos, problem)
+        assert h is not None
+        meta = pread_exact(self._fd, h.meta_len, pos + _H)
+        try:
+            user = meta[: h.user_len].decode("utf-8")
+            description = meta[h.user_len : h.user_len + h.desc_len].decode("utf-8")
+        except UnicodeDecodeError:
+            raise corruption(self._path, pos, "transaction user or description is not UTF-8") from None
+        return TransactionMeta(user, description, meta[h.user_len + h.desc_len :])
+
+    def undo_log(self, first: int = 0, last: int = -20) -> list[TransactionInfo]:
+        """Undoable transactions, newest first (ZODB's ``first``/``last`` convention).
+
+        Walks back from the end of the file: cost grows with how far back the log reaches,
+        not with the size of the file.  Each listed transaction is verified.
+        """
+        self._check_open()
+        end = self._end
+        packed = self._packed_tid
+
+        def infos() -> Iterator[TransactionInfo]:
+            for pos, h in self._newest_first(end):
+                if packed is not None and h.tid <= packed:
+                    return
+                yield TransactionInfo(h.tid, self._verified_meta(pos, end))
+
+        return newest_first_slice(infos(), first, last)
+
+    def history(self, oid: Oid, size: int = 1) -> list[Revision]:
+        """Up to ``size`` revisions of ``oid``, newest first, each record verified (I10)."""
+        self._check_open()
+        if not isinstance(oid, bytes) or len(oid) != 8:
+            raise TypeError(f"oid must be 8 bytes, got {oid!r:.80}")
+        end = self._end
+        offset = self._index.get(int.from_bytes(oid, "big"))
+        if offset < 0:
+            raise POSKeyError(oid)
+        revisions: list[Revision] = []
+        newer = b""
+        while len(revisions) < size:
+            header = pread_exact(self._fd, _D, offset)
+            if offset < FIRST_RECORD or len(header) < _D or offset + _D > end:
+                raise self._bad_record(oid, offset, f"offset outside {FIRST_RECORD}..{end - _D}")
+            roid, rtid, back, rlen, rcrc = _unpack_data_header(header)
+            record = pread_exact(self._fd, rlen, offset + _D)
+            if offset + _D + rlen > end or len(record) != rlen:
+                raise self._bad_record(oid, offset, f"length {rlen} runs past the committed end {end}")
+            if _crc32(record, _crc32(header[:_CHECKED], self._file_id_crc)) != rcrc:
+                raise self._bad_record(oid, offset, "data record checksum mismatch")
+            if roid != oid:
+                raise self._bad_record(oid, offset, f"found a record of oid {oid_repr(roid)} instead")
+            if newer and rtid >= newer:
+                raise self._bad_record(oid, offset, "revision tids do not decrease along back pointers")
+            txn_pos = self._transaction_of(oid, offset + _D + rlen, rtid, end)
+            revisions.append(Revision(rtid, self._verified_meta(txn_pos, end), rlen))
+            if back == 0:
+                break
+            if back >= offset:
+                raise self._bad_record(oid, offset, f"back pointer {back} does not point backwards")
+            offset, newer = back, rtid
+        return revisions
+
+    def _transaction_of(self, oid: Oid, pos: int, tid: Tid, end: int) -> int:
+        """The position of the transaction ``tid`` whose data record of ``oid`` ends at ``pos``.
+
+        Data records do not point to their transaction: walk forward over the records after
+        this one to the trailer, recognised by its magic and a header at ``trailer end -
+        length`` carrying the same tid and length.
+        """
+        while pos + _T <= end:
+            chunk = pread_exact(self._fd, _D, pos)
+            if chunk[12:16] == TRAILER_MAGIC:
+                length = int.from_bytes(chunk[:8], "big")
+                start = pos + _T - length
+                if FILE_HEADER.size <= start < pos:
+                    h = decode_txn_header(pread_exact(self._fd, _H, start))
+                    if h.tid == tid and h.length == length:
+                        return start
+            if len(chunk) < _D:
+                break
+            _, rtid, _, rlen, _ = _unpack_data_header(chunk)
+            if rtid != tid:
+                break
+            pos += _D + rlen
+        raise self._bad_record(oid, pos, f"cannot find the end of transaction {oid_repr(tid)}")
+
+    def undo(self, tid: Tid, meta: TransactionMeta, resolve: UndoResolver | None = None) -> Tid:
+        """Commit a transaction restoring the states from before ``tid`` (see Storage.undo)."""
+        self._check_writable()
+        return undo_transaction(self, tid, meta, resolve, self._packed_tid)
+
+    def copy_transactions_from(self, other: Storage) -> int:
+        """Copy ``other``'s transactions newer than ours, tids and metadata kept (restores)."""
+        self._check_writable()
+        return copy_transactions(self, other)
+
+    def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
+        """Not yet: FileStorage's pack is being built (issue 12); it raises StorageError."""
+        self._check_writable()
+        raise StorageError(f"{self._path}: packing a FileStorage is not available in this build yet")
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -852,10 +1031,14 @@ class FileStorage:
         # there are more than the poll window holds.
         self._txn_changed: array[int] | None = array("q")
         self._failure: BaseException | None = None
+        self._restoring = False
 
-    def begin(self, meta: TransactionMeta) -> None:
-        """Start a commit, waiting for any other commit to end."""
+    def begin(self, meta: TransactionMeta, tid: Tid | None = None) -> None:
+        """Start a commit, waiting for any other commit to end; with ``tid``, a restore
+        (base invariant 9)."""
         self._check_writable()
+        if tid is not None and (not isinstance(tid, bytes) or len(tid) != 8):
+            raise TypeError(f"tid must be 8 bytes, got {tid!r:.80}")
         user = meta.user.encode("utf-8")
         desc = meta.description.encode("utf-8")
         ext = bytes(meta.extension)
@@ -879,10 +1062,17 @@ class FileStorage:
                 " or cut it; nothing more is written. Close every storage on it, then check it with"
                 " amberdb.storage.file.verify()"
             )
+        if tid is not None and tid <= self._last_tid:
+            self._commit_lock.release()
+            raise StorageTransactionError(
+                f"cannot restore transaction {oid_repr(tid)} into {self._path}: it is not above"
+                f" the newest one there, {oid_repr(self._last_tid)}"
+            )
         # The transaction fields were reset by __init__ or the previous _end_txn.
         self._state = _OPEN
         self._owner = threading.get_ident()
-        self._tid = next_tid(self._last_tid)
+        self._tid = next_tid(self._last_tid) if tid is None else tid
+        self._restoring = tid is not None
         self._txn_pos = self._end
         self._body_crc = self._file_id_crc
         self._meta_lens = (len(user), len(desc), len(ext))
@@ -938,7 +1128,7 @@ class FileStorage:
                 committed = self._map[current + 8 : current + 16]  # no system call
             else:
                 committed = pread_exact(self._fd, _D, current)[8:16]
-        if committed != base_tid:
+        if committed != base_tid and not self._restoring:
             raise ConflictError(oid=oid, serials=(committed, base_tid))
         if current:
             # Changed for other snapshots -- noted only once the store is accepted: a refused

@@ -1,0 +1,162 @@
+"""History operations written once over the storage interface: undo, copy, the undo log.
+
+Every storage offers ``undo``, ``copy_transactions_from`` and ``undo_log``
+(:mod:`amberdb.storage.base`, invariants 8 and 9).  The functions here implement them with
+nothing but the interface's other calls, so a storage gets them right by delegating, and
+only a storage that can do better (a server doing the work next to the data, SQL doing it in
+one statement) writes its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from amberdb.exceptions import (
+    ConflictError,
+    POSKeyError,
+    StorageTransactionError,
+    UndoError,
+    VoteConflictError,
+)
+from amberdb.storage.base import Storage, TransactionInfo, TransactionMeta, TransactionRecord, UndoResolver
+from amberdb.utils import Oid, Tid, oid_repr
+
+__all__ = ["copy_transactions", "find_transaction", "log_slice", "newest_first_slice", "undo_transaction"]
+
+_UNDO_ATTEMPTS = 5
+"""Rounds an undo makes when another committer changed its objects between its look and
+its vote (storages that find conflicts only at vote)."""
+
+
+def log_slice(first: int, last: int) -> tuple[int, int]:
+    """``(first, stop)`` for ZODB's ``undoLog(first, last)`` convention (negative ``last``
+    counts from ``first``); ValueError for a negative ``first``."""
+    if first < 0:
+        raise ValueError(f"first must be >= 0, got {first}")
+    stop = first - last if last < 0 else last
+    return first, max(first, stop)
+
+
+def newest_first_slice(
+    transactions: Iterable[TransactionInfo], first: int, last: int
+) -> list[TransactionInfo]:
+    """The ``undo_log(first, last)`` entries of ``transactions`` (already newest first)."""
+    start, stop = log_slice(first, last)
+    result = []
+    for i, info in enumerate(transactions):
+        if i >= stop:
+            break
+        if i >= start:
+            result.append(info)
+    return result
+
+
+def find_transaction(storage: Storage, tid: Tid) -> TransactionRecord:
+    """The committed transaction ``tid`` with its records; UndoError when there is none."""
+    for txn in storage.iterator(tid, tid):
+        if txn.tid == tid:
+            return txn
+        break
+    raise UndoError(f"no transaction {oid_repr(tid)} in {storage.name}: nothing to undo")
+
+
+def undo_transaction(
+    storage: Storage,
+    tid: Tid,
+    meta: TransactionMeta,
+    resolve: UndoResolver | None,
+    packed_tid: Tid | None,
+) -> Tid:
+    """:meth:`Storage.undo` through the storage's own begin/store/vote/finish.
+
+    ``packed_tid``: the newest pack time (None when never packed); older transactions
+    cannot be undone because the states before them may be gone.
+    """
+    if not isinstance(tid, bytes) or len(tid) != 8:
+        raise TypeError(f"undo() takes a transaction id (8 bytes, from undo_log), not {tid!r:.80}")
+    if packed_tid is not None and tid <= packed_tid:
+        raise UndoError(
+            f"transaction {oid_repr(tid)} is at or before the last pack time {oid_repr(packed_tid)}:"
+            " the states before it were packed away, so it cannot be undone"
+        )
+    txn = find_transaction(storage, tid)
+    for attempt in range(_UNDO_ATTEMPTS):
+        try:
+            return _undo_once(storage, txn, meta, resolve)
+        except VoteConflictError:
+            if attempt == _UNDO_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _undo_once(
+    storage: Storage, txn: TransactionRecord, meta: TransactionMeta, resolve: UndoResolver | None
+) -> Tid:
+    tid = txn.tid
+    storage.begin(meta)
+    try:
+        refused: dict[Oid, str] = {}
+        for rec in txn.records:
+            try:
+                restored, _ = storage.load(rec.oid, before=tid)
+            except POSKeyError:
+                continue  # created by the undone transaction: left alone (see Storage.undo)
+            current, current_tid = storage.load(rec.oid)
+            if current_tid == tid:
+                storage.store(rec.oid, current_tid, restored)
+                continue
+            if resolve is None:
+                refused[rec.oid] = f"changed again by transaction {oid_repr(current_tid)}"
+                continue
+            try:
+                merged = resolve(rec.oid, rec.record, current, restored)
+            except ConflictError as exc:
+                refused[rec.oid] = str(exc)
+                continue
+            storage.store(rec.oid, current_tid, merged)
+        if refused:
+            shown = "; ".join(f"oid {oid_repr(oid)}: {why}" for oid, why in list(refused.items())[:10])
+            more = "" if len(refused) <= 10 else f" (and {len(refused) - 10} more)"
+            raise UndoError(
+                f"cannot undo transaction {oid_repr(tid)}: later transactions changed its objects"
+                f" and the changes do not merge -- {shown}{more}",
+                oids=tuple(refused),
+            )
+        storage.vote()
+        return storage.finish()
+    except BaseException:
+        storage.abort()
+        raise
+
+
+def copy_transactions(destination: Storage, source: Storage) -> int:
+    """:meth:`Storage.copy_transactions_from` through the destination's restores."""
+    if destination.read_only:
+        from amberdb.exceptions import ReadOnlyError
+
+        raise ReadOnlyError(f"cannot copy into {destination.name}: it is read-only")
+    newest = destination.last_tid()
+    copied = 0
+    for txn in _newer_than(source, newest):
+        destination.begin(txn.meta, tid=txn.tid)
+        try:
+            for rec in txn.records:
+                destination.store(rec.oid, rec.tid, rec.record)
+            destination.vote()
+            got = destination.finish()
+        except BaseException:
+            destination.abort()
+            raise
+        if got != txn.tid:
+            raise StorageTransactionError(
+                f"{destination.name} committed the copy of transaction {oid_repr(txn.tid)} as"
+                f" {oid_repr(got)}: its begin(meta, tid=...) does not restore tids"
+            )
+        copied += 1
+    return copied
+
+
+def _newer_than(source: Storage, newest: Tid) -> Iterator[TransactionRecord]:
+    for txn in source.iterator(newest):
+        if txn.tid > newest:
+            yield txn
