@@ -2,7 +2,7 @@
 
 Each test builds a real file database with the object layer, runs a subcommand and checks
 its output and exit status.  Tests of subcommands whose storage or DB method has not landed
-yet (pack, history, undo-log, copy) are skipped, naming the method they wait for.
+yet are skipped, naming the method they wait for (FileStorage.pack, for ``amberdb pack``).
 """
 
 from __future__ import annotations
@@ -475,8 +475,24 @@ def test_backup_of_other_storages_is_refused(tmp_path: Path) -> None:
 # -- pack, history, undo-log, copy (their DB and storage methods land on main separately) ---
 
 
+def file_storage_packs(directory: Path) -> bool:
+    """Whether FileStorage.pack is implemented yet (it is being built on its own branch)."""
+    storage = FileStorage(directory / "probe.fs")
+    try:
+        storage.pack(z64)
+    except amberdb.StorageError as exc:
+        if "not available" in str(exc):
+            return False
+        raise
+    finally:
+        storage.close()
+    return True
+
+
 @needs(amberdb.DB, "pack")
-def test_pack_reports_sizes(database: Path) -> None:
+def test_pack_reports_sizes(database: Path, tmp_path: Path) -> None:
+    if not file_storage_packs(tmp_path):
+        pytest.skip("waits for FileStorage.pack on main (it raises 'not available in this build yet')")
     add_commits(database, 3, 0)
     result = run("pack", str(database), "--json")
     report = json.loads(result.stdout)
