@@ -222,6 +222,13 @@ class DB:
         plus the keys of the transaction's extension metadata."""
         self._check_open("read history")
         oid = _oid_of(oid_or_object)
+        jar = getattr(oid_or_object, "_p_jar", None)
+        if isinstance(jar, Connection) and jar.db() is not self:
+            raise ValueError(
+                f"{type(oid_or_object).__qualname__} oid {oid_repr(oid)} belongs to another database"
+                f" ({jar!r}): ask that database for its history"
+            )
+        self._catch_up()
         return [
             _describe(revision.tid, revision.meta, size=revision.size)
             for revision in self.storage.history(oid, size)
@@ -240,16 +247,26 @@ class DB:
         a negative ``last`` counting from ``first``.  ``filter(entry) -> bool`` keeps some.
         """
         self._check_open("read the undo log")
+        self._catch_up()
         if filter is None:
             infos = self.storage.undo_log(first, last)
             return [_describe(info.tid, info.meta, id=info.tid) for info in infos]
         # As in ZODB, first/last count the entries the filter keeps: read the log in pages.
+        # Commits meanwhile push entries to later positions, so a page may repeat some of the
+        # previous one: only entries older than the last one read count.
         start, stop = log_slice(first, last)
         kept: list[dict[str, Any]] = []
         read, page = 0, max(100, stop)
+        oldest: Tid | None = None
         while len(kept) < stop:
             infos = self.storage.undo_log(read, read + page)
-            kept.extend(e for e in (_describe(i.tid, i.meta, id=i.tid) for i in infos) if filter(e))
+            for info in infos:
+                if oldest is not None and info.tid >= oldest:
+                    continue
+                oldest = info.tid
+                entry = _describe(info.tid, info.meta, id=info.tid)
+                if filter(entry):
+                    kept.append(entry)
             if len(infos) < page:
                 break
             read += page
@@ -287,6 +304,12 @@ class DB:
 
         meta = TransactionMeta(description=f"undo of transaction {oid_repr(id)}")
         return self.storage.undo(id, meta, merge)
+
+    def _catch_up(self) -> None:
+        """Let a storage that follows another process's commits take them in (a poll), so
+        the history answered is as new as :meth:`last_tid`."""
+        storage = self.storage
+        storage.poll_invalidations(storage.last_tid())
 
     def _check_open(self, what: str) -> None:
         if self._closed:

@@ -60,8 +60,15 @@ def time_from_tid(tid: Tid) -> float:
     return u64(tid) / _TID_SCALE
 
 
+_MAX_TID = (1 << 64) - 1
+
+
 def next_tid(previous: Tid) -> Tid:
     """A tid for a transaction committing now, strictly greater than ``previous``."""
     now = int(time.time() * _TID_SCALE)
     last = int.from_bytes(previous, "big")
+    if last >= _MAX_TID:
+        from amberdb.exceptions import StorageError
+
+        raise StorageError(f"no tid left after {oid_repr(previous)}: the storage has used up its tids")
     return p64(now if now > last else last + 1)

@@ -18,12 +18,6 @@ from amberdb.utils import p64
 from ..models import Book
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DB.history (db.py _oid_of) takes any object's _p_oid without checking its"
-    " _p_jar belongs to this database: an object of another DB gets the history of whatever"
-    " object has the same oid here (wrong data, no error)",
-)
 def test_history_of_an_object_of_another_database_is_refused() -> None:
     mine, theirs = amberdb.DB(None), amberdb.DB(None)
     try:
@@ -164,12 +158,6 @@ def test_pack_arguments(db: amberdb.DB) -> None:
     assert db.undo_log() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DB.undo_log / DB.history do not poll the storage first (DB.last_tid does): on a"
-    " read-only follower FileStorage they answer from the last poll, so db.undo_log()[0] is"
-    " older than db.last_tid() and db.history() of a new object raises POSKeyError",
-)
 def test_follower_db_log_and_history_see_what_last_tid_sees(tmp_path: Path) -> None:
     path = tmp_path / "data.fs"
     writer = amberdb.DB(str(path))
@@ -238,12 +226,6 @@ def test_history_int_oid_equals_bytes_oid(db: amberdb.DB) -> None:
     assert db.history(1) == db.history(p64(1)) == db.history(conn.root()["b"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DB.undo_log with a filter reads the storage's log in pages by position"
-    " (undo_log(read, read + page)): a commit between two pages shifts the positions, so"
-    " entries at the page boundary are listed twice",
-)
 def test_filtered_undo_log_lists_each_transaction_once_while_others_commit() -> None:
     db = amberdb.DB(None)
     tm = transaction.TransactionManager()

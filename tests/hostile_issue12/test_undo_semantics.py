@@ -62,12 +62,6 @@ def test_undo_chain_undo_redo_undo(tdb: amberdb.DB) -> None:
     assert ids[1:] == [redo, undo1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: history.undo_transaction compares only tids: after a later transaction was"
-    " undone, the object's current record is byte-identical to what the older transaction"
-    " wrote, yet undoing the older one raises UndoError (ZODB undoes it: same data)",
-)
 def test_undo_of_older_transaction_after_the_later_one_was_undone(tdb: amberdb.DB) -> None:
     conn = tdb.open()
     book = conn.root()["b"] = Book("v0")

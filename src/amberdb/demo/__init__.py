@@ -1,4 +1,4 @@
-"""A tour of AmberDB on a file database: store, reopen, query, change, roll back.
+"""A tour of AmberDB on a file database: store, reopen, query, change, roll back, undo, pack.
 
 Run it with ``python -m amberdb.demo [PATH]`` or ``amberdb-demo [PATH]``; the default PATH is
 in a fresh temporary directory.
@@ -118,6 +118,34 @@ def reload_and_query(path: str) -> None:
     db.close()
 
 
+def upkeep(path: str) -> None:
+    """Undo a bad change, read an object's history, then pack the file."""
+    db = DB(path)
+    conn = db.open()
+    book = conn.root.books["Python Internals"]
+    book.year = 1066
+    transaction.get().note("demo: a typo in a year")
+    transaction.commit()
+    bad = db.undo_log()[0]
+    db.undo(bad["id"])
+    transaction.begin()
+    _say(f"undid {bad['description']!r}: the year is {book.year} again")
+    revisions = db.history(book, size=10)
+    _say(f"'{book.title}' has {len(revisions)} revisions: {[entry['description'] for entry in revisions]}")
+    del conn.root.books["Persistence for Pythonistas"]
+    transaction.get().note("demo: drop a book")
+    transaction.commit()
+    before, objects = db.storage_size(), len(db)
+    db.pack()
+    _say(
+        f"packed: {before:,} -> {db.storage_size():,} bytes, {objects} -> {len(db)} objects (old"
+        f" revisions and the dropped book are gone); {len(db.history(book, size=10))} revision of"
+        f" '{book.title}' left"
+    )
+    conn.close()
+    db.close()
+
+
 def history(path: str) -> None:
     """List the transactions the file holds."""
     db = DB(path, read_only=True)
@@ -143,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"AmberDB {amberdb.__version__} demo")
         store(path)
         reload_and_query(path)
+        upkeep(path)
         _say("history:")
         history(path)
     return 0

@@ -69,7 +69,10 @@ storage):
    tid, which must be above ``last_tid()`` (else StorageTransactionError, from ``begin`` or
    at the latest from ``vote``); its stores
    are not checked for conflicts (``base_tid`` is ignored).  It is how
-   ``copy_transactions_from`` copies history, with tids and metadata, between storages.
+   ``copy_transactions_from`` copies history, with tids and metadata, between storages.  A
+   copy goes only into a storage that is empty or holds an earlier copy of the same
+   history (its newest tid is one of the source's), and a copy of a packed history keeps the
+   source's ``packed_tid``.
 """
 
 from __future__ import annotations
@@ -255,8 +258,9 @@ class Storage(Protocol):
 
         Objects that ``tid`` created are left alone (once the objects that referred to them
         are restored nothing does; pack collects them).  When a later transaction changed an
-        object again, ``resolve`` merges (see :data:`UndoResolver`); without one, or when it
-        refuses, nothing is committed and UndoError names every such oid.  UndoError too for
+        object again (to other bytes than ``tid`` wrote), ``resolve`` merges (see
+        :data:`UndoResolver`); without one, or when it refuses, nothing is committed and
+        UndoError names every such oid.  UndoError too for
         a tid that is not a transaction here, or one at or before the last pack time.
         Raises StorageTransactionError when the calling thread's transaction is open.
         """
@@ -280,6 +284,12 @@ class Storage(Protocol):
 
     def get_size(self) -> int:
         """About how many bytes the storage occupies (records and metadata of every revision)."""
+        ...
+
+    @property
+    def packed_tid(self) -> Tid | None:
+        """The newest pack time (None when never packed): transactions up to it cannot be
+        undone.  A copy of a packed storage starts with the source's (invariant 9)."""
         ...
 
 

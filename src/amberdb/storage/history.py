@@ -9,17 +9,19 @@ one statement) writes its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from amberdb.exceptions import (
     ConflictError,
     POSKeyError,
+    ReadOnlyError,
+    StorageError,
     StorageTransactionError,
     UndoError,
     VoteConflictError,
 )
 from amberdb.storage.base import Storage, TransactionInfo, TransactionMeta, TransactionRecord, UndoResolver
-from amberdb.utils import Oid, Tid, oid_repr
+from amberdb.utils import Oid, Tid, oid_repr, z64
 
 __all__ = ["copy_transactions", "find_transaction", "log_slice", "newest_first_slice", "undo_transaction"]
 
@@ -102,7 +104,9 @@ def _undo_once(
             except POSKeyError:
                 continue  # created by the undone transaction: left alone (see Storage.undo)
             current, current_tid = storage.load(rec.oid)
-            if current_tid == tid:
+            if current_tid == tid or current == rec.record:
+                # Unchanged since, or changed back to exactly what the undone transaction
+                # wrote (a later transaction undone, say): nothing stands in the way.
                 storage.store(rec.oid, current_tid, restored)
                 continue
             if resolve is None:
@@ -129,13 +133,31 @@ def _undo_once(
         raise
 
 
-def copy_transactions(destination: Storage, source: Storage) -> int:
-    """:meth:`Storage.copy_transactions_from` through the destination's restores."""
-    if destination.read_only:
-        from amberdb.exceptions import ReadOnlyError
+def copy_transactions(destination: Storage, source: Storage, mark_packed: Callable[[Tid], None]) -> int:
+    """:meth:`Storage.copy_transactions_from` through the destination's restores.
 
+    ``mark_packed(tid)`` records a pack time in the (still empty) destination: a copy of a
+    packed history must refuse to undo what the source refuses, since the states before
+    those transactions are not in it either.
+    """
+    if destination.read_only:
         raise ReadOnlyError(f"cannot copy into {destination.name}: it is read-only")
     newest = destination.last_tid()
+    if newest != z64 and not any(txn.tid == newest for txn in source.iterator(newest, newest)):
+        raise StorageError(
+            f"cannot copy {source.name} into {destination.name}: the destination's newest transaction"
+            f" {oid_repr(newest)} is not one of the source's, so their histories diverge (copy into an"
+            " empty storage, or into an earlier copy of the same one)"
+        )
+    packed = source.packed_tid
+    if packed is not None and newest < packed and (destination.packed_tid or z64) < packed:
+        if newest != z64:
+            raise StorageError(
+                f"cannot copy {source.name} into {destination.name}: the source was packed at"
+                f" {oid_repr(packed)}, after the destination's newest transaction {oid_repr(newest)};"
+                " copy it into an empty storage"
+            )
+        mark_packed(packed)
     copied = 0
     for txn in _newer_than(source, newest):
         destination.begin(txn.meta, tid=txn.tid)

@@ -184,7 +184,10 @@ class MemoryStorage:
     def copy_transactions_from(self, other: Storage) -> int:
         """Copy ``other``'s transactions newer than ours, tids and metadata kept."""
         self._check_open()
-        return copy_transactions(self, other)
+        return copy_transactions(self, other, self._mark_packed)
+
+    def _mark_packed(self, tid: Tid) -> None:
+        self._packed_tid = tid if self._packed_tid is None else max(tid, self._packed_tid)
 
     def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
         """Forget revisions no snapshot at or after ``pack_tid`` sees, and garbage.
@@ -276,10 +279,15 @@ class MemoryStorage:
                 f"cannot restore transaction {oid_repr(tid)}: it is not above the newest one here,"
                 f" {oid_repr(self._last_tid)}"
             )
+        try:
+            new_tid = next_tid(self._last_tid) if tid is None else tid
+        except BaseException:
+            self._commit_lock.release()
+            raise
         self._state = _OPEN
         self._owner = threading.get_ident()
         self._meta = meta
-        self._tid = next_tid(self._last_tid) if tid is None else tid
+        self._tid = new_tid
         self._restoring = tid is not None
         self._txn_records = {}
 

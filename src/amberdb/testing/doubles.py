@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection, Iterator
 
-from amberdb.exceptions import POSKeyError, StorageTransactionError, VoteConflictError
+from amberdb.exceptions import POSKeyError, StorageError, StorageTransactionError, VoteConflictError
 from amberdb.storage.base import (
     PackProgress,
     Revision,
@@ -125,8 +125,7 @@ class StorageWrapper:
     def undo(self, tid: Tid, meta: TransactionMeta, resolve: UndoResolver | None = None) -> Tid:
         """An undo through this wrapper's own begin/store/vote/finish (so a double's changed
         calls take part), refusing what the wrapped storage's undo log leaves out (packed)."""
-        packed = getattr(self._inner, "packed_tid", None)
-        return undo_transaction(self, tid, meta, resolve, packed)
+        return undo_transaction(self, tid, meta, resolve, self._inner.packed_tid)
 
     def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
         """The wrapped storage's pack."""
@@ -134,7 +133,18 @@ class StorageWrapper:
 
     def copy_transactions_from(self, other: Storage) -> int:
         """Copies through this wrapper's own calls (restores)."""
-        return copy_transactions(self, other)
+        return copy_transactions(self, other, self._mark_packed)
+
+    def _mark_packed(self, tid: Tid) -> None:
+        mark = getattr(self._inner, "_mark_packed", None)
+        if mark is None:
+            raise StorageError(f"{self._inner!r} cannot record the pack time of a packed source")
+        mark(tid)
+
+    @property
+    def packed_tid(self) -> Tid | None:
+        """The wrapped storage's."""
+        return self._inner.packed_tid
 
     def get_size(self) -> int:
         """The wrapped storage's size."""

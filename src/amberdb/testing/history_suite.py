@@ -482,7 +482,7 @@ class HistoryMachine(RuleBasedStateMachine):
                 continue
             current = self._current(oid)
             assert current is not None
-            if current[0] == tid:
+            if current[0] == tid or current[1] == records[oid]:
                 restored[oid] = older[-1][2]
             else:
                 refused.add(oid)

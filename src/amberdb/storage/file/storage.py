@@ -855,18 +855,28 @@ class FileStorage:
         span = int.from_bytes(newest, "big") - int.from_bytes(first.tid, "big")
         ahead = int.from_bytes(tid, "big") - int.from_bytes(first.tid, "big")
         if ahead * 2 < span:
-            pos, prev = first_start, z64
+            pos, prev, prev_pos = first_start, z64, -1
             while pos < end:
                 h = self._txn_header_at(pos, end)
+                if h.tid <= prev:
+                    raise corruption(self._path, pos, "transaction tids do not increase")
                 if h.tid >= tid:
-                    return pos, prev
-                prev = h.tid
+                    break
+                prev, prev_pos = h.tid, pos
                 pos += h.length
-            return end, prev
-        for pos, h in self._newest_first(end):
-            if h.tid < tid:
-                return pos + h.length, h.tid
-        return first_start, z64
+        else:
+            pos, prev, prev_pos = first_start, z64, -1
+            for start, h in self._newest_first(end):
+                if h.tid < tid:
+                    pos, prev, prev_pos = start + h.length, h.tid, start
+                    break
+        if prev_pos >= 0:
+            # The skipped headers were not verified: a damaged tid could have made the walk
+            # step over the very transaction asked for.  The one it stopped after must verify.
+            _, problem = describe_txn_problem(self._fd, self._file_id_crc, prev_pos, end, z64)
+            if problem is not None:
+                raise corruption(self._path, prev_pos, problem)
+        return pos, prev
 
     def _txn_header_at(self, pos: int, end: int) -> TxnHeader:
         """The header of the transaction at ``pos``, checked against its trailer (not its
@@ -985,10 +995,12 @@ class FileStorage:
             if len(chunk) < _D:
                 break
             _, rtid, _, rlen, _ = _unpack_data_header(chunk)
-            if rtid != tid:
-                break
+            if rtid != tid or pos + _D + rlen + _T > end:
+                break  # not a record of this transaction, or one running past the end: damage
             pos += _D + rlen
-        raise self._bad_record(oid, pos, f"cannot find the end of transaction {oid_repr(tid)}")
+        raise self._bad_record(
+            oid, pos, f"cannot find the end of transaction {oid_repr(tid)}: no trailer or record of it here"
+        )
 
     def undo(self, tid: Tid, meta: TransactionMeta, resolve: UndoResolver | None = None) -> Tid:
         """Commit a transaction restoring the states from before ``tid`` (see Storage.undo)."""
@@ -998,7 +1010,11 @@ class FileStorage:
     def copy_transactions_from(self, other: Storage) -> int:
         """Copy ``other``'s transactions newer than ours, tids and metadata kept (restores)."""
         self._check_writable()
-        return copy_transactions(self, other)
+        return copy_transactions(self, other, self._mark_packed)
+
+    def _mark_packed(self, tid: Tid) -> None:
+        """Record a copied history's pack time in the file header (the file is still empty)."""
+        raise StorageError(f"{self._path}: copying a packed history into a FileStorage is not possible yet")
 
     def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
         """Not yet: FileStorage's pack is being built (issue 12); it raises StorageError."""
@@ -1069,9 +1085,14 @@ class FileStorage:
                 f" the newest one there, {oid_repr(self._last_tid)}"
             )
         # The transaction fields were reset by __init__ or the previous _end_txn.
+        try:
+            new_tid = next_tid(self._last_tid) if tid is None else tid
+        except BaseException:
+            self._commit_lock.release()
+            raise
         self._state = _OPEN
         self._owner = threading.get_ident()
-        self._tid = next_tid(self._last_tid) if tid is None else tid
+        self._tid = new_tid
         self._restoring = tid is not None
         self._txn_pos = self._end
         self._body_crc = self._file_id_crc
