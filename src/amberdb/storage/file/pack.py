@@ -219,6 +219,7 @@ class Packer:
         # The new file's index: oid -> offset of its newest revision there.
         self.index = OffsetIndex()
         self.last_tid = b"\0" * 8
+        self.last_pos = -1  # where the newest transaction scanned begins
         self.kept_records = 0
         self.relinked: str | None = None
         """Why the last :meth:`copy_tail` refused (a tail record refers to a dropped oid)."""
@@ -316,6 +317,7 @@ class Packer:
             if p != data_end:
                 raise corruption(self.name, pos, "data records do not fill their transaction")
             progress.advance(h.length)
+            self.last_pos = pos
             pos += h.length
         if not marking:
             self._start_marking()
@@ -359,7 +361,9 @@ class Packer:
         pos = first
         while pos < end:
             h = decode_txn_header(self.reader.read(pos, _H))
-            self._copy_transaction(pos, h, check=False)
+            # The newest transaction stays even when nothing of it is kept: the file must go
+            # on saying what the last tid is, or tids would go back at the next open (I8).
+            self._copy_transaction(pos, h, check=False, keep=pos == self.last_pos)
             self.progress.advance(h.length)
             pos += h.length
 
@@ -389,9 +393,9 @@ class Packer:
     def _dropped(self, oid_int: int) -> bool:
         return self.newest.get(oid_int) >= 0 and oid_int not in self.live
 
-    def _copy_transaction(self, pos: int, h: TxnHeader, *, check: bool) -> bool:
+    def _copy_transaction(self, pos: int, h: TxnHeader, *, check: bool, keep: bool = False) -> bool:
         """Copy the transaction at ``pos``: all of it after the pack time, only its kept
-        records at or before (nothing at all when none is kept).  Back pointers are rebuilt
+        records at or before (nothing at all when none is kept, unless ``keep``).  Back pointers are rebuilt
         from the new index as it was before this transaction, as ``store`` builds them."""
         reader = self.reader
         out = self.out
@@ -404,7 +408,7 @@ class Packer:
         crc = new_crc
         oids: array[int] = array("q")
         offsets: array[int] = array("q")
-        if not prepack:
+        if keep or not prepack:
             start = out.pos
             out.write(ZERO_TXN_HEADER)
             out.write(meta)
@@ -457,4 +461,3 @@ class Packer:
             index[oid_int] = offset
         self.kept_records += count
         return True
-

@@ -108,7 +108,9 @@ I12 Followers.  A read-only storage that is not salvaged follows the file's writ
 
 I13 Pack.  ``pack(pack_tid)`` keeps every revision newer than ``pack_tid`` and, of the
     others, only the newest revision of each object reachable from the root or from a newer
-    revision (base invariant 8).  It writes the result into ``path + ".pack"`` with a new
+    revision (base invariant 8), dropping older transactions left with no records -- but
+    never the newest one, which stays (emptied if nothing of it is kept) so the file still
+    names the last tid (I8) at the next open.  It writes the result into ``path + ".pack"`` with a new
     file id (so every checksum is recomputed, and the old index file names another file,
     I6), syncs it and renames it over the data file: before the rename the data file is
     untouched, after it the new one is complete and synced, so a crash anywhere leaves the
