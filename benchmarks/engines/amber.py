@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import amberdb
 import amberdb.transaction
+import amberdb.utils
 
 
 class Item(amberdb.Persistent):
@@ -60,6 +62,10 @@ class AmberEngine:
 
     def object_count(self, db: Any) -> int:
         return len(db.storage)
+
+    def pack(self, db: Any) -> None:
+        # db.pack(t=None, days=0) once the object-level API lands; the storage's for now.
+        db.storage.pack(amberdb.utils.tid_from_time(time.time()))
 
 
 ENGINE = AmberEngine()
