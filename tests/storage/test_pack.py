@@ -482,12 +482,17 @@ def _run_child(args: list[str], kill_after: float | None = None) -> tuple[list[s
         text=True,
         env=env,
     )
+    head = []
     if kill_after is not None:
+        assert proc.stdout is not None
+        # From the moment the pack begins (the child's start-up time varies too much).
+        while (line := proc.stdout.readline()) and line.strip() != "packing":
+            head.append(line.rstrip("\n"))
         time.sleep(kill_after)
         proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode in (0, -signal.SIGKILL), err
-    return out.splitlines(), proc.returncode
+    return head + out.splitlines(), proc.returncode
 
 
 def _check_after_crash(path: Path, model: Model, pack_tid: Tid, lines: list[str]) -> str:
@@ -516,6 +521,10 @@ def _check_after_crash(path: Path, model: Model, pack_tid: Tid, lines: list[str]
             if t.tid > model.txns[-1].tid and t.tid not in {a.tid for a in acked}
         ]
         assert {a.tid for a in acked} <= listed
+        if state == "after" and model.txns[-1].tid not in listed:
+            # The newest transaction stays emptied only while it is the newest when the pack
+            # begins: commits the child made before that let it go.
+            base = [t for t in base if t.records or t.tid != model.txns[-1].tid]
         check(fs, base + sorted(acked + extra, key=lambda t: t.tid), model.oids())
     assert not Path(str(path) + ".pack").exists()
     return state
@@ -545,10 +554,10 @@ def test_sigkill_at_each_step_of_a_pack(tmp_path: Path, point: str, state: str) 
 def test_sigkill_at_random_moments_of_a_pack(tmp_path: Path) -> None:
     rng = random.Random(11)
     states = set()
-    for round_ in range(6):
+    for round_ in range(8):
         path = tmp_path / f"data{round_}.fs"
         model, pack_tid = _prepare(path, 600)
-        lines, _ = _run_child(["delay", str(path), pack_tid.hex()], kill_after=rng.uniform(0.2, 1.2))
+        lines, _ = _run_child(["delay", str(path), pack_tid.hex()], kill_after=rng.uniform(0, 0.12))
         states.add(_check_after_crash(path, model, pack_tid, lines))
     assert states <= {"before", "after"}
 

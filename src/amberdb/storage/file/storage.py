@@ -7,7 +7,8 @@ they check.
 
 I1  Append only.  Bytes before ``_end`` (just past the last finished transaction) are never
     written while the storage is open; every write lands at or after ``_end``.  Readers only
-    follow offsets below ``_end``, so they never see bytes the committer is writing.
+    follow offsets below ``_end``, so they never see bytes the committer is writing.  A pack
+    does not rewrite the file either: it writes a new one and renames it over (I13).
 
 I2  Validity is all-or-nothing.  A transaction belongs to the database iff it is *valid*
     (status ``c`` or ``v``, header and trailer agree, checksum over file id + body + header
