@@ -172,6 +172,23 @@ class Runner:
             for directory in directories.values():
                 directory.cleanup()
 
+    def pack(self) -> None:
+        s = self.sizes
+        directories = {engine: self.tempdir() for engine in self.engines}
+        try:
+            for engine, directory in directories.items():
+                began = time.perf_counter()
+                self.task("pack_build", engine, directory.name, n=s.pack_objects, batch=s.pack_batch)
+                print(f"  pack: built {s.pack_objects} objects for {engine} in "
+                      f"{time.perf_counter() - began:.1f}s", file=sys.stderr)  # fmt: skip
+            for r, engine in self.rounds("pack"):
+                began = time.perf_counter()
+                self.measure("pack", "pack", engine, directories[engine].name, n=s.pack_objects)
+                self.progress("pack", r, engine, began)
+        finally:
+            for directory in directories.values():
+                directory.cleanup()
+
     def run(self, workloads: Sequence[str]) -> None:
         """Run the selected workloads, in the order of the issue."""
         s = self.sizes
@@ -191,6 +208,7 @@ class Runner:
             ),
             "open": self.open,
             "concurrency": lambda: self.simple("concurrency", "concurrency", commits=s.concurrency_commits),
+            "pack": self.pack,
         }
         if selected & {"add", "update", "cold_read", "warm_read", "hot_read"}:
             began = time.perf_counter()

@@ -27,6 +27,8 @@ class Sizes:
     open_objects: int = 1_000_000
     open_batch: int = 10_000
     concurrency_commits: int = 200  # per thread
+    pack_objects: int = 1_000_000  # half garbage, every live one with 3 old revisions
+    pack_batch: int = 10_000
 
     # The counts --scale multiplies (batch sizes and cache sizes stay).
     SCALED = (
@@ -39,6 +41,7 @@ class Sizes:
         "big_objects",
         "open_objects",
         "concurrency_commits",
+        "pack_objects",
     )
 
     def scaled(self, factor: float) -> Sizes:
@@ -62,7 +65,7 @@ class Sizes:
 FULL = Sizes()
 """The sizes the issue states."""
 
-DEFAULT = dataclasses.replace(FULL, big_objects=200_000, open_objects=200_000)
+DEFAULT = dataclasses.replace(FULL, big_objects=200_000, open_objects=200_000, pack_objects=100_000)
 """What ``./scripts/bench`` runs: the issue's sizes, except the two million-object
 workloads, cut to 200,000 objects, so that a run takes a few minutes on two cores.  The
 BTree scale workload keeps its 10 million entries: a smaller tree does not reach the
@@ -84,5 +87,7 @@ QUICK = Sizes(
     open_objects=2_000,
     open_batch=1_000,
     concurrency_commits=5,
+    pack_objects=2_000,
+    pack_batch=500,
 )
 """Tiny sizes for smoke tests: does every workload run, are the results sane."""

@@ -27,6 +27,7 @@ WORKLOADS = (
     "big_transaction",
     "open",
     "concurrency",
+    "pack",
 )
 
 
@@ -118,4 +119,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("open_index_ms", "open", "with index", "ms", False),
     Metric("open_noindex_ms", "open", "no index", "ms", False, at_least(1.5)),
     *_concurrency(),
+    Metric("pack_s", "pack", "pack time", "s", False, at_least(2.0)),
+    Metric("pack_peak_rss_mb", "pack", "peak RSS", "MB", False),
+    Metric("pack_rss_growth_mb", "pack", "RSS the pack adds", "MB", False, at_least(4.0)),
+    Metric("pack_p99_ms", "pack", "p99 commit, packing", "ms", False),
+    Metric("pack_p99_base_ms", "pack", "p99 commit, idle", "ms", False),
+    Metric("pack_p99_vs_base", "pack", "p99 packing/idle", "x", False, at_most(5.0, "amber <= 5x")),
+    Metric("pack_shrink", "pack", "file shrink", "x", True),
 )

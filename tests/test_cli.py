@@ -1,8 +1,7 @@
 """The ``amberdb`` command, run as a user runs it: ``python -m amberdb ...`` in a subprocess.
 
 Each test builds a real file database with the object layer, runs a subcommand and checks
-its output and exit status.  Tests of subcommands whose storage or DB method has not landed
-yet are skipped, naming the method they wait for (FileStorage.pack, for ``amberdb pack``).
+its output and exit status.
 """
 
 from __future__ import annotations
@@ -103,10 +102,6 @@ def transactions(path: Path) -> list[tuple[bytes, TransactionMeta, list[tuple[by
         ]
     finally:
         storage.close()
-
-
-def needs(obj: Any, name: str) -> Any:
-    return pytest.mark.skipif(not hasattr(obj, name), reason=f"waits for {obj.__name__}.{name} on main")
 
 
 # -- info -----------------------------------------------------------------------------------
@@ -472,27 +467,10 @@ def test_backup_of_other_storages_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(run("backup", "memory:", str(tmp_path / "b"), check=2), "use amberdb copy")
 
 
-# -- pack, history, undo-log, copy (their DB and storage methods land on main separately) ---
+# -- pack, history, undo-log, copy ----------------------------------------------------------
 
 
-def file_storage_packs(directory: Path) -> bool:
-    """Whether FileStorage.pack is implemented yet (it is being built on its own branch)."""
-    storage = FileStorage(directory / "probe.fs")
-    try:
-        storage.pack(z64)
-    except amberdb.StorageError as exc:
-        if "not available" in str(exc):
-            return False
-        raise
-    finally:
-        storage.close()
-    return True
-
-
-@needs(amberdb.DB, "pack")
 def test_pack_reports_sizes(database: Path, tmp_path: Path) -> None:
-    if not file_storage_packs(tmp_path):
-        pytest.skip("waits for FileStorage.pack on main (it raises 'not available in this build yet')")
     add_commits(database, 3, 0)
     result = run("pack", str(database), "--json")
     report = json.loads(result.stdout)
@@ -500,7 +478,6 @@ def test_pack_reports_sizes(database: Path, tmp_path: Path) -> None:
     run("verify", str(database))
 
 
-@needs(FileStorage, "history")
 def test_history_newest_first(database: Path) -> None:
     add_commits(database, 2, 0)
     db = amberdb.DB(str(database))
@@ -521,7 +498,6 @@ def test_history_newest_first(database: Path) -> None:
     assert_one_line_error(run("history", str(database), "0x7777", check=1), "no object 0x7777")
 
 
-@needs(FileStorage, "undo_log")
 def test_undo_log_newest_first(database: Path) -> None:
     add_commits(database, 3, 0)
     report = json.loads(run("undo-log", str(database), "--limit", "2", "--json").stdout)
@@ -530,7 +506,6 @@ def test_undo_log_newest_first(database: Path) -> None:
     assert "extra 2" in run("undo-log", str(database)).stdout
 
 
-@needs(FileStorage, "copy_transactions_from")
 def test_copy_then_verify(database: Path, tmp_path: Path) -> None:
     destination = tmp_path / "copy.fs"
     out = run("copy", str(database), str(destination)).stdout
@@ -544,112 +519,6 @@ def test_copy_then_verify(database: Path, tmp_path: Path) -> None:
 def _no_stray_transaction() -> Iterator[None]:
     yield
     transaction.abort()
-
-
-# -- the same subcommands in-process, against the documented API (until main has it) -------
-#
-# These run amberdb.cli.main() in this process on a storage double that offers history() and
-# undo_log() as amberdb.storage.base documents them, and on a DB.pack stand-in: they check
-# what the command asks of those methods and prints, whatever storage implements them.
-
-
-class _Entry:
-    def __init__(self, tid: bytes, meta: TransactionMeta, size: int = 0) -> None:
-        self.tid, self.meta, self.size = tid, meta, size
-
-
-class HistoryDouble(amberdb.MemoryStorage):
-    """A MemoryStorage with history() and undo_log() (newest first), read-only on request."""
-
-    opened_read_only = False
-
-    @property
-    def read_only(self) -> bool:
-        return self.opened_read_only
-
-    def close(self) -> None:
-        pass  # opened again by the next command of the test
-
-    def _newest_first(self) -> list[Any]:
-        return list(reversed(list(self.iterator())))
-
-    def history(self, oid: bytes, size: int = 1) -> list[_Entry]:
-        found = [
-            _Entry(txn.tid, txn.meta, len(d.record))
-            for txn in self._newest_first()
-            for d in txn.records
-            if d.oid == oid
-        ]
-        if not found:
-            raise amberdb.POSKeyError(oid)
-        return found[:size]
-
-    def undo_log(self, first: int = 0, last: int = -20) -> list[_Entry]:
-        stop = first - last if last < 0 else last
-        return [_Entry(txn.tid, txn.meta) for txn in self._newest_first()][first:stop]
-
-
-@pytest.fixture
-def double(no_leftover_schemes: None) -> HistoryDouble:
-    from amberdb.storage.uri import register_scheme
-
-    storage = HistoryDouble()
-    db = amberdb.DB(storage)
-    for i in range(3):
-
-        def change(root: Any, i: int = i) -> None:
-            root.count = i
-
-        commit(db, f"commit {i}", change, user=f"u{i}")
-    storage.opened_read_only = True
-
-    def opener(uri: str, read_only: bool) -> HistoryDouble:
-        assert read_only, "history and undo-log open their storage read-only"
-        return storage
-
-    register_scheme("clidouble", opener)
-    return storage
-
-
-def test_history_in_process(double: HistoryDouble, capsys: pytest.CaptureFixture[str]) -> None:
-    from amberdb.cli import main
-
-    assert main(["history", "clidouble:", "0x0", "--size", "2", "--json"]) == 0
-    revisions = json.loads(capsys.readouterr().out)["revisions"]
-    assert [r["description"] for r in revisions] == ["commit 2", "commit 1"]
-    assert revisions[0]["user"] == "u2" and revisions[0]["size"] > 0
-    assert main(["history", "clidouble:", "0"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("history of 0x0, newest first:") and "'commit 0'" in out
-    assert main(["history", "clidouble:", "12345"]) == 1
-    assert capsys.readouterr().err == "amberdb: error: memory: no object 0x3039\n"
-
-
-def test_undo_log_in_process(double: HistoryDouble, capsys: pytest.CaptureFixture[str]) -> None:
-    from amberdb.cli import main
-
-    assert main(["undo-log", "clidouble:", "--limit", "2", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)["transactions"]
-    assert [r["description"] for r in rows] == ["commit 2", "commit 1"]
-    assert main(["undo-log", "clidouble:"]) == 0
-    assert capsys.readouterr().out.count("\n") == 4  # three commits and the root's creation
-
-
-def test_pack_in_process(database: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    from amberdb.cli import main
-
-    calls: list[tuple[Any, float]] = []
-
-    def pack(self: amberdb.DB, t: Any = None, days: float = 0, progress: Any = None) -> None:
-        calls.append((t, days))
-        for done in range(0, 101, 25):
-            progress(done, 100)
-
-    monkeypatch.setattr(amberdb.DB, "pack", pack, raising=False)
-    assert main(["--quiet", "pack", str(database), "--days", "2.5"]) == 0
-    assert calls == [(None, 2.5)]
-    out = capsys.readouterr().out
-    assert f"size before: {database.stat().st_size:,} bytes" in out
 
 
 # -- the progress line ----------------------------------------------------------------------

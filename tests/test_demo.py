@@ -21,7 +21,10 @@ def test_demo_runs_and_reports_what_it_did(tmp_path: Path, capsys: pytest.Captur
     )
     assert "after abort: year 2009" in out
     assert "refused as expected: cannot store amberdb.demo:Book" in out
-    assert out.count("  transaction ") == 3
+    assert "undid 'demo: a typo in a year': the year is 2009 again" in out
+    assert "'Python Internals' has 4 revisions" in out
+    assert "1 revision of 'Python Internals' left" in out
+    assert out.count("  transaction ") >= 1
 
 
 def test_demo_refuses_an_existing_file(tmp_path: Path) -> None:

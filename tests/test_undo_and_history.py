@@ -142,8 +142,6 @@ def test_undo_with_bad_ids(db: amberdb.DB) -> None:
 
 
 def test_pack_through_the_database(db: amberdb.DB) -> None:
-    if db.storage.name.endswith(".fs"):
-        pytest.skip("FileStorage pack is tested in tests/storage/test_pack.py until it lands here")
     conn = db.open()
     root = conn.root()
     root["keep"] = Book("kept")
@@ -174,8 +172,6 @@ def test_pack_through_the_database(db: amberdb.DB) -> None:
 
 
 def test_pack_days_keeps_recent_history(db: amberdb.DB) -> None:
-    if db.storage.name.endswith(".fs"):
-        pytest.skip("FileStorage pack is tested in tests/storage/test_pack.py until it lands here")
     conn = db.open()
     conn.root()["x"] = Book("a")
     transaction.commit()

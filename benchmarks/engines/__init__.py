@@ -50,6 +50,9 @@ class Engine(Protocol):
     def object_count(self, db: Any) -> int:
         """How many objects the database's storage holds."""
 
+    def pack(self, db: Any) -> None:
+        """Pack the database at the current time (old revisions and garbage go)."""
+
 
 def load(name: str) -> Engine:
     """The engine called ``name`` (``amberdb`` or ``zodb``)."""

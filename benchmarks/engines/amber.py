@@ -6,6 +6,7 @@ from typing import Any
 
 import amberdb
 import amberdb.transaction
+import amberdb.utils
 
 
 class Item(amberdb.Persistent):
@@ -60,6 +61,9 @@ class AmberEngine:
 
     def object_count(self, db: Any) -> int:
         return len(db.storage)
+
+    def pack(self, db: Any) -> None:
+        db.pack()
 
 
 ENGINE = AmberEngine()

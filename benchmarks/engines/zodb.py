@@ -67,5 +67,8 @@ class ZodbEngine:
     def object_count(self, db: Any) -> int:
         return len(db.storage)
 
+    def pack(self, db: Any) -> None:
+        db.pack()
+
 
 ENGINE = ZodbEngine()

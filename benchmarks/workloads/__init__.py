@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from benchmarks.workloads import attribute, bigtxn, btree, commit, concurrency, objects, opening
+from benchmarks.workloads import attribute, bigtxn, btree, commit, concurrency, objects, opening, pack
 
 __all__ = ["TASKS", "Task"]
 
@@ -29,4 +29,6 @@ TASKS: dict[str, Task] = {
     "open_build": opening.build,
     "open": opening.open_database,
     "concurrency": concurrency.writers,
+    "pack_build": pack.build,
+    "pack": pack.pack_database,
 }

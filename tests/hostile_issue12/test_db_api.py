@@ -145,8 +145,6 @@ def test_pack_with_threads_committing_keeps_their_commits() -> None:
 
 
 def test_pack_arguments(db: amberdb.DB) -> None:
-    if isinstance(db.storage, FileStorage):
-        pytest.skip("FileStorage.pack is not built yet")
     with pytest.raises(ValueError):
         db.pack(days=-1)
     conn = db.open()

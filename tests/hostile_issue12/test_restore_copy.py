@@ -166,13 +166,6 @@ def test_begin_after_the_largest_tid_fails_without_wedging_the_storage(tmp_path:
         storage.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: copy_transactions_from drops the source's pack time, and undo treats the"
-    " missing pre-pack revisions as 'created by the undone transaction': in the copy, undo of a"
-    " packed transaction commits an empty transaction and reports success (silent no-op)"
-    " where the source raises UndoError",
-)
 def test_undo_in_a_copy_of_a_packed_storage_does_not_pretend(tmp_path: Path) -> None:
     source = MemoryStorage()
     db = amberdb.DB(source)

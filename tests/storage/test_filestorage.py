@@ -105,7 +105,8 @@ def test_file_layout(tmp_path: Path) -> None:
         tid = commit(fs, {z64: (z64, b"root")}, TransactionMeta("me", "why", b"{}"))
     data = path.read_bytes()
     assert data[:8] == fmt.FILE_MAGIC == b"AMBERFS\x02"
-    magic, file_id, header_crc = fmt.FILE_HEADER.unpack_from(data)
+    magic, file_id, packed_tid, header_crc = fmt.FILE_HEADER.unpack_from(data)
+    assert packed_tid == z64  # never packed
     assert header_crc == zlib.crc32(data[:28])
     h = fmt.decode_txn_header(data, fmt.FILE_HEADER.size)
     assert (h.tid, h.status, h.user_len, h.desc_len, h.ext_len, h.records) == (tid, b"c", 2, 3, 2, 1)

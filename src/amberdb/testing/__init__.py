@@ -68,6 +68,6 @@ def conformance_suite(factory_class: type[StorageFactory]) -> type:
     """
     return type(
         f"ConformanceOf{factory_class.__name__}",
-        (StorageSuite, StorageMachineSuite, ReadOnlySuite, ObjectSuite, HistorySuite),
+        (StorageSuite, StorageMachineSuite, ReadOnlySuite, ObjectSuite, HistorySuite, PackSuite),
         {"factory_class": factory_class, "__test__": True},
     )

@@ -8,7 +8,8 @@ Data file
 
 A file header, then transaction records back to back, oldest first.  The file only grows
 at the end; the only bytes ever rewritten are those of the last transaction: its header
-when a streamed transaction is voted, its status byte when it is finished.
+when a streamed transaction is voted, its status byte when it is finished.  A pack writes
+a whole new file (with a new file id) and renames it over the old one.
 
 File header (``FILE_HEADER``, 32 bytes)::
 
@@ -16,8 +17,14 @@ File header (``FILE_HEADER``, 32 bytes)::
          0     8  magic b"AMBERFS\\x02" (the last byte is the format version)
          8     8  file id: random bytes chosen at creation, mixed into every checksum so a
                   transaction or record copied from another file never passes
-        16    12  reserved, zero
-        28     4  CRC-32 of bytes 0..28 (reserved bytes included)
+        16     8  pack time: the tid of the newest pack that wrote this file (zero: never
+                  packed; undo refuses transactions at or before it)
+        24     4  reserved, zero
+        28     4  CRC-32 of bytes 0..28 (pack time and reserved bytes included)
+
+A packed file is written under a temporary name and renamed over the data file only once
+complete and synced, so a file whose pack time is not zero is never a partial header (see
+:func:`is_partial_file_header`: a crash while creating a file leaves zeros there).
 
 Transaction record = header, user, description, extension, data records, trailer.
 
@@ -104,6 +111,7 @@ __all__ = [
     "INDEX_MAGIC",
     "MAX_OID",
     "MIN_TXN_LENGTH",
+    "PACKED_TID_OFFSET",
     "STATUS_COMMITTED",
     "STATUS_OFFSET",
     "STATUS_VOTED",
@@ -119,6 +127,7 @@ __all__ = [
     "encode_index_header",
     "encode_txn_header",
     "file_header_crc_ok",
+    "file_header_packed_tid",
     "is_partial_file_header",
     "magic_damaged",
     "record_checksum",
@@ -132,7 +141,7 @@ FILE_MAGIC = FILE_MAGIC_PREFIX + bytes([FORMAT_VERSION])
 INDEX_MAGIC = b"AMBERIX" + bytes([FORMAT_VERSION])
 TRAILER_MAGIC = b"AmbT"
 
-FILE_HEADER = struct.Struct(">8s8s12xI")
+FILE_HEADER = struct.Struct(">8s8s8s4xI")
 TXN_HEADER = struct.Struct(">8sQcxHIII")
 DATA_HEADER = struct.Struct(">8s8sQII")
 DATA_HEADER_INTS = struct.Struct(">qQQII")
@@ -145,6 +154,8 @@ DATA_HEADER_FIELDS = struct.Struct(">8s8sQI")
 checksum covers before the record bytes."""
 FILE_HEADER_CHECKED = FILE_HEADER.size - 4
 """Bytes of the file header its CRC covers."""
+PACKED_TID_OFFSET = 16
+"""Where the file header keeps the pack time (8 bytes, zero when never packed)."""
 DATA_HEADER_CHECKED = DATA_HEADER_FIELDS.size
 INDEX_HEADER_CHECKED = INDEX_HEADER.size - 4
 
@@ -188,15 +199,24 @@ class IndexHeader(NamedTuple):
     crc: int
 
 
-def encode_file_header(file_id: bytes) -> bytes:
-    """The 32-byte header of a new data file, its CRC included."""
-    head = FILE_HEADER.pack(FILE_MAGIC, file_id, 0)
-    return FILE_HEADER.pack(FILE_MAGIC, file_id, zlib.crc32(head[:FILE_HEADER_CHECKED]))
+def encode_file_header(file_id: bytes, packed_tid: bytes = bytes(8)) -> bytes:
+    """The 32-byte header of a new data file, its CRC included; ``packed_tid`` is the pack
+    time of a file a pack writes (zero: never packed)."""
+    if len(file_id) != 8 or len(packed_tid) != 8:
+        raise ValueError("file id and pack time are 8 bytes each")
+    head = FILE_HEADER.pack(FILE_MAGIC, file_id, packed_tid, 0)[:FILE_HEADER_CHECKED]
+    return FILE_HEADER.pack(FILE_MAGIC, file_id, packed_tid, zlib.crc32(head))
+
+
+def file_header_packed_tid(header: bytes) -> bytes | None:
+    """The pack time a full file header records, or None when the file was never packed."""
+    tid: bytes = FILE_HEADER.unpack(header)[2]
+    return None if tid == bytes(8) else tid
 
 
 def file_header_crc_ok(header: bytes) -> bool:
     """True when a full file header's CRC matches its other 28 bytes."""
-    stored: int = FILE_HEADER.unpack(header)[2]
+    stored: int = FILE_HEADER.unpack(header)[3]
     return zlib.crc32(header[:FILE_HEADER_CHECKED]) == stored
 
 

@@ -7,7 +7,8 @@ they check.
 
 I1  Append only.  Bytes before ``_end`` (just past the last finished transaction) are never
     written while the storage is open; every write lands at or after ``_end``.  Readers only
-    follow offsets below ``_end``, so they never see bytes the committer is writing.
+    follow offsets below ``_end``, so they never see bytes the committer is writing.  A pack
+    does not rewrite the file either: it writes a new one and renames it over (I13).
 
 I2  Validity is all-or-nothing.  A transaction belongs to the database iff it is *valid*
     (status ``c`` or ``v``, header and trailer agree, checksum over file id + body + header
@@ -97,7 +98,42 @@ I12 Followers.  A read-only storage that is not salvaged follows the file's writ
     raises CorruptedDataError naming it, and the map never grows past the file's end (a
     truncation by another program between two looks can still kill a load with SIGBUS, as
     for any reader: see ``_release_pages``).  The index file plays no part, and a salvaged
-    storage stays the snapshot it opened.  Checked by ``tests/storage/test_follower.py``.
+    storage stays the snapshot it opened.  A pack (I13) renames a new file over the path:
+    the follower's descriptor still reads the old inode, which no writer changes any more.
+    So every poll also stats the path (one more system call), and when it names another
+    inode the follower opens that file as a read-only open would (scan included) and swaps
+    descriptor, map, index and end under the lock loads hold; that poll reports None for
+    the changed oids (every snapshot forgets its cache), and a replacement older than what
+    was followed (a backup copied over) raises StorageError.  Checked by
+    ``tests/storage/test_follower.py`` and ``tests/storage/test_pack.py``.
+
+I13 Pack.  ``pack(pack_tid)`` keeps every revision newer than ``pack_tid`` and, of the
+    others, only the newest revision of each object reachable from the root or from a newer
+    revision (base invariant 8), dropping older transactions left with no records -- but
+    never the newest one, which stays (emptied if nothing of it is kept) so the file still
+    names the last tid (I8) at the next open.  It writes the result into ``path + ".pack"`` with a new
+    file id (so every checksum is recomputed, and the old index file names another file,
+    I6), syncs it and renames it over the data file: before the rename the data file is
+    untouched, after it the new one is complete and synced, so a crash anywhere leaves the
+    database as before the pack or as after it.  The temporary name is never opened as the
+    data file; a writable open deletes one a dead pack left.  The long phases hold no lock:
+    they read the file below the end published when the attempt began through a descriptor
+    of their own (those bytes never change, I1) and write only the temporary file, so loads
+    and commits go on.  Commits made meanwhile are copied after it (first without locks,
+    then the last megabyte or so under the commit lock, which is held from there through
+    the rename and the swap of descriptor, map and index under ``_lock``: no commit lands
+    in the old inode).  A commit made meanwhile may write or refer to an object the pack
+    found unreachable (a snapshot older than the pack still held it): that attempt is
+    dropped before the rename and the pack done again with those commits among the roots,
+    at most ``_PACK_ATTEMPTS`` times before StorageError.  Memory stays bounded by the
+    number of oids (two offset indexes, a bit per oid, the mark stack; see
+    :mod:`.pack`), never by the file's size.  An error or KeyboardInterrupt before the
+    rename deletes the temporary file and leaves the storage as it was; one after the
+    rename but before the storage reads the new file marks it broken, since a commit into
+    the unlinked old inode would be lost.  The pack time goes into the file header
+    (:attr:`packed_tid`; the newest pack time wins), so undo can refuse what a pack
+    removed.  Readers holding the old inode (followers, I12) keep reading it safely: the
+    old file is not truncated, only unlinked.  Checked by ``tests/storage/test_pack.py``.
 
 ``finish`` publishes a voted transaction by updating the in-memory index: from the (oid,
 offset) pairs ``store`` kept or, past ``_PENDING_LIMIT`` records, by reading the records'
@@ -117,6 +153,7 @@ file before writing the index.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import mmap
 import os
@@ -126,7 +163,7 @@ import threading
 import zlib
 from array import array
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from types import TracebackType
 
 from amberdb.exceptions import (
@@ -140,7 +177,6 @@ from amberdb.exceptions import (
     StorageTransactionError,
 )
 from amberdb.storage.base import (
-    PackProgress,
     Revision,
     Storage,
     TransactionInfo,
@@ -171,12 +207,14 @@ from amberdb.storage.file.format import (
     encode_file_header,
     encode_txn_header,
     file_header_crc_ok,
+    file_header_packed_tid,
     is_partial_file_header,
     magic_damaged,
     txn_checksum,
 )
 from amberdb.storage.file.index_file import index_beside_a_cut_file, read_index_file, write_index_file
 from amberdb.storage.file.locking import acquire_writer_lock, publish_end, published_end, writers_kept_out
+from amberdb.storage.file.pack import Packer, Progress
 from amberdb.storage.file.recovery import (
     FIRST_RECORD,
     Damage,
@@ -222,6 +260,17 @@ _ENTRY_COST = 25
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _IDLE, _OPEN, _VOTED, _DIRTY = "idle", "open", "voted", "dirty"
 _CLOSED_GENERATION = -1
+_PACK_SUFFIX = ".pack"
+# A pack is done again at most this often when commits made while it ran re-link garbage.
+_PACK_ATTEMPTS = 4
+# Commits made while packing are copied without the commit lock while more than this many
+# bytes of them are left (at most _CATCH_UP_ROUNDS times); the rest under it.
+_SWITCH_TAIL = 1 << 20
+_CATCH_UP_ROUNDS = 8
+
+
+def _pack_point(name: str) -> None:
+    """Called at the named steps of a pack; tests replace it to crash or interfere there."""
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -238,6 +287,18 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    """What a history reader works from (see ``FileStorage._snapshot``)."""
+
+    fd: int
+    end: int
+    crc: int
+    newest: Tid
+    packed: Tid | None
+    offset: int
 
 
 class FileStorage:
@@ -305,6 +366,8 @@ class FileStorage:
         self._torn_stamp: tuple[int, int, int] | None = None
         # The newest pack time recorded in the file header (None: never packed).
         self._packed_tid: Tid | None = None
+        # One pack at a time (I13); never held by anything else.
+        self._pack_lock = threading.Lock()
         self._reset_txn()
         try:
             self._open(create)
@@ -344,6 +407,9 @@ class FileStorage:
         else:
             self._lock_fd = acquire_writer_lock(path)
             close_in_children(self._lock_fd)
+            # A pack that died left its temporary file: never the data file (I13), just litter.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + _PACK_SUFFIX)
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         size = os.fstat(self._fd).st_size
         if not self._take_file_header(size):
@@ -371,6 +437,7 @@ class FileStorage:
             return False
         self._file_id = FILE_HEADER.unpack(header)[1]
         self._file_id_crc = zlib.crc32(self._file_id)
+        self._packed_tid = file_header_packed_tid(header)
         return True
 
     def _check_file_header(self, header: bytes, size: int) -> bool:
@@ -697,10 +764,11 @@ class FileStorage:
         changes).
         """
         self._check_open()
-        if self._follows:
-            self._follow()
+        replaced = self._follows and self._follow()
         with self._lock:
             newest = self._last_tid
+            if replaced:
+                return newest, None  # a pack replaced the file: what changed is not listed
             if since == newest:
                 return newest, ()
             if since > newest or since < self._poll_floor:
@@ -714,34 +782,40 @@ class FileStorage:
                 changed.update(oids)
         return newest, {p64(oid) for oid in changed}
 
-    def _follow(self) -> None:
-        """Take in the transactions the file's writer finished since the last look (I12)."""
+    def _follow(self) -> bool:
+        """Take in the transactions the file's writer finished since the last look (I12).
+
+        True when a pack had replaced the file and the storage now reads the new one.
+        """
         with self._follow_lock:
             if self._closed or self._closing:
                 self._check_open()
             start = self._end
             info = os.fstat(self._fd)
+            if self._replaced(info):
+                self._follow_replacement()
+                return True
             size = info.st_size
             if size == start:
-                return  # hot path: every transaction boundary of every connection ends here
+                return False  # hot path: every transaction boundary of every connection ends here
             stamp = (size, info.st_mtime_ns, info.st_ctime_ns)
             if stamp == self._torn_stamp:
                 # A dead writer's torn tail (a stream cut short can be gigabytes), unchanged
                 # since the last poll judged it: the next writer cuts it before writing.
-                return
+                return False
             if not self._file_id and not self._take_file_header(size):
-                return  # opened while the writer was creating the file, and still is
+                return False  # opened while the writer was creating the file, and still is
             if size < start:
                 raise self._shrunk(size)
             # Read before the scan, as an open does: below it nothing changes meanwhile (I9).
             committed = published_end(self._path)
             if self._being_streamed(start, committed):
-                return
+                return False
             result, _ = self._scan_committed(None, start, size, self._last_tid, committed)
             if result.end == start:
                 if result.tail == "torn" and result.stop == start:
                     self._torn_stamp = stamp
-                return
+                return False
             changes, fresh = self._changes_in(start, result.end)
             with self._lock:
                 index = self._index
@@ -751,6 +825,49 @@ class FileStorage:
                 self._last_tid = result.last_tid
                 for tid, oids in changes:
                     self._remember_changes(tid, oids)
+            return False
+
+    def _replaced(self, info: os.stat_result) -> bool:
+        """True when the path names another file than the one this follower reads (a pack
+        renamed a new one over it, I13); ``info`` is the fstat of our descriptor."""
+        if not self._file_id:
+            return False  # still empty when opened: nothing to lose by waiting for a writer
+        try:
+            now = os.stat(self._path)
+        except FileNotFoundError:
+            return False  # between a delete and a new file: keep reading what we have
+        return (now.st_ino, now.st_dev) != (info.st_ino, info.st_dev)
+
+    def _follow_replacement(self) -> None:
+        """Read the file that replaced ours from the start, as an open would, then take its
+        descriptor, map, index and end in one step under ``_lock`` (under ``_follow_lock``)."""
+        fresh = FileStorage(self._path, read_only=True)
+        try:
+            if fresh._last_tid < self._last_tid:
+                raise StorageError(
+                    f"{self._path} was replaced by a file whose newest transaction"
+                    f" ({oid_repr(fresh._last_tid)}) is older than one this storage read"
+                    f" ({oid_repr(self._last_tid)}): not a pack of it (a backup copied over?);"
+                    " close it and open the file again"
+                )
+            with self._lock:
+                old = self._fd, self._map, self._mapped
+                self._fd, self._map, self._mapped = fresh._fd, fresh._map, fresh._mapped
+                fresh._fd, fresh._map, fresh._mapped = old
+                self._touched = 0
+                self._index = fresh._index
+                self._end = fresh._end
+                self._last_tid = fresh._last_tid
+                self._file_id, self._file_id_crc = fresh._file_id, fresh._file_id_crc
+                self._packed_tid = fresh._packed_tid
+                self._next_oid = max(self._next_oid, fresh._next_oid)
+                self._torn_stamp = None
+                # What changed before is no longer listed: every snapshot forgets its cache.
+                self._recent.clear()
+                self._recent_oids = 0
+                self._poll_floor = fresh._last_tid
+        finally:
+            fresh.close()  # the old descriptor and map, now
 
     def _being_streamed(self, pos: int, committed: int | None) -> bool:
         """True when a live writer is streaming out a transaction at ``pos`` (I12).
@@ -817,6 +934,23 @@ class FileStorage:
             self._check_open()
         return len(self._index)
 
+    @contextlib.contextmanager
+    def _snapshot(self, oid: Oid | None = None) -> Iterator[_Snapshot]:
+        """One consistent look at the file for a reader of history: its own descriptor (a
+        pack swaps the storage's, I13), the committed end, and ``oid``'s offset in the index
+        of that same file."""
+        self._check_open()
+        with self._lock:
+            self._check_open()
+            offset = -1 if oid is None else self._index.get(int.from_bytes(oid, "big"))
+            snap = _Snapshot(
+                os.dup(self._fd), self._end, self._file_id_crc, self._last_tid, self._packed_tid, offset
+            )
+        try:
+            yield snap
+        finally:
+            os.close(snap.fd)
+
     def iterator(self, start: Tid | None = None, stop: Tid | None = None) -> Iterator[TransactionRecord]:
         """Yield finished transactions with ``start <= tid <= stop``, oldest first.
 
@@ -825,27 +959,27 @@ class FileStorage:
         skipped by their headers and trailers, read from whichever end of the file is nearer.
         """
         self._check_open()
-        end = self._end  # a snapshot: transactions finished later are not listed
-        pos, prev = FILE_HEADER.size, z64
-        if start is not None:
-            pos, prev = self._locate(start, end)
-        while pos < end:
-            self._check_open()
-            h, txn = read_transaction(self._fd, self._path, self._file_id_crc, pos, end, prev)
-            if stop is not None and h.tid > stop:
-                return
-            yield txn
-            prev = h.tid
-            pos += h.length
+        with self._snapshot() as snap:
+            pos, prev = FILE_HEADER.size, z64
+            if start is not None:
+                pos, prev = self._locate(snap, start)
+            while pos < snap.end:
+                self._check_open()
+                h, txn = read_transaction(snap.fd, self._path, snap.crc, pos, snap.end, prev)
+                if stop is not None and h.tid > stop:
+                    return
+                yield txn
+                prev = h.tid
+                pos += h.length
 
-    def _locate(self, tid: Tid, end: int) -> tuple[int, Tid]:
+    def _locate(self, snap: _Snapshot, tid: Tid) -> tuple[int, Tid]:
         """The position of the first transaction with a tid of at least ``tid`` (``end`` when
         none), and the tid of the one before it (z64 when none)."""
+        end, newest = snap.end, snap.newest
         if end <= FILE_HEADER.size:
             return end, z64
-        newest = self._last_tid
         first_start = FILE_HEADER.size
-        first = self._txn_header_at(first_start, end)
+        first = self._txn_header_at(snap, first_start)
         if tid <= first.tid:
             return first_start, z64
         if tid > newest:
@@ -857,7 +991,7 @@ class FileStorage:
         if ahead * 2 < span:
             pos, prev, prev_pos = first_start, z64, -1
             while pos < end:
-                h = self._txn_header_at(pos, end)
+                h = self._txn_header_at(snap, pos)
                 if h.tid <= prev:
                     raise corruption(self._path, pos, "transaction tids do not increase")
                 if h.tid >= tid:
@@ -866,41 +1000,41 @@ class FileStorage:
                 pos += h.length
         else:
             pos, prev, prev_pos = first_start, z64, -1
-            for start, h in self._newest_first(end):
+            for start, h in self._newest_first(snap):
                 if h.tid < tid:
                     pos, prev, prev_pos = start + h.length, h.tid, start
                     break
         if prev_pos >= 0:
             # The skipped headers were not verified: a damaged tid could have made the walk
             # step over the very transaction asked for.  The one it stopped after must verify.
-            _, problem = describe_txn_problem(self._fd, self._file_id_crc, prev_pos, end, z64)
+            _, problem = describe_txn_problem(snap.fd, snap.crc, prev_pos, end, z64)
             if problem is not None:
                 raise corruption(self._path, prev_pos, problem)
         return pos, prev
 
-    def _txn_header_at(self, pos: int, end: int) -> TxnHeader:
+    def _txn_header_at(self, snap: _Snapshot, pos: int) -> TxnHeader:
         """The header of the transaction at ``pos``, checked against its trailer (not its
         checksum: what is yielded is verified in full later)."""
-        h, problem = describe_txn_problem(self._fd, self._file_id_crc, pos, end, z64, check_body=False)
+        h, problem = describe_txn_problem(snap.fd, snap.crc, pos, snap.end, z64, check_body=False)
         if problem is not None:
             raise corruption(self._path, pos, problem)
         assert h is not None
         return h
 
-    def _newest_first(self, end: int) -> Iterator[tuple[int, TxnHeader]]:
+    def _newest_first(self, snap: _Snapshot) -> Iterator[tuple[int, TxnHeader]]:
         """``(position, header)`` of each transaction before ``end``, newest first, walking
         back through the trailers; header and trailer must agree and tids decrease."""
-        pos = end
+        pos = snap.end
         newer: bytes | None = None
         while pos > FILE_HEADER.size:
             if pos - _T < FILE_HEADER.size + _H:
                 raise corruption(self._path, pos, "a transaction trailer overlaps the file header")
-            length, _, magic = TXN_TRAILER.unpack(pread_exact(self._fd, _T, pos - _T))
+            length, _, magic = TXN_TRAILER.unpack(pread_exact(snap.fd, _T, pos - _T))
             if magic != TRAILER_MAGIC or length < _H + _T or length > pos - FILE_HEADER.size:
                 problem = f"no transaction trailer (magic {magic!r}, length {length})"
                 raise corruption(self._path, pos - _T, problem)
             start = pos - length
-            h = decode_txn_header(pread_exact(self._fd, _H, start))
+            h = decode_txn_header(pread_exact(snap.fd, _H, start))
             if h.length != length:
                 problem = f"transaction header says length {h.length}, its trailer {length}"
                 raise corruption(self._path, start, problem)
@@ -910,13 +1044,13 @@ class FileStorage:
             newer = h.tid
             pos = start
 
-    def _verified_meta(self, pos: int, end: int) -> TransactionMeta:
+    def _verified_meta(self, snap: _Snapshot, pos: int) -> TransactionMeta:
         """The metadata of the transaction at ``pos``, after verifying its checksum."""
-        h, problem = describe_txn_problem(self._fd, self._file_id_crc, pos, end, z64)
+        h, problem = describe_txn_problem(snap.fd, snap.crc, pos, snap.end, z64)
         if problem is not None:
             raise corruption(self._path, pos, problem)
         assert h is not None
-        meta = pread_exact(self._fd, h.meta_len, pos + _H)
+        meta = pread_exact(snap.fd, h.meta_len, pos + _H)
         try:
             user = meta[: h.user_len].decode("utf-8")
             description = meta[h.user_len : h.user_len + h.desc_len].decode("utf-8")
@@ -930,45 +1064,45 @@ class FileStorage:
         Walks back from the end of the file: cost grows with how far back the log reaches,
         not with the size of the file.  Each listed transaction is verified.
         """
-        self._check_open()
-        end = self._end
-        packed = self._packed_tid
+        with self._snapshot() as snap:
 
-        def infos() -> Iterator[TransactionInfo]:
-            for pos, h in self._newest_first(end):
-                if packed is not None and h.tid <= packed:
-                    return
-                yield TransactionInfo(h.tid, self._verified_meta(pos, end))
+            def infos() -> Iterator[TransactionInfo]:
+                for pos, h in self._newest_first(snap):
+                    if snap.packed is not None and h.tid <= snap.packed:
+                        return
+                    yield TransactionInfo(h.tid, self._verified_meta(snap, pos))
 
-        return newest_first_slice(infos(), first, last)
+            return newest_first_slice(infos(), first, last)
 
     def history(self, oid: Oid, size: int = 1) -> list[Revision]:
         """Up to ``size`` revisions of ``oid``, newest first, each record verified (I10)."""
-        self._check_open()
         if not isinstance(oid, bytes) or len(oid) != 8:
             raise TypeError(f"oid must be 8 bytes, got {oid!r:.80}")
-        end = self._end
-        offset = self._index.get(int.from_bytes(oid, "big"))
+        with self._snapshot(oid) as snap:
+            return self._history(snap, oid, size)
+
+    def _history(self, snap: _Snapshot, oid: Oid, size: int) -> list[Revision]:
+        offset, end, fd = snap.offset, snap.end, snap.fd
         if offset < 0:
             raise POSKeyError(oid)
         revisions: list[Revision] = []
         newer = b""
         while len(revisions) < size:
-            header = pread_exact(self._fd, _D, offset)
+            header = pread_exact(fd, _D, offset)
             if offset < FIRST_RECORD or len(header) < _D or offset + _D > end:
                 raise self._bad_record(oid, offset, f"offset outside {FIRST_RECORD}..{end - _D}")
             roid, rtid, back, rlen, rcrc = _unpack_data_header(header)
-            record = pread_exact(self._fd, rlen, offset + _D)
+            record = pread_exact(fd, rlen, offset + _D)
             if offset + _D + rlen > end or len(record) != rlen:
                 raise self._bad_record(oid, offset, f"length {rlen} runs past the committed end {end}")
-            if _crc32(record, _crc32(header[:_CHECKED], self._file_id_crc)) != rcrc:
+            if _crc32(record, _crc32(header[:_CHECKED], snap.crc)) != rcrc:
                 raise self._bad_record(oid, offset, "data record checksum mismatch")
             if roid != oid:
                 raise self._bad_record(oid, offset, f"found a record of oid {oid_repr(roid)} instead")
             if newer and rtid >= newer:
                 raise self._bad_record(oid, offset, "revision tids do not decrease along back pointers")
-            txn_pos = self._transaction_of(oid, offset + _D + rlen, rtid, end)
-            revisions.append(Revision(rtid, self._verified_meta(txn_pos, end), rlen))
+            txn_pos = self._transaction_of(snap, oid, offset + _D + rlen, rtid)
+            revisions.append(Revision(rtid, self._verified_meta(snap, txn_pos), rlen))
             if back == 0:
                 break
             if back >= offset:
@@ -976,20 +1110,21 @@ class FileStorage:
             offset, newer = back, rtid
         return revisions
 
-    def _transaction_of(self, oid: Oid, pos: int, tid: Tid, end: int) -> int:
+    def _transaction_of(self, snap: _Snapshot, oid: Oid, pos: int, tid: Tid) -> int:
         """The position of the transaction ``tid`` whose data record of ``oid`` ends at ``pos``.
 
         Data records do not point to their transaction: walk forward over the records after
         this one to the trailer, recognised by its magic and a header at ``trailer end -
         length`` carrying the same tid and length.
         """
+        fd, end = snap.fd, snap.end
         while pos + _T <= end:
-            chunk = pread_exact(self._fd, _D, pos)
+            chunk = pread_exact(fd, _D, pos)
             if chunk[12:16] == TRAILER_MAGIC:
                 length = int.from_bytes(chunk[:8], "big")
                 start = pos + _T - length
                 if FILE_HEADER.size <= start < pos:
-                    h = decode_txn_header(pread_exact(self._fd, _H, start))
+                    h = decode_txn_header(pread_exact(fd, _H, start))
                     if h.tid == tid and h.length == length:
                         return start
             if len(chunk) < _D:
@@ -1013,13 +1148,24 @@ class FileStorage:
         return copy_transactions(self, other, self._mark_packed)
 
     def _mark_packed(self, tid: Tid) -> None:
-        """Record a copied history's pack time in the file header (the file is still empty)."""
-        raise StorageError(f"{self._path}: copying a packed history into a FileStorage is not possible yet")
+        """Record a copied history's pack time in the file header of a file without transactions.
 
-    def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
-        """Not yet: FileStorage's pack is being built (issue 12); it raises StorageError."""
-        self._check_writable()
-        raise StorageError(f"{self._path}: packing a FileStorage is not available in this build yet")
+        The only rewrite of a file header after its creation; with no transaction in the
+        file there is nothing a torn write could cost.
+        """
+        self._commit_lock.acquire()
+        try:
+            self._check_writable()
+            if self._end != FILE_HEADER.size:
+                raise StorageError(
+                    f"{self._path} already holds transactions: a packed history is copied only into"
+                    " an empty file storage"
+                )
+            _pwrite_all(self._fd, encode_file_header(self._file_id, tid), 0)
+            os.fsync(self._fd)
+            self._packed_tid = tid
+        finally:
+            self._commit_lock.release()
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -1310,6 +1456,146 @@ class FileStorage:
         self._state = _IDLE
         self._owner = None
         self._commit_lock.release()
+
+    # -- packing ----------------------------------------------------------------------------
+
+    def pack(self, pack_tid: Tid, *, progress: Callable[[int, int], None] | None = None) -> None:
+        """Drop the revisions no snapshot at or after ``pack_tid`` sees, and garbage (I13).
+
+        Keeps every revision newer than ``pack_tid`` and, of the older ones, the newest
+        revision of each object still reachable from the root or from a newer revision.
+        Loads and commits in other threads go on meanwhile; ``progress(done, total)`` hears
+        how many bytes of how many are processed, about every megabyte.  A ``pack_tid``
+        above ``last_tid()`` packs at ``last_tid()``.
+        """
+        self._check_writable()
+        if not isinstance(pack_tid, bytes) or len(pack_tid) != 8:
+            raise TypeError(f"pack_tid must be an 8-byte tid, got {pack_tid!r:.80}")
+        if self._state != _IDLE and self._owner == threading.get_ident():
+            raise StorageTransactionError("pack() while this thread's transaction is open: end it first")
+        report = Progress(progress)
+        with self._pack_lock:
+            why = ""
+            for _ in range(_PACK_ATTEMPTS):
+                self._check_writable()
+                relinked = self._pack_once(pack_tid, report)
+                if relinked is None:
+                    report.finish()
+                    return
+                why = relinked
+        raise StorageError(
+            f"{self._path} was not packed: commits made while it packed kept re-linking objects the"
+            f" pack found unreachable ({why}); {_PACK_ATTEMPTS} attempts were made. Nothing changed;"
+            " pack again when fewer commits run"
+        )
+
+    def _pack_once(self, pack_tid: Tid, report: Progress) -> str | None:
+        """One attempt; None when the file was replaced, else why the attempt was given up.
+
+        Reads the file below the end published when it starts through a descriptor of its
+        own and writes the temporary file, all without locks; only the switch-over holds
+        the commit lock (and ``_lock`` for the rename and the swap of fd, map and index).
+        """
+        path = self._path
+        tmp = path + _PACK_SUFFIX
+        with self._lock:
+            end, last = self._end, self._last_tid
+            old_crc = self._file_id_crc
+            old_fd = os.dup(self._fd)  # the inode being packed, whatever the swap does
+        out_fd = -1
+        replaced = False
+        try:
+            if last == z64:
+                return None  # nothing was ever committed
+            pack_tid = min(pack_tid, last)
+            packed = pack_tid if self._packed_tid is None else max(pack_tid, self._packed_tid)
+            new_id = os.urandom(8)
+            out_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            _pwrite_all(out_fd, encode_file_header(new_id, packed), 0)
+            first = FILE_HEADER.size
+            report.grow(2 * (end - first))
+            packer = Packer(old_fd, path, old_crc, out_fd, first, zlib.crc32(new_id), pack_tid, report)
+            packer.scan(first, end)
+            _pack_point("scanned")
+            packer.mark()
+            _pack_point("marked")
+            packer.copy(first, end)
+            # Catch up with the commits made meanwhile, still without the commit lock.
+            copied = end
+            for _ in range(_CATCH_UP_ROUNDS):
+                with self._lock:
+                    target = self._end
+                if target - copied <= _SWITCH_TAIL:
+                    break
+                if not packer.copy_tail(copied, target):
+                    return packer.relinked
+                copied = target
+            packer.flush()
+            _pack_point("written")
+            # The bulk is synced here, so the sync under the commit lock covers only the tail.
+            os.fdatasync(out_fd)
+            _pack_point("copied")
+            with self._commit_lock:
+                self._check_writable()
+                if not packer.copy_tail(copied, self._end, quiet=True):
+                    return packer.relinked
+                new_end = packer.flush()
+                os.fsync(out_fd)
+                _pack_point("synced")
+                with self._lock:
+                    if self._closing or self._closed:
+                        self._check_open()
+                    # Before this the data file is untouched; after it, the new file is whole
+                    # and synced.  A crash on either side leaves one or the other (I13).
+                    os.replace(tmp, path)
+                    replaced = True
+                    try:
+                        _pack_point("replaced")
+                        self._switch_to(out_fd, new_id, packer.index, new_end, packed)
+                    except BaseException as exc:
+                        # The old inode is unlinked: a commit there would be lost.
+                        self._broken = exc
+                        raise
+                out_fd = -1  # the storage's descriptor now
+                try:
+                    _pack_point("switched")
+                    # The rename must be durable before a commit into the new file is.
+                    _fsync_dir(path)
+                except BaseException as exc:
+                    self._broken = exc
+                    raise
+                # Names the old file id, so ignored already (I6); gone so nothing is misled.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path + ".index")
+                self._publish_end()
+                _pack_point("done")
+            return None
+        finally:
+            os.close(old_fd)
+            if out_fd >= 0:
+                os.close(out_fd)
+            if not replaced:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    def _switch_to(self, fd: int, file_id: bytes, index: OffsetIndex, end: int, packed: Tid) -> None:
+        """Make the packed file the storage's (under ``_lock`` and the commit lock)."""
+        old_fd, old_map = self._fd, self._map
+        self._fd = fd
+        self._map = None
+        self._mapped = 0
+        self._touched = 0
+        self._index = index
+        self._end = end
+        self._file_id = file_id
+        self._file_id_crc = zlib.crc32(file_id)
+        self._packed_tid = packed
+        # Snapshots older than the pack time lost revisions: they forget their caches, as
+        # after any change this storage cannot list (base invariant 7).
+        self._poll_floor = max(self._poll_floor, packed)
+        if old_map is not None:
+            old_map.close()
+        os.close(old_fd)
 
     # -- closing ----------------------------------------------------------------------------
 

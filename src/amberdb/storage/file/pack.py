@@ -1,0 +1,486 @@
+"""The work of :meth:`FileStorage.pack <amberdb.storage.file.storage.FileStorage.pack>`
+that runs without any lock: reading the old file, deciding what lives, writing the new one.
+
+The storage keeps the rules of when this may run and how its result replaces the data file
+(invariant I13 in :mod:`.storage`).  A :class:`Packer` only ever reads the old file below
+an end the storage published -- bytes there never change (I1) -- through a descriptor of
+its own, so loads and commits in other threads go on while it works; and it only writes the
+temporary file it was given.
+
+Memory stays bounded by the number of oids, never by the size of the file or the number of
+revisions: an :class:`OffsetIndex` of each oid's newest revision at or before the pack time
+(8 bytes per oid), a bit per oid for the live set, an ``array('q')`` as the mark stack, the
+new file's index, and buffers of about a megabyte for reading and writing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from array import array
+from collections.abc import Callable
+
+from amberdb.exceptions import CorruptedDataError
+from amberdb.record import references
+from amberdb.storage.file.format import (
+    DATA_HEADER,
+    DATA_HEADER_CHECKED,
+    DATA_HEADER_FIELDS,
+    MIN_TXN_LENGTH,
+    STATUS_COMMITTED,
+    STATUS_VOTED,
+    TRAILER_MAGIC,
+    TXN_HEADER,
+    TXN_TRAILER,
+    ZERO_TXN_HEADER,
+    TxnHeader,
+    decode_txn_header,
+    encode_txn_header,
+    txn_checksum,
+)
+from amberdb.storage.file.recovery import corruption, pread_exact
+from amberdb.storage.offsets import OffsetIndex
+from amberdb.utils import Tid, oid_repr
+
+__all__ = ["PACK_CHUNK", "OidBits", "Packer", "Progress"]
+
+PACK_CHUNK = 1 << 20
+"""Bytes read or written at a time, and how often progress is reported."""
+
+_H = TXN_HEADER.size
+_T = TXN_TRAILER.size
+_D = DATA_HEADER.size
+_unpack_data = DATA_HEADER.unpack_from
+_pack_checked = DATA_HEADER_FIELDS.pack
+_pack_trailer = TXN_TRAILER.pack
+_crc32 = zlib.crc32
+# Every this many records the pack lets other threads have the GIL (see Packer.pause).
+_PAUSE_EVERY = 64
+_yield_gil = getattr(os, "sched_yield", lambda: time.sleep(0))
+# The mark phase reads a record's header and this much of it in one pread; longer records
+# take a second read.
+_MARK_READ = 4096
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+class OidBits:
+    """A set of oids: one bit each below ``limit``, a set above it (sparse huge oids)."""
+
+    __slots__ = ("_bits", "_limit", "_overflow")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(limit, 0)
+        self._bits = bytearray((self._limit + 7) >> 3)
+        self._overflow: set[int] = set()
+
+    def add(self, oid: int) -> None:
+        """Put ``oid`` in the set."""
+        if 0 <= oid < self._limit:
+            self._bits[oid >> 3] |= 1 << (oid & 7)
+        else:
+            self._overflow.add(oid)
+
+    def __contains__(self, oid: int) -> bool:
+        if 0 <= oid < self._limit:
+            return bool(self._bits[oid >> 3] & (1 << (oid & 7)))
+        return oid in self._overflow
+
+
+class Progress:
+    """Calls ``callback(done, total)`` with ``done`` only growing, about every PACK_CHUNK bytes."""
+
+    def __init__(self, callback: Callable[[int, int], None] | None) -> None:
+        self.callback = callback
+        self.done = 0
+        self.total = 0
+        self._reported = -1
+
+    def grow(self, amount: int) -> None:
+        """More bytes to process (a second attempt, or a tail committed meanwhile)."""
+        self.total += amount
+
+    def advance(self, amount: int, *, quiet: bool = False) -> None:
+        """``amount`` more bytes processed; the callback hears of it unless ``quiet``."""
+        self.done = min(self.done + amount, self.total)
+        if not quiet and self.callback is not None and self.done - self._reported >= PACK_CHUNK:
+            self._reported = self.done
+            self.callback(self.done, self.total)
+
+    def finish(self) -> None:
+        """Everything is processed: report ``done == total``."""
+        self.done = self.total
+        if self.callback is not None:
+            self._reported = self.done
+            self.callback(self.done, self.total)
+
+
+class _Reader:
+    """Reads the old file below ``stop`` through preads of about PACK_CHUNK bytes."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self.stop = 0
+        self._buf = b""
+        self._view = memoryview(self._buf)
+        self._base = 0
+
+    def read(self, pos: int, size: int) -> memoryview:
+        """``size`` bytes at ``pos`` (all below ``stop``); CorruptedDataError when the file is shorter."""
+        rel = pos - self._base
+        if rel >= 0 and rel + size <= len(self._buf):
+            return self._view[rel : rel + size]
+        if pos + size > self.stop:
+            raise corruption(self.name, pos, f"{size} bytes here run past the committed end {self.stop}")
+        want = max(size, min(PACK_CHUNK, self.stop - pos))
+        data = pread_exact(self.fd, want, pos)
+        if len(data) < size:
+            raise corruption(self.name, pos, "the file ends before its committed end")
+        if size >= PACK_CHUNK:
+            return memoryview(data)  # a big record: not kept as the buffer
+        self._buf = data
+        self._view = memoryview(data)
+        self._base = pos
+        return self._view[:size]
+
+
+class _Writer:
+    """Appends to the new file through a buffer of about PACK_CHUNK bytes."""
+
+    def __init__(self, fd: int, start: int) -> None:
+        self.fd = fd
+        self._buf = bytearray()
+        self._base = start
+
+    @property
+    def pos(self) -> int:
+        return self._base + len(self._buf)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) >= PACK_CHUNK:
+            self.flush()
+            _pwrite_all(self.fd, data, self._base)
+            self._base += len(data)
+            return
+        self._buf += data
+        if len(self._buf) >= PACK_CHUNK:
+            self.flush()
+
+    def patch(self, offset: int, data: bytes) -> None:
+        """Overwrite bytes written before (a transaction header: never split by a flush)."""
+        rel = offset - self._base
+        if rel >= 0:
+            self._buf[rel : rel + len(data)] = data
+        else:
+            _pwrite_all(self.fd, data, offset)
+
+    def flush(self) -> None:
+        if self._buf:
+            _pwrite_all(self.fd, self._buf, self._base)
+            self._base += len(self._buf)
+            self._buf = bytearray()
+
+
+class Packer:
+    """One attempt at packing the old file (``fd``) at ``pack_tid`` into the new one (``out_fd``).
+
+    :meth:`scan` reads ``[first, end)`` once, verifying every transaction, and finds each
+    oid's newest revision at or before ``pack_tid`` and the roots; :meth:`mark` walks the
+    references from the roots; :meth:`copy` writes what is kept; :meth:`copy_tail` copies
+    transactions committed after ``end`` and says whether they leave the decision standing.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        file_id_crc: int,
+        out_fd: int,
+        out_start: int,
+        new_file_id_crc: int,
+        pack_tid: Tid,
+        progress: Progress,
+    ) -> None:
+        self.name = name
+        self.reader = _Reader(fd, name)
+        self.file_id_crc = file_id_crc
+        self.out = _Writer(out_fd, out_start)
+        self.new_crc = new_file_id_crc
+        self.pack_tid = pack_tid
+        self.progress = progress
+        # oid -> offset of its newest revision at or before pack_tid, in the old file.
+        self.newest = OffsetIndex()
+        self.live = OidBits(0)
+        self.stack: array[int] = array("q")
+        # The new file's index: oid -> offset of its newest revision there.
+        self.index = OffsetIndex()
+        self.last_tid = b"\0" * 8
+        self.last_pos = -1  # where the newest transaction scanned begins
+        self.kept_records = 0
+        self._ticks = 0
+        self.relinked: str | None = None
+        """Why the last :meth:`copy_tail` refused (a tail record refers to a dropped oid)."""
+
+    def pause(self, records: int = 1) -> None:
+        """Every _PAUSE_EVERY records, give the GIL away for a moment.
+
+        The pack is pure Python between its reads, and a thread waiting for the GIL gets it
+        only after the switch interval (5 ms) -- at every system call a commit makes, so a
+        commit during a pack took some 15 ms instead of one.  ``os.sched_yield`` releases the
+        GIL around the system call, so a waiting committer runs within microseconds; it
+        costs about a microsecond, where ``time.sleep(0)`` costs some 100 (a timer's slack),
+        which was a third of a whole pack.
+        """
+        self._ticks += records
+        if self._ticks >= _PAUSE_EVERY:
+            self._ticks = 0
+            _yield_gil()
+
+    # -- reading and verifying --------------------------------------------------------------
+
+    def _verified_header(self, pos: int, stop: int) -> TxnHeader:
+        """The header of the transaction at ``pos``, after checking all of it (I10's spirit:
+        damage stops the pack; it is never copied into a file with fresh checksums)."""
+        reader = self.reader
+        head = bytes(reader.read(pos, _H))
+        h = decode_txn_header(head)
+        problem = None
+        if h.status not in (STATUS_COMMITTED, STATUS_VOTED):
+            problem = f"transaction status is {h.status!r}"
+        elif h.length < MIN_TXN_LENGTH + h.meta_len + h.records * _D or pos + h.length > stop:
+            problem = f"transaction length {h.length} is impossible here"
+        elif h.tid <= self.last_tid:
+            problem = "transaction tids do not increase"
+        if problem is not None:
+            raise corruption(self.name, pos, problem)
+        body_end = pos + h.length - _T
+        length, crc, magic = TXN_TRAILER.unpack(reader.read(body_end, _T))
+        if length != h.length or magic != TRAILER_MAGIC:
+            raise corruption(self.name, pos, "transaction header and trailer disagree")
+        body_crc = self.file_id_crc
+        p = pos + _H
+        while p < body_end:
+            piece = min(PACK_CHUNK, body_end - p)
+            body_crc = _crc32(reader.read(p, piece), body_crc)
+            p += piece
+        if txn_checksum(0, body_crc, head) != crc:
+            raise corruption(self.name, pos, "transaction checksum mismatch")
+        self.last_tid = h.tid
+        return h
+
+    def _check_record(
+        self, pos: int, at: int, rtid: bytes, back: int, rlen: int, data_end: int, tid: bytes
+    ) -> None:
+        if rtid != tid or back >= pos or at + _D + rlen > data_end:
+            raise corruption(self.name, pos, f"its data record at offset {at} does not belong in it")
+
+    def _record_refs(self, at: int, oid: bytes, record: bytes) -> list[bytes]:
+        try:
+            return references(record)
+        except Exception as exc:
+            # Unknown references: collecting anything could drop a reachable object.
+            raise CorruptedDataError(
+                f"{self.name}: cannot read the references of oid {oid_repr(oid)} at offset {at}"
+                f" ({exc}); nothing was packed",
+                path=self.name,
+                offset=at,
+                oid=oid,
+                problem=str(exc),
+            ) from exc
+
+    def _push(self, oid: int) -> None:
+        """Mark ``oid`` live and queue its newest pre-pack revision, if it has one."""
+        if oid in self.live or self.newest.get(oid) < 0:
+            return
+        self.live.add(oid)
+        self.stack.append(oid)
+
+    def scan(self, first: int, end: int) -> None:
+        """Verify ``[first, end)``, index the newest revisions at or before the pack time and
+        mark the roots: z64, every oid written after the pack time and what those revisions
+        refer to."""
+        reader = self.reader
+        reader.stop = end
+        newest = self.newest
+        pack_tid = self.pack_tid
+        progress = self.progress
+        marking = False
+        pos = first
+        while pos < end:
+            h = self._verified_header(pos, end)
+            prepack = h.tid <= pack_tid
+            if not prepack and not marking:
+                self._start_marking()
+                marking = True
+            p = pos + _H + h.meta_len
+            data_end = pos + h.length - _T
+            for _ in range(h.records):
+                self.pause()
+                oid, rtid, back, rlen, _crc = _unpack_data(reader.read(p, _D))
+                self._check_record(pos, p, rtid, back, rlen, data_end, h.tid)
+                oid_int = int.from_bytes(oid, "big")
+                if prepack:
+                    newest[oid_int] = p
+                else:
+                    # Post-pack revisions are all kept: they and what they refer to are roots.
+                    self._push(oid_int)
+                    for ref in self._record_refs(p, oid, bytes(reader.read(p + _D, rlen))):
+                        self._push(int.from_bytes(ref, "big"))
+                p += _D + rlen
+            if p != data_end:
+                raise corruption(self.name, pos, "data records do not fill their transaction")
+            progress.advance(h.length)
+            self.last_pos = pos
+            pos += h.length
+        if not marking:
+            self._start_marking()
+
+    def _start_marking(self) -> None:
+        """Size the live set now that ``newest`` is complete, and mark the root object."""
+        newest = self.newest
+        top = newest.max_oid() + 1
+        # One bit per oid up to the largest, unless a few huge oids would make that wasteful.
+        self.live = OidBits(min(top, 8 * len(newest) + (1 << 23)))
+        self._push(0)
+
+    def mark(self) -> None:
+        """Follow references from the roots through the newest pre-pack revisions."""
+        fd = self.reader.fd
+        newest = self.newest
+        stack = self.stack
+        crc0 = self.file_id_crc
+        while stack:
+            self.pause()
+            oid_int = stack.pop()
+            at = newest[oid_int]
+            data = pread_exact(fd, _D + _MARK_READ, at)
+            if len(data) < _D:
+                raise corruption(self.name, at, "the file ends inside a data record")
+            oid, _tid, _back, rlen, rcrc = _unpack_data(data)
+            if len(data) < _D + rlen:
+                data = pread_exact(fd, _D + rlen, at)
+            record = data[_D : _D + rlen]
+            if len(record) != rlen or int.from_bytes(oid, "big") != oid_int:
+                raise corruption(self.name, at, f"no record of oid {oid_int:#x} here")
+            if _crc32(record, _crc32(memoryview(data)[:DATA_HEADER_CHECKED], crc0)) != rcrc:
+                raise corruption(self.name, at, "data record checksum mismatch", oid)
+            for ref in self._record_refs(at, oid, record):
+                self._push(int.from_bytes(ref, "big"))
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def copy(self, first: int, end: int) -> None:
+        """Write the kept part of the transactions in ``[first, end)`` (verified by :meth:`scan`)."""
+        self.reader.stop = end
+        pos = first
+        while pos < end:
+            h = decode_txn_header(self.reader.read(pos, _H))
+            # The newest transaction stays even when nothing of it is kept: the file must go
+            # on saying what the last tid is, or tids would go back at the next open (I8).
+            self._copy_transaction(pos, h, check=False, keep=pos == self.last_pos)
+            self.progress.advance(h.length)
+            pos += h.length
+
+    def copy_tail(self, first: int, end: int, *, quiet: bool = False) -> bool:
+        """Verify and copy the transactions committed in ``[first, end)`` while packing.
+
+        False, with :attr:`relinked` saying why, when one of them writes or refers to an oid
+        this pack dropped (a snapshot older than the pack re-linked garbage): the pack must
+        be done again with them among the roots.
+        """
+        self.reader.stop = end
+        self.progress.grow(end - first)
+        pos = first
+        while pos < end:
+            h = self._verified_header(pos, end)
+            if not self._copy_transaction(pos, h, check=True):
+                return False
+            self.progress.advance(h.length, quiet=quiet)
+            pos += h.length
+        return True
+
+    def flush(self) -> int:
+        """Write out what is buffered; the new file's end."""
+        self.out.flush()
+        return self.out.pos
+
+    def _dropped(self, oid_int: int) -> bool:
+        return self.newest.get(oid_int) >= 0 and oid_int not in self.live
+
+    def _copy_transaction(self, pos: int, h: TxnHeader, *, check: bool, keep: bool = False) -> bool:
+        """Copy the transaction at ``pos``: all of it after the pack time, only its kept
+        records at or before (nothing at all when none is kept, unless ``keep``).  Back pointers are rebuilt
+        from the new index as it was before this transaction, as ``store`` builds them."""
+        reader = self.reader
+        out = self.out
+        prepack = h.tid <= self.pack_tid
+        newest, live, index = self.newest, self.live, self.index
+        new_crc = self.new_crc
+        tid = h.tid
+        meta = bytes(reader.read(pos + _H, h.meta_len)) if h.meta_len else b""
+        start = -1
+        crc = new_crc
+        oids: array[int] = array("q")
+        offsets: array[int] = array("q")
+        if keep or not prepack:
+            start = out.pos
+            out.write(ZERO_TXN_HEADER)
+            out.write(meta)
+            crc = _crc32(meta, crc)
+        p = pos + _H + h.meta_len
+        data_end = pos + h.length - _T
+        for _ in range(h.records):
+            self.pause()
+            oid, rtid, back, rlen, _rcrc = _unpack_data(reader.read(p, _D))
+            if check:
+                self._check_record(pos, p, rtid, back, rlen, data_end, tid)
+            at = p
+            p += _D + rlen
+            oid_int = int.from_bytes(oid, "big")
+            if prepack and (newest.get(oid_int) != at or oid_int not in live):
+                continue
+            record = reader.read(at + _D, rlen)
+            if check:
+                if self._dropped(oid_int):
+                    self.relinked = f"a transaction committed while packing writes oid {oid_repr(oid)}"
+                    return False
+                for ref in self._record_refs(at, oid, bytes(record)):
+                    if self._dropped(int.from_bytes(ref, "big")):
+                        self.relinked = (
+                            f"oid {oid_repr(oid)}, written while packing, refers to oid {oid_repr(ref)}"
+                        )
+                        return False
+            if start < 0:
+                start = out.pos
+                out.write(ZERO_TXN_HEADER)
+                out.write(meta)
+                crc = _crc32(meta, crc)
+            prev = index.get(oid_int)
+            checked = _pack_checked(oid, tid, prev if prev > 0 else 0, rlen)
+            head = checked + _crc32(record, _crc32(checked, new_crc)).to_bytes(4, "big")
+            oids.append(oid_int)
+            offsets.append(out.pos)
+            out.write(head)
+            out.write(record)
+            crc = _crc32(record, _crc32(head, crc))
+        if check and p != data_end:
+            raise corruption(self.name, pos, "data records do not fill their transaction")
+        if start < 0:
+            return True  # a pre-pack transaction left with no records: dropped
+        length = out.pos - start + _T
+        count = len(oids)
+        header = encode_txn_header(tid, length, STATUS_COMMITTED, h.user_len, h.desc_len, h.ext_len, count)
+        out.write(_pack_trailer(length, txn_checksum(0, crc, header), TRAILER_MAGIC))
+        out.patch(start, header)
+        for oid_int, offset in zip(oids, offsets):
+            index[oid_int] = offset
+        self.kept_records += count
+        return True
