@@ -15,11 +15,13 @@ new file's index, and buffers of about a megabyte for reading and writing.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
+import sys
+import threading
 import zlib
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from amberdb.exceptions import CorruptedDataError
 from amberdb.record import references
@@ -43,9 +45,9 @@ from amberdb.storage.file.recovery import corruption, pread_exact
 from amberdb.storage.offsets import OffsetIndex
 from amberdb.utils import Tid, oid_repr
 
-__all__ = ["PACK_CHUNK", "OidBits", "Packer", "Progress"]
+__all__ = ["PACK_CHUNK", "OidBits", "Packer", "Progress", "responsive_switching"]
 
-PACK_CHUNK = 1 << 20
+PACK_CHUNK = 1 << 19
 """Bytes read or written at a time, and how often progress is reported."""
 
 _H = TXN_HEADER.size
@@ -55,12 +57,43 @@ _unpack_data = DATA_HEADER.unpack_from
 _pack_checked = DATA_HEADER_FIELDS.pack
 _pack_trailer = TXN_TRAILER.pack
 _crc32 = zlib.crc32
-# Every this many records the pack lets other threads have the GIL (see Packer.pause).
-_PAUSE_EVERY = 64
-_yield_gil = getattr(os, "sched_yield", lambda: time.sleep(0))
+# While a pack runs, a thread waiting for the GIL asks for it after this long (seconds);
+# see responsive_switching.
+_PACK_SWITCH_INTERVAL = 0.0002
+_switching_lock = threading.Lock()
+_switching_users = 0
+_switching_saved = 0.0
 # The mark phase reads a record's header and this much of it in one pread; longer records
 # take a second read.
 _MARK_READ = 4096
+
+
+@contextlib.contextmanager
+def responsive_switching() -> Iterator[None]:
+    """Let other threads have the GIL within a fraction of a millisecond while a pack runs.
+
+    A pack is pure Python between its reads, and a thread waiting for the GIL gets it only
+    after the switch interval (5 ms by default) -- at every system call a commit makes, so a
+    commit during a pack took some 15 ms instead of one.  A shorter interval costs nothing
+    while nobody waits (the interpreter asks the running thread to drop the GIL only on
+    behalf of a waiter), unlike yielding on a schedule: ``time.sleep(0)`` costs some 100 us
+    each, and ``os.sched_yield`` gives the GIL back to the yielder before a waiter wakes.
+    The interval is process-wide, so concurrent packs share one setting and the last one
+    to finish restores what was there.
+    """
+    global _switching_users, _switching_saved
+    with _switching_lock:
+        if _switching_users == 0:
+            _switching_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switching_saved, _PACK_SWITCH_INTERVAL))
+        _switching_users += 1
+    try:
+        yield
+    finally:
+        with _switching_lock:
+            _switching_users -= 1
+            if _switching_users == 0:
+                sys.setswitchinterval(_switching_saved)
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -225,24 +258,8 @@ class Packer:
         self.last_tid = b"\0" * 8
         self.last_pos = -1  # where the newest transaction scanned begins
         self.kept_records = 0
-        self._ticks = 0
         self.relinked: str | None = None
         """Why the last :meth:`copy_tail` refused (a tail record refers to a dropped oid)."""
-
-    def pause(self, records: int = 1) -> None:
-        """Every _PAUSE_EVERY records, give the GIL away for a moment.
-
-        The pack is pure Python between its reads, and a thread waiting for the GIL gets it
-        only after the switch interval (5 ms) -- at every system call a commit makes, so a
-        commit during a pack took some 15 ms instead of one.  ``os.sched_yield`` releases the
-        GIL around the system call, so a waiting committer runs within microseconds; it
-        costs about a microsecond, where ``time.sleep(0)`` costs some 100 (a timer's slack),
-        which was a third of a whole pack.
-        """
-        self._ticks += records
-        if self._ticks >= _PAUSE_EVERY:
-            self._ticks = 0
-            _yield_gil()
 
     # -- reading and verifying --------------------------------------------------------------
 
@@ -323,7 +340,6 @@ class Packer:
             p = pos + _H + h.meta_len
             data_end = pos + h.length - _T
             for _ in range(h.records):
-                self.pause()
                 oid, rtid, back, rlen, _crc = _unpack_data(reader.read(p, _D))
                 self._check_record(pos, p, rtid, back, rlen, data_end, h.tid)
                 oid_int = int.from_bytes(oid, "big")
@@ -358,7 +374,6 @@ class Packer:
         stack = self.stack
         crc0 = self.file_id_crc
         while stack:
-            self.pause()
             oid_int = stack.pop()
             at = newest[oid_int]
             data = pread_exact(fd, _D + _MARK_READ, at)
@@ -438,7 +453,6 @@ class Packer:
         p = pos + _H + h.meta_len
         data_end = pos + h.length - _T
         for _ in range(h.records):
-            self.pause()
             oid, rtid, back, rlen, _rcrc = _unpack_data(reader.read(p, _D))
             if check:
                 self._check_record(pos, p, rtid, back, rlen, data_end, tid)

@@ -214,7 +214,7 @@ from amberdb.storage.file.format import (
 )
 from amberdb.storage.file.index_file import index_beside_a_cut_file, read_index_file, write_index_file
 from amberdb.storage.file.locking import acquire_writer_lock, publish_end, published_end, writers_kept_out
-from amberdb.storage.file.pack import Packer, Progress
+from amberdb.storage.file.pack import Packer, Progress, responsive_switching
 from amberdb.storage.file.recovery import (
     FIRST_RECORD,
     Damage,
@@ -1474,7 +1474,7 @@ class FileStorage:
         if self._state != _IDLE and self._owner == threading.get_ident():
             raise StorageTransactionError("pack() while this thread's transaction is open: end it first")
         report = Progress(progress)
-        with self._pack_lock:
+        with self._pack_lock, responsive_switching():
             why = ""
             for _ in range(_PACK_ATTEMPTS):
                 self._check_writable()
