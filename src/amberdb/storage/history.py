@@ -21,13 +21,33 @@ from amberdb.exceptions import (
     VoteConflictError,
 )
 from amberdb.storage.base import Storage, TransactionInfo, TransactionMeta, TransactionRecord, UndoResolver
-from amberdb.utils import Oid, Tid, oid_repr, z64
+from amberdb.utils import Oid, Tid, next_tid, oid_repr, z64
 
-__all__ = ["copy_transactions", "find_transaction", "log_slice", "newest_first_slice", "undo_transaction"]
+__all__ = [
+    "copy_transactions",
+    "find_transaction",
+    "log_slice",
+    "newest_first_slice",
+    "transaction_tid",
+    "undo_transaction",
+]
 
 _UNDO_ATTEMPTS = 5
 """Rounds an undo makes when another committer changed its objects between its look and
 its vote (storages that find conflicts only at vote)."""
+
+
+def transaction_tid(last: Tid, requested: Tid | None, name: str) -> Tid:
+    """The tid of a transaction beginning after ``last`` in storage ``name``: the next one,
+    or for a restore (invariant 9) ``requested``, which must be above ``last``."""
+    if requested is None:
+        return next_tid(last)
+    if requested <= last:
+        raise StorageTransactionError(
+            f"cannot restore transaction {oid_repr(requested)} into {name}: it is not above the"
+            f" newest one there, {oid_repr(last)}"
+        )
+    return requested
 
 
 def log_slice(first: int, last: int) -> tuple[int, int]:

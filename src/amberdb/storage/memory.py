@@ -23,8 +23,8 @@ from amberdb.storage.base import (
     TransactionRecord,
     UndoResolver,
 )
-from amberdb.storage.history import copy_transactions, newest_first_slice, undo_transaction
-from amberdb.utils import Oid, Tid, next_tid, oid_repr, p64, u64, z64
+from amberdb.storage.history import copy_transactions, newest_first_slice, transaction_tid, undo_transaction
+from amberdb.utils import Oid, Tid, oid_repr, p64, u64, z64
 
 __all__ = ["MemoryStorage"]
 
@@ -273,14 +273,8 @@ class MemoryStorage:
         if self._closed:
             self._commit_lock.release()
             raise StorageError("storage memory is closed")
-        if tid is not None and tid <= self._last_tid:
-            self._commit_lock.release()
-            raise StorageTransactionError(
-                f"cannot restore transaction {oid_repr(tid)}: it is not above the newest one here,"
-                f" {oid_repr(self._last_tid)}"
-            )
         try:
-            new_tid = next_tid(self._last_tid) if tid is None else tid
+            new_tid = transaction_tid(self._last_tid, tid, self.name)
         except BaseException:
             self._commit_lock.release()
             raise

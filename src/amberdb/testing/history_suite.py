@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from hypothesis import strategies as st
@@ -23,7 +22,7 @@ from amberdb.record import decode_header, encode_record
 from amberdb.storage.base import Storage, TransactionMeta
 from amberdb.storage.memory import MemoryStorage
 from amberdb.testing.factories import StorageFactory
-from amberdb.testing.storage_suite import commit, run_machine
+from amberdb.testing.storage_suite import FactoryFixtures, commit, run_machine
 from amberdb.utils import Oid, Tid, p64, u64, z64
 
 __all__ = ["HistoryMachine", "HistorySuite", "PackSuite", "node"]
@@ -41,23 +40,7 @@ def _meta(i: int | str) -> TransactionMeta:
     return TransactionMeta(user=f"user {i}", description=f"transaction {i}", extension=b'{"n": 1}')
 
 
-class _Fixtures:
-    factory_class: ClassVar[type[StorageFactory]]
-
-    @pytest.fixture
-    def factory(self, tmp_path: Any) -> Iterator[StorageFactory]:
-        """A fresh factory in a directory of its own; closes and checks what it made."""
-        made = self.factory_class(tmp_path)
-        yield made
-        made.cleanup()
-
-    @pytest.fixture
-    def storage(self, factory: StorageFactory) -> Storage:
-        """A new, empty, writable storage."""
-        return factory.create()
-
-
-class HistorySuite(_Fixtures):
+class HistorySuite(FactoryFixtures):
     """The transaction log, object histories, undo and copies."""
 
     def test_undo_log_is_newest_first_with_metadata(self, storage: Storage) -> None:
@@ -256,7 +239,7 @@ class HistorySuite(_Fixtures):
         assert storage.get_size() >= empty + 1000
 
 
-class PackSuite(_Fixtures):
+class PackSuite(FactoryFixtures):
     """``pack``: invariant 8."""
 
     @staticmethod

@@ -39,7 +39,7 @@ from amberdb.storage.base import IterableStorage, Storage, TransactionMeta
 from amberdb.testing.factories import StorageFactory
 from amberdb.utils import Oid, Tid, oid_repr, p64, u64, z64
 
-__all__ = ["StorageSuite", "commit", "run_machine", "store_expecting_conflict"]
+__all__ = ["FactoryFixtures", "StorageSuite", "commit", "run_machine", "store_expecting_conflict"]
 
 META = TransactionMeta()
 
@@ -109,8 +109,8 @@ def _iterable(storage: Storage) -> IterableStorage:
     return storage
 
 
-class StorageSuite:
-    """Storage-level conformance tests; :func:`amberdb.testing.conformance_suite` binds a factory."""
+class FactoryFixtures:
+    """The ``factory`` and ``storage`` fixtures of the suites, from the bound factory class."""
 
     factory_class: ClassVar[type[StorageFactory]]
 
@@ -125,6 +125,10 @@ class StorageSuite:
     def storage(self, factory: StorageFactory) -> Storage:
         """A new, empty, writable storage."""
         return factory.create()
+
+
+class StorageSuite(FactoryFixtures):
+    """Storage-level conformance tests; :func:`amberdb.testing.conformance_suite` binds a factory."""
 
     # -- basics -------------------------------------------------------------------------------
 

@@ -227,9 +227,9 @@ from amberdb.storage.file.recovery import (
     scan,
 )
 from amberdb.storage.forks import GENERATION, close_in_children, forget_in_children
-from amberdb.storage.history import copy_transactions, newest_first_slice, undo_transaction
+from amberdb.storage.history import copy_transactions, newest_first_slice, transaction_tid, undo_transaction
 from amberdb.storage.offsets import OffsetIndex
-from amberdb.utils import Oid, Tid, next_tid, oid_repr, p64, z64
+from amberdb.utils import Oid, Tid, oid_repr, p64, z64
 
 __all__ = ["FileStorage"]
 
@@ -1224,15 +1224,9 @@ class FileStorage:
                 " or cut it; nothing more is written. Close every storage on it, then check it with"
                 " amberdb.storage.file.verify()"
             )
-        if tid is not None and tid <= self._last_tid:
-            self._commit_lock.release()
-            raise StorageTransactionError(
-                f"cannot restore transaction {oid_repr(tid)} into {self._path}: it is not above"
-                f" the newest one there, {oid_repr(self._last_tid)}"
-            )
         # The transaction fields were reset by __init__ or the previous _end_txn.
         try:
-            new_tid = next_tid(self._last_tid) if tid is None else tid
+            new_tid = transaction_tid(self._last_tid, tid, self.name)
         except BaseException:
             self._commit_lock.release()
             raise
