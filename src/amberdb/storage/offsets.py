@@ -94,11 +94,18 @@ class OffsetIndex:
             self._count += 1
         dense[i] = offset
 
-    def _grow(self, needed: int) -> None:
+    def reserve(self, oids: int) -> None:
+        """Make room for every oid below ``oids`` at once (not in a floating index), so that
+        filling the index never regrows its array: a regrowth can briefly hold the old and
+        the new array together, twice the memory."""
+        if not self._floating and len(self._dense) < oids <= len(self._dense) + _SPREAD * 64:
+            self._grow(oids, exact=True)
+
+    def _grow(self, needed: int, exact: bool = False) -> None:
         size = len(self._dense)
         # Growing by a constant factor keeps sequential inserts amortised O(1); 1.25 rather
         # than 2 because a big commit grows the index while its other buffers are alive.
-        new_size = max(needed, size + size // 4, _MIN_GROW)
+        new_size = needed if exact else max(needed, size + size // 4, _MIN_GROW)
         dense = self._dense
         missing = _missing_block(min(new_size - size, _BLOCK))
         while len(dense) < new_size:  # a block at a time: no temporary as big as the growth

@@ -363,6 +363,7 @@ class Packer:
         """Size the live set now that ``newest`` is complete, and mark the root object."""
         newest = self.newest
         top = newest.max_oid() + 1
+        self.index.reserve(top)  # the new file's oids: at most those with a pre-pack revision, and later ones
         # One bit per oid up to the largest, unless a few huge oids would make that wasteful.
         self.live = OidBits(min(top, 8 * len(newest) + (1 << 23)))
         self._push(0)

@@ -1495,6 +1495,7 @@ class FileStorage:
         with self._lock:
             end, last = self._end, self._last_tid
             old_crc = self._file_id_crc
+            oid_limit = len(self._index) and self._index.max_oid() + 1
             old_fd = os.dup(self._fd)  # the inode being packed, whatever the swap does
         out_fd = -1
         replaced = False
@@ -1509,6 +1510,7 @@ class FileStorage:
             first = FILE_HEADER.size
             report.grow(2 * (end - first))
             packer = Packer(old_fd, path, old_crc, out_fd, first, zlib.crc32(new_id), pack_tid, report)
+            packer.newest.reserve(oid_limit)
             packer.scan(first, end)
             _pack_point("scanned")
             packer.mark()
