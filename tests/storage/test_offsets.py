@@ -238,3 +238,17 @@ def test_an_untrimmed_array_still_loads() -> None:
     for clone in (OffsetIndex.from_bytes(data), read_back(data)):
         assert clone == index and clone.max_oid() == 9
         assert len(clone.to_bytes()) == 32 + 8 * 10
+
+
+def test_reserve_makes_room_once() -> None:
+    index = OffsetIndex()
+    index.reserve(10_000)
+    dense = index._dense
+    assert len(dense) == 10_000 and len(index) == 0
+    for oid in range(10_000):
+        index[oid] = oid + 1
+    assert index._dense is dense and len(dense) == 10_000  # filled without regrowing
+    assert index.max_oid() == 9_999 and index.get(1234) == 1235
+    floating = OffsetIndex(floating=True)
+    floating.reserve(100)  # a floating index starts where its first oid is: nothing to reserve
+    assert len(floating) == 0 and floating.get(5) == -1
