@@ -79,9 +79,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from amberdb.utils import Oid, Tid
+from amberdb.utils import Oid, Tid, time_from_tid
 
 __all__ = [
     "DataRecord",
@@ -127,8 +127,45 @@ class TransactionRecord:
     records: list[DataRecord] = field(default_factory=list)
 
 
+class _ZODBKeys:
+    """Also readable as the dicts ZODB's storages return: ``entry["tid"]`` (and ``"id"``,
+    ``"serial"``), ``"time"`` (POSIX seconds), ``"user_name"``, ``"description"``, and
+    ``"size"`` for a revision."""
+
+    tid: Tid
+    meta: TransactionMeta
+
+    def keys(self) -> list[str]:
+        """The keys ``[]`` answers."""
+        keys = ["id", "tid", "serial", "time", "user_name", "description"]
+        return [*keys, "size"] if hasattr(self, "size") else keys
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __getitem__(self, key: str) -> Any:
+        if key in ("id", "tid", "serial"):
+            return self.tid
+        if key == "time":
+            return time_from_tid(self.tid)
+        if key == "user_name":
+            return self.meta.user
+        if key == "description":
+            return self.meta.description
+        if key == "size" and hasattr(self, "size"):
+            return self.size
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``self[key]``, or ``default`` for another key."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
 @dataclass(frozen=True)
-class TransactionInfo:
+class TransactionInfo(_ZODBKeys):
     """A committed transaction without its records, as :meth:`Storage.undo_log` lists it."""
 
     tid: Tid
@@ -136,7 +173,7 @@ class TransactionInfo:
 
 
 @dataclass(frozen=True)
-class Revision:
+class Revision(_ZODBKeys):
     """One revision of an object, as :meth:`Storage.history` lists it: ``size`` is the
     length of its record in bytes."""
 
@@ -266,11 +303,15 @@ class Storage(Protocol):
         """
         ...
 
-    def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
+    def pack(
+        self, pack_tid: Tid | float, referencesf: object = None, *, progress: PackProgress | None = None
+    ) -> None:
         """Remove what no snapshot at or after ``pack_tid`` can see, and garbage (invariant 8).
 
         Readers and committers go on while it runs; a ``pack_tid`` above ``last_tid()``
-        packs at ``last_tid()``.
+        packs at ``last_tid()``.  ``pack_tid`` may also be a POSIX time, and
+        ``referencesf`` is accepted for ZODB's ``pack(t, referencesf)`` and not used:
+        references come from record headers.
         """
         ...
 

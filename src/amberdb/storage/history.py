@@ -21,13 +21,14 @@ from amberdb.exceptions import (
     VoteConflictError,
 )
 from amberdb.storage.base import Storage, TransactionInfo, TransactionMeta, TransactionRecord, UndoResolver
-from amberdb.utils import Oid, Tid, next_tid, oid_repr, z64
+from amberdb.utils import Oid, Tid, next_tid, oid_repr, tid_from_time, z64
 
 __all__ = [
     "copy_transactions",
     "find_transaction",
     "log_slice",
     "newest_first_slice",
+    "pack_time",
     "transaction_tid",
     "undo_transaction",
 ]
@@ -35,6 +36,15 @@ __all__ = [
 _UNDO_ATTEMPTS = 5
 """Rounds an undo makes when another committer changed its objects between its look and
 its vote (storages that find conflicts only at vote)."""
+
+
+def pack_time(pack_tid: Tid | float) -> Tid:
+    """The tid a ``pack`` argument names: a tid, or a POSIX time (ZODB's ``pack(t, ...)``)."""
+    if isinstance(pack_tid, bytes) and len(pack_tid) == 8:
+        return pack_tid
+    if isinstance(pack_tid, (int, float)) and not isinstance(pack_tid, bool) and pack_tid >= 0:
+        return tid_from_time(pack_tid)
+    raise TypeError(f"pack() takes an 8-byte tid or a POSIX time, not {pack_tid!r:.80}")
 
 
 def transaction_tid(last: Tid, requested: Tid | None, name: str) -> Tid:

@@ -23,7 +23,13 @@ from amberdb.storage.base import (
     TransactionRecord,
     UndoResolver,
 )
-from amberdb.storage.history import copy_transactions, newest_first_slice, transaction_tid, undo_transaction
+from amberdb.storage.history import (
+    copy_transactions,
+    newest_first_slice,
+    pack_time,
+    transaction_tid,
+    undo_transaction,
+)
 from amberdb.utils import Oid, Tid, oid_repr, p64, u64, z64
 
 __all__ = ["MemoryStorage"]
@@ -189,14 +195,15 @@ class MemoryStorage:
     def _mark_packed(self, tid: Tid) -> None:
         self._packed_tid = tid if self._packed_tid is None else max(tid, self._packed_tid)
 
-    def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
+    def pack(
+        self, pack_tid: Tid | float, referencesf: object = None, *, progress: PackProgress | None = None
+    ) -> None:
         """Forget revisions no snapshot at or after ``pack_tid`` sees, and garbage.
 
         Holds the commit lock throughout (it is all in memory, so that is short).
         """
         self._check_open()
-        if not isinstance(pack_tid, bytes) or len(pack_tid) != 8:
-            raise TypeError(f"pack_tid must be an 8-byte tid, got {pack_tid!r:.80}")
+        pack_tid = pack_time(pack_tid)  # also a POSIX time, as ZODB's pack(t, referencesf)
         if self._state != _IDLE and self._owner == threading.get_ident():
             raise StorageTransactionError("pack() while this thread's transaction is open: end it first")
         with self._commit_lock, self._lock:

@@ -127,9 +127,11 @@ class StorageWrapper:
         calls take part), refusing what the wrapped storage's undo log leaves out (packed)."""
         return undo_transaction(self, tid, meta, resolve, self._inner.packed_tid)
 
-    def pack(self, pack_tid: Tid, *, progress: PackProgress | None = None) -> None:
+    def pack(
+        self, pack_tid: Tid | float, referencesf: object = None, *, progress: PackProgress | None = None
+    ) -> None:
         """The wrapped storage's pack."""
-        self._inner.pack(pack_tid, progress=progress)
+        self._inner.pack(pack_tid, referencesf, progress=progress)
 
     def copy_transactions_from(self, other: Storage) -> int:
         """Copies through this wrapper's own calls (restores)."""

@@ -23,7 +23,7 @@ from amberdb.storage.base import Storage, TransactionMeta
 from amberdb.storage.memory import MemoryStorage
 from amberdb.testing.factories import StorageFactory
 from amberdb.testing.storage_suite import FactoryFixtures, commit, run_machine
-from amberdb.utils import Oid, Tid, p64, u64, z64
+from amberdb.utils import Oid, Tid, p64, time_from_tid, u64, z64
 
 __all__ = ["HistoryMachine", "HistorySuite", "PackSuite", "node"]
 
@@ -83,6 +83,18 @@ class HistorySuite(FactoryFixtures):
         # Each revision is what load(before=...) finds.
         for newer, older in zip(history, history[1:]):  # noqa: RUF007 - pairwise is 3.10+ only in name
             assert storage.load(oid, before=newer.tid)[1] == older.tid
+
+    def test_entries_read_as_zodb_dicts_too(self, storage: Storage) -> None:
+        oid = storage.new_oid()
+        tid = commit(storage, {oid: (z64, node(b"x"))}, _meta("z"))
+        revision = storage.history(oid)[0]
+        assert (revision["tid"], revision["serial"], revision["size"]) == (tid, tid, len(node(b"x")))
+        assert (revision["user_name"], revision["description"]) == ("user z", "transaction z")
+        assert revision["time"] == time_from_tid(tid)
+        entry = storage.undo_log()[0]
+        assert entry["id"] == tid and entry.get("size") is None and "size" not in entry and "id" in entry
+        with pytest.raises(KeyError):
+            entry["nonsense"]
 
     def test_undo_last_transaction(self, storage: Storage) -> None:
         a, b = storage.new_oid(), storage.new_oid()
@@ -311,6 +323,18 @@ class PackSuite(FactoryFixtures):
         t3 = commit(storage, {a: (t2, node(b"a3"))})
         assert storage.load(a, before=t3) == (node(b"a2"), t2)
         assert t3 > t2
+
+    def test_pack_takes_a_posix_time_as_zodb_does(self, storage: Storage) -> None:
+        a = storage.new_oid()
+        t1 = commit(storage, {z64: (z64, node(b"r", a)), a: (z64, node(b"a1"))})
+        t2 = commit(storage, {a: (t1, node(b"a2"))})
+        storage.pack(0.0, None)  # before everything: nothing goes
+        assert storage.load(a, before=t2) == (node(b"a1"), t1)
+        storage.pack(time.time() + 3600, None)  # ZODB's pack(t, referencesf)
+        with pytest.raises(POSKeyError):
+            storage.load(a, before=t2)
+        with pytest.raises(TypeError):
+            storage.pack("yesterday")  # type: ignore[arg-type]
 
     def test_pack_of_empty_storage(self, storage: Storage) -> None:
         storage.pack(p64(1))

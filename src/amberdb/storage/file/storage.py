@@ -163,7 +163,7 @@ import threading
 import zlib
 from array import array
 from collections import deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from types import TracebackType
 
 from amberdb.exceptions import (
@@ -177,6 +177,7 @@ from amberdb.exceptions import (
     StorageTransactionError,
 )
 from amberdb.storage.base import (
+    PackProgress,
     Revision,
     Storage,
     TransactionInfo,
@@ -227,7 +228,13 @@ from amberdb.storage.file.recovery import (
     scan,
 )
 from amberdb.storage.forks import GENERATION, close_in_children, forget_in_children
-from amberdb.storage.history import copy_transactions, newest_first_slice, transaction_tid, undo_transaction
+from amberdb.storage.history import (
+    copy_transactions,
+    newest_first_slice,
+    pack_time,
+    transaction_tid,
+    undo_transaction,
+)
 from amberdb.storage.offsets import OffsetIndex
 from amberdb.utils import Oid, Tid, oid_repr, p64, z64
 
@@ -1453,7 +1460,9 @@ class FileStorage:
 
     # -- packing ----------------------------------------------------------------------------
 
-    def pack(self, pack_tid: Tid, *, progress: Callable[[int, int], None] | None = None) -> None:
+    def pack(
+        self, pack_tid: Tid | float, referencesf: object = None, *, progress: PackProgress | None = None
+    ) -> None:
         """Drop the revisions no snapshot at or after ``pack_tid`` sees, and garbage (I13).
 
         Keeps every revision newer than ``pack_tid`` and, of the older ones, the newest
@@ -1463,8 +1472,7 @@ class FileStorage:
         above ``last_tid()`` packs at ``last_tid()``.
         """
         self._check_writable()
-        if not isinstance(pack_tid, bytes) or len(pack_tid) != 8:
-            raise TypeError(f"pack_tid must be an 8-byte tid, got {pack_tid!r:.80}")
+        pack_tid = pack_time(pack_tid)  # also a POSIX time, as ZODB's pack(t, referencesf)
         if self._state != _IDLE and self._owner == threading.get_ident():
             raise StorageTransactionError("pack() while this thread's transaction is open: end it first")
         report = Progress(progress)
