@@ -292,3 +292,50 @@ def test_a_symlink_at_the_temporary_name_is_never_written_through(tmp_path: Path
         assert victim.read_bytes() == b"precious data\n"
         assert os.path.isfile(path) and not os.path.islink(path)
         check(fs, packed(model.txns, tids["t6"]))
+
+
+def _is_pack_file(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith(".fs.pack")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("where", ["pwrite", "fdatasync", "fsync"])
+def test_disk_full_during_a_pack_loses_nothing_and_the_storage_goes_on(
+    tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    path = tmp_path / "data.fs"
+    model = Model()
+    fs = FileStorage(path)
+    build(fs, model)
+    for i in range(40):
+        model.commit(fs, {0: rec([1, 9], b"r%d" % i), 9: rec([], b"x" * 20000)})
+    real = getattr(os, where)
+    calls = {"n": 0}
+
+    def full(fd: int, *args: object) -> object:
+        if _is_pack_file(fd):
+            calls["n"] += 1
+            if calls["n"] >= 2 or where != "pwrite":
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, where, full)
+    with pytest.raises(OSError):
+        fs.pack(fs.last_tid())
+    monkeypatch.setattr(os, where, real)
+    assert calls["n"] >= 1
+    assert not os.path.exists(str(path) + ".pack")
+    check(fs, model.txns)
+    model.commit(fs, {9: rec([], b"after")})
+    check(fs, model.txns)
+    fs.pack(fs.last_tid())
+    expected = packed(model.txns, fs.last_tid())
+    check(fs, expected)
+    fs.close()
+    assert verify(str(path)).problems == []
+    with FileStorage(path) as again:
+        check(again, expected)
