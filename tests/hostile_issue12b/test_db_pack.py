@@ -1,0 +1,49 @@
+"""DB.pack against connections whose transactions span the pack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import amberdb
+import amberdb.transaction as transaction_module
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: DB.pack packs at now, ignoring connections whose snapshot is older; a transaction begun"
+    " before the pack re-links an object the pack dropped, commits after it without a conflict, and the"
+    " database is left with a dangling reference (the commit is kept, the object it refers to is gone)",
+)
+@pytest.mark.parametrize("storage", ["file", "memory"])
+def test_a_transaction_spanning_a_pack_never_commits_a_reference_to_a_dropped_object(
+    tmp_path: Path, storage: str
+) -> None:
+    db = amberdb.DB(str(tmp_path / "data.fs") if storage == "file" else None)
+    with db.transaction() as conn:
+        conn.root.holder = amberdb.PersistentMapping()
+        conn.root.doc = amberdb.PersistentMapping(secret=1)
+    manager = transaction_module.TransactionManager()
+    old = db.open(manager)
+    doc, holder = old.root.doc, old.root.holder
+    assert doc["secret"] == 1
+    with db.transaction() as conn:
+        del conn.root.doc  # unreachable now -- but `old` still sees it
+    db.pack()
+    holder["doc"] = doc  # `old` moves it; nothing else touched `holder`
+    committed = True
+    try:
+        manager.commit()
+    except amberdb.ConflictError:
+        committed = False  # refusing is fine too
+        manager.abort()
+    old.close()
+    with db.transaction() as conn:
+        if committed:
+            assert conn.root.holder["doc"]["secret"] == 1
+        else:
+            assert "doc" not in conn.root.holder
+    db.close()
