@@ -47,3 +47,38 @@ def test_a_transaction_spanning_a_pack_never_commits_a_reference_to_a_dropped_ob
         else:
             assert "doc" not in conn.root.holder
     db.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: moving an object in two transactions (remove, commit; add elsewhere, commit) with a"
+    " DB.pack between commits a reference to the oid the pack dropped: the connection's cache still"
+    " shows it, but after a reopen it is gone (POSKeyError)",
+)
+def test_an_object_removed_then_added_back_across_a_pack_survives_a_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "data.fs")
+    db = amberdb.DB(path)
+    with db.transaction() as conn:
+        conn.root.a = amberdb.PersistentMapping(doc=amberdb.PersistentMapping(secret=1))
+        conn.root.b = amberdb.PersistentMapping()
+    manager = transaction_module.TransactionManager()
+    conn = db.open(manager)
+    doc = conn.root.a.pop("doc")
+    manager.commit()
+    db.pack()
+    conn.root.b["doc"] = doc
+    try:
+        manager.commit()
+        moved = True
+    except amberdb.DatabaseError:
+        manager.abort()  # refusing is fine too
+        moved = False
+    conn.close()
+    db.close()
+    db = amberdb.DB(path)
+    with db.transaction() as conn:
+        if moved:
+            assert conn.root.b["doc"]["secret"] == 1
+        else:
+            assert "doc" not in conn.root.b
+    db.close()
