@@ -344,3 +344,23 @@ def test_a_backup_interrupted_before_its_manifest_does_not_block_the_next_one(
     with rdb.transaction() as conn:
         assert conn.root.a["v"] == 2
     rdb.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: cmd_backup records the source's path in backup.json but never checks it: backing up"
+    " another database into the directory is taken for a pack of the first ('the data file was"
+    " replaced (packed?)'), and restore --at then silently returns whichever database's chain fits",
+)
+def test_backing_up_another_database_into_a_backup_directory_is_refused(
+    backup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    first, directory = backup
+    other = tmp_path / "other.fs"
+    db = amberdb.DB(str(other))
+    with db.transaction() as conn:
+        conn.root.a = amberdb.PersistentMapping(v="other")
+    db.close()
+    result = run("backup", str(other), str(directory))
+    assert result.returncode == 2
+    assert str(first) in one_line_error(result) or "backup.json" in result.stderr

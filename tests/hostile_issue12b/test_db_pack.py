@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,37 @@ def test_an_object_removed_then_added_back_across_a_pack_survives_a_reopen(tmp_p
         else:
             assert "doc" not in conn.root.b
     db.close()
+
+
+def test_pack_keeps_every_bucket_of_a_btree_after_heavy_churn(tmp_path: Path) -> None:
+    from amberdb.btrees import OOBTree, check
+
+    path = str(tmp_path / "data.fs")
+    db = amberdb.DB(path)
+    with db.transaction() as conn:
+        conn.root.tree = OOBTree()
+    for round_ in range(6):
+        with db.transaction() as conn:
+            tree = conn.root.tree
+            for i in range(round_, 3000, 3):
+                tree[f"k{i:05d}"] = amberdb.PersistentList([round_, i])
+            for i in range(round_, 3000, 7):
+                tree.pop(f"k{i:05d}", None)
+        db.pack()
+    with db.transaction() as conn:
+        expected = {k: list(v) for k, v in conn.root.tree.items()}
+    db.close()
+    db = amberdb.DB(path)
+    with db.transaction() as conn:
+        tree = conn.root.tree
+        check(tree)
+        assert {k: list(v) for k, v in tree.items()} == expected
+        assert list(tree.keys()) == sorted(expected)
+    db.close()
+    result = subprocess.run(
+        [sys.executable, "-m", "amberdb", "verify", path, "-q"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(amberdb.__file__).resolve().parents[1])},
+    )
+    assert result.returncode == 0, result.stdout
