@@ -1,0 +1,1 @@
+"""Hostile tests of issue 12 (second round): FileStorage.pack, DB.pack and the amberdb command."""
