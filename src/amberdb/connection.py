@@ -175,6 +175,12 @@ class Connection:
         # What the storage reported at vote as changed by others before this commit
         # (None: it could not tell); applied at finish.
         self._polled_at_vote: Collection[Oid] | None = ()
+        # A pack drops unreachable objects, but this connection may still hold one (popped
+        # out of the graph before the pack) and link it in again.  After each pack it sees,
+        # the objects it held then are suspects: a commit that refers to one checks that it
+        # still exists, and writes it again if not (see _check_references).
+        self._packed_seen: Tid | None = getattr(self._storage, "packed_tid", None)
+        self._pack_suspects: set[Oid] = set()
         # MVCC: reads see transactions up to _snapshot.  The snapshot only ever moves
         # together with the invalidation of what changed up to it (_move_snapshot).
         self._snapshot: Tid = z64
@@ -586,6 +592,10 @@ class Connection:
         spill file, as savepoints keep them.
         """
         buffered: list[tuple[Oid, Tid, bytes]] = []
+        packed = getattr(self._storage, "packed_tid", None)
+        if packed != self._packed_seen:
+            self._packed_seen = packed
+            self._pack_suspects = {oid for oid, _ in self._cache.live_objects()}
         spill = self._spill
         if spill is None:
             stored = self._stored  # what abort turns back into ghosts, whatever fails below
@@ -654,9 +664,39 @@ class Connection:
                 else:
                     registered.append(obj)
                 raise
+            if self._pack_suspects:
+                self._check_references(obj, record)
             sink(oid, obj._p_serial, record, obj)
             mark_unchanged(obj)
             _set(obj, "_p_estimated_size", len(record))
+
+    def _check_references(self, obj: Persistent, record: bytes) -> None:
+        """Write again any object ``record`` refers to that a pack removed meanwhile.
+
+        Only references to objects this connection held when it noticed the pack are
+        checked (any other was loaded since, so it exists).  One that is gone is stored as
+        new from the state in memory; a ghost has none, and the commit is refused.
+        """
+        suspects = self._pack_suspects
+        for ref, _ in decode_header(record).refs:
+            if ref not in suspects:
+                continue
+            suspects.discard(ref)
+            try:
+                self._storage.load(ref)
+                continue
+            except POSKeyError:
+                pass
+            held = self._cache.get(ref)
+            if held is None or held._p_state == GHOST:
+                raise POSKeyError(
+                    ref,
+                    f"cannot commit {class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}: it refers"
+                    " to this object, which a pack removed as unreachable and whose state this"
+                    " connection no longer holds",
+                )
+            _set(held, "_p_serial", z64)  # stored as new: the storage has no revision of it
+            self._added[ref] = held
 
     @_exclusive
     def tpc_vote(self, transaction: Any) -> None:

@@ -15,12 +15,6 @@ import amberdb.transaction as transaction_module
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DB.pack packs at now, ignoring connections whose snapshot is older; a transaction begun"
-    " before the pack re-links an object the pack dropped, commits after it without a conflict, and the"
-    " database is left with a dangling reference (the commit is kept, the object it refers to is gone)",
-)
 @pytest.mark.parametrize("storage", ["file", "memory"])
 def test_a_transaction_spanning_a_pack_never_commits_a_reference_to_a_dropped_object(
     tmp_path: Path, storage: str
@@ -52,12 +46,6 @@ def test_a_transaction_spanning_a_pack_never_commits_a_reference_to_a_dropped_ob
     db.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: moving an object in two transactions (remove, commit; add elsewhere, commit) with a"
-    " DB.pack between commits a reference to the oid the pack dropped: the connection's cache still"
-    " shows it, but after a reopen it is gone (POSKeyError)",
-)
 def test_an_object_removed_then_added_back_across_a_pack_survives_a_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "data.fs")
     db = amberdb.DB(path)

@@ -271,12 +271,6 @@ def test_a_streamed_transaction_in_progress_during_the_pack_is_kept(tmp_path: Pa
     assert verify(str(path)).problems == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _pack_once opens path + '.pack' with O_CREAT|O_TRUNC and no O_NOFOLLOW/O_EXCL: a symlink"
-    " there makes the pack truncate and overwrite the file it points to, then rename the symlink over"
-    " the data file",
-)
 def test_a_symlink_at_the_temporary_name_is_never_written_through(tmp_path: Path) -> None:
     path = tmp_path / "data.fs"
     victim = tmp_path / "precious.txt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from amberdb.cli.common import (
@@ -18,8 +19,27 @@ from amberdb.cli.common import (
 from amberdb.cli.inspect import print_verify_report, verify_open_storage
 from amberdb.cli.progress import Progress, format_bytes
 from amberdb.storage.base import Storage
+from amberdb.utils import z64
 
 __all__ = ["cmd_copy", "cmd_pack"]
+
+
+def _never_committed(uri: str) -> bool:
+    """Whether the storage ``uri`` names holds no transaction (looked at read-only)."""
+    storage = open_read_only(uri)
+    try:
+        return storage.last_tid() == z64
+    finally:
+        close_quietly(storage)
+
+
+def storage_size_of(uri: str) -> int | None:
+    """The size of the storage ``uri`` names, looked at read-only."""
+    storage = open_read_only(uri)
+    try:
+        return storage_size(storage)
+    finally:
+        close_quietly(storage)
 
 
 def _size_text(size: int | None) -> str:
@@ -27,22 +47,21 @@ def _size_text(size: int | None) -> str:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from amberdb.db import DB
-
     if args.days < 0:
         raise CliError("--days must not be negative")
-    storage = open_writable(args.uri)
-    db = DB(storage)
-    try:
-        pack = getattr(db, "pack", None)
-        if pack is None:
-            raise CliError("this version of amberdb has no DB.pack")
-        before = storage_size(storage)
-        with Progress("packing", quiet=args.quiet) as progress:
-            pack(days=args.days, progress=progress.update)
-        after = storage_size(storage)
-    finally:
-        db.close()
+    if args.uri != "memory:" and _never_committed(args.uri):
+        # An empty file stays as it is: a writable open would give it a header.
+        before = after = storage_size_of(args.uri)
+    else:
+        storage = open_writable(args.uri)
+        try:
+            before = storage_size(storage)
+            with Progress("packing", quiet=args.quiet) as progress:
+                # The storage's pack, not a DB's: a DB would create a root in a new storage.
+                storage.pack(time.time() - args.days * 86400.0, progress=progress.update)
+            after = storage_size(storage)
+        finally:
+            close_quietly(storage)
     result: dict[str, Any] = {"uri": args.uri, "days": args.days, "size_before": before, "size_after": after}
     if args.json:
         print_json(result)

@@ -280,6 +280,19 @@ def _pack_point(name: str) -> None:
     """Called at the named steps of a pack; tests replace it to crash or interfere there."""
 
 
+def _create_fresh(path: str) -> int:
+    """Create ``path`` anew for writing: whatever was there (a crashed pack's leftover, or a
+    symlink someone planted) is removed, never written through."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise StorageError(f"{path} is a directory: move it away; a pack writes its new file there")
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    return os.open(path, flags, 0o666)
+
+
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -1513,7 +1526,7 @@ class FileStorage:
             pack_tid = min(pack_tid, last)
             packed = pack_tid if self._packed_tid is None else max(pack_tid, self._packed_tid)
             new_id = os.urandom(8)
-            out_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            out_fd = _create_fresh(tmp)
             _pwrite_all(out_fd, encode_file_header(new_id, packed), 0)
             first = FILE_HEADER.size
             report.grow(2 * (end - first))
@@ -1568,9 +1581,15 @@ class FileStorage:
                 except BaseException as exc:
                     self._broken = exc
                     raise
-                # Names the old file id, so ignored already (I6); gone so nothing is misled.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path + ".index")
+                # The old index names the old file id, so it is ignored already (I6).  A new one
+                # now, not at close: it keeps the next oid, which an open that has to scan
+                # instead takes from the largest oid left -- and the pack may have dropped
+                # the largest, whose oid new_oid would then hand out again (invariant 5).
+                try:
+                    write_index_file(path, new_id, self._end, self._last_tid, self._next_oid, self._index)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path + ".index")
                 self._publish_end()
                 _pack_point("done")
             return None
