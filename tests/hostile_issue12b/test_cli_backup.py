@@ -61,12 +61,6 @@ def backup(tmp_path: Path) -> tuple[Path, Path]:
     return data, directory
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _choose_chain/_cut ignore the chain's pack time (file header packed_tid): restore --at a"
-    " moment before the pack cuts the packed file there and exits 0 with a database whose root refers to"
-    " an object the pack kept only in a later transaction (verify: dangling reference)",
-)
 def test_restore_at_a_time_before_the_pack_of_the_only_chain_is_not_silently_inconsistent(
     tmp_path: Path,
 ) -> None:
@@ -119,12 +113,6 @@ def rounded_down_tid() -> bytes:
     raise AssertionError("no such tid")  # pragma: no cover
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: restore --at compares the tid's exact time with the time the commands print"
-    " (rounded to the microsecond); passing a transaction's shown time leaves it out"
-    " when it was rounded down",
-)
 def test_restore_at_the_time_undo_log_shows_includes_that_transaction(tmp_path: Path) -> None:
     wanted = rounded_down_tid()
     before = p64(int.from_bytes(wanted, "big") - 10**9)
@@ -141,9 +129,6 @@ def test_restore_at_the_time_undo_log_shows_includes_that_transaction(tmp_path: 
     assert json.loads(result.stdout)["last_tid"] == oid_repr(wanted)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: parse_time takes float('nan'): restore --at nan restores everything"
-)
 @pytest.mark.parametrize("text", ["nan", "NaN", "-nan"])
 def test_restore_at_nan_is_a_usage_error(backup: tuple[Path, Path], tmp_path: Path, text: str) -> None:
     _, directory = backup
@@ -167,11 +152,6 @@ def tamper(directory: Path, change: Any) -> None:
     (directory / "backup.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cmd_restore joins the manifest's segment names to the directory unchecked:"
-    " '../x' or an absolute path makes restore read a file outside the backup directory",
-)
 @pytest.mark.parametrize("kind", ["relative", "absolute"])
 def test_restore_never_reads_a_segment_outside_the_backup_directory(
     backup: tuple[Path, Path], tmp_path: Path, kind: str
@@ -203,12 +183,6 @@ SHAPES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: backup/restore check only the manifest's format and that segments is a list: a"
-    " segment of the wrong shape ends in KeyError/TypeError/ValueError (exit 2) instead of"
-    " 'backup.json is damaged' (exit 1, as for unparsable JSON)",
-)
 @pytest.mark.parametrize(
     ("command", "shape"),
     [
@@ -306,12 +280,6 @@ def test_backup_while_a_writer_process_commits_restores_complete_transactions(tm
     rdb.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a backup interrupted after its segment's rename but before the manifest's leaves an"
-    " unlisted segment-N.fs, and every later backup refuses ('exists but the manifest does not list"
-    " it: move it away first') until someone moves it by hand",
-)
 def test_a_backup_interrupted_before_its_manifest_does_not_block_the_next_one(
     backup: tuple[Path, Path],
     tmp_path: Path,
@@ -346,12 +314,6 @@ def test_a_backup_interrupted_before_its_manifest_does_not_block_the_next_one(
     rdb.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cmd_backup records the source's path in backup.json but never checks it: backing up"
-    " another database into the directory is taken for a pack of the first ('the data file was"
-    " replaced (packed?)'), and restore --at then silently returns whichever database's chain fits",
-)
 def test_backing_up_another_database_into_a_backup_directory_is_refused(
     backup: tuple[Path, Path], tmp_path: Path
 ) -> None:

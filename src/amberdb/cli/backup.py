@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -39,7 +40,14 @@ from amberdb.cli.common import (
 )
 from amberdb.cli.progress import Progress, format_bytes
 from amberdb.storage.file import FileStorage
-from amberdb.storage.file.format import FILE_HEADER, FILE_MAGIC, TXN_HEADER, TXN_TRAILER, decode_txn_header
+from amberdb.storage.file.format import (
+    FILE_HEADER,
+    FILE_MAGIC,
+    TXN_HEADER,
+    TXN_TRAILER,
+    decode_txn_header,
+    file_header_packed_tid,
+)
 from amberdb.storage.file.verify import verify as verify_file
 from amberdb.utils import oid_repr, time_from_tid
 
@@ -97,9 +105,44 @@ def _load_manifest(directory: str, *, must_exist: bool) -> dict[str, Any]:
         return {"format": _FORMAT, "segments": []}
     except (ValueError, UnicodeDecodeError) as exc:
         raise CliError(f"{path} is damaged: {exc}", EXIT_PROBLEMS) from None
-    if manifest.get("format") != _FORMAT or not isinstance(manifest.get("segments"), list):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != _FORMAT
+        or not isinstance(manifest.get("segments"), list)
+    ):
         raise CliError(f"{path} is not an amberdb backup manifest of format {_FORMAT}", EXIT_PROBLEMS)
+    for number, segment in enumerate(manifest["segments"], 1):
+        problem = _segment_problem(segment)
+        if problem is not None:
+            raise CliError(f"{path} is damaged: its segment entry {number} {problem}", EXIT_PROBLEMS)
     return manifest
+
+
+_SEGMENT_NAME = re.compile(r"segment-[0-9]{6,}\.fs")
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+def _segment_problem(segment: Any) -> str | None:
+    """What is wrong with one manifest entry (None: nothing).  The manifest is data a backup
+    directory brings along: its names must stay inside the directory, its numbers sane."""
+    if not isinstance(segment, dict):
+        return "is not an object"
+    name = segment.get("file")
+    if not isinstance(name, str) or not _SEGMENT_NAME.fullmatch(name):
+        return f"names the file {name!r}, not a segment file of this directory (segment-NNNNNN.fs)"
+    for key in ("chain", "start", "end"):
+        value = segment.get(key)
+        if type(value) is not int or value < 0 or value > 1 << 62:
+            return f"has {key} {value!r}, not a count"
+    if segment["start"] > segment["end"]:
+        return f"starts at {segment['start']}, after its end {segment['end']}"
+    for key, size in (("first_tid", 16), ("last_tid", 16), ("sha256", 64), ("file_id", 16)):
+        value = segment.get(key)
+        if value is None and key in ("first_tid", "last_tid"):
+            continue
+        if not isinstance(value, str) or len(value) != size or not _HEX.fullmatch(value):
+            return f"has {key} {value!r}, not {size} hex digits"
+    return None
 
 
 # -- backup ---------------------------------------------------------------------------------
@@ -160,6 +203,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
     manifest = _load_manifest(directory, must_exist=False)
     segments: list[dict[str, Any]] = manifest["segments"]
 
+    source = manifest.get("source")
+    if segments and isinstance(source, str) and source != os.path.abspath(path):
+        raise CliError(
+            f"{directory} holds backups of {source}, not of {os.path.abspath(path)}: back each database"
+            " up into a directory of its own"
+        )
     fd, file_id, end, last_tid = _snapshot(path)
     try:
         chain = max((s["chain"] for s in segments), default=0)
@@ -230,8 +279,10 @@ def _copy_segment(
     """Copy bytes ``start..end`` of the data file into a new segment file; its manifest entry."""
     name = f"segment-{number:06d}.fs"
     final = os.path.join(directory, name)
-    if os.path.exists(final):
-        raise CliError(f"{final} exists but the manifest does not list it: move it away first")
+    if os.path.lexists(final):
+        # Not in the manifest: left by a backup interrupted before it wrote the manifest, so
+        # part of no backup.  Replaced, or every later backup would stop here.
+        os.unlink(final)
     tmp = final + ".tmp"
     first_at = max(start, FILE_HEADER.size)
     first_tid = _pread_exact(fd, 8, first_at) if first_at < end else None
@@ -265,23 +316,56 @@ def _copy_segment(
 # -- restore --------------------------------------------------------------------------------
 
 
-def _choose_chain(segments: list[dict[str, Any]], at: float | None) -> list[dict[str, Any]]:
+def _micros(seconds: float) -> int:
+    """A time at the microsecond the commands print it to: ``--at`` a printed time means it."""
+    return round(seconds * 1_000_000)
+
+
+def _packed_time(directory: str, chain: list[dict[str, Any]]) -> float | None:
+    """When the data file the chain was taken from was packed (None: never).
+
+    States before that moment are not in the chain: a pack kept only what later snapshots
+    see.
+    """
+    try:
+        with open(os.path.join(directory, chain[0]["file"]), "rb") as f:
+            header = f.read(FILE_HEADER.size)
+    except OSError:
+        return None  # reported when the chain is read
+    packed = file_header_packed_tid(header) if len(header) == FILE_HEADER.size else None
+    return None if packed is None else time_from_tid(packed)
+
+
+def _choose_chain(directory: str, segments: list[dict[str, Any]], at: float | None) -> list[dict[str, Any]]:
     """The segments of the chain to restore from, in order.
 
-    Without ``at``, the newest chain.  With it, the oldest chain whose last transaction is at
-    or after ``at`` (it holds that moment's history as it was, before any later pack); when
-    every chain ends before ``at``, the newest.
+    Without ``at``, the newest chain.  With it, of the chains that hold that moment (not
+    packed after it), the oldest whose last transaction is at or after ``at`` -- it holds the
+    history as it was then -- or else the newest; CliError when none holds it.
     """
     chains: dict[int, list[dict[str, Any]]] = {}
     for segment in segments:
         chains.setdefault(segment["chain"], []).append(segment)
     ordered = [chains[number] for number in sorted(chains)]
-    if at is not None:
-        for chain in ordered:
-            last = chain[-1]["last_tid"]
-            if last is not None and time_from_tid(bytes.fromhex(last)) >= at:
-                return chain
-    return ordered[-1]
+    if at is None:
+        return ordered[-1]
+    wanted = _micros(at)
+    holding = []
+    for chain in ordered:
+        packed = _packed_time(directory, chain)
+        if packed is None or _micros(packed) <= wanted:
+            holding.append(chain)
+    if not holding:
+        raise CliError(
+            f"no backup holds the database as it was at {iso_time(at)}: every backup chain was taken"
+            " from a file packed after that moment, which keeps only later states",
+            EXIT_PROBLEMS,
+        )
+    for chain in holding:
+        last = chain[-1]["last_tid"]
+        if last is not None and _micros(time_from_tid(bytes.fromhex(last))) >= wanted:
+            return chain
+    return holding[-1]
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -295,7 +379,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     manifest = _load_manifest(directory, must_exist=True)
     if not manifest["segments"]:
         raise CliError(f"{os.path.join(directory, MANIFEST)} lists no segment: nothing to restore")
-    chain = _choose_chain(manifest["segments"], at)
+    chain = _choose_chain(directory, manifest["segments"], at)
     expected = 0
     for segment in chain:
         if segment["start"] != expected:
@@ -396,7 +480,7 @@ def _cut(tmp: str, size: int, at: float | None, at_text: str | None) -> tuple[in
                 raise CliError(f"the restored file has a damaged transaction at offset {pos}", EXIT_PROBLEMS)
             if first is None:
                 first = header.tid
-            if at is not None and time_from_tid(header.tid) > at:
+            if at is not None and _micros(time_from_tid(header.tid)) > _micros(at):
                 break
             count += 1
             last = header.tid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import sys
@@ -116,9 +117,13 @@ def parse_time(text: str) -> float:
     A datetime without a zone is local time, as ``date`` shows it.
     """
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise CliError(f"{text!r} is not a time: give an ISO 8601 datetime or POSIX seconds")
+        return seconds
     iso = text.strip()
     if iso.endswith(("Z", "z")):
         iso = iso[:-1] + "+00:00"  # Python 3.10's fromisoformat does not take "Z"
