@@ -211,6 +211,11 @@ class OffsetIndex:
 
     def to_bytes(self) -> bytes:
         """Serialise (little-endian, independent of the machine) for :meth:`from_bytes`, :meth:`read_from`."""
+        return b"".join(self.to_pieces())
+
+    def to_pieces(self) -> list[bytes | memoryview]:
+        """:meth:`to_bytes` in pieces to write one after the other; the array's piece is a
+        view of it, not a copy (valid until the index changes)."""
         if self._base:
             raise ValueError("only an index whose array starts at oid 0 can be saved")
         # Not the empty tail growth leaves: every open would read it, and max_oid of the
@@ -220,9 +225,10 @@ class OffsetIndex:
             swapped = array("q", dense)
             swapped.byteswap()
             dense = memoryview(swapped)
-        parts = [_HEAD.pack(_MAGIC, len(dense), len(self._overflow), self._count), dense.tobytes()]
-        parts.extend(_PAIR.pack(oid, off) for oid, off in sorted(self._overflow.items()))
-        return b"".join(parts)
+        parts: list[bytes | memoryview] = [_HEAD.pack(_MAGIC, len(dense), len(self._overflow), self._count)]
+        parts.append(dense.cast("B"))
+        parts.append(b"".join(_PAIR.pack(oid, off) for oid, off in sorted(self._overflow.items())))
+        return parts
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> OffsetIndex:

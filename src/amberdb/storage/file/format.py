@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from typing import NamedTuple
 
 __all__ = [
@@ -274,11 +275,18 @@ def record_checksum(file_id_crc: int, header: bytes | memoryview, record: bytes 
 
 
 def encode_index_header(
-    file_id: bytes, position: int, last_tid: bytes, next_oid: int, payload: bytes
+    file_id: bytes,
+    position: int,
+    last_tid: bytes,
+    next_oid: int,
+    payload: bytes | memoryview | Sequence[bytes | memoryview],
 ) -> bytes:
-    """Pack an index-file header whose CRC covers the rest of itself and ``payload``."""
+    """Pack an index-file header whose CRC covers the rest of itself and ``payload`` (its
+    bytes, or the pieces it is written in, in order)."""
     head = INDEX_HEADER.pack(INDEX_MAGIC, file_id, position, last_tid, next_oid, 0)[:INDEX_HEADER_CHECKED]
-    crc = zlib.crc32(payload, zlib.crc32(head))
+    crc = zlib.crc32(head)
+    for piece in [payload] if isinstance(payload, (bytes, memoryview)) else payload:
+        crc = zlib.crc32(piece, crc)
     return INDEX_HEADER.pack(INDEX_MAGIC, file_id, position, last_tid, next_oid, crc)
 
 

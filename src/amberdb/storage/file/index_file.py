@@ -157,12 +157,15 @@ def write_index_file(
 
     The caller syncs the data file first: the index must never describe bytes not on disk.
     """
-    payload = index.to_bytes()
-    header = encode_index_header(file_id, position, last_tid, next_oid, payload)
+    # In pieces, not one bytes object: the array is written from where it lies, so saving a
+    # million-oid index does not hold two more copies of it meanwhile.
+    pieces = index.to_pieces()
+    header = encode_index_header(file_id, position, last_tid, next_oid, pieces)
     tmp = path + ".index.tmp"
     with open(tmp, "wb") as f:
         f.write(header)
-        f.write(payload)
+        for piece in pieces:
+            f.write(piece)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path + ".index")

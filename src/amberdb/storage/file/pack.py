@@ -8,9 +8,11 @@ its own, so loads and commits in other threads go on while it works; and it only
 temporary file it was given.
 
 Memory stays bounded by the number of oids, never by the size of the file or the number of
-revisions: an :class:`OffsetIndex` of each oid's newest revision at or before the pack time
-(8 bytes per oid), a bit per oid for the live set, an ``array('q')`` as the mark stack, the
-new file's index, and buffers of about a megabyte for reading and writing.
+revisions: the new file's index (8 bytes per oid), a bit per oid for the live set, an
+``array('q')`` as the mark stack, and buffers of half a megabyte for reading and writing.
+Where an oid's newest revision at or before the pack time lies comes from the storage's own
+index -- below the first transaction after the pack time it is that revision -- and, for
+the oids written after the pack time, from their back pointers, remembered per such oid.
 """
 
 from __future__ import annotations
@@ -241,6 +243,8 @@ class Packer:
         new_file_id_crc: int,
         pack_tid: Tid,
         progress: Progress,
+        old_index: OffsetIndex,
+        end: int,
     ) -> None:
         self.name = name
         self.reader = _Reader(fd, name)
@@ -249,8 +253,14 @@ class Packer:
         self.new_crc = new_file_id_crc
         self.pack_tid = pack_tid
         self.progress = progress
-        # oid -> offset of its newest revision at or before pack_tid, in the old file.
-        self.newest = OffsetIndex()
+        # The storage's own index (oid -> newest revision, committers go on updating it) and
+        # where the revisions after the pack time begin: below that offset, an oid's newest
+        # revision is its newest at or before the pack time.  Past it, the answer is
+        # remembered in ``moved`` (0: none) -- only for oids written after the pack time.
+        # No index of its own for the old file: 8 bytes per oid less.
+        self.old_index = old_index
+        self.boundary = end
+        self.moved = OffsetIndex(floating=True)
         self.live = OidBits(0)
         self.stack: array[int] = array("q")
         # The new file's index: oid -> offset of its newest revision there.
@@ -313,9 +323,31 @@ class Packer:
                 problem=str(exc),
             ) from exc
 
+    def newest_at_pack(self, oid: int) -> int:
+        """The offset of ``oid``'s newest revision at or before the pack time (-1: none)."""
+        at = self.old_index.get(oid)
+        if at < self.boundary:
+            return at  # -1 too: no revision at all
+        moved = self.moved.get(oid)
+        if moved < 0:
+            # Written after the pack time (maybe while packing): back to the first revision
+            # before the boundary, through back pointers the scan or the commit verified.
+            while at >= self.boundary:
+                header = pread_exact(self.reader.fd, _D, at)
+                if len(header) < _D:
+                    raise corruption(self.name, at, "the file ends inside a data record")
+                roid, _tid, back, _len, _crc = _unpack_data(header)
+                if int.from_bytes(roid, "big") != oid or back >= at:
+                    raise corruption(self.name, at, f"no revision of oid {oid:#x} here")
+                at = back
+                if back == 0:
+                    break
+            moved = self.moved[oid] = max(at, 0)
+        return moved if moved > 0 else -1
+
     def _push(self, oid: int) -> None:
         """Mark ``oid`` live and queue its newest pre-pack revision, if it has one."""
-        if oid in self.live or self.newest.get(oid) < 0:
+        if oid in self.live or self.newest_at_pack(oid) < 0:
             return
         self.live.add(oid)
         self.stack.append(oid)
@@ -326,7 +358,7 @@ class Packer:
         refer to."""
         reader = self.reader
         reader.stop = end
-        newest = self.newest
+        moved = self.moved
         pack_tid = self.pack_tid
         progress = self.progress
         marking = False
@@ -335,6 +367,7 @@ class Packer:
             h = self._verified_header(pos, end)
             prepack = h.tid <= pack_tid
             if not prepack and not marking:
+                self.boundary = pos
                 self._start_marking()
                 marking = True
             p = pos + _H + h.meta_len
@@ -343,9 +376,11 @@ class Packer:
                 oid, rtid, back, rlen, _crc = _unpack_data(reader.read(p, _D))
                 self._check_record(pos, p, rtid, back, rlen, data_end, h.tid)
                 oid_int = int.from_bytes(oid, "big")
-                if prepack:
-                    newest[oid_int] = p
-                else:
+                if not prepack:
+                    if oid_int not in moved:
+                        # Its first revision after the pack time points back at its newest
+                        # one at or before it (0: created after it).
+                        moved[oid_int] = back
                     # Post-pack revisions are all kept: they and what they refer to are roots.
                     self._push(oid_int)
                     for ref in self._record_refs(p, oid, bytes(reader.read(p + _D, rlen))):
@@ -360,23 +395,23 @@ class Packer:
             self._start_marking()
 
     def _start_marking(self) -> None:
-        """Size the live set now that ``newest`` is complete, and mark the root object."""
-        newest = self.newest
-        top = newest.max_oid() + 1
-        self.index.reserve(top)  # the new file's oids: at most those with a pre-pack revision, and later ones
+        """Size the live set and the new index by the storage's oids, and mark the root."""
+        old_index = self.old_index
+        top = old_index.max_oid() + 1
+        self.index.reserve(top)
         # One bit per oid up to the largest, unless a few huge oids would make that wasteful.
-        self.live = OidBits(min(top, 8 * len(newest) + (1 << 23)))
+        self.live = OidBits(min(top, 8 * len(old_index) + (1 << 23)))
         self._push(0)
 
     def mark(self) -> None:
         """Follow references from the roots through the newest pre-pack revisions."""
         fd = self.reader.fd
-        newest = self.newest
+        newest_at_pack = self.newest_at_pack
         stack = self.stack
         crc0 = self.file_id_crc
         while stack:
             oid_int = stack.pop()
-            at = newest[oid_int]
+            at = newest_at_pack(oid_int)
             data = pread_exact(fd, _D + _MARK_READ, at)
             if len(data) < _D:
                 raise corruption(self.name, at, "the file ends inside a data record")
@@ -429,7 +464,7 @@ class Packer:
         return self.out.pos
 
     def _dropped(self, oid_int: int) -> bool:
-        return self.newest.get(oid_int) >= 0 and oid_int not in self.live
+        return self.newest_at_pack(oid_int) >= 0 and oid_int not in self.live
 
     def _copy_transaction(self, pos: int, h: TxnHeader, *, check: bool, keep: bool = False) -> bool:
         """Copy the transaction at ``pos``: all of it after the pack time, only its kept
@@ -438,7 +473,7 @@ class Packer:
         reader = self.reader
         out = self.out
         prepack = h.tid <= self.pack_tid
-        newest, live, index = self.newest, self.live, self.index
+        newest_at_pack, live, index = self.newest_at_pack, self.live, self.index
         new_crc = self.new_crc
         tid = h.tid
         meta = bytes(reader.read(pos + _H, h.meta_len)) if h.meta_len else b""
@@ -460,7 +495,7 @@ class Packer:
             at = p
             p += _D + rlen
             oid_int = int.from_bytes(oid, "big")
-            if prepack and (newest.get(oid_int) != at or oid_int not in live):
+            if prepack and (newest_at_pack(oid_int) != at or oid_int not in live):
                 continue
             record = reader.read(at + _D, rlen)
             if check:

@@ -126,7 +126,7 @@ I13 Pack.  ``pack(pack_tid)`` keeps every revision newer than ``pack_tid`` and, 
     found unreachable (a snapshot older than the pack still held it): that attempt is
     dropped before the rename and the pack done again with those commits among the roots,
     at most ``_PACK_ATTEMPTS`` times before StorageError.  Memory stays bounded by the
-    number of oids (two offset indexes, a bit per oid, the mark stack; see
+    number of oids (the new file's offset index, a bit per oid, the mark stack; see
     :mod:`.pack`), never by the file's size.  An error or KeyboardInterrupt before the
     rename deletes the temporary file and leaves the storage as it was; one after the
     rename but before the storage reads the new file marks it broken, since a commit into
@@ -1516,7 +1516,7 @@ class FileStorage:
         with self._lock:
             end, last = self._end, self._last_tid
             old_crc = self._file_id_crc
-            oid_limit = len(self._index) and self._index.max_oid() + 1
+            old_index = self._index  # committers go on updating it; the swap replaces it
             old_fd = os.dup(self._fd)  # the inode being packed, whatever the swap does
         out_fd = -1
         replaced = False
@@ -1530,8 +1530,9 @@ class FileStorage:
             _pwrite_all(out_fd, encode_file_header(new_id, packed), 0)
             first = FILE_HEADER.size
             report.grow(2 * (end - first))
-            packer = Packer(old_fd, path, old_crc, out_fd, first, zlib.crc32(new_id), pack_tid, report)
-            packer.newest.reserve(oid_limit)
+            packer = Packer(
+                old_fd, path, old_crc, out_fd, first, zlib.crc32(new_id), pack_tid, report, old_index, end
+            )
             packer.scan(first, end)
             _pack_point("scanned")
             packer.mark()
