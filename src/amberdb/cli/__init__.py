@@ -107,7 +107,30 @@ def _build_parser() -> argparse.ArgumentParser:
         " (ISO 8601 datetime, local time without a zone, or POSIX seconds)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("token", _token_add, "manage the tokens file of an amberdb server")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    add = actions.add_parser(
+        "add",
+        help="create a token; it is printed once, alone on the last line",
+        description="Create a token in FILE (made if missing, readable by its owner only) and print"
+        " it once, alone on the last line; the file keeps only a salted hash of it.",
+    )
+    add.add_argument("file", metavar="FILE")
+    add.add_argument("name", metavar="NAME", help="names the client in the server's log")
+    add.add_argument("--read-only", action="store_true", help="the token may read but not commit")
     return parser
+
+
+def _token_add(args: argparse.Namespace) -> int:
+    from amberdb.server.auth import add_token
+
+    token = add_token(args.file, args.name, "ro" if args.read_only else "rw")
+    kind = "read-only" if args.read_only else "read-write"
+    print(f"added the {kind} token {args.name!r} to {args.file}; it is not shown again, keep it secret:")
+    print(token)
+    return 0
 
 
 def _describe(exc: BaseException) -> tuple[str, int]:
