@@ -11,6 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from amberdb.exceptions import (
+    ConflictError,
+    CorruptedDataError,
+    POSKeyError,
+    ReadOnlyError,
+    StorageError,
+    StorageTransactionError,
+    UndoError,
+    VoteConflictError,
+)
 from amberdb.server.protocol import (
     DEFAULT_FRAME_LIMIT,
     MAGIC,
@@ -26,6 +36,8 @@ from amberdb.server.protocol import (
     encode_hello,
     encode_message,
     encode_values,
+    error_fields,
+    error_from_fields,
 )
 
 scalars = (
@@ -181,3 +193,53 @@ def test_hello() -> None:
         with pytest.raises(WireError, match="does not speak"):
             decode_hello(foreign)
     assert encode_frame(b"") == b"\x00\x00\x00\x00"
+
+
+def _through_the_wire(exc: BaseException) -> BaseException:
+    frame = encode_message(0x81, 5, error_fields(exc))
+    (payload,) = FrameDecoder().feed(frame)
+    return error_from_fields(decode_message(payload).fields)
+
+
+def test_errors_cross_the_wire_as_themselves() -> None:
+    oid, t1, t2 = b"\x00" * 7 + b"\x01", b"\x01" * 8, b"\x02" * 8
+    conflict = _through_the_wire(ConflictError(oid=oid, class_name="app:Counter", serials=(t2, t1)))
+    assert type(conflict) is ConflictError
+    assert (conflict.oid, conflict.class_name, conflict.serials) == (oid, "app:Counter", (t2, t1))
+    assert "app:Counter" in str(conflict)
+    votes = _through_the_wire(VoteConflictError({oid: (t2, t1), t1: (t2, t2)}))
+    assert type(votes) is VoteConflictError and votes.conflicts == {oid: (t2, t1), t1: (t2, t2)}
+    missing = _through_the_wire(POSKeyError(oid, "no revision before tid 0x5"))
+    assert isinstance(missing, KeyError) and missing.oid == oid and "no revision before" in str(missing)
+    undo = _through_the_wire(UndoError("cannot undo", (oid, t1)))
+    assert type(undo) is UndoError and undo.oids == (oid, t1)
+    damage = _through_the_wire(CorruptedDataError("bad", path="/d.fs", offset=77, oid=oid, problem="crc"))
+    assert type(damage) is CorruptedDataError and (damage.path, damage.offset, damage.oid) == (
+        "/d.fs",
+        77,
+        oid,
+    )
+    for simple in (ReadOnlyError("ro"), StorageTransactionError("order"), StorageError("x"), WireError("w")):
+        back = _through_the_wire(simple)
+        assert type(back) is type(simple) and str(back) == str(simple)
+    other = _through_the_wire(ZeroDivisionError("boom"))
+    assert type(other) is StorageError and "ZeroDivisionError: boom" in str(other)
+
+
+def test_hostile_error_replies_are_wire_errors_or_plain_storage_errors() -> None:
+    assert type(error_from_fields(["os.system", "rm -rf /", []])) is StorageError  # never a class it names
+    for fields in (
+        [],
+        ["POSKeyError"],
+        [1, "m", []],
+        ["POSKeyError", "m", "not a list"],
+        ["POSKeyError", "m", [b"short"]],
+        ["POSKeyError", "m", []],
+        ["ConflictError", "m", [None, 5, None, None]],
+        ["VoteConflictError", "m", [[b"x" * 8]]],
+        ["VoteConflictError", "m", []],
+        ["UndoError", "m", [1]],
+        ["CorruptedDataError", "m", ["/p", "offset", None, "x"]],
+    ):
+        with pytest.raises(WireError):
+            error_from_fields(fields)  # type: ignore[arg-type]

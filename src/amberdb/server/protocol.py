@@ -50,6 +50,16 @@ A length or count may not run past the end of the payload (a list's count is che
 the bytes left, one per element at least), lists nest at most :data:`MAX_DEPTH` deep, and
 ``bytes`` of length 8 are always written with tag 0x04 (a reader gets ``bytes`` either way).
 
+Errors
+======
+
+A request that fails is answered with the fields ``[code, message, details]``: ``code`` a
+str naming the error (one of :data:`ERROR_CODES`), ``message`` its text, ``details`` a list
+whose shape the code fixes (the oid of a POSKeyError, the oid, class and serials of a
+ConflictError, ...).  :func:`error_fields` writes them, :func:`error_from_fields` rebuilds
+the exception on the other side -- only these classes, never one the peer names: an unknown
+code comes back as a StorageError quoting it.
+
 Versions
 ========
 
@@ -64,10 +74,21 @@ import struct
 from collections.abc import Iterator, Sequence
 from typing import Union
 
-from amberdb.exceptions import DatabaseError
+from amberdb.exceptions import (
+    ConflictError,
+    CorruptedDataError,
+    DatabaseError,
+    POSKeyError,
+    ReadOnlyError,
+    StorageError,
+    StorageTransactionError,
+    UndoError,
+    VoteConflictError,
+)
 
 __all__ = [
     "DEFAULT_FRAME_LIMIT",
+    "ERROR_CODES",
     "MAGIC",
     "MAX_DEPTH",
     "PROTOCOL_VERSION",
@@ -82,6 +103,8 @@ __all__ = [
     "encode_hello",
     "encode_message",
     "encode_values",
+    "error_fields",
+    "error_from_fields",
 ]
 
 MAGIC = b"AMBERDB-WIRE"
@@ -346,3 +369,107 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes held for frames not yet complete."""
         return len(self._buffer)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+# Most specific first: an error is sent under the first class it is an instance of.
+_ERROR_CLASSES: tuple[tuple[str, type[DatabaseError]], ...] = (
+    ("VoteConflictError", VoteConflictError),
+    ("ConflictError", ConflictError),
+    ("POSKeyError", POSKeyError),
+    ("ReadOnlyError", ReadOnlyError),
+    ("UndoError", UndoError),
+    ("CorruptedDataError", CorruptedDataError),
+    ("StorageTransactionError", StorageTransactionError),
+    ("WireError", WireError),
+    ("StorageError", StorageError),
+)
+ERROR_CODES = tuple(code for code, _ in _ERROR_CLASSES)
+"""The codes an error reply may carry (anything else arrives as a StorageError)."""
+
+
+def error_fields(exc: BaseException) -> list[Value]:
+    """The fields of an error reply for ``exc`` (any other exception goes as StorageError,
+    with its class named in the message)."""
+    for code, cls in _ERROR_CLASSES:
+        if isinstance(exc, cls):
+            return [code, str(exc), _details(exc)]
+    return ["StorageError", f"{type(exc).__name__}: {exc}", []]
+
+
+def _details(exc: BaseException) -> list[Value]:
+    if isinstance(exc, VoteConflictError):
+        return [[oid, committed, base] for oid, (committed, base) in exc.conflicts.items()]
+    if isinstance(exc, ConflictError):
+        committed, base = exc.serials if exc.serials is not None else (None, None)
+        return [exc.oid, exc.class_name, committed, base]
+    if isinstance(exc, POSKeyError):
+        return [exc.oid]
+    if isinstance(exc, UndoError):
+        return list(exc.oids)
+    if isinstance(exc, CorruptedDataError):
+        return [exc.path, exc.offset, exc.oid, exc.problem]
+    return []
+
+
+def error_from_fields(fields: Sequence[Value]) -> DatabaseError:
+    """The exception an error reply describes; WireError when its fields make no sense."""
+    if len(fields) != 3:
+        raise WireError("an error reply must hold [code, message, details]")
+    code, message, details = fields
+    if not isinstance(code, str) or not isinstance(message, str) or not isinstance(details, list):
+        raise WireError("an error reply must hold [code, message, details] as str, str, list")
+    try:
+        return _rebuild(code, message, details)
+    except (TypeError, ValueError):
+        raise WireError(f"the details of a {code[:80]!r} reply do not fit it: {details!r:.200}") from None
+
+
+def _oid(value: Value) -> bytes:
+    if type(value) is not bytes or len(value) != 8:
+        raise ValueError("not an oid")
+    return value
+
+
+def _optional_oid(value: Value) -> bytes | None:
+    return None if value is None else _oid(value)
+
+
+def _rebuild(code: str, message: str, details: list[Value]) -> DatabaseError:
+    if code == "VoteConflictError":
+        conflicts = {}
+        for item in details:
+            if not isinstance(item, list) or len(item) != 3:
+                raise ValueError("a conflict is [oid, committed, base]")
+            conflicts[_oid(item[0])] = (_oid(item[1]), _oid(item[2]))
+        return VoteConflictError(conflicts, message)
+    if code == "ConflictError":
+        oid, class_name, committed, base = details
+        if class_name is not None and not isinstance(class_name, str):
+            raise ValueError("class name")
+        serials = None if committed is None or base is None else (_oid(committed), _oid(base))
+        return ConflictError(message, oid=_optional_oid(oid), class_name=class_name, serials=serials)
+    if code == "POSKeyError":
+        (oid,) = details
+        error = POSKeyError(_oid(oid))
+        error.args = (message,)
+        return error
+    if code == "UndoError":
+        return UndoError(message, tuple(_oid(oid) for oid in details))
+    if code == "CorruptedDataError":
+        path, offset, oid, problem = details
+        if not isinstance(path, str) or not isinstance(problem, str):
+            raise ValueError("path and problem are strings")
+        if offset is not None and type(offset) is not int:
+            raise ValueError("offset")
+        return CorruptedDataError(message, path=path, offset=offset, oid=_optional_oid(oid), problem=problem)
+    simple = {
+        "ReadOnlyError": ReadOnlyError,
+        "StorageTransactionError": StorageTransactionError,
+        "WireError": WireError,
+        "StorageError": StorageError,
+    }
+    if code in simple:
+        return simple[code](message)
+    return StorageError(f"the server reported {code[:80]!r}: {message}")
