@@ -18,7 +18,6 @@ the oids written after the pack time, from their back pointers, remembered per s
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import threading
 import zlib
@@ -43,7 +42,7 @@ from amberdb.storage.file.format import (
     encode_txn_header,
     txn_checksum,
 )
-from amberdb.storage.file.recovery import corruption, pread_exact
+from amberdb.storage.file.recovery import corruption, pread_exact, pwrite_all
 from amberdb.storage.offsets import OffsetIndex
 from amberdb.utils import Tid, oid_repr
 
@@ -96,14 +95,6 @@ def responsive_switching() -> Iterator[None]:
             _switching_users -= 1
             if _switching_users == 0:
                 sys.setswitchinterval(_switching_saved)
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
 
 
 class OidBits:
@@ -202,7 +193,7 @@ class _Writer:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if len(data) >= PACK_CHUNK:
             self.flush()
-            _pwrite_all(self.fd, data, self._base)
+            pwrite_all(self.fd, data, self._base)
             self._base += len(data)
             return
         self._buf += data
@@ -215,11 +206,11 @@ class _Writer:
         if rel >= 0:
             self._buf[rel : rel + len(data)] = data
         else:
-            _pwrite_all(self.fd, data, offset)
+            pwrite_all(self.fd, data, offset)
 
     def flush(self) -> None:
         if self._buf:
-            _pwrite_all(self.fd, self._buf, self._base)
+            pwrite_all(self.fd, self._buf, self._base)
             self._base += len(self._buf)
             self._buf = bytearray()
 

@@ -63,6 +63,7 @@ __all__ = [
     "index_transaction",
     "judge_stop",
     "pread_exact",
+    "pwrite_all",
     "read_transaction",
     "scan",
 ]
@@ -125,6 +126,15 @@ class ScanResult:
     voted: list[int] = field(default_factory=list)
     """Offsets of committed transactions still marked ``v`` (a lost ``finish`` flip)."""
     torn_reason: str = ""
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytes:

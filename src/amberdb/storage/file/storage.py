@@ -224,6 +224,7 @@ from amberdb.storage.file.recovery import (
     describe_txn_problem,
     index_transaction,
     pread_exact,
+    pwrite_all,
     read_transaction,
     scan,
 )
@@ -291,14 +292,6 @@ def _create_fresh(path: str) -> int:
         pass
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     return os.open(path, flags, 0o666)
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
 
 
 def _fsync_dir(path: str) -> None:
@@ -438,7 +431,7 @@ class FileStorage:
             # New file, or a crash during creation left a prefix of our header.
             self._file_id = os.urandom(8)
             self._file_id_crc = zlib.crc32(self._file_id)
-            _pwrite_all(self._fd, encode_file_header(self._file_id), 0)
+            pwrite_all(self._fd, encode_file_header(self._file_id), 0)
             os.fsync(self._fd)
             _fsync_dir(path)
             size = FILE_HEADER.size
@@ -600,7 +593,7 @@ class FileStorage:
             os.ftruncate(self._fd, result.stop)
             changed = True
         for pos in result.voted:
-            _pwrite_all(self._fd, STATUS_COMMITTED, pos + STATUS_OFFSET)
+            pwrite_all(self._fd, STATUS_COMMITTED, pos + STATUS_OFFSET)
             changed = True
         if changed:
             os.fsync(self._fd)
@@ -1181,7 +1174,7 @@ class FileStorage:
                     f"{self._path} already holds transactions: a packed history is copied only into"
                     " an empty file storage"
                 )
-            _pwrite_all(self._fd, encode_file_header(self._file_id, tid), 0)
+            pwrite_all(self._fd, encode_file_header(self._file_id, tid), 0)
             os.fsync(self._fd)
             self._packed_tid = tid
         finally:
@@ -1367,7 +1360,7 @@ class FileStorage:
 
     def _write_out(self, data: bytes | bytearray) -> None:
         """Append ``data`` to the streamed part of the transaction, keeping the body CRC."""
-        _pwrite_all(self._fd, data, self._txn_pos + self._written)
+        pwrite_all(self._fd, data, self._txn_pos + self._written)
         body = memoryview(data)[_H:] if self._written == 0 else data
         self._body_crc = zlib.crc32(body, self._body_crc)
         self._written += len(data)
@@ -1386,12 +1379,12 @@ class FileStorage:
                 body_crc = zlib.crc32(memoryview(buf)[_H:], self._body_crc)
                 buf[:_H] = header
                 buf += TXN_TRAILER.pack(length, txn_checksum(0, body_crc, header), TRAILER_MAGIC)
-                _pwrite_all(self._fd, buf, self._txn_pos)
+                pwrite_all(self._fd, buf, self._txn_pos)
             else:
                 body_crc = zlib.crc32(buf, self._body_crc)
                 buf += TXN_TRAILER.pack(length, txn_checksum(0, body_crc, header), TRAILER_MAGIC)
-                _pwrite_all(self._fd, buf, self._txn_pos + self._written)
-                _pwrite_all(self._fd, header, self._txn_pos)
+                pwrite_all(self._fd, buf, self._txn_pos + self._written)
+                pwrite_all(self._fd, header, self._txn_pos)
         except BaseException as exc:
             self._failure = exc
             raise
@@ -1527,7 +1520,7 @@ class FileStorage:
             packed = pack_tid if self._packed_tid is None else max(pack_tid, self._packed_tid)
             new_id = os.urandom(8)
             out_fd = _create_fresh(tmp)
-            _pwrite_all(out_fd, encode_file_header(new_id, packed), 0)
+            pwrite_all(out_fd, encode_file_header(new_id, packed), 0)
             first = FILE_HEADER.size
             report.grow(2 * (end - first))
             packer = Packer(
