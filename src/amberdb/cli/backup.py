@@ -39,6 +39,7 @@ from amberdb.cli.common import (
     print_json,
 )
 from amberdb.cli.progress import Progress, format_bytes
+from amberdb.fsutil import fsync_directory, replace_file
 from amberdb.storage.file import FileStorage
 from amberdb.storage.file.format import (
     FILE_HEADER,
@@ -61,29 +62,11 @@ _CHUNK = 1 << 20
 # -- small file helpers ---------------------------------------------------------------------
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) != size:
         raise CliError(f"short read at offset {offset}: the file changed under the backup")
     return data
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _tid_hex(tid: bytes | None) -> str | None:
@@ -248,7 +231,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             )
             segments.append(segment)
             manifest["source"] = os.path.abspath(path)
-            _write_atomically(
+            replace_file(
                 os.path.join(directory, MANIFEST), json.dumps(manifest, indent=2).encode("utf-8") + b"\n"
             )
             result = {
@@ -303,7 +286,7 @@ def _copy_segment(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    fsync_directory(directory)
     return {
         "file": name,
         "start": start,
@@ -407,7 +390,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         except FileExistsError:
             raise CliError(f"{target} appeared while restoring: left it alone") from None
         os.unlink(tmp)
-        _fsync_dir(parent)
+        fsync_directory(parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

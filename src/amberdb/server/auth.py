@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from amberdb.exceptions import DatabaseError
+from amberdb.fsutil import replace_file
 
 __all__ = ["Access", "TokenError", "TokenFileError", "Tokens", "add_token"]
 
@@ -119,30 +120,10 @@ def add_token(path: str | os.PathLike[str], name: str, access: Access = "rw") ->
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
     )
-    _write(path, {"format": _FORMAT, "tokens": entries})
+    # Readable by its owner only, from the first byte.
+    text = json.dumps({"format": _FORMAT, "tokens": entries}, indent=2) + "\n"
+    replace_file(path, text.encode("utf-8"), mode=0o600)
     return f"{token_id}.{secret}"
-
-
-def _write(path: str, data: dict[str, Any]) -> None:
-    """Replace the file atomically, readable by its owner only from the first byte."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class Tokens:

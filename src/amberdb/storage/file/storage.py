@@ -176,6 +176,7 @@ from amberdb.exceptions import (
     StorageForkedError,
     StorageTransactionError,
 )
+from amberdb.fsutil import fsync_directory
 from amberdb.storage.base import (
     PackProgress,
     Revision,
@@ -292,14 +293,6 @@ def _create_fresh(path: str) -> int:
         pass
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     return os.open(path, flags, 0o666)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,7 +426,7 @@ class FileStorage:
             self._file_id_crc = zlib.crc32(self._file_id)
             pwrite_all(self._fd, encode_file_header(self._file_id), 0)
             os.fsync(self._fd)
-            _fsync_dir(path)
+            fsync_directory(os.path.dirname(os.path.abspath(path)))
             size = FILE_HEADER.size
         self._load(size)
         if not self._read_only:
@@ -1571,7 +1564,7 @@ class FileStorage:
                 try:
                     _pack_point("switched")
                     # The rename must be durable before a commit into the new file is.
-                    _fsync_dir(path)
+                    fsync_directory(os.path.dirname(os.path.abspath(path)))
                 except BaseException as exc:
                     self._broken = exc
                     raise
