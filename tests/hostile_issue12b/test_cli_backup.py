@@ -299,7 +299,7 @@ def test_a_backup_interrupted_before_its_manifest_does_not_block_the_next_one(
         raise KeyboardInterrupt  # the user's ^C, after the segment was renamed into place
 
     with monkeypatch.context() as patch:
-        patch.setattr(backup_module, "_write_atomically", interrupted)
+        patch.setattr(backup_module, "replace_file", interrupted)
         assert main(["backup", str(data), str(directory), "-q"]) == 130
     # The previous backup is as it was...
     assert len(json.loads((directory / "backup.json").read_text())["segments"]) == 1
