@@ -179,7 +179,7 @@ class Connection:
         # out of the graph before the pack) and link it in again.  After each pack it sees,
         # the objects it held then are suspects: a commit that refers to one checks that it
         # still exists, and writes it again if not (see _check_references).
-        self._packed_seen: Tid | None = getattr(self._storage, "packed_tid", None)
+        self._packed_seen: Tid | None = self._storage.packed_tid
         self._pack_suspects: set[Oid] = set()
         # MVCC: reads see transactions up to _snapshot.  The snapshot only ever moves
         # together with the invalidation of what changed up to it (_move_snapshot).
@@ -592,7 +592,7 @@ class Connection:
         spill file, as savepoints keep them.
         """
         buffered: list[tuple[Oid, Tid, bytes]] = []
-        packed = getattr(self._storage, "packed_tid", None)
+        packed = self._storage.packed_tid
         if packed != self._packed_seen:
             self._packed_seen = packed
             self._pack_suspects = {oid for oid, _ in self._cache.live_objects()}

@@ -81,15 +81,9 @@ def open_writable(uri: str) -> Storage:
         raise CliError(str(exc)) from None
 
 
-def storage_size(storage: Storage) -> int | None:
-    """Bytes the storage occupies: a FileStorage's committed length, else ``get_size()``."""
-    for name in ("size", "get_size", "getSize"):
-        method = getattr(storage, name, None)
-        if callable(method):
-            value = method()
-            if isinstance(value, int):
-                return value
-    return None
+def storage_size(storage: Storage) -> int:
+    """Bytes the storage occupies (a FileStorage's committed length)."""
+    return storage.get_size()
 
 
 def iso_time(seconds: float) -> str:
