@@ -227,6 +227,7 @@ class CacheVsHistory(RuleBasedStateMachine):
     @invariant()
     def accounting(self) -> None:
         held = contents(self.cache)
+        assert len({(oid, start) for oid, start, *_ in held}) == len(held)  # each revision once
         assert self.cache.used == sum(len(record) + ENTRY_OVERHEAD for *_, record in held)
         assert self.cache.used <= self.cache.size
         assert len(self.cache) == len(held)
@@ -278,9 +279,24 @@ def test_stale_current_store_of_an_ended_revision_is_refused() -> None:
     cache.store(p64(1), p64(5), b"five")  # read from the server before the invalidation
     assert cache.load(p64(1)) is None
     cache.store(p64(1), p64(12), b"twelve")
-    cache.store(p64(1), p64(5), b"five")  # older than the current entry: ignored
+    cache.store(p64(1), p64(3), b"three")  # older than the current entry: ignored
     assert cache.load(p64(1)) == (b"twelve", p64(12))
     cache.close()
+
+
+def test_a_revision_known_old_then_stored_current_is_held_once(tmp_path: Path) -> None:
+    cache = RecordCache(path=tmp_path / "cache")
+    cache.last_tid = p64(10)
+    cache.store(p64(1), p64(5), b"five", end=p64(12))  # the server is ahead of the cache
+    cache.store(p64(1), p64(5), b"five")
+    cache.store(p64(1), p64(5), b"five", end=p64(12))  # the current entry already answers
+    assert contents(cache) == [(p64(1), p64(5), None, b"five")]
+    cache.invalidate(p64(12), [p64(1)])
+    assert contents(cache) == [(p64(1), p64(5), p64(12), b"five")]
+    cache.close()
+    again = RecordCache(path=tmp_path / "cache")
+    assert again.load_before(p64(1), p64(12)) == (b"five", p64(5))
+    again.close()
 
 
 def test_the_revision_an_invalidation_wrote_stays_current() -> None:
@@ -392,6 +408,18 @@ def test_a_smaller_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
     small = RecordCache(2 * ENTRY_OVERHEAD, path)
     assert [u64(oid) for oid, *_ in contents(small)][-2:] == [3, 4]
     assert small.used <= small.size
+    small.close()
+
+
+def test_a_smaller_cache_skips_an_entry_bigger_than_itself_and_keeps_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    big = RecordCache(10 * ENTRY_OVERHEAD, path)
+    big.last_tid = p64(1)
+    big.store(p64(1), p64(1), b"small")
+    big.store(p64(2), p64(1), b"x" * ENTRY_OVERHEAD)  # the most recently used
+    big.close()
+    small = RecordCache(ENTRY_OVERHEAD + 100, path)
+    assert [u64(oid) for oid, *_ in contents(small)] == [1]
     small.close()
 
 
@@ -513,9 +541,13 @@ def test_a_file_longer_than_the_size_allows_is_not_read(tmp_path: Path) -> None:
 
 def test_an_unreadable_path_warns(tmp_path: Path) -> None:
     (tmp_path / "dir").mkdir()
-    cache = open_warned(tmp_path / "dir", match="cannot be read")
+    cache = open_warned(tmp_path / "dir", match="not a regular file")
     assert_empty(cache)
     cache.close()
+    os.mkfifo(tmp_path / "fifo")
+    fifo = open_warned(tmp_path / "fifo", match="not a regular file")
+    assert not fifo.writes_file
+    fifo.close()
     nowhere = open_warned(tmp_path / "missing" / "cache", match="lock file cannot be opened")
     assert not nowhere.writes_file
     nowhere.close()

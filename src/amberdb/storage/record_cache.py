@@ -75,6 +75,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import stat
 import struct
 import threading
 import warnings
@@ -318,8 +319,13 @@ class RecordCache:
         olds = self._old.get(oid)
         if olds is not None:
             ended = olds.get(tid)
-            if ended is not None and ended.end is not None and ended.end <= self._last_tid:
-                return  # this revision is known to have ended by last_tid: stale
+            if ended is not None:
+                assert ended.end is not None
+                if ended.end <= self._last_tid:
+                    return  # this revision is known to have ended by last_tid: stale
+                # Held as old with an end the cache has not reached yet: it becomes the current
+                # entry instead (a revision is held once, so invalidate has no twin to meet).
+                self._remove(ended)
         if known is not None:
             self._remove(known)
         if charge > self._size:
@@ -367,13 +373,8 @@ class RecordCache:
                 if entry is None or entry.start >= tid:
                     continue  # not cached, or the revision tid itself wrote: still current
                 del current_map[oid]
-                olds = self._old.setdefault(oid, {})
-                duplicate = olds.get(entry.start)
-                if duplicate is not None:
-                    self._remove(duplicate)
-                    olds = self._old.setdefault(oid, {})
                 entry.end = tid
-                olds[entry.start] = entry
+                self._old.setdefault(oid, {})[entry.start] = entry
             self._last_tid = tid
             self._last = int.from_bytes(tid, "big")
 
@@ -494,18 +495,28 @@ class RecordCache:
 
     def _read_file(self, path: str) -> None:
         try:
-            with open(path, "rb") as f:
-                length = os.fstat(f.fileno()).st_size
-                limit = self._size + _MAX_FILE_EXTRA
-                if length > limit:
-                    raise _BadFileError(
-                        f"it is {length} bytes, more than a cache of size {self._size} writes ({limit})"
-                    )
-                data = f.read(length)
+            # Non-blocking, so a FIFO planted at the path cannot hang the constructor.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise _UnreadableFileError(f"it cannot be read ({exc})") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise _UnreadableFileError("it is not a regular file")
+            length = info.st_size
+            limit = self._size + _MAX_FILE_EXTRA
+            if length > limit:
+                raise _BadFileError(
+                    f"it is {length} bytes, more than a cache of size {self._size} writes ({limit})"
+                )
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(length)
+        except OSError as exc:
+            raise _UnreadableFileError(f"it cannot be read ({exc})") from None
+        finally:
+            os.close(fd)
         if len(data) != length:
             raise _BadFileError(f"it changed while being read ({len(data)} of {length} bytes)")
         self._parse(data)
