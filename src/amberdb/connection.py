@@ -153,6 +153,8 @@ class Connection:
         # this, never moves, and refuses every change.
         self._before = before
         self._storage = db.storage
+        # An optional storage capability (storage/base.py): fetching records ahead.
+        self._storage_prefetch: Callable[[list[Oid]], None] | None = getattr(self._storage, "prefetch", None)
         self._cache = ObjectCache(cache_size, self._in_spill)
         self._resolver = db.class_resolver
         self._reader = ObjectReader(self._resolver, self._ghost_for)
@@ -355,6 +357,11 @@ class Connection:
     def __getitem__(self, oid: Oid) -> Persistent:
         return self.get(oid)
 
+    @property
+    def prefetches(self) -> bool:
+        """Whether :meth:`prefetch` does anything here (the storage can fetch ahead)."""
+        return self._storage_prefetch is not None
+
     def prefetch(self, *objects_or_oids: Any) -> None:
         """Say that these objects (or oids, or iterables of either) will be loaded soon.
 
@@ -363,7 +370,7 @@ class Connection:
         one afterwards finds them there.  Other storages ignore it.  Objects already loaded,
         and objects of other connections, are skipped.
         """
-        prefetch = getattr(self._storage, "prefetch", None)  # an optional storage capability
+        prefetch = self._storage_prefetch
         if prefetch is None:
             return
         self._check_open("prefetch")

@@ -88,6 +88,9 @@ def chunks(
     version = entry[1]
     try:
         bucket, i = start._position(lo, lo_incl)
+        buckets = _prefetching_from(start, bucket, hi, single)
+        if buckets is not None:
+            bucket = next(buckets, None)
         while bucket is not None:
             keys = bucket._keys
             n = len(keys)
@@ -132,7 +135,7 @@ def chunks(
                     raise _changed_error(start)
             if last:
                 return
-            bucket = bucket._next
+            bucket = bucket._next if buckets is None else next(buckets, None)
             i = 0
     finally:
         entry[0] -= 1
@@ -143,6 +146,9 @@ def chunks(
 def count(start: Any, lo: Any, lo_incl: bool, hi: Any, hi_incl: bool, single: bool = False) -> int:
     """How many keys the range [lo, hi] from ``start`` holds (reads each bucket in range)."""
     bucket, i = start._position(lo, lo_incl)
+    buckets = _prefetching_from(start, bucket, hi, single)
+    if buckets is not None:
+        bucket = next(buckets, None)
     total = 0
     while bucket is not None:
         keys = bucket._keys
@@ -158,7 +164,7 @@ def count(start: Any, lo: Any, lo_incl: bool, hi: Any, hi_incl: bool, single: bo
                 return total + max(int(stop) - int(i), 0)
         if single:
             break
-        bucket = bucket._next
+        bucket = bucket._next if buckets is None else next(buckets, None)
         i = 0
     return total
 
@@ -175,6 +181,31 @@ def empty_range(lo: Any, lo_incl: bool, hi: Any, hi_incl: bool) -> bool:
     if lo is None or hi is None:
         return False
     return bool(lo > hi or (lo == hi and not (lo_incl and hi_incl)))
+
+
+def _prefetching_from(start: Any, bucket: Any, hi: Any, single: bool) -> Iterator[Any] | None:
+    """Over a network, the buckets of a tree's walk with fetching ahead (else None: follow
+    ``_next``)."""
+    if single or not start._is_tree or start._p_jar is None or not start._p_jar.prefetches:
+        return None
+    return prefetching(start, bucket, hi)
+
+
+def prefetching(tree: Any, bucket: Any, hi: Any) -> Iterator[Any]:
+    """The buckets from ``bucket`` on, as ``_next`` links them, asking the tree to prefetch
+    ahead of the walk: a window of buckets at the start, then, each time half of it was
+    read, the next window, twice as large (up to the tree's limit)."""
+    window = 16
+    countdown = 0
+    while bucket is not None:
+        if countdown <= 0:
+            keys = bucket._keys
+            tree._prefetch(keys[0] if keys else None, hi, window)
+            countdown = window // 2
+            window = min(window * 2, tree._prefetch_limit)
+        countdown -= 1
+        yield bucket
+        bucket = bucket._next
 
 
 class RangeView:

@@ -41,12 +41,25 @@ from amberdb.btrees._leaves import (
     extra_state,
     set_extra_state,
 )
-from amberdb.btrees._seq import ITEMS, KEYS, VALUES, RangeView, empty_range, iterate, keys_changed, walks
-from amberdb.persistent import mark_changed
+from amberdb.btrees._seq import (
+    ITEMS,
+    KEYS,
+    VALUES,
+    RangeView,
+    empty_range,
+    iterate,
+    keys_changed,
+    prefetching,
+    walks,
+)
+from amberdb.persistent import GHOST, mark_changed
 
 __all__ = ["BTreeBase", "TreeBase", "TreeSetBase", "hot_methods"]
 
 _MISSING: Any = object()
+PREFETCH_LIMIT = 1024
+"""Most buckets one range scan asks a network storage for at a time, ahead of reading them
+(it starts with a few and doubles up to this, as a file system reads ahead)."""
 
 
 def _touch(obj: Any) -> None:
@@ -59,6 +72,7 @@ class TreeBase(FamilyMember):
 
     __slots__ = ("_children", "_keys", "_leaf")
     _is_tree = True
+    _prefetch_limit: ClassVar[int] = PREFETCH_LIMIT
 
     _leaf: bool
     _keys: list[Any]  # a list even for numeric keys: bisect is faster on a list than an array
@@ -119,6 +133,32 @@ class TreeBase(FamilyMember):
         bucket = node._children[bisect_right(node._keys, lo)]
         keys = bucket._keys
         return bucket, (bisect_left(keys, lo) if lo_incl else bisect_right(keys, lo))
+
+    def _prefetch(self, lo: Any, hi: Any, limit: int = PREFETCH_LIMIT) -> None:
+        """Ask a connection that can (one over a network) to fetch the first ``limit``
+        buckets of [lo, hi] -- and the nodes above them -- in one batch per tree level,
+        instead of one round trip per record as the scan reaches them."""
+        jar = self._p_jar
+        if jar is None or not jar.prefetches:
+            return
+        level: list[Any] = [self]
+        while level:
+            below: list[Any] = []
+            leaf = level[0]._leaf
+            for node in level:  # each loads here from what the batch above brought
+                keys = node._keys
+                first = 0 if lo is None else bisect_right(keys, lo)
+                last = len(node._children) if hi is None else bisect_right(keys, hi) + 1
+                below.extend(node._children[first:last])
+                if len(below) >= limit:
+                    del below[limit:]
+                    break
+            ghosts = [child for child in below if child._p_state == GHOST]
+            if ghosts:
+                jar.prefetch(ghosts)
+            if leaf:
+                return
+            level = below
 
     def _path(self, key: Any) -> list[tuple[Any, int]]:
         """The (node, child index) pairs from the root down to the bucket for ``key``."""
@@ -226,6 +266,9 @@ class TreeBase(FamilyMember):
 
     def _buckets(self) -> Iterator[Any]:
         bucket = self._first_bucket()
+        if self._p_jar is not None and self._p_jar.prefetches:
+            yield from prefetching(self, bucket, None)
+            return
         while bucket is not None:
             yield bucket
             bucket = bucket._next
