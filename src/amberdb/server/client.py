@@ -345,7 +345,12 @@ class ClientStorage:
             request_id = next(self._ids)
             welcome: asyncio.Future[list[Value]] = loop.create_future()
             self._welcomes[request_id] = welcome
-            last = self._cache.last_tid if len(self._cache) else None
+            # What this client knows: its connections' snapshots (after a reconnect), or what
+            # a cache file holds (at the first connect); the server says what changed since.
+            if self._last_tid != z64:
+                last: Tid | None = self._last_tid
+            else:
+                last = self._cache.last_tid if len(self._cache) else None
             protocol.write(encode_message(Kind.AUTH, request_id, [self._token, last, self._name]))
             try:
                 fields = await asyncio.wait_for(asyncio.shield(welcome), limit)

@@ -93,6 +93,9 @@ MAX_BATCH = 10_000
 """Most oids in one LOAD_MANY, entries asked of UNDO_LOG or HISTORY."""
 ITERATE_BUDGET = 4 << 20
 """About how many record bytes one ITERATE reply carries."""
+QUEUE_HIGH, QUEUE_LOW = 10_000, 1_000
+"""Transaction messages queued for one client at which its socket stops being read, and
+below which reading resumes."""
 WRITE_BUFFER_LIMIT = 256 << 20
 """A client that lets this much of our output pile up unread is dropped."""
 CLOSE_GRACE = 10.0
@@ -207,6 +210,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self.last_data = time.monotonic()
         self.connected_at = self.last_data
         self.jobs = 0
+        self.paused_for: set[str] = set()
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -240,12 +244,23 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self.queue.put_nowait(None)  # the worker aborts what is open, then ends
 
     def pause_writing(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._pause("replies")
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        self._resume("replies")
+
+    def _pause(self, why: str) -> None:
+        """Stop reading this client while its replies pile up unsent, or its transaction
+        messages unprocessed: it cannot make the server hold more than a bounded amount."""
+        if not self.paused_for and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused_for.add(why)
+
+    def _resume(self, why: str) -> None:
+        if why in self.paused_for:
+            self.paused_for.discard(why)
+            if not self.paused_for and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # One buffer for the connection's life: the default Protocol makes asyncio allocate
@@ -328,6 +343,8 @@ class _ClientConnection(asyncio.BufferedProtocol):
             if kind in (Kind.VOTE, Kind.FINISH) and request_id == 0:
                 raise _ProtocolViolation(f"{kind.name} needs a request id")
             self.queue.put_nowait((kind, request_id, fields))
+            if self.queue.qsize() > QUEUE_HIGH:
+                self._pause("queue")  # a flood of stores while its vote runs
             return
         if request_id == 0:
             raise _ProtocolViolation(f"{kind.name} needs a request id")
@@ -526,6 +543,8 @@ class _ClientConnection(asyncio.BufferedProtocol):
                 item = await self.queue.get()
                 if item is None:
                     break
+                if self.queue.qsize() < QUEUE_LOW:
+                    self._resume("queue")
                 kind, request_id, fields = item
                 try:
                     await self._transaction_step(kind, request_id, fields)
