@@ -96,6 +96,9 @@ OID_BATCH = 100
 FLUSH_AT = 256 << 10
 """Bytes of stores gathered before they are handed to the network thread."""
 PREFETCH_BATCH = 1000
+RESYNC_WAIT = 1.0
+"""Seconds a transaction start (with ``server_sync``) waits for a lost server to come back
+before it reads the snapshot the client has."""
 CLIENT_FRAME_LIMIT = 1 << 30
 """Frames from the server may be this large: a record as big as the server's storage holds
 must still come through (the server trusts clients far less: its limit is 64 MiB)."""
@@ -273,6 +276,8 @@ class ClientStorage:
         self._connected = threading.Event()
         self._fatal: BaseException | None = None
         self._last_error: BaseException | None = None
+        self._warnings: list[str] = []
+        self._kick: asyncio.Event | None = None
         self._closed = False
         self._commit_lock = threading.Lock()
         self._txn_owner: int | None = None
@@ -290,6 +295,7 @@ class ClientStorage:
         self._connector: Any = asyncio.run_coroutine_threadsafe(self._connect_loop(), self._loop)
         try:
             self._wait_connected("connect")
+            self._warn_pending()
         except BaseException:
             self.close()
             raise
@@ -316,7 +322,9 @@ class ClientStorage:
             ) as exc:
                 self._last_error = exc
                 log.info("%s: cannot connect (%s); retrying in %.2f s", self._name, exc, delay)
-            await asyncio.sleep(delay)
+            kick = self._kick = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(kick.wait(), delay)  # kick(): try again at once
             delay = min(delay * 2, 2.0)
 
     async def _connect_once(self) -> None:
@@ -432,13 +440,15 @@ class ClientStorage:
         with self._state_lock:
             cache = self._cache
             if stale and len(cache):
-                warnings.warn(
+                message = (
                     f"{self._name}: the client cache{_cache_where(cache)} is newer than the server's"
                     f" database (cache at tid {oid_repr(cache.last_tid)}, server at"
-                    f" {oid_repr(server_tid)}: was it restored from a backup?); it was dropped",
-                    CacheFileWarning,
-                    stacklevel=2,
+                    f" {oid_repr(server_tid)}: was it restored from a backup?); it was dropped"
                 )
+                log.warning("%s", message)
+                # Warned in the application's thread (the next call): raised here, under a
+                # filter that makes warnings errors, it would break the network thread.
+                self._warnings.append(message)
             if changed is None or stale:
                 cache.clear(last_tid=server_tid)
                 self._log.clear()
@@ -485,7 +495,13 @@ class ClientStorage:
             dropped, _ = self._log.popleft()
             self._floor = dropped
 
+    def _warn_pending(self) -> None:
+        while self._warnings:
+            warnings.warn(self._warnings.pop(0), CacheFileWarning, stacklevel=4)
+
     def _wait_connected(self, action: str) -> _ClientProtocol:
+        if self._warnings:
+            self._warn_pending()
         protocol = self._protocol
         if protocol is not None and not protocol.lost:
             return protocol
@@ -789,9 +805,16 @@ class ClientStorage:
     def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
         """What the server's invalidations said changed after ``since`` (invariant 7)."""
         self._check_open("poll")
-        if self._server_sync and self.is_connected():
-            with contextlib.suppress(ClientDisconnected):
-                self._call(Kind.PING, [])
+        if self._server_sync:
+            if not self.is_connected():
+                # The server may be back while the reconnect loop sleeps: try now, and give
+                # it a moment -- not the whole timeout: this is every transaction's start,
+                # and a cached snapshot is consistent, only older.
+                self._reconnect_now()
+                self._connected.wait(min(self._timeout, RESYNC_WAIT))
+            if self.is_connected():
+                with contextlib.suppress(ClientDisconnected):
+                    self._call(Kind.PING, [])
         with self._state_lock:
             newest = self._last_tid
             if since == newest:
@@ -804,6 +827,12 @@ class ClientStorage:
                     break
                 changed.update(oids)
             return newest, changed
+
+    def _reconnect_now(self) -> None:
+        kick = self._kick
+        if kick is not None and not self._closed:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self._loop.call_soon_threadsafe(kick.set)
 
     def ping(self) -> Tid:
         """One round trip: the server's newest announced tid (and every invalidation before it)."""
