@@ -107,7 +107,9 @@ def test_cache_file_survives_a_server_restart(served: Served, tmp_path: Path) ->
     assert _values(ClientStorage(served.address, cache_path=cache))[3] == 300
 
 
-def test_a_cache_newer_than_a_restored_server_is_dropped_with_a_warning(served: Served, tmp_path: Path) -> None:
+def test_a_cache_newer_than_a_restored_server_is_dropped_with_a_warning(
+    served: Served, tmp_path: Path
+) -> None:
     _fill(served)
     served.stop()
     backup = tmp_path / "backup.fs"
@@ -139,7 +141,9 @@ def test_a_damaged_cache_file_is_dropped_with_a_warning(served: Served, tmp_path
     assert _values(storage) == {i: i for i in range(50)}
 
 
-def test_reconnecting_client_keeps_what_did_not_change(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reconnecting_client_keeps_what_did_not_change(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _fill(served)
     storage = ClientStorage(served.address, timeout=10)
     db = DB(storage)
