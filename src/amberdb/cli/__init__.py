@@ -121,7 +121,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="FILE", help="the server's certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
     p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by these CAs")
-    p.add_argument("--tokens", metavar="FILE", help="require a token from this file (amberdb token add)")
+    p.add_argument(
+        "--tokens",
+        metavar="FILE",
+        help="require a token from this file (amberdb token add; SIGHUP reads it again)",
+    )
     p.add_argument("--read-only", action="store_true", help="refuse every commit, pack and undo")
     p.add_argument(
         "--insecure",

@@ -769,6 +769,19 @@ class StorageServer:
         if threading.current_thread() is not self._thread and not _in_loop(loop):
             self._done.wait()
 
+    def reload_tokens(self) -> None:
+        """Read the tokens file again (``amberdb serve`` does on SIGHUP): tokens added with
+        ``amberdb token add`` are accepted from then on, removed ones refused at the next
+        connect (clients already connected stay)."""
+        if self.tokens is None:
+            return
+        try:
+            self.tokens.reload()
+        except (OSError, ValueError, DatabaseError) as exc:
+            log.error("tokens not reloaded, the old ones stay in force: %s", exc)
+            return
+        log.info("tokens reloaded: %d", len(self.tokens))
+
     def __enter__(self) -> StorageServer:
         if self._thread is None:
             self.start()
@@ -821,6 +834,8 @@ class StorageServer:
 
             for number in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(number, self._stop.set)
+            if self.tokens is not None:
+                loop.add_signal_handler(signal.SIGHUP, self.reload_tokens)
         watchdog = loop.create_task(self._watch())
         follower = loop.create_task(self._follow()) if self.storage.read_only else None
         self._ready.set()
