@@ -32,9 +32,9 @@ def _wait_for_line(process: subprocess.Popen[str], prefix: str, seconds: float =
 def test_sighup_reloads_the_tokens_file(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.json"
     first = add_token(tokens, "first")
+    command = [sys.executable, "-m", "amberdb", "serve", str(tmp_path / "data.fs")]
     server = subprocess.Popen(
-        [sys.executable, "-m", "amberdb", "serve", str(tmp_path / "data.fs"), "--listen", "127.0.0.1:0"]
-        + ["--tokens", str(tokens)],
+        [*command, "--listen", "127.0.0.1:0", "--tokens", str(tokens)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
