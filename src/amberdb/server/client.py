@@ -278,6 +278,7 @@ class ClientStorage:
         self._last_error: BaseException | None = None
         self._warnings: list[str] = []
         self._kick: asyncio.Event | None = None
+        self._after_finish = _AfterFinish()
         self._closed = False
         self._commit_lock = threading.Lock()
         self._txn_owner: int | None = None
@@ -805,7 +806,12 @@ class ClientStorage:
     def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
         """What the server's invalidations said changed after ``since`` (invariant 7)."""
         self._check_open("poll")
-        if self._server_sync:
+        if self._server_sync and self._after_finish.pending:
+            # The connection's own poll right after its commit: the FINISH reply came after
+            # every invalidation of what finished before it, so nothing is missing below
+            # this commit, and the snapshot moves only to it.  The next poll asks again.
+            self._after_finish.pending = False
+        elif self._server_sync:
             if not self.is_connected():
                 # The server may be back while the reconnect loop sleeps: try now, and give
                 # it a moment -- not the whole timeout: this is every transaction's start,
@@ -948,6 +954,7 @@ class ClientStorage:
             (tid,) = self._wait(self._request(Kind.FINISH, [], cache_own, txn.protocol), "the finish")
         finally:
             self._end_transaction()
+        self._after_finish.pending = True
         return tid  # type: ignore[return-value]
 
     def abort(self) -> None:
@@ -1113,6 +1120,12 @@ class ClientStorage:
     def _mark_packed(self, tid: Tid) -> None:
         self._call(Kind.MARK_PACKED, [tid])
         self._packed = tid
+
+
+class _AfterFinish(threading.local):
+    """Per thread: whether its last call was a ``finish`` (see poll_invalidations)."""
+
+    pending = False
 
 
 class _ClientTransaction:
