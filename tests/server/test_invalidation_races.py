@@ -655,22 +655,24 @@ def test_two_counters_eight_clients_half_from_cache_half_from_server() -> None:
 def test_sixty_four_clients_reconnecting_every_few_transactions(tmp_path: Any) -> None:
     """ZODB's reconnect race test, over the network: 64 clients (threads) each run a few
     transactions, then lose their connection -- the server closes its side, or the client
-    is closed and opened again on its persistent cache file -- and go on.  At the start of
-    every transaction each checks what it reads against the model (the newest revision of
-    every cell as of the tid it reads at: a skipped invalidation leaves a stale cell), that
-    the cells agree, and that its snapshot never goes back."""
+    is closed and opened again on its persistent cache file -- and go on.  The database
+    holds 16 pairs of cells; a commit sets both cells of one pair to a new value.  At the
+    start of every transaction each client checks what it reads against the model (the
+    newest revision of every cell as of the tid it reads at: a skipped invalidation leaves
+    a stale cell), that the two cells of every pair agree, and that its snapshot never goes
+    back."""
     storage = MemoryStorage()
     clients = 64
-    cells = 4
+    pairs = 16
     rounds = 4
     per_round = 3
-    names = [f"c{n}" for n in range(cells)]
+    names = [f"p{n}{side}" for n in range(pairs) for side in "ab"]
     with serving(storage) as server:
         first = open_db(server, "setup")
         setup_cells(first, names)
         first.close()
         failures: list[str] = []
-        counts = {"checked": 0, "committed": 0, "reconnects": 0}
+        counts = {"checked": 0, "committed": 0, "conflicts": 0, "disconnected": 0}
         lock = threading.Lock()
         started = time.monotonic()
 
@@ -698,34 +700,46 @@ def test_sixty_four_clients_reconnecting_every_few_transactions(tmp_path: Any) -
                             root = conn.root()
                             row = [root[cell] for cell in names]
                             check_reads(storage, conn, row, f"client {number}")
-                            values = {cell["v"] for cell in row}
-                            if len(values) != 1:
-                                failures.append(f"client {number}: cells read {values}")
+                            for pair in range(pairs):
+                                a, b = row[2 * pair]["v"], row[2 * pair + 1]["v"]
+                                if a != b:
+                                    failures.append(f"client {number}: pair {pair} reads {a} and {b}")
                             with lock:
                                 counts["checked"] += 1
-                            if rng.random() < 0.3:
-                                value = next(iter(values)) + 1
-                                for cell in row:
-                                    cell["v"] = value
+                            if rng.random() < 0.5:
+                                pair = rng.randrange(pairs)
+                                value = row[2 * pair]["v"] + 1
+                                row[2 * pair]["v"] = row[2 * pair + 1]["v"] = value
                                 tm.commit()
                                 with lock:
                                     counts["committed"] += 1
                             else:
                                 tm.abort()
                             done += 1
-                        except (ConflictError, ClientDisconnected):
+                        except ConflictError:
                             tm.abort()
+                            with lock:
+                                counts["conflicts"] += 1
+                        except ClientDisconnected:
+                            tm.abort()
+                            with lock:
+                                counts["disconnected"] += 1
                         except AssertionError as exc:
                             failures.append(str(exc))
                             tm.abort()
-                    with lock:
-                        counts["reconnects"] += 1
+                    client = client_of(db)
                     if round_number % 2 == 0:
+                        before = client._protocol
                         drop_client(server, name)
+                        wait_until(
+                            lambda c=client, p=before: c._protocol is not p,  # type: ignore[misc]
+                            f"client {number} is dropped",
+                        )
                     else:
-                        # Closed once connected again: a close while it reconnects leaks (see
-                        # test_close_while_reconnecting_leaks_nothing).
-                        wait_until(client_of(db).is_connected, f"client {number} reconnects")
+                        # Closed once connected again: a close while it reconnects was seen to
+                        # leak its socket and connector task under this load (not a race of
+                        # invalidations; left out of this test).
+                        wait_until(client.is_connected, f"client {number} reconnects")
                         conn.close()
                         db.close()
                         db = open_db(server, name, cache_path=cache_path)
@@ -747,3 +761,6 @@ def test_sixty_four_clients_reconnecting_every_few_transactions(tmp_path: Any) -
         assert time.monotonic() - started < 30
         assert not failures, failures[:3]
         assert counts["checked"] >= clients * rounds * per_round, counts
+        assert counts["committed"] >= clients, counts
+        final = storage.load(p64(0))[1]
+        assert final > p64(0)
