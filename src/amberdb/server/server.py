@@ -35,6 +35,7 @@ on its network thread and its cache is exact.  That is the rule ZEO broke three 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -211,6 +212,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self.connected_at = self.last_data
         self.jobs = 0
         self.paused_for: set[str] = set()
+        self.held: collections.deque[tuple[float, bytes]] = collections.deque()  # message_delay
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -297,9 +299,13 @@ class _ClientConnection(asyncio.BufferedProtocol):
         if self.closed or transport is None or transport.is_closing():
             return
         try:
-            transport.write(encode_message(kind, request_id, fields))
+            frame = encode_message(kind, request_id, fields)
         except WireError as exc:  # a reply larger than a frame may be
-            transport.write(encode_message(Kind.ERROR, request_id, error_fields(exc)))
+            kind, frame = Kind.ERROR, encode_message(Kind.ERROR, request_id, error_fields(exc))
+        if self.server.message_delay is None:
+            transport.write(frame)
+        else:
+            self._hold(transport, kind, request_id, frame)
         if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self.fail(f"it left more than {WRITE_BUFFER_LIMIT} bytes of replies unread")
 
@@ -308,9 +314,35 @@ class _ClientConnection(asyncio.BufferedProtocol):
         if self.closed or transport is None or transport.is_closing():
             return
         for frame in frames:
-            transport.write(frame)
+            if self.server.message_delay is None:
+                transport.write(frame)
+            else:
+                self._hold(transport, Kind.INVALIDATE, 0, frame)
         if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self.fail(f"it left more than {WRITE_BUFFER_LIMIT} bytes of replies unread")
+
+    def _hold(self, transport: asyncio.Transport, kind: Kind, request_id: int, frame: bytes) -> None:
+        """Test hook (:attr:`StorageServer.message_delay`): write ``frame`` after the delay the
+        hook asks for, and never before a frame written earlier to this client (wire order
+        is kept, as TCP keeps it); frames due together go out in one write."""
+        hook = self.server.message_delay
+        assert hook is not None
+        delay = hook(self, kind, request_id, frame) or 0.0
+        if not delay and not self.held:
+            transport.write(frame)
+            return
+        loop = asyncio.get_running_loop()
+        due = max(loop.time() + delay, self.held[-1][0] if self.held else 0.0)
+        self.held.append((due, frame))
+        loop.call_at(due, self._release, transport)
+
+    def _release(self, transport: asyncio.Transport) -> None:
+        now = asyncio.get_running_loop().time()
+        due = []
+        while self.held and self.held[0][0] <= now:
+            due.append(self.held.popleft()[1])
+        if due and not self.closed and not transport.is_closing():
+            transport.write(b"".join(due))
 
     def reply(self, request_id: int, fields: list[Value]) -> None:
         self.send(Kind.REPLY, request_id, fields)
@@ -710,6 +742,13 @@ class StorageServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
+        self.message_delay: Callable[[_ClientConnection, Kind, int, bytes], float | None] | None = None
+        """Test hook, None (the default) in production, where it costs one attribute check
+        per frame sent.  When set, it is called on the loop with (client, kind, request id,
+        frame) before each frame goes to a client, and returns the seconds to hold that
+        frame (0 or None: none).  Held frames keep their order: later frames to the same
+        client wait behind them, as on a slow link.  Tests use it to make the invalidation
+        races of ZODB#290, ZEO#155 and ZEO#166 happen on purpose."""
 
     # -- life -----------------------------------------------------------------------------------
 
