@@ -441,14 +441,6 @@ def test_zeo166_reader_never_sees_last_tid_before_invalidations(
 # -- reconnection: the welcome and the INVALIDATE behind it --------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on reconnect the AUTH reply is applied by a coroutine (_connect_once, after the"
-    " welcome future resolves) while INVALIDATEs behind it on the wire are applied at once by"
-    " data_received; _apply_welcome then sets _last_tid back to the welcome's older tid, so the"
-    " client's last tid goes backwards and a transaction begun after a commit was acknowledged"
-    " (server_sync=True, PING answered) does not see it",
-)
 def test_reconnect_welcome_and_invalidate_in_one_read() -> None:
     storage = MemoryStorage()
     with serving(storage) as server:

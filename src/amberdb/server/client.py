@@ -293,7 +293,8 @@ class ClientStorage:
             target=self._loop.run_forever, name=f"amberdb-client {where}", daemon=True
         )
         self._thread.start()
-        self._connector: Any = asyncio.run_coroutine_threadsafe(self._connect_loop(), self._loop)
+        self._connector: asyncio.Task[None] | None = None
+        asyncio.run_coroutine_threadsafe(self._start_connecting(), self._loop).result()
         try:
             self._wait_connected("connect")
             self._warn_pending()
@@ -302,6 +303,9 @@ class ClientStorage:
             raise
 
     # -- connection ---------------------------------------------------------------------------
+
+    async def _start_connecting(self) -> None:
+        self._connector = asyncio.get_running_loop().create_task(self._connect_loop())
 
     async def _connect_loop(self) -> None:
         delay = 0.05
@@ -362,10 +366,10 @@ class ClientStorage:
                 last = self._cache.last_tid if len(self._cache) else None
             protocol.write(encode_message(Kind.AUTH, request_id, [self._token, last, self._name]))
             try:
-                fields = await asyncio.wait_for(asyncio.shield(welcome), limit)
+                # Applied by _on_message as it is read, in wire order with what follows it.
+                await asyncio.wait_for(asyncio.shield(welcome), limit)
             finally:
                 self._welcomes.pop(request_id, None)
-            self._apply_welcome(fields)
         except BaseException:
             transport.abort()
             raise
@@ -546,11 +550,19 @@ class ClientStorage:
         if kind == Kind.REPLY or kind == Kind.ERROR:
             welcome = self._welcomes.pop(request_id, None)
             if welcome is not None:
-                if not welcome.done():
-                    if kind == Kind.ERROR:
-                        welcome.set_exception(error_from_fields(fields))
-                    else:
-                        welcome.set_result(fields)
+                if welcome.done():
+                    return
+                if kind == Kind.ERROR:
+                    welcome.set_exception(error_from_fields(fields))
+                    return
+                # Now, not when the connecting coroutine resumes: an INVALIDATE read right
+                # behind the welcome must be applied after it, or the last tid would go back.
+                try:
+                    self._apply_welcome(fields)
+                except (WireError, ValueError, TypeError) as exc:
+                    welcome.set_exception(WireError(f"a malformed AUTH reply: {exc}"))
+                    raise WireError(f"a malformed AUTH reply: {exc}") from None
+                welcome.set_result(fields)
                 return
             with self._pending_lock:
                 waiter = self._pending.pop(request_id, None)
@@ -986,19 +998,21 @@ class ClientStorage:
         loop = self._loop
 
         async def shut() -> None:
+            # The connecting task is unwound (its socket closed) before the loop stops: a
+            # task still pending then would leak its socket.
             connector = self._connector
-            if isinstance(connector, asyncio.Task):
+            if connector is not None and not connector.done():
                 connector.cancel()
+                await asyncio.wait([connector], timeout=2)
             protocol = self._protocol
             if protocol is not None and protocol.transport is not None:
                 protocol.transport.close()
-            await asyncio.sleep(0)
+            for _ in range(3):
+                await asyncio.sleep(0)  # connection_lost runs
 
         if loop.is_running():
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(shut(), loop).result(5)
-            with contextlib.suppress(Exception):
-                self._connector.cancel()
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join(5)
         if not loop.is_running():
