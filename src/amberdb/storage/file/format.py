@@ -8,7 +8,8 @@ Data file
 
 A file header, then transaction records back to back, oldest first.  The file only grows
 at the end; the only bytes ever rewritten are those of the last transaction: its header
-when a streamed transaction is voted, its status byte when it is finished.  A pack writes
+when a streamed transaction is voted, its status byte when it is finished or aborted after
+its vote.  A pack writes
 a whole new file (with a new file id) and renames it over the old one.
 
 File header (``FILE_HEADER``, 32 bytes)::
@@ -33,7 +34,8 @@ Transaction header (``TXN_HEADER``, 32 bytes)::
     offset  size  meaning
          0     8  tid
          8     8  length of the whole transaction record, header through trailer
-        16     1  status: b"c" finished, b"v" voted (durable, not yet published)
+        16     1  status: b"c" finished, b"v" voted (durable, not yet published),
+                  b"a" aborted after its vote (kept in place, read by nobody)
         17     1  reserved, zero
         18     2  length of user (UTF-8)
         20     4  length of description (UTF-8)
@@ -70,10 +72,12 @@ The record checksum covers the file id, bytes 0..28 of the data record header, t
 record bytes.  Loads verify it on every read; the transaction checksum proves that a whole
 transaction was written.
 
-A transaction is *valid* when its status is ``c`` or ``v``, header and trailer agree on the
+A transaction is *valid* when its status is ``c``, ``v`` or ``a``, header and trailer agree on the
 length, the trailer magic and checksum match, its tid is above the previous one's, and its
 data records exactly fill the space between metadata and trailer.  If an oid appears more
-than once in a transaction, the last record counts (``store`` twice).
+than once in a transaction, the last record counts (``store`` twice).  A valid ``a``
+transaction belongs to no state of the database: scans, the iterator, verify and pack skip
+it; only its tid still counts for the order of tids.
 
 Index file (``path + ".index"``)
 ================================
@@ -113,6 +117,7 @@ __all__ = [
     "MAX_OID",
     "MIN_TXN_LENGTH",
     "PACKED_TID_OFFSET",
+    "STATUS_ABORTED",
     "STATUS_COMMITTED",
     "STATUS_OFFSET",
     "STATUS_VOTED",
@@ -163,6 +168,10 @@ INDEX_HEADER_CHECKED = INDEX_HEADER.size - 4
 STATUS_OFFSET = 16
 STATUS_COMMITTED = b"c"
 STATUS_VOTED = b"v"
+STATUS_ABORTED = b"a"
+"""A transaction aborted after its vote while later ones were already appended behind it
+(group commit): it stays in place, valid, so the file stays a chain of whole transactions,
+and every reader skips it."""
 ZERO_TXN_HEADER = bytes(TXN_HEADER.size)
 
 MIN_TXN_LENGTH = TXN_HEADER.size + TXN_TRAILER.size

@@ -21,7 +21,11 @@ torn may be cut.  Where a scan stops (nothing valid from there on), the bytes ar
 
 A valid transaction whose status is ``v`` and that is the last valid one is a *voted tail*:
 durable, but perhaps still being decided by a live writer.  :func:`scan` reports it without
-indexing it; the storage decides (see its invariants).
+indexing it; the storage decides (see its invariants).  A reader that may share the file
+with a live writer scans with ``stop_at_voted``: the first ``v`` transaction is then the voted
+tail whatever follows (with group commit several voted transactions can await their
+``finish`` at once).  A valid ``a`` transaction (aborted after its vote) is skipped: it is
+never indexed and never counts as committed, but its tid still orders the next one.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from amberdb.storage.file.format import (
     FILE_HEADER,
     MAX_OID,
     MIN_TXN_LENGTH,
+    STATUS_ABORTED,
     STATUS_COMMITTED,
     STATUS_OFFSET,
     STATUS_VOTED,
@@ -126,6 +131,9 @@ class ScanResult:
     voted: list[int] = field(default_factory=list)
     """Offsets of committed transactions still marked ``v`` (a lost ``finish`` flip)."""
     torn_reason: str = ""
+    stop_tid: bytes = z64
+    """The tid of the last valid transaction before ``stop``, aborted ones included: the
+    tid the next appended transaction must exceed."""
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -166,8 +174,8 @@ def _stream_crc(fd: int, start: int, end: int, crc: int) -> int | None:
 
 
 def _header_problem(h: TxnHeader, pos: int, file_size: int, prev_tid: bytes) -> str | None:
-    if h.status not in (STATUS_COMMITTED, STATUS_VOTED):
-        return f"transaction status byte is {h.status!r}, neither b'c' nor b'v'"
+    if h.status not in (STATUS_COMMITTED, STATUS_VOTED, STATUS_ABORTED):
+        return f"transaction status byte is {h.status!r}, not b'c', b'v' or b'a'"
     if h.length < MIN_TXN_LENGTH + h.meta_len + h.records * _D:
         return f"transaction length {h.length} is too small for its metadata and {h.records} data records"
     if pos + h.length > file_size:
@@ -301,12 +309,16 @@ def scan(
     file_size: int,
     prev_tid: bytes = z64,
     index: OffsetIndex | None = None,
+    stop_at_voted: bool = False,
 ) -> ScanResult:
     """Verify transactions from ``start`` to ``file_size``, filling ``index`` if given.
 
     ``index`` receives ``oid -> offset of its newest data record`` for every committed
     transaction.  A last valid transaction with status ``v`` is reported as the voted tail
-    and not indexed.  What follows the valid transactions is judged by :func:`judge_stop`.
+    and not indexed; with ``stop_at_voted`` so is the first one, and the scan ends there
+    (``tail`` is then ``clean``: what follows is a live writer's business).  Transactions
+    with status ``a`` are verified and skipped.  What follows the valid transactions is
+    judged by :func:`judge_stop`.
     Raises CorruptedDataError only for a transaction whose checksum matches but whose data
     records do not fit (a file written by something else, or a bug): ``index`` is then
     partly filled and must be thrown away.
@@ -324,8 +336,9 @@ def scan(
     unpack_trailer = TXN_TRAILER.unpack_from
     crc32 = zlib.crc32
     min_length = MIN_TXN_LENGTH
-    committed, voted_status = STATUS_COMMITTED, STATUS_VOTED
+    committed, voted_status, aborted = STATUS_COMMITTED, STATUS_VOTED, STATUS_ABORTED
     after_status = STATUS_OFFSET + 1
+    stopped_at_voted = False
     while pos < file_size:
         rel = pos - base
         if rel + _H > len(buf):
@@ -338,7 +351,7 @@ def scan(
         meta_len = ulen + dlen + elen
         # _header_problem, inlined: this loop runs once per transaction.
         if (
-            (status != committed and status != voted_status)
+            (status != committed and status != voted_status and status != aborted)
             or length < min_length + meta_len + n * _D
             or pos + length > file_size
             or tid <= last_tid
@@ -375,6 +388,13 @@ def scan(
             pending = None
         if status == voted_status:
             pending = TxnHeader(tid, length, status, ulen, dlen, elen, n)
+            if stop_at_voted:
+                last_tid = tid
+                pos += length
+                stopped_at_voted = True
+                break
+        elif status == aborted:
+            pass  # in no state of the database; only its tid orders the next one
         else:
             if index is not None:
                 refilled = _index_records(fd, name, pos, tid, meta_len, n, length, index, buf, base, CHUNK)
@@ -386,7 +406,10 @@ def scan(
             count += 1
         last_tid = tid
         pos += length
-    tail, reason, damage = judge_stop(fd, file_id_crc, pos, file_size, last_tid)
+    if stopped_at_voted:
+        tail, reason, damage = "clean", "", None
+    else:
+        tail, reason, damage = judge_stop(fd, file_id_crc, pos, file_size, last_tid)
     return ScanResult(
         end=kept_end,
         last_tid=kept_tid,
@@ -397,6 +420,7 @@ def scan(
         voted_tail=pending,
         voted=voted,
         torn_reason=reason,
+        stop_tid=last_tid,
     )
 
 

@@ -23,6 +23,7 @@ from amberdb.storage.file.format import (
     FILE_MAGIC_PREFIX,
     INDEX_HEADER,
     MAX_OID,
+    STATUS_ABORTED,
     STATUS_VOTED,
     TXN_HEADER,
     TXN_TRAILER,
@@ -177,6 +178,13 @@ class _Walker:
             h, problem = describe_txn_problem(self.fd, self.crc, pos, self.size, prev_tid)
             if problem is None:
                 assert h is not None
+                if h.status == STATUS_ABORTED:
+                    # Aborted after its vote (group commit): whole, in no state of the
+                    # database; only its tid orders the next one.
+                    prev_tid = h.tid
+                    pos += h.length
+                    report.end = pos
+                    continue
                 self._check_records(pos, h)
                 report.transactions += 1
                 prev_tid = report.last_tid = h.tid
