@@ -11,14 +11,16 @@ import amberdb.utils
 def test_top_level_exports_are_pinned() -> None:
     assert sorted(amberdb.__all__) == sorted(
         [
-            "DB", "AlreadyInTransaction", "AlreadyInTransactionError", "ConflictError", "Connection",
+            "DB", "AlreadyInTransaction", "AlreadyInTransactionError", "AuthenticationError",
+            "ClientDisconnected", "ClientStorage", "ConflictError", "Connection",
             "ConnectionStateError", "CorruptedDataError", "DatabaseError",
             "DoomedTransaction", "DoomedTransactionError", "FileFormatError", "FileStorage",
             "InvalidObjectReference", "InvalidSavepointRollbackError", "MemoryStorage",
             "NoTransaction", "NoTransactionError", "POSKeyError", "Persistent", "PersistentList",
             "PersistentMapping",
             "ReadOnlyError", "RecordDecodeError", "SerializationError", "StorageError",
-            "StorageForkedError", "StorageLockedError", "StorageTransactionError", "TransactionError",
+            "StorageForkedError", "StorageLockedError", "StorageServer", "StorageTransactionError",
+            "TransactionError",
             "TransactionFailedError", "TransientError", "UndoError", "UnsafeGlobalError", "VoteConflictError",
             "connection", "open_storage",
         ]
@@ -36,6 +38,10 @@ def test_every_exception_derives_from_database_error() -> None:
     assert issubclass(amberdb.ConflictError, amberdb.TransientError)
     # As in the transaction package: ``except TransactionError`` catches conflicts too.
     assert issubclass(amberdb.TransientError, amberdb.TransactionError)
+    # attempts() retries a lost server; a refused token is not retried.
+    assert issubclass(amberdb.ClientDisconnected, amberdb.TransientError)
+    assert issubclass(amberdb.ClientDisconnected, amberdb.StorageError)
+    assert not issubclass(amberdb.AuthenticationError, amberdb.TransientError)
 
 
 def test_transaction_module_api() -> None:

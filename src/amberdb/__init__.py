@@ -17,6 +17,8 @@ from amberdb.db import DB, connection
 from amberdb.exceptions import (
     AlreadyInTransaction,
     AlreadyInTransactionError,
+    AuthenticationError,
+    ClientDisconnected,
     ConflictError,
     ConnectionStateError,
     CorruptedDataError,
@@ -44,6 +46,7 @@ from amberdb.exceptions import (
     VoteConflictError,
 )
 from amberdb.persistent import Persistent
+from amberdb.server import ClientStorage, StorageServer
 from amberdb.storage.file import FileStorage
 from amberdb.storage.memory import MemoryStorage
 from amberdb.storage.uri import open_storage
@@ -54,6 +57,9 @@ __all__ = [
     "DB",
     "AlreadyInTransaction",
     "AlreadyInTransactionError",
+    "AuthenticationError",
+    "ClientDisconnected",
+    "ClientStorage",
     "ConflictError",
     "Connection",
     "ConnectionStateError",
@@ -78,6 +84,7 @@ __all__ = [
     "StorageError",
     "StorageForkedError",
     "StorageLockedError",
+    "StorageServer",
     "StorageTransactionError",
     "TransactionError",
     "TransactionFailedError",

@@ -352,6 +352,41 @@ class Connection:
     def __getitem__(self, oid: Oid) -> Persistent:
         return self.get(oid)
 
+    def prefetch(self, *objects_or_oids: Any) -> None:
+        """Say that these objects (or oids, or iterables of either) will be loaded soon.
+
+        A storage that talks to a server (:class:`~amberdb.ClientStorage`) then asks for
+        every record not yet cached in one batch, without waiting; loading the ghosts one by
+        one afterwards finds them there.  Other storages ignore it.  Objects already loaded,
+        and objects of other connections, are skipped.
+        """
+        prefetch = getattr(self._storage, "prefetch", None)  # an optional storage capability
+        if prefetch is None:
+            return
+        self._check_open("prefetch")
+        wanted: list[Oid] = []
+
+        def take(item: Any) -> None:
+            if isinstance(item, bytes):
+                if len(item) != 8:
+                    raise TypeError(f"prefetch() takes 8-byte oids or persistent objects, not {item!r:.40}")
+                wanted.append(item)
+            elif isinstance(item, Persistent):
+                if item._p_jar is self and item._p_state == GHOST:
+                    wanted.append(item._p_oid)  # type: ignore[arg-type]
+            elif isinstance(item, (str, dict)) or not hasattr(item, "__iter__"):
+                raise TypeError(
+                    f"prefetch() takes oids, persistent objects or iterables of them, not {item!r:.40}"
+                )
+            else:
+                for inner in item:
+                    take(inner)
+
+        for item in objects_or_oids:
+            take(item)
+        if wanted:
+            prefetch(wanted)
+
     @_exclusive
     def add(self, obj: Persistent) -> None:
         """Make ``obj`` part of this database; it is written at the next commit.

@@ -40,6 +40,8 @@ from amberdb.utils import oid_repr
 __all__ = [
     "AlreadyInTransaction",
     "AlreadyInTransactionError",
+    "AuthenticationError",
+    "ClientDisconnected",
     "ConflictError",
     "ConnectionStateError",
     "CorruptedDataError",
@@ -105,6 +107,13 @@ class FileFormatError(StorageError):
 
 class StorageTransactionError(StorageError):
     """The storage commit protocol was used out of order."""
+
+
+class AuthenticationError(StorageError):
+    """A server refused the client's credentials (a wrong, missing or revoked token).
+
+    Not transient: retrying with the same token cannot succeed, so nothing retries it.
+    """
 
 
 class CorruptedDataError(FileFormatError):
@@ -234,6 +243,15 @@ class VoteConflictError(ConflictError):
     def with_class(self, class_name: str) -> ConflictError:
         """A plain ConflictError for the first conflicting oid, naming its class."""
         return ConflictError(oid=self.oid, class_name=class_name, serials=self.serials)
+
+
+class ClientDisconnected(StorageError, TransientError):  # noqa: N818 - the name ZEO users catch
+    """A client storage lost its server (or never reached it within its timeout).
+
+    Transient: the client reconnects by itself, so ``attempts()`` retries the transaction.
+    A commit cut off after its vote may or may not have happened; one whose ``finish``
+    returned did.
+    """
 
 
 class DoomedTransactionError(TransactionError):

@@ -1,4 +1,4 @@
-"""The ``amberdb`` command: inspect, check, pack, copy and back up databases.
+"""The ``amberdb`` command: inspect, check, pack, copy, back up and serve databases.
 
 ``amberdb SUBCOMMAND --help`` describes each.  Every subcommand uses only public APIs of the
 storage and object layers.  Errors are one line on stderr (``amberdb: error: ...``) with exit
@@ -107,6 +107,27 @@ def _build_parser() -> argparse.ArgumentParser:
         " (ISO 8601 datetime, local time without a zone, or POSIX seconds)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    from amberdb.cli import serve
+
+    p = command(
+        "serve",
+        serve.cmd_serve,
+        "serve a database to ClientStorage clients (amberdb://) until SIGTERM or SIGINT",
+    )
+    p.add_argument("uri", metavar="URI_OR_PATH")
+    p.add_argument("--listen", metavar="HOST:PORT", help="a TCP address (port 0 picks a free one)")
+    p.add_argument("--unix", metavar="PATH", help="a Unix socket path (beside or instead of --listen)")
+    p.add_argument("--tls-cert", metavar="FILE", help="the server's certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by these CAs")
+    p.add_argument("--tokens", metavar="FILE", help="require a token from this file (amberdb token add)")
+    p.add_argument("--read-only", action="store_true", help="refuse every commit, pack and undo")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback address without tokens (anyone who reaches it can change the data)",
+    )
 
     p = command("token", _token_add, "manage the tokens file of an amberdb server")
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)

@@ -70,11 +70,13 @@ uses, which must be one the server offered (only :data:`PROTOCOL_VERSION` so far
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections.abc import Iterator, Sequence
 from typing import Union
 
 from amberdb.exceptions import (
+    AuthenticationError,
     ConflictError,
     CorruptedDataError,
     DatabaseError,
@@ -93,6 +95,7 @@ __all__ = [
     "MAX_DEPTH",
     "PROTOCOL_VERSION",
     "FrameDecoder",
+    "Kind",
     "Message",
     "Value",
     "WireError",
@@ -153,6 +156,76 @@ class Message(tuple):  # type: ignore[type-arg]
         """The message's values, in order."""
         fields: list[Value] = self[2]
         return fields
+
+
+class Kind(enum.IntEnum):
+    """Message kinds.  Requests (client to server) carry a request id above 0, except
+    BEGIN, STORE and ABORT, which expect no reply (id 0; an error they cause is reported by
+    the next VOTE).  The server answers a request with REPLY or ERROR under its id, and
+    pushes INVALIDATE, PROGRESS and CLOSING with id 0.
+
+    =============  ==============================================  =============================
+    kind           request fields                                  reply fields
+    =============  ==============================================  =============================
+    AUTH           token|None, last tid|None, client name          access ("rw"|"ro"), last tid,
+                                                                   changed oids|None, packed
+                                                                   tid|None, cache stale (bool)
+    LOAD           oid, before tid|None                            record, tid
+    LOAD_MANY      [oid, ...]                                      [[oid, record|None, tid|None]]
+    NEW_OIDS       count (1..1000)                                 [oid, ...]
+    BEGIN          user, description, extension, tid|None,         (none)
+                   packed tid the client knows|None
+    STORE          oid, base tid, record                           (none)
+    VOTE           -                                               -
+    FINISH         -                                               tid
+    ABORT          -                                               (none)
+    ITERATE        start|None, stop|None, records to skip          [[tid, user, description,
+                                                                   extension, [[oid, record]],
+                                                                   complete]], more
+    UNDO_LOG       first, last                                     [[tid, user, description,
+                                                                   extension]]
+    HISTORY        oid, size                                       [[tid, user, description,
+                                                                   extension, size]]
+    PACK           pack tid (8 bytes) or POSIX time (float)        -
+    SIZE           -                                               objects, bytes
+    MARK_PACKED    tid                                             -
+    PING           -                                               last tid
+    INVALIDATE     (pushed) tid, [oid, ...]|None, packed           -
+                   tid|None, more (bool: more oids of this tid
+                   follow in the next INVALIDATE), since (the
+                   tid of the previous INVALIDATE: the oids
+                   changed in one or more transactions after it)
+    PROGRESS       (pushed) request id, done, total                -
+    CLOSING        (pushed) reason                                 -
+    =============  ==============================================  =============================
+
+    A client applies an INVALIDATE (the last of a ``more`` run) as one step: its last tid
+    and the oids changed up to it move together, in wire order with the replies around it.
+    Its ``since`` must be the client's last tid; anything else means an invalidation was
+    lost, and the client drops its whole cache.
+    """
+
+    AUTH = 1
+    LOAD = 2
+    LOAD_MANY = 3
+    NEW_OIDS = 4
+    BEGIN = 5
+    STORE = 6
+    VOTE = 7
+    FINISH = 8
+    ABORT = 9
+    ITERATE = 10
+    UNDO_LOG = 11
+    HISTORY = 12
+    PACK = 13
+    SIZE = 14
+    MARK_PACKED = 15
+    PING = 16
+    REPLY = 64
+    ERROR = 65
+    INVALIDATE = 66
+    PROGRESS = 67
+    CLOSING = 68
 
 
 # -- values ---------------------------------------------------------------------------------
@@ -379,6 +452,7 @@ _ERROR_CLASSES: tuple[tuple[str, type[DatabaseError]], ...] = (
     ("ConflictError", ConflictError),
     ("POSKeyError", POSKeyError),
     ("ReadOnlyError", ReadOnlyError),
+    ("AuthenticationError", AuthenticationError),
     ("UndoError", UndoError),
     ("CorruptedDataError", CorruptedDataError),
     ("StorageTransactionError", StorageTransactionError),
@@ -466,6 +540,7 @@ def _rebuild(code: str, message: str, details: list[Value]) -> DatabaseError:
         return CorruptedDataError(message, path=path, offset=offset, oid=_optional_oid(oid), problem=problem)
     simple = {
         "ReadOnlyError": ReadOnlyError,
+        "AuthenticationError": AuthenticationError,
         "StorageTransactionError": StorageTransactionError,
         "WireError": WireError,
         "StorageError": StorageError,

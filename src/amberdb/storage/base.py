@@ -76,6 +76,10 @@ storage):
    copy goes only into a storage that is empty or holds an earlier copy of the same
    history (its newest tid is one of the source's), and a copy of a packed history keeps the
    source's ``packed_tid``.
+
+Optional capability: a storage whose loads are slow one at a time (one over a network) may
+have ``prefetch(oids)``: a hint, answered without waiting, that these records will be loaded
+soon.  ``Connection.prefetch`` calls it when it is there; nothing else may depend on it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@
 ``file:...?read_only=true``        FileStorage's options: ``read_only``, ``create``,
                                    ``fsync``, ``salvage`` (``true``/``false``, ``1``/``0``,
                                    ``yes``/``no``)
+``amberdb://host:port?...``        a :class:`~amberdb.server.client.ClientStorage` of an
+                                   ``amberdb serve`` server; ``amberdbs://`` with TLS,
+                                   ``amberdb+unix:///path/to/socket`` over a Unix socket
+                                   (options: :func:`~amberdb.server.client.open_client_uri`)
 ``path/to/data.fs``                a plain path: a FileStorage
 ``<scheme>:...``                   a scheme a package registered in the ``amberdb.storages``
                                    entry-point group (or with :func:`register_scheme`)
@@ -170,4 +174,16 @@ def _open_file_path(path: str, options: dict[str, bool], read_only: bool) -> Sto
     return FileStorage(path, **options)
 
 
-_BUILT_IN: dict[str, Opener] = {"memory": _open_memory, "file": _open_file}
+def _open_client(uri: str, read_only: bool) -> Storage:
+    from amberdb.server.client import open_client_uri
+
+    return open_client_uri(uri, read_only)
+
+
+_BUILT_IN: dict[str, Opener] = {
+    "memory": _open_memory,
+    "file": _open_file,
+    "amberdb": _open_client,
+    "amberdbs": _open_client,
+    "amberdb+unix": _open_client,
+}

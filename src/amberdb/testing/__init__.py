@@ -38,6 +38,7 @@ pytest.register_assert_rewrite(
 
 from amberdb.testing.doubles import StorageWrapper, VoteConflictStorage  # noqa: E402
 from amberdb.testing.factories import (  # noqa: E402
+    ClientStorageFactory,
     FileStorageFactory,
     MemoryStorageFactory,
     StorageFactory,
@@ -48,6 +49,7 @@ from amberdb.testing.object_suite import ObjectSuite  # noqa: E402
 from amberdb.testing.storage_suite import ReadOnlySuite, StorageMachineSuite, StorageSuite, commit  # noqa: E402
 
 __all__ = [
+    "ClientStorageFactory",
     "FileStorageFactory",
     "HistorySuite",
     "MemoryStorageFactory",

@@ -15,7 +15,13 @@ from amberdb.storage.file import FileStorage, verify
 from amberdb.storage.memory import MemoryStorage
 from amberdb.testing.doubles import VoteConflictStorage
 
-__all__ = ["FileStorageFactory", "MemoryStorageFactory", "StorageFactory", "VoteConflictFactory"]
+__all__ = [
+    "ClientStorageFactory",
+    "FileStorageFactory",
+    "MemoryStorageFactory",
+    "StorageFactory",
+    "VoteConflictFactory",
+]
 
 
 class StorageFactory:
@@ -149,3 +155,84 @@ class VoteConflictFactory(StorageFactory):
         for storage in reversed(self.opened):
             storage.close()
         self._inner.cleanup()
+
+
+class ClientStorageFactory(StorageFactory):
+    """:class:`~amberdb.ClientStorage` of a :class:`~amberdb.StorageServer` (a thread of this
+    process, on 127.0.0.1) serving a FileStorage on ``directory/data.fs``.
+
+    A second instance is another client of the same server; :meth:`reopen` restarts the
+    server on the file, as after a crash of everything.
+    """
+
+    durable = True
+    client_options: ClassVar[dict[str, Any]] = {"timeout": 10.0}
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.server: Any = None
+        self.served: FileStorage | None = None
+        self.port = 0
+
+    @property
+    def path(self) -> Path:
+        """The server's data file."""
+        return self.directory / "data.fs"
+
+    def _start(self) -> None:
+        from amberdb.server import StorageServer
+
+        self.served = FileStorage(self.path)
+        # A restarted server keeps its port, so a URI handed out before still names it.
+        self.server = StorageServer(self.served, ("127.0.0.1", self.port)).start()
+        self.port = self.server.address[1]
+
+    def _stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.served is not None:
+            self.served.close()
+            self.served = None
+
+    def _client(self) -> Storage:
+        from amberdb.server import ClientStorage
+
+        return self.track(ClientStorage(self.server.address, **self.client_options))
+
+    def create(self) -> Storage:
+        """A client of a new server on a new file."""
+        if self.server is None:
+            if self.path.exists():
+                raise FileExistsError(self.path)
+            self._start()
+        return self._client()
+
+    def reopen(self) -> Storage:
+        """The server restarted on the file, and a new client of it."""
+        self._stop()
+        self._start()
+        return self._client()
+
+    def open_second(self, first: Storage) -> Storage:
+        """Another client of the same server."""
+        return self._client()
+
+    def uri(self) -> str | None:
+        """``amberdb://127.0.0.1:port`` of the server (started now if it is not running)."""
+        if self.server is None:
+            if self.path.exists():
+                return None
+            self._start()
+        host, port = self.server.address
+        return f"amberdb://{host}:{port}"
+
+    def cleanup(self) -> None:
+        """Close the clients, then the server and its file, then verify the file."""
+        for storage in reversed(self.opened):
+            storage.close()
+        self._stop()
+        if self.path.exists():
+            report = verify(self.path)
+            if not report.ok or report.notes:
+                raise AssertionError(f"{self.path} does not verify: {report}")
