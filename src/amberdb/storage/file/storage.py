@@ -193,6 +193,7 @@ import os
 import stat
 import struct
 import threading
+import typing
 import zlib
 from array import array
 from collections import deque
@@ -301,6 +302,7 @@ _POLL_WINDOW = 1 << 20
 # some 25 times the memory it is sized for.
 _ENTRY_COST = 25
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
+_W = typing.TypeVar("_W", bound="_Waiter")
 _IDLE, _OPEN, _APPENDED, _VOTED, _DIRTY = "idle", "open", "appended", "voted", "dirty"
 _CLOSED_GENERATION = -1
 _PACK_SUFFIX = ".pack"
@@ -384,7 +386,19 @@ class _FifoLock:
         self.release()
 
 
-class _Txn:
+class _Waiter:
+    """A thread that may wait for one group-commit event at a time (see FileStorage._sleep)."""
+
+    __slots__ = ("gate", "sleeping")
+
+    def __init__(self) -> None:
+        # Held by the owner, released once by whoever wakes it.  Made on the first wait:
+        # most transactions never wait.
+        self.gate: threading.Lock | None = None
+        self.sleeping = False  # listed in some wait list, its owner blocked on gate
+
+
+class _Txn(_Waiter):
     """One transaction from ``begin`` to ``finish`` or ``abort``, owned by the thread that
     began it (several may be appended and awaiting their sync or finish at once)."""
 
@@ -403,6 +417,7 @@ class _Txn:
         "oids",
         "pos",
         "restoring",
+        "settle_waiters",
         "state",
         "sync_failed",
         "tid",
@@ -410,6 +425,7 @@ class _Txn:
     )
 
     def __init__(self, tid: Tid, pos: int, body_crc: int, restoring: bool) -> None:
+        super().__init__()
         self.tid = tid
         self.pos = pos  # where its header goes
         self.end = -1  # just past its trailer, once appended
@@ -430,6 +446,7 @@ class _Txn:
         self.failure: BaseException | None = None
         self.sync_failed: BaseException | None = None
         self.appended_after_tid = z64  # the tid appended before it: the order an abort restores
+        self.settle_waiters: list[_Waiter] = []  # stores waiting for this one to finish or abort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,7 +523,12 @@ class FileStorage:
         # aborted, in tid (= file) order; the newest of them per oid they wrote; where the next
         # one goes and the tid it must exceed; how far the file is synced; whether a leader is
         # syncing and, once one failed, why.
-        self._group = threading.Condition(threading.Lock())
+        # Nobody waits on _group itself: each waiter sleeps on its own transaction's gate and is
+        # woken by the one event it waits for (a sync that covers it, its turn to finish, the
+        # transaction it stores over leaving the flight), never by every change (see _sleep).
+        self._group = threading.Lock()
+        self._sync_waiters: list[_Txn] = []  # votes waiting for a sync (one of them to lead it)
+        self._drain_waiters: list[_Waiter] = []  # begins waiting until nothing is appended
         self._appended: deque[_Txn] = deque()
         self._in_flight: dict[int, _Txn] = {}
         self._append_end = FILE_HEADER.size
@@ -1462,7 +1484,7 @@ class FileStorage:
             # Its outcome decides the conflict, and a conflict must name a revision the
             # caller can load to resolve it: wait (holding the commit lock) until it is
             # finished or aborted.  Its owner needs no commit lock for either.
-            self._wait_until_settled(appended)
+            self._wait_until_settled(txn, appended)
         # Other finishes update the index and loads remap the file: read both under _lock.
         with self._lock:
             current = self._index.get(oid_int)
@@ -1590,7 +1612,8 @@ class FileStorage:
 
         The first waiter that finds no sync running leads: it syncs everything appended so
         far with no lock held, and every transaction appended before its sync began is
-        durable when it returns.  Those appended meanwhile wait for the next leader.
+        durable when it returns.  Those appended meanwhile wait for the next leader, which
+        the finished sync wakes: one thread, not all of them.
         """
         if not self._fsync:
             return
@@ -1606,7 +1629,7 @@ class FileStorage:
                         f" durable failed ({failure!r}); it is not committed: abort it"
                     ) from failure
                 if self._syncing:
-                    group.wait()
+                    self._sleep(txn, self._sync_waiters)
                     continue
                 self._syncing = True
                 target = self._append_end
@@ -1621,18 +1644,87 @@ class FileStorage:
                 finally:
                     group.acquire()
                     self._syncing = False
-                    group.notify_all()
                 if error is not None:
                     # The kernel may have dropped the pages it failed to write: never retry,
                     # and fail every transaction not yet durable (the leader re-raises the error
                     # itself, the others a StorageError naming it).
                     self._sync_failure = self._broken = error
+                    self._wake_everyone()
                     txn.state = _DIRTY
                     txn.failure = txn.sync_failed = error
                     raise error
                 # An abort that cut the file below target meanwhile leaves only the bytes
                 # under the cut synced by this call.
-                self._synced_end = max(self._synced_end, min(target, self._lowest_cut))
+                self._synced_end = synced = max(self._synced_end, min(target, self._lowest_cut))
+                self._wake_synced(synced)
+
+    def _wake_synced(self, synced: int) -> None:
+        """Wake the sync waiters that are durable now, and the first of the others, to lead
+        the next sync (under ``_group``, no sync running)."""
+        waiters = self._sync_waiters
+        if not waiters:
+            return
+        later: list[_Txn] = []
+        for waiter in waiters:
+            if waiter.end <= synced:
+                self._wake(waiter)
+            else:
+                later.append(waiter)
+        if later:
+            # Appended while the sync ran: the oldest leads the next one; the rest go on
+            # waiting for it (batching by arrival).
+            self._wake(later.pop(0))
+        waiters[:] = later  # in place: an interrupted sleeper removes itself from this list
+
+    def _sleep(self, txn: _W, waiters: list[_W]) -> None:
+        """Block the owner of ``txn``, listed in ``waiters``, until someone ``_wake``s it
+        (called and returning under ``_group``; the caller checks its condition again).
+
+        Waking exactly the thread an event concerns is what keeps many committers cheap: with
+        one condition notified for all, every sync and every finish woke every waiting thread
+        only for most of them to wait again, which grew with the square of the threads.
+        """
+        gate = txn.gate
+        if gate is None:
+            gate = txn.gate = threading.Lock()
+            gate.acquire()
+        txn.sleeping = True
+        waiters.append(txn)
+        group = self._group
+        group.release()
+        try:
+            gate.acquire()  # released by _wake
+        except BaseException:
+            group.acquire()
+            if txn.sleeping:
+                txn.sleeping = False
+                waiters.remove(txn)
+            else:
+                # Woken just as we were interrupted: the gate is open and a wake-up may have
+                # carried a duty (leading the next sync): take the gate back, pass the duty on.
+                gate.acquire()
+                if not self._syncing and self._sync_waiters:
+                    self._wake(self._sync_waiters.pop(0))
+            raise
+        group.acquire()
+
+    @staticmethod
+    def _wake(txn: _Waiter) -> None:
+        """Let the owner of a sleeping ``txn`` run again; its waker has taken it off its list
+        (under ``_group``)."""
+        if txn.sleeping:
+            txn.sleeping = False
+            assert txn.gate is not None
+            txn.gate.release()
+
+    def _wake_everyone(self) -> None:
+        """Wake every sleeping thread to look again: the storage broke (under ``_group``)."""
+        lists: list[list[_Txn] | list[_Waiter]] = [self._sync_waiters, self._drain_waiters]
+        lists += [appended.settle_waiters for appended in self._appended]
+        for waiters in lists:
+            for waiter in waiters:
+                self._wake(waiter)
+            waiters.clear()
 
     def finish(self) -> Tid:
         """Publish the voted transaction atomically and return its tid.
@@ -1641,10 +1733,10 @@ class FileStorage:
         invariant 6): publication follows tid order.
         """
         txn = self._txn_in("finish", _VOTED)
-        group = self._group
-        with group:
+        with self._group:
             while self._appended[0] is not txn:
-                group.wait()
+                # Woken by the finish or abort that makes it the oldest appended.
+                self._sleep(txn, [])
         tid = txn.tid
         index = self._index
         try:
@@ -1671,7 +1763,7 @@ class FileStorage:
                 self._end = txn.end
                 self._last_tid = tid
                 self._remember_changes(tid, txn.changed)
-        with group:
+        with self._group:
             self._leave_flight(txn)
             if failure is None:
                 # Under the group lock: publications reach the lock file in tid order.
@@ -1682,33 +1774,45 @@ class FileStorage:
         return tid
 
     def _leave_flight(self, txn: _Txn) -> None:
-        """Take an appended ``txn`` out of the in-flight list and map (under ``_group``)."""
-        self._appended.remove(txn)
+        """Take an appended ``txn`` out of the in-flight list and map, and wake whoever waited
+        for that (under ``_group``)."""
+        appended = self._appended
+        was_first = appended[0] is txn
+        appended.remove(txn)
         txn.in_flight = False
         in_flight = self._in_flight
         for oid in txn.oids:
             if in_flight.get(oid) is txn:
                 del in_flight[oid]
-        self._group.notify_all()
+        for waiter in txn.settle_waiters:
+            self._wake(waiter)
+        txn.settle_waiters.clear()
+        if not appended:
+            for waiter in self._drain_waiters:
+                self._wake(waiter)
+            self._drain_waiters.clear()
+        elif was_first:
+            self._wake(appended[0])  # its finish, if it waits for its turn
 
-    def _wait_until_settled(self, other: _Txn) -> None:
+    def _wait_until_settled(self, txn: _Waiter, other: _Txn) -> None:
         """Wait until the appended transaction ``other`` is finished or aborted; raise if the
         storage breaks meanwhile (the aborts after a failed sync need the commit lock)."""
         with self._group:
             while other.in_flight:
                 if self._broken is not None:
                     self._check_writable()
-                self._group.wait()
+                self._sleep(txn, other.settle_waiters)
 
     def _wait_for_no_appended(self) -> None:
         """Wait until every appended transaction is finished or aborted (under the commit
         lock, so no new one is appended meanwhile); raise if the storage breaks meanwhile
         (the aborts after a failed sync need the commit lock)."""
+        waiter = _Waiter()
         with self._group:
             while self._appended:
                 if self._broken is not None:
                     self._check_writable()
-                self._group.wait()
+                self._sleep(waiter, self._drain_waiters)
 
     def _publish_end(self) -> None:
         """Tell read-only openers where this writer's committed end now is (I9)."""
