@@ -477,7 +477,8 @@ class Packer:
         newest_at_pack, live, index = self.newest_at_pack, self.live, self.index
         new_crc = self.new_crc
         tid = h.tid
-        meta = bytes(reader.read(pos + _H, h.meta_len)) if h.meta_len else b""
+        # The durable mark (I3) is not copied: a packed file is synced whole before it is used.
+        meta = bytes(reader.read(pos + _H, h.info_len)) if h.info_len else b""
         start = -1
         crc = new_crc
         oids: array[int] = array("q")

@@ -13,10 +13,14 @@ torn may be cut.  Where a scan stops (nothing valid from there on), the bytes ar
     fewer than a transaction header remain; or the header is 32 zero bytes (a streamed
     transaction not yet voted, or a file grown before its data landed); or its length runs past the
     end of the file and the file does not end with a trailer whose length points back
-    exactly at this header (a write cut short).  A writable open truncates them.
+    exactly at this header (a write cut short); or damage followed only by valid
+    transactions whose durable marks say the damaged offset was not known durable when they
+    were appended and none of which is marked ``c`` (a power loss during a group's sync:
+    nothing from there on was acknowledged).  A writable open truncates them.
 ``damaged``
     anything else: a complete transaction that fails a check (status, lengths, trailer,
-    checksum, tid order, record layout), or any damage with a valid transaction after it.
+    checksum, tid order, record layout), or any other damage with a valid transaction
+    after it (one whose mark is above the damage, one with no mark, one marked ``c``).
     Nothing is cut: opening raises :class:`~amberdb.exceptions.CorruptedDataError`.
 
 A valid transaction whose status is ``v`` and that is the last valid one is a *voted tail*:
@@ -40,7 +44,10 @@ from amberdb.storage.file.format import (
     DATA_HEADER,
     DATA_HEADER_CHECKED,
     DATA_HEADER_INTS,
+    DURABLE_MARK,
     FILE_HEADER,
+    FLAG_DURABLE_MARK,
+    KNOWN_FLAGS,
     MAX_OID,
     MIN_TXN_LENGTH,
     STATUS_ABORTED,
@@ -176,6 +183,8 @@ def _stream_crc(fd: int, start: int, end: int, crc: int) -> int | None:
 def _header_problem(h: TxnHeader, pos: int, file_size: int, prev_tid: bytes) -> str | None:
     if h.status not in (STATUS_COMMITTED, STATUS_VOTED, STATUS_ABORTED):
         return f"transaction status byte is {h.status!r}, not b'c', b'v' or b'a'"
+    if h.flags & ~KNOWN_FLAGS:
+        return f"transaction flags byte is {h.flags:#04x}, not one this AmberDB writes"
     if h.length < MIN_TXN_LENGTH + h.meta_len + h.records * _D:
         return f"transaction length {h.length} is too small for its metadata and {h.records} data records"
     if pos + h.length > file_size:
@@ -294,11 +303,40 @@ def judge_stop(
     follower = find_valid_txn(fd, file_id_crc, pos + 1, file_size, prev_tid)
     if follower is not None:
         what = damage.problem if damage is not None else reason
+        durable_at = _durable_before(fd, file_id_crc, pos, follower, file_size, prev_tid)
+        if durable_at is None:
+            return "torn", f"{what}, then only transactions appended before it was durable", None
         problem = f"{what}, followed by a valid transaction at offset {follower}"
+        if durable_at != follower:
+            problem += f" (and one at offset {durable_at} appended after it was durable)"
         return "damaged", "", Damage(pos, problem, followed=True)
     if damage is not None:
         return "damaged", "", damage
     return "torn", reason, None
+
+
+def _durable_before(
+    fd: int, file_id_crc: int, pos: int, follower: int, file_size: int, prev_tid: bytes
+) -> int | None:
+    """The first valid transaction after ``pos`` (``follower`` the first) that proves ``pos``
+    was durable before it was appended; None when none does (see the module docstring).
+
+    Proof: its durable mark is above ``pos`` (a sync covering ``pos`` had ended when it was
+    appended), or it has none (written by a pack, by format version 2, or without fsync),
+    or its status is ``c`` (its finish ran, so its vote returned after a sync covering it,
+    and ``pos`` lies before it).
+    """
+    candidate: int | None = follower
+    while candidate is not None:
+        h = decode_txn_header(pread_exact(fd, _H, candidate))
+        if not h.flags & FLAG_DURABLE_MARK or h.status == STATUS_COMMITTED:
+            return candidate
+        mark_at = candidate + _H + h.info_len
+        durable: int = DURABLE_MARK.unpack(pread_exact(fd, DURABLE_MARK.size, mark_at))[0]
+        if durable > pos:
+            return candidate
+        candidate = find_valid_txn(fd, file_id_crc, candidate + 1, file_size, prev_tid)
+    return None
 
 
 def scan(
@@ -338,6 +376,7 @@ def scan(
     min_length = MIN_TXN_LENGTH
     committed, voted_status, aborted = STATUS_COMMITTED, STATUS_VOTED, STATUS_ABORTED
     after_status = STATUS_OFFSET + 1
+    mark_size = DURABLE_MARK.size  # FLAG_DURABLE_MARK is the only flag
     stopped_at_voted = False
     while pos < file_size:
         rel = pos - base
@@ -347,11 +386,12 @@ def scan(
             base, rel = pos, 0
             if len(buf) < _H:
                 break
-        tid, length, status, ulen, dlen, elen, n = unpack_txn(buf, rel)
-        meta_len = ulen + dlen + elen
+        tid, length, status, flags, ulen, dlen, elen, n = unpack_txn(buf, rel)
+        meta_len = ulen + dlen + elen + (mark_size if flags else 0)
         # _header_problem, inlined: this loop runs once per transaction.
         if (
             (status != committed and status != voted_status and status != aborted)
+            or flags & ~KNOWN_FLAGS
             or length < min_length + meta_len + n * _D
             or pos + length > file_size
             or tid <= last_tid
@@ -387,7 +427,7 @@ def scan(
             count += 1
             pending = None
         if status == voted_status:
-            pending = TxnHeader(tid, length, status, ulen, dlen, elen, n)
+            pending = TxnHeader(tid, length, status, flags, ulen, dlen, elen, n)
             if stop_at_voted:
                 last_tid = tid
                 pos += length
@@ -522,7 +562,7 @@ def read_transaction(
         description = bytes(view[h.user_len : desc_end]).decode("utf-8")
     except UnicodeDecodeError:
         raise corruption(name, pos, "transaction user or description is not UTF-8") from None
-    extension = bytes(view[desc_end : h.meta_len])
+    extension = bytes(view[desc_end : h.info_len])
     # A dict keeps the last record of an oid stored twice (see the format's module docstring).
     records: dict[bytes, DataRecord] = {}
     p = h.meta_len

@@ -13,21 +13,24 @@ I1  Append only.  Bytes before ``_end`` (just past the last finished transaction
     does not rewrite the file either: it writes a new one and renames it over (I13).
 
 I2  Validity is all-or-nothing.  A transaction belongs to the database iff it is *valid*
-    (status ``c`` or ``v``, header and trailer agree, checksum over file id + body + header
+    (status ``c`` or ``v``, known flags, header and trailer agree, checksum over file id + body + header
     matches, records fill it) and every transaction before it is valid (one with status
     ``a``, valid in every other way, is skipped, I5).  A small transaction
     is written by one pwrite and one fdatasync; a large one is streamed out behind a header
     of 32 zero bytes ("in progress") that is patched, together with the trailer, in ``vote``.
 
-I3  Group commit; only a proven torn tail is ever cut.  ``begin`` takes the commit lock (a FIFO
-    hand-off, so no committer starves) and assigns the tid; the transaction is buffered (or
-    streamed) past ``_append_end``; ``vote`` writes it there whole with status ``v``, moves
-    ``_append_end`` past it, lists it as *appended* and releases the lock, so the next
-    committer appends while this one waits for durability.  The first waiter that finds no
-    sync running leads: it fdatasyncs with no lock held, and every transaction appended
-    before its sync began is durable when it ends; those appended meanwhile wait for the
-    next leader (batching by arrival, no timer).  ``vote`` returns only once its bytes are
-    durable.  Conflict checks count appended transactions: storing an oid one of them wrote
+I3  Group commit; only a proven torn or unacknowledged tail is ever cut.  ``begin`` takes
+    the commit lock (a FIFO hand-off, so no committer starves) and assigns the tid; the
+    transaction is buffered (or streamed) past ``_append_end``; ``vote`` writes it there
+    whole with status ``v``, moves ``_append_end`` past it, lists it as *appended* and
+    releases the lock, so the next committer appends while this one waits for durability.
+    The first waiter that finds no sync running leads: it fdatasyncs with no lock held, and
+    every transaction appended before its sync began is durable when it ends; those
+    appended meanwhile wait for the next leader (batching by arrival, no timer).  Each
+    waiter sleeps on a lock of its own and is woken only by its event: the sync that covers
+    it (which also wakes the oldest uncovered waiter, to lead the next), its turn to finish,
+    the transaction it stores over leaving the flight.  ``vote`` returns only once its bytes
+    are durable.  Conflict checks count appended transactions: storing an oid one of them wrote
     waits (under the commit lock) until it is finished or aborted, then checks against the
     committed revision, which the caller can load to resolve a conflict.  Tids are assigned
     under the commit lock, so they increase in file order; a restore (``begin`` with a tid)
@@ -41,12 +44,22 @@ I3  Group commit; only a proven torn tail is ever cut.  ``begin`` takes the comm
     keeps the page cache, so the file holds whole transactions followed at most by a torn
     last one (partial header, zero header, or one cut short by the end of the file), which a
     writable open truncates.  A power loss during a group's sync may persist a later
-    transaction of the group but not an earlier one: nothing acknowledged is lost (no vote
-    of the group returned), but the open then reports damage followed by a valid
-    transaction, and ``salvage=True`` reads what precedes it.  Anything else that fails a
-    check -- a complete transaction with a bad checksum, a damaged file header, damage
-    followed by a valid transaction -- is corruption: every open raises CorruptedDataError
-    naming the file, the offset, what failed and how to recover, and changes nothing.
+    transaction of the group but not an earlier one.  So every transaction (format version
+    3) carries a *durable mark*: an offset below which the file was known synced when it was
+    appended (read at vote; at begin for one streamed out before its vote; its own start
+    with ``fsync=False``, where nothing is known).  Damage at X followed by valid
+    transactions that all have marks at or below X and none of which says ``c`` is the
+    unacknowledged tail of such a group: no vote from X on could return before a sync
+    covering X, which never ended; it is judged torn and cut like one.  A later transaction
+    whose mark is above X (X was durable before it was appended), that has no mark (older
+    format, or a pack), or that says ``c`` (its finish ran, after a sync covering X) proves
+    the damage came later: corruption.  What this cannot tell apart: the last group's bytes
+    damaged after its sync ended, when nothing was appended after it and none of its finish
+    flips reached the disk.  A writable open syncs the file first, so its marks start true.
+    Anything else that fails a check -- a complete transaction with a bad checksum, a
+    damaged file header, other damage followed by a valid transaction -- is corruption:
+    every open raises CorruptedDataError naming the file, the offset, what failed and how
+    to recover, and changes nothing.
 
 I4  Vote is durable, finish is one byte, in tid order.  ``vote`` returns after the sync that
     covers its transaction (I3), so it survives a crash from then on (base invariant 3).
@@ -224,13 +237,15 @@ from amberdb.storage.file.format import (
     DATA_HEADER,
     DATA_HEADER_CHECKED,
     DATA_HEADER_FIELDS,
+    DURABLE_MARK,
     FILE_HEADER,
-    FILE_MAGIC,
     FILE_MAGIC_PREFIX,
+    FLAG_DURABLE_MARK,
     FORMAT_VERSION,
     MAX_OID,
     MAX_U32,
     MAX_USER,
+    READABLE_VERSIONS,
     STATUS_ABORTED,
     STATUS_COMMITTED,
     STATUS_OFFSET,
@@ -245,6 +260,7 @@ from amberdb.storage.file.format import (
     encode_txn_header,
     file_header_crc_ok,
     file_header_packed_tid,
+    file_version,
     is_partial_file_header,
     magic_damaged,
     txn_checksum,
@@ -287,6 +303,8 @@ _CHECKED = DATA_HEADER_CHECKED
 _unpack_data_header = DATA_HEADER.unpack_from
 _pack_checked = DATA_HEADER_FIELDS.pack
 _pack_u32 = struct.Struct(">I").pack
+_pack_mark = DURABLE_MARK.pack
+_MARK = DURABLE_MARK.size
 _crc32 = zlib.crc32
 _PAGE = mmap.PAGESIZE
 # Loads drop the map's pages from the resident set after reading about this much.
@@ -503,6 +521,7 @@ class FileStorage:
         self._next_oid = 1
         self._file_id = b""
         self._file_id_crc = 0
+        self._version = FORMAT_VERSION  # of the file's header
         # The process generation this storage belongs to (I11); _CLOSED_GENERATION once closed.
         self._generation = GENERATION.value
         self._pid = os.getpid()
@@ -605,7 +624,26 @@ class FileStorage:
             size = FILE_HEADER.size
         self._load(size)
         if not self._read_only:
+            if self._version != FORMAT_VERSION:
+                self._upgrade()
+            if self._fsync:
+                # What the open found is on disk from here on: the durable mark of the first
+                # transactions (I3) may say so.
+                os.fsync(self._fd)
             self._publish_end()
+
+    def _upgrade(self) -> None:
+        """Make an older file (format version 2) version 3 before writing into it.
+
+        Its transactions stay as they are: version 3 reads them (they have no durable mark,
+        which counts as "all before was durable").  Only the file header changes, in one
+        32-byte write of the first sector, synced before anything of version 3 is appended:
+        an older AmberDB then refuses the file instead of misreading its new transactions.
+        """
+        header = encode_file_header(self._file_id, self._packed_tid or z64)
+        pwrite_all(self._fd, header, 0)
+        os.fsync(self._fd)
+        self._version = FORMAT_VERSION
 
     def _take_file_header(self, size: int) -> bool:
         """Check the file header and take its file id; False when the file has none yet.
@@ -619,6 +657,7 @@ class FileStorage:
         self._file_id = FILE_HEADER.unpack(header)[1]
         self._file_id_crc = zlib.crc32(self._file_id)
         self._packed_tid = file_header_packed_tid(header)
+        self._version = file_version(header)
         return True
 
     def _check_file_header(self, header: bytes, size: int) -> bool:
@@ -645,10 +684,11 @@ class FileStorage:
         if magic[:7] != FILE_MAGIC_PREFIX:
             raise FileFormatError(f"{path} is not an AmberDB file storage (bad magic {magic!r})")
         crc_ok = file_header_crc_ok(header)
-        if magic != FILE_MAGIC and (crc_ok or magic[7] == 1):
+        if magic[7] not in READABLE_VERSIONS and (crc_ok or magic[7] == 1):
+            readable = " and ".join(str(v) for v in READABLE_VERSIONS)
             raise FileFormatError(
                 f"{path} is an AmberDB file storage of format version {magic[7]}, which this AmberDB"
-                f" does not read (it reads version {FORMAT_VERSION}); copy the data with the"
+                f" does not read (it reads versions {readable}); copy the data with the"
                 " AmberDB version that wrote the file"
             )
         if not crc_ok:
@@ -1242,13 +1282,13 @@ class FileStorage:
         if problem is not None:
             raise corruption(self._path, pos, problem)
         assert h is not None
-        meta = pread_exact(snap.fd, h.meta_len, pos + _H)
+        meta = pread_exact(snap.fd, h.info_len, pos + _H)
         try:
             user = meta[: h.user_len].decode("utf-8")
             description = meta[h.user_len : h.user_len + h.desc_len].decode("utf-8")
         except UnicodeDecodeError:
             raise corruption(self._path, pos, "transaction user or description is not UTF-8") from None
-        return TransactionMeta(user, description, meta[h.user_len + h.desc_len :])
+        return TransactionMeta(user, description, meta[h.user_len + h.desc_len : h.info_len])
 
     def undo_log(self, first: int = 0, last: int = -20) -> list[TransactionInfo]:
         """Undoable transactions, newest first (ZODB's ``first``/``last`` convention).
@@ -1435,7 +1475,17 @@ class FileStorage:
         txn.buf += user
         txn.buf += desc
         txn.buf += ext
+        # The durable mark (I3): what is known durable now; vote puts a later value in when
+        # the transaction was not streamed out meanwhile.
+        txn.buf += _pack_mark(self._durable_mark(txn))
         self._txns[threading.get_ident()] = txn
+
+    def _durable_mark(self, txn: _Txn) -> int:
+        """The durable mark of ``txn`` (I3): an offset below which the file is known synced
+        (a lower bound: read without ``_group``).  Without fsync nothing is known, so the
+        transaction's own start: a recovery then treats everything before it as durable and
+        refuses damage there, as it did before marks."""
+        return self._synced_end if self._fsync else txn.pos
 
     def _txn_in(self, method: str, state: str) -> _Txn:
         """The calling thread's transaction, which must be in ``state``; else raise."""
@@ -1569,10 +1619,14 @@ class FileStorage:
             raise StorageError("too many records in one transaction")
         buf = txn.buf
         length = txn.written + len(buf) + _T
-        header = encode_txn_header(txn.tid, length, STATUS_VOTED, *txn.meta_lens, txn.count)
+        header = encode_txn_header(
+            txn.tid, length, STATUS_VOTED, *txn.meta_lens, txn.count, FLAG_DURABLE_MARK
+        )
         txn.state = _DIRTY  # until the bytes are safely written
         try:
             if txn.written == 0:
+                mark_at = _H + sum(txn.meta_lens)
+                buf[mark_at : mark_at + _MARK] = _pack_mark(self._durable_mark(txn))
                 body_crc = zlib.crc32(memoryview(buf)[_H:], txn.body_crc)
                 buf[:_H] = header
                 buf += TXN_TRAILER.pack(length, txn_checksum(0, body_crc, header), TRAILER_MAGIC)
