@@ -174,9 +174,6 @@ class Connection:
         self._spill: SpillFile | None = None
         self._stored: list[Persistent] = []  # objects written by the commit in progress
         self._resolved: list[Oid] = []  # stored as a merge: the objects in memory are stale
-        # What the storage reported at vote as changed by others before this commit
-        # (None: it could not tell); applied at finish.
-        self._polled_at_vote: Collection[Oid] | None = ()
         # A pack drops unreachable objects, but this connection may still hold one (popped
         # out of the graph before the pack) and link it in again.  After each pack it sees,
         # the objects it held then are suspects: a commit that refers to one checks that it
@@ -744,9 +741,8 @@ class Connection:
     def tpc_vote(self, transaction: Any) -> None:
         """Make the transaction durable, resolving conflicts the storage reports at vote.
 
-        Once the vote holds, no other transaction can finish before this one (storage
-        invariant 6): the poll made then names everything others committed since this
-        connection's snapshot, which finish applies.
+        No poll here: other transactions may still finish between this vote and our finish
+        (group commit), so what changed is asked after ``finish`` (storage invariant 6).
         """
         storage = self._storage
         for revotes in range(MAX_REVOTES + 1):
@@ -762,7 +758,6 @@ class Connection:
                         raise
                     raise conflicts.with_class(class_name(obj.__class__)) from None
                 self._resolve_at_vote(conflicts)
-        self._polled_at_vote = storage.poll_invalidations(self._snapshot)[1]
 
     def _resolve_at_vote(self, conflicts: VoteConflictError) -> None:
         """Store a merged record for every conflict a vote reported, or raise ConflictError."""
@@ -782,9 +777,24 @@ class Connection:
     @_exclusive
     def tpc_finish(self, transaction: Any) -> None:
         """Publish the transaction: objects get their new serial, others see the change."""
-        tid = self._storage.finish()
-        # Durable from here: nothing below asks the storage anything, so nothing can turn a
-        # commit that happened into one reported as failed.
+        storage = self._storage
+        tid = storage.finish()
+        # Durable from here: nothing below may turn a commit that happened into one reported
+        # as failed.  finish returned only once every lower tid had finished or aborted
+        # (storage invariant 6), so a poll now names everything others committed between our
+        # snapshot and our tid (and perhaps later ones: ghosting those too is only early).
+        # A poll that fails (a network storage) is "cannot tell": forget every cached object.
+        try:
+            changed = storage.poll_invalidations(self._snapshot)[1]
+        except Exception:
+            changed = None
+        if changed is not None:
+            # Our own objects carry this transaction's state: only a later transaction can
+            # have changed them since, and the poll at the next boundary reports that.
+            own = {obj._p_oid for obj in self._stored}
+            if self._spill is not None:
+                own.update(self._spill.oids())
+            changed = [oid for oid in changed if oid not in own]
         spill = self._spill
         for obj in self._stored:
             if obj._p_jar is self:
@@ -804,7 +814,7 @@ class Connection:
         # moves to it, not at the next boundary: the poll there may fail (after a durable
         # commit that is only logged), and the next transaction would then read these
         # objects stale from the cache beside others loaded at the new snapshot.
-        self._move_snapshot(tid, self._polled_at_vote)
+        self._move_snapshot(tid, changed)
         self._end_transaction()
 
     def tpc_abort(self, transaction: Any) -> None:
@@ -891,7 +901,6 @@ class Connection:
         self._added = {}
         self._stored = []
         self._resolved = []
-        self._polled_at_vote = ()
 
     # -- savepoints -------------------------------------------------------------------------
 

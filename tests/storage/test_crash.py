@@ -140,8 +140,9 @@ def test_corrupt_middle_behind_index(tmp_path: Path) -> None:
     tids, _, _ = build(path)
     FileStorage(path).close()  # writes the index again
     data = bytearray(path.read_bytes())
-    # Inside the first transaction's data record header (after 32 + len("u") + len("d0")).
-    data[fmt.FILE_HEADER.size + fmt.TXN_HEADER.size + 3 + 2] ^= 1
+    # Inside the first transaction's data record header (after 32 + len("u") + len("d0") and
+    # the durable mark).
+    data[fmt.FILE_HEADER.size + fmt.TXN_HEADER.size + 3 + fmt.DURABLE_MARK.size + 2] ^= 1
     path.write_bytes(data)
     with FileStorage(path) as fs:
         assert fs.last_tid() == tids[-1]

@@ -104,15 +104,19 @@ def test_file_layout(tmp_path: Path) -> None:
     with FileStorage(path) as fs:
         tid = commit(fs, {z64: (z64, b"root")}, TransactionMeta("me", "why", b"{}"))
     data = path.read_bytes()
-    assert data[:8] == fmt.FILE_MAGIC == b"AMBERFS\x02"
+    assert data[:8] == fmt.FILE_MAGIC == b"AMBERFS\x03"
     magic, file_id, packed_tid, header_crc = fmt.FILE_HEADER.unpack_from(data)
     assert packed_tid == z64  # never packed
     assert header_crc == zlib.crc32(data[:28])
     h = fmt.decode_txn_header(data, fmt.FILE_HEADER.size)
     assert (h.tid, h.status, h.user_len, h.desc_len, h.ext_len, h.records) == (tid, b"c", 2, 3, 2, 1)
+    assert h.flags == fmt.FLAG_DURABLE_MARK and h.meta_len == 7 + 8
     assert fmt.FILE_HEADER.size + h.length == len(data)
     pos = fmt.FILE_HEADER.size + fmt.TXN_HEADER.size
     assert data[pos : pos + 7] == b"mewhy{}"
+    # The durable mark (I3): the file was synced up to its first transaction when it was appended.
+    assert fmt.DURABLE_MARK.unpack_from(data, pos + 7) == (fmt.FILE_HEADER.size,)
+    pos += 8
     oid, rtid, back, rlen, rcrc = fmt.DATA_HEADER.unpack_from(data, pos + 7)
     assert (oid, rtid, back, rlen) == (z64, tid, 0, 4)
     record_at = pos + 7 + fmt.DATA_HEADER.size
@@ -120,8 +124,8 @@ def test_file_layout(tmp_path: Path) -> None:
     assert rcrc == zlib.crc32(b"root", zlib.crc32(data[pos + 7 : pos + 7 + 28], zlib.crc32(file_id)))
     length, crc, magic = fmt.TXN_TRAILER.unpack_from(data, len(data) - fmt.TXN_TRAILER.size)
     assert (length, magic) == (h.length, fmt.TRAILER_MAGIC)
-    header = data[fmt.FILE_HEADER.size : pos]
-    body = data[pos : len(data) - fmt.TXN_TRAILER.size]
+    header = data[fmt.FILE_HEADER.size : fmt.FILE_HEADER.size + fmt.TXN_HEADER.size]
+    body = data[fmt.FILE_HEADER.size + fmt.TXN_HEADER.size : len(data) - fmt.TXN_TRAILER.size]
     assert crc == fmt.txn_checksum(zlib.crc32(file_id), body, header)
     # The status byte is left out of the checksum: finish turns v into c without a sync.
     without_status = header[:16] + header[17:]

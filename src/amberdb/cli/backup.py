@@ -43,7 +43,7 @@ from amberdb.fsutil import fsync_directory, replace_file
 from amberdb.storage.file import FileStorage
 from amberdb.storage.file.format import (
     FILE_HEADER,
-    FILE_MAGIC,
+    FILE_MAGIC_PREFIX,
     TXN_HEADER,
     TXN_TRAILER,
     decode_txn_header,
@@ -148,7 +148,7 @@ def _snapshot(path: str) -> tuple[int, bytes, int, bytes]:
             mine, now = os.fstat(fd), os.stat(path)
             if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):
                 header = os.pread(fd, FILE_HEADER.size, 0)
-                if len(header) < FILE_HEADER.size or header[:8] != FILE_MAGIC:
+                if len(header) < FILE_HEADER.size or header[:7] != FILE_MAGIC_PREFIX:
                     raise CliError(f"{path} is empty or not an amberdb data file: nothing to back up")
                 return fd, header[8:16], end, last_tid
         except BaseException:

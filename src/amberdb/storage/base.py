@@ -5,8 +5,9 @@ with one revision per committed transaction.  It never sees a Python object, nev
 and never resolves conflicts: that happens above it, in the connection.  This keeps tools that
 work on storages (copy, verify, pack) free of application code.
 
-Commit protocol (one committer at a time, from the moment a storage takes its commit lock --
-in :meth:`Storage.begin` or as late as :meth:`Storage.vote` -- until ``finish`` or ``abort``)::
+Commit protocol (one committer at a time appends, from the moment a storage takes its commit
+lock -- in :meth:`Storage.begin` or as late as :meth:`Storage.vote` -- until the vote has
+written the transaction; a storage may hold it until ``finish`` or ``abort``)::
 
                  begin(meta)           store(...)*          vote()            finish()
       idle ──────────────────▶ open ─────────────▶ open ─────────▶ voted ─────────▶ idle
@@ -41,9 +42,11 @@ storage):
 4. Tids handed out by ``finish`` increase strictly.
 5. ``new_oid`` never returns an oid that this storage instance returned before, nor one that
    has a record.  Oid ``z64`` is the root and is never handed out by ``new_oid``.
-6. Between a ``vote`` that returned and the ``finish`` or ``abort`` that follows, no other
-   transaction finishes: a ``poll_invalidations`` made then reports everything committed
-   before this transaction, and nothing after it.
+6. ``finish`` returns only after every transaction with a lower tid has finished or been
+   aborted, so a ``poll_invalidations`` made after ``finish`` reports everything committed up
+   to this transaction (it may report later ones too).  Other transactions may finish between
+   a ``vote`` that returned and its ``finish`` (a storage with group commit lets the next
+   committer append while this one waits for its sync), so a poll made then proves nothing.
 7. ``poll_invalidations(since)`` returns ``(newest, oids)`` as one atomic observation:
    ``newest`` is the tid of the newest transaction ``load`` sees from then on, and ``oids``
    holds every oid that a transaction with ``since < tid <= newest`` changed (it may leave

@@ -468,9 +468,9 @@ class StorageSuite(FactoryFixtures):
             thread.join(10)
         assert not bad, bad[:3]
 
-    # -- one committer at a time (invariant 6) ------------------------------------------------
+    # -- finish in tid order (invariant 6) ----------------------------------------------------
 
-    def test_no_other_commit_finishes_between_vote_and_finish(self, storage: Storage) -> None:
+    def test_a_later_commit_does_not_finish_before_a_voted_one(self, storage: Storage) -> None:
         a, b = storage.new_oid(), storage.new_oid()
         t1 = commit(storage, {a: (z64, b"a"), b: (z64, b"b")})
         storage.begin(META)
@@ -485,12 +485,51 @@ class StorageSuite(FactoryFixtures):
 
         thread = threading.Thread(target=other)
         thread.start()
-        assert not finished.wait(0.2), "another transaction finished while one was voted"
+        assert not finished.wait(0.2), "a later transaction finished while an earlier one was voted"
         _nothing_new_since(storage, t1)
         mine = storage.finish()
         assert finished.wait(10)
         thread.join(10)
         assert other_tid[0] > mine
+
+    def test_poll_after_finish_names_every_lower_commit(self, storage: Storage) -> None:
+        """Invariant 6: after ``finish``, a poll from the snapshot the transaction began at
+        names every oid that another transaction with a tid up to ours changed."""
+        n_threads, n_commits = 4, 10
+        oids = [storage.new_oid() for _ in range(n_threads)]
+        first = commit(storage, {oid: (z64, b"0") for oid in oids})
+        log: list[tuple[Tid, Oid]] = []  # (tid, oid changed), every commit
+        seen: list[tuple[Tid, Tid, Tid, frozenset[Oid] | None]] = []  # (since, mine, newest, oids)
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def worker(n: int) -> None:
+            try:
+                oid, base = oids[n], first
+                for i in range(n_commits):
+                    since = storage.last_tid()
+                    base = commit(storage, {oid: (base, b"%d" % i)})
+                    newest, changed = storage.poll_invalidations(since)
+                    with lock:
+                        log.append((base, oid))
+                        seen.append((since, base, newest, None if changed is None else frozenset(changed)))
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        for since, mine, newest, changed in seen:
+            assert newest >= mine
+            if changed is None:
+                continue  # the storage could not tell: allowed (invariant 7)
+            wanted = {oid for tid, oid in log if since < tid <= mine}
+            assert wanted <= changed, (
+                f"a poll after finish of {_oids([mine])} misses {_oids(wanted - changed)}"
+            )
 
     def test_threads_commit_concurrently(self, storage: Storage) -> None:
         commit(storage, {z64: (z64, b"0")})

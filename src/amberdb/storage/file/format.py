@@ -8,13 +8,14 @@ Data file
 
 A file header, then transaction records back to back, oldest first.  The file only grows
 at the end; the only bytes ever rewritten are those of the last transaction: its header
-when a streamed transaction is voted, its status byte when it is finished.  A pack writes
+when a streamed transaction is voted, its status byte when it is finished or aborted after
+its vote.  A pack writes
 a whole new file (with a new file id) and renames it over the old one.
 
 File header (``FILE_HEADER``, 32 bytes)::
 
     offset  size  meaning
-         0     8  magic b"AMBERFS\\x02" (the last byte is the format version)
+         0     8  magic b"AMBERFS\\x03" (the last byte is the format version)
          8     8  file id: random bytes chosen at creation, mixed into every checksum so a
                   transaction or record copied from another file never passes
         16     8  pack time: the tid of the newest pack that wrote this file (zero: never
@@ -33,8 +34,10 @@ Transaction header (``TXN_HEADER``, 32 bytes)::
     offset  size  meaning
          0     8  tid
          8     8  length of the whole transaction record, header through trailer
-        16     1  status: b"c" finished, b"v" voted (durable, not yet published)
-        17     1  reserved, zero
+        16     1  status: b"c" finished, b"v" voted (durable, not yet published),
+                  b"a" aborted after its vote (kept in place, read by nobody)
+        17     1  flags: 0x01 = a durable mark follows the extension (version 3 writes
+                  it on every transaction but a pack's); other bits are invalid
         18     2  length of user (UTF-8)
         20     4  length of description (UTF-8)
         24     4  length of extension
@@ -43,6 +46,18 @@ Transaction header (``TXN_HEADER``, 32 bytes)::
 A header of 32 zero bytes means "in progress": a big transaction streamed out before its
 vote carries it.  No other header value is ever read as anything but a transaction to be
 verified.
+
+Durable mark (``DURABLE_MARK``, 8 bytes, when flag 0x01 is set), between the extension and
+the first data record: an offset below which the file was known synced (fdatasync ended)
+when the transaction was appended.  Recovery uses it to tell a power loss during a group's
+sync (damage, then only transactions appended before it was durable: cut) from corruption
+(see FileStorage's invariant I3).  ``TxnHeader.meta_len`` counts it; ``info_len`` does not.
+
+Versions: 3 added the flags byte, the durable mark and the status ``a``.  Version 2 files
+(no flags, no ``a``) are read as they are; a writable open upgrades one by rewriting its
+file header (magic and CRC, one 32-byte write, synced) before it writes anything else, so
+an older AmberDB refuses the file rather than misread it.  The index file is unchanged
+(its magic keeps version 2).
 
 Data record header (``DATA_HEADER``, 32 bytes), followed by the record bytes::
 
@@ -70,10 +85,12 @@ The record checksum covers the file id, bytes 0..28 of the data record header, t
 record bytes.  Loads verify it on every read; the transaction checksum proves that a whole
 transaction was written.
 
-A transaction is *valid* when its status is ``c`` or ``v``, header and trailer agree on the
-length, the trailer magic and checksum match, its tid is above the previous one's, and its
-data records exactly fill the space between metadata and trailer.  If an oid appears more
-than once in a transaction, the last record counts (``store`` twice).
+A transaction is *valid* when its status is ``c``, ``v`` or ``a``, its flags are known,
+header and trailer agree on the length, the trailer magic and checksum match, its tid is
+above the previous one's, and its data records exactly fill the space between metadata
+and trailer.  If an oid appears more than once in a transaction, the last record counts
+(``store`` twice).  A valid ``a`` transaction belongs to no state of the database:
+scans, the iterator, verify and pack skip it; only its tid still counts for the order of tids.
 
 Index file (``path + ".index"``)
 ================================
@@ -104,15 +121,20 @@ __all__ = [
     "DATA_HEADER_CHECKED",
     "DATA_HEADER_FIELDS",
     "DATA_HEADER_INTS",
+    "DURABLE_MARK",
     "FILE_HEADER",
     "FILE_MAGIC",
     "FILE_MAGIC_PREFIX",
+    "FLAG_DURABLE_MARK",
     "FORMAT_VERSION",
     "INDEX_HEADER",
     "INDEX_MAGIC",
+    "KNOWN_FLAGS",
     "MAX_OID",
     "MIN_TXN_LENGTH",
     "PACKED_TID_OFFSET",
+    "READABLE_VERSIONS",
+    "STATUS_ABORTED",
     "STATUS_COMMITTED",
     "STATUS_OFFSET",
     "STATUS_VOTED",
@@ -129,6 +151,7 @@ __all__ = [
     "encode_txn_header",
     "file_header_crc_ok",
     "file_header_packed_tid",
+    "file_version",
     "is_partial_file_header",
     "magic_damaged",
     "record_checksum",
@@ -136,14 +159,17 @@ __all__ = [
     "unpack_index_header",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+"""Versions this AmberDB opens; a writable open upgrades a version-2 file (see the module docstring)."""
 FILE_MAGIC_PREFIX = b"AMBERFS"
 FILE_MAGIC = FILE_MAGIC_PREFIX + bytes([FORMAT_VERSION])
-INDEX_MAGIC = b"AMBERIX" + bytes([FORMAT_VERSION])
+# The index file did not change with version 3: its magic keeps version 2.
+INDEX_MAGIC = b"AMBERIX\x02"
 TRAILER_MAGIC = b"AmbT"
 
 FILE_HEADER = struct.Struct(">8s8s8s4xI")
-TXN_HEADER = struct.Struct(">8sQcxHIII")
+TXN_HEADER = struct.Struct(">8sQcBHIII")
 DATA_HEADER = struct.Struct(">8s8sQII")
 DATA_HEADER_INTS = struct.Struct(">qQQII")
 """The same bytes as DATA_HEADER with oid (signed: above MAX_OID it is negative) and tid as integers."""
@@ -161,8 +187,16 @@ DATA_HEADER_CHECKED = DATA_HEADER_FIELDS.size
 INDEX_HEADER_CHECKED = INDEX_HEADER.size - 4
 
 STATUS_OFFSET = 16
+FLAG_DURABLE_MARK = 0x01
+"""Transaction header flag: a durable mark follows the extension (format version 3)."""
+KNOWN_FLAGS = FLAG_DURABLE_MARK
+DURABLE_MARK = struct.Struct(">Q")
 STATUS_COMMITTED = b"c"
 STATUS_VOTED = b"v"
+STATUS_ABORTED = b"a"
+"""A transaction aborted after its vote while later ones were already appended behind it
+(group commit): it stays in place, valid, so the file stays a chain of whole transactions,
+and every reader skips it."""
 ZERO_TXN_HEADER = bytes(TXN_HEADER.size)
 
 MIN_TXN_LENGTH = TXN_HEADER.size + TXN_TRAILER.size
@@ -178,15 +212,23 @@ class TxnHeader(NamedTuple):
     tid: bytes
     length: int
     status: bytes
+    flags: int
     user_len: int
     desc_len: int
     ext_len: int
     records: int
 
     @property
-    def meta_len(self) -> int:
+    def info_len(self) -> int:
         """Bytes of user + description + extension."""
         return self.user_len + self.desc_len + self.ext_len
+
+    @property
+    def meta_len(self) -> int:
+        """Bytes between the header and the first data record: user, description, extension
+        and the durable mark if there is one."""
+        info = self.user_len + self.desc_len + self.ext_len
+        return info + DURABLE_MARK.size if self.flags & FLAG_DURABLE_MARK else info
 
 
 class IndexHeader(NamedTuple):
@@ -200,13 +242,15 @@ class IndexHeader(NamedTuple):
     crc: int
 
 
-def encode_file_header(file_id: bytes, packed_tid: bytes = bytes(8)) -> bytes:
+def encode_file_header(file_id: bytes, packed_tid: bytes = bytes(8), version: int = FORMAT_VERSION) -> bytes:
     """The 32-byte header of a new data file, its CRC included; ``packed_tid`` is the pack
-    time of a file a pack writes (zero: never packed)."""
+    time of a file a pack writes (zero: never packed).  ``version`` is for tests that make
+    files of an older version."""
     if len(file_id) != 8 or len(packed_tid) != 8:
         raise ValueError("file id and pack time are 8 bytes each")
-    head = FILE_HEADER.pack(FILE_MAGIC, file_id, packed_tid, 0)[:FILE_HEADER_CHECKED]
-    return FILE_HEADER.pack(FILE_MAGIC, file_id, packed_tid, zlib.crc32(head))
+    magic = FILE_MAGIC_PREFIX + bytes([version])
+    head = FILE_HEADER.pack(magic, file_id, packed_tid, 0)[:FILE_HEADER_CHECKED]
+    return FILE_HEADER.pack(magic, file_id, packed_tid, zlib.crc32(head))
 
 
 def file_header_packed_tid(header: bytes) -> bytes | None:
@@ -222,11 +266,21 @@ def file_header_crc_ok(header: bytes) -> bool:
 
 
 def magic_damaged(header: bytes) -> bool:
-    """True when a full file header fails only in its magic: the CRC matches with ours.
+    """True when a full file header fails only in its magic: the CRC matches with the magic
+    of a version we read.
 
     Then the file is an AmberDB file whose first bytes changed, not a foreign file.
     """
-    return header[:8] != FILE_MAGIC and file_header_crc_ok(FILE_MAGIC + header[8:])
+    for version in READABLE_VERSIONS:
+        magic = FILE_MAGIC_PREFIX + bytes([version])
+        if header[:8] != magic and file_header_crc_ok(magic + header[8:]):
+            return True
+    return False
+
+
+def file_version(header: bytes) -> int:
+    """The format version a full file header names (its last magic byte)."""
+    return header[7]
 
 
 def is_partial_file_header(data: bytes) -> bool:
@@ -242,10 +296,17 @@ def is_partial_file_header(data: bytes) -> bool:
 
 
 def encode_txn_header(
-    tid: bytes, length: int, status: bytes, user_len: int, desc_len: int, ext_len: int, count: int
+    tid: bytes,
+    length: int,
+    status: bytes,
+    user_len: int,
+    desc_len: int,
+    ext_len: int,
+    count: int,
+    flags: int = 0,
 ) -> bytes:
-    """Pack a transaction header."""
-    return TXN_HEADER.pack(tid, length, status, user_len, desc_len, ext_len, count)
+    """Pack a transaction header (``flags``: FLAG_DURABLE_MARK when the body carries one)."""
+    return TXN_HEADER.pack(tid, length, status, flags, user_len, desc_len, ext_len, count)
 
 
 def decode_txn_header(data: bytes | bytearray | memoryview, offset: int = 0) -> TxnHeader:

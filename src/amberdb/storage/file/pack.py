@@ -31,6 +31,7 @@ from amberdb.storage.file.format import (
     DATA_HEADER_CHECKED,
     DATA_HEADER_FIELDS,
     MIN_TXN_LENGTH,
+    STATUS_ABORTED,
     STATUS_COMMITTED,
     STATUS_VOTED,
     TRAILER_MAGIC,
@@ -271,7 +272,7 @@ class Packer:
         head = bytes(reader.read(pos, _H))
         h = decode_txn_header(head)
         problem = None
-        if h.status not in (STATUS_COMMITTED, STATUS_VOTED):
+        if h.status not in (STATUS_COMMITTED, STATUS_VOTED, STATUS_ABORTED):
             problem = f"transaction status is {h.status!r}"
         elif h.length < MIN_TXN_LENGTH + h.meta_len + h.records * _D or pos + h.length > stop:
             problem = f"transaction length {h.length} is impossible here"
@@ -356,6 +357,11 @@ class Packer:
         pos = first
         while pos < end:
             h = self._verified_header(pos, end)
+            if h.status == STATUS_ABORTED:
+                # Aborted after its vote: nothing of it is in any state, nothing is copied.
+                progress.advance(h.length)
+                pos += h.length
+                continue
             prepack = h.tid <= pack_tid
             if not prepack and not marking:
                 self.boundary = pos
@@ -425,6 +431,10 @@ class Packer:
         pos = first
         while pos < end:
             h = decode_txn_header(self.reader.read(pos, _H))
+            if h.status == STATUS_ABORTED:
+                self.progress.advance(h.length)
+                pos += h.length
+                continue
             # The newest transaction stays even when nothing of it is kept: the file must go
             # on saying what the last tid is, or tids would go back at the next open (I8).
             self._copy_transaction(pos, h, check=False, keep=pos == self.last_pos)
@@ -443,7 +453,7 @@ class Packer:
         pos = first
         while pos < end:
             h = self._verified_header(pos, end)
-            if not self._copy_transaction(pos, h, check=True):
+            if h.status != STATUS_ABORTED and not self._copy_transaction(pos, h, check=True):
                 return False
             self.progress.advance(h.length, quiet=quiet)
             pos += h.length
@@ -467,7 +477,8 @@ class Packer:
         newest_at_pack, live, index = self.newest_at_pack, self.live, self.index
         new_crc = self.new_crc
         tid = h.tid
-        meta = bytes(reader.read(pos + _H, h.meta_len)) if h.meta_len else b""
+        # The durable mark (I3) is not copied: a packed file is synced whole before it is used.
+        meta = bytes(reader.read(pos + _H, h.info_len)) if h.info_len else b""
         start = -1
         crc = new_crc
         oids: array[int] = array("q")

@@ -13,15 +13,23 @@ torn may be cut.  Where a scan stops (nothing valid from there on), the bytes ar
     fewer than a transaction header remain; or the header is 32 zero bytes (a streamed
     transaction not yet voted, or a file grown before its data landed); or its length runs past the
     end of the file and the file does not end with a trailer whose length points back
-    exactly at this header (a write cut short).  A writable open truncates them.
+    exactly at this header (a write cut short); or damage followed only by valid
+    transactions whose durable marks say the damaged offset was not known durable when they
+    were appended and none of which is marked ``c`` (a power loss during a group's sync:
+    nothing from there on was acknowledged).  A writable open truncates them.
 ``damaged``
     anything else: a complete transaction that fails a check (status, lengths, trailer,
-    checksum, tid order, record layout), or any damage with a valid transaction after it.
+    checksum, tid order, record layout), or any other damage with a valid transaction
+    after it (one whose mark is above the damage, one with no mark, one marked ``c``).
     Nothing is cut: opening raises :class:`~amberdb.exceptions.CorruptedDataError`.
 
 A valid transaction whose status is ``v`` and that is the last valid one is a *voted tail*:
 durable, but perhaps still being decided by a live writer.  :func:`scan` reports it without
-indexing it; the storage decides (see its invariants).
+indexing it; the storage decides (see its invariants).  A reader that may share the file
+with a live writer scans with ``stop_at_voted``: the first ``v`` transaction is then the voted
+tail whatever follows (with group commit several voted transactions can await their
+``finish`` at once).  A valid ``a`` transaction (aborted after its vote) is skipped: it is
+never indexed and never counts as committed, but its tid still orders the next one.
 """
 
 from __future__ import annotations
@@ -36,9 +44,13 @@ from amberdb.storage.file.format import (
     DATA_HEADER,
     DATA_HEADER_CHECKED,
     DATA_HEADER_INTS,
+    DURABLE_MARK,
     FILE_HEADER,
+    FLAG_DURABLE_MARK,
+    KNOWN_FLAGS,
     MAX_OID,
     MIN_TXN_LENGTH,
+    STATUS_ABORTED,
     STATUS_COMMITTED,
     STATUS_OFFSET,
     STATUS_VOTED,
@@ -126,6 +138,9 @@ class ScanResult:
     voted: list[int] = field(default_factory=list)
     """Offsets of committed transactions still marked ``v`` (a lost ``finish`` flip)."""
     torn_reason: str = ""
+    stop_tid: bytes = z64
+    """The tid of the last valid transaction before ``stop``, aborted ones included: the
+    tid the next appended transaction must exceed."""
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -166,8 +181,10 @@ def _stream_crc(fd: int, start: int, end: int, crc: int) -> int | None:
 
 
 def _header_problem(h: TxnHeader, pos: int, file_size: int, prev_tid: bytes) -> str | None:
-    if h.status not in (STATUS_COMMITTED, STATUS_VOTED):
-        return f"transaction status byte is {h.status!r}, neither b'c' nor b'v'"
+    if h.status not in (STATUS_COMMITTED, STATUS_VOTED, STATUS_ABORTED):
+        return f"transaction status byte is {h.status!r}, not b'c', b'v' or b'a'"
+    if h.flags & ~KNOWN_FLAGS:
+        return f"transaction flags byte is {h.flags:#04x}, not one this AmberDB writes"
     if h.length < MIN_TXN_LENGTH + h.meta_len + h.records * _D:
         return f"transaction length {h.length} is too small for its metadata and {h.records} data records"
     if pos + h.length > file_size:
@@ -286,11 +303,40 @@ def judge_stop(
     follower = find_valid_txn(fd, file_id_crc, pos + 1, file_size, prev_tid)
     if follower is not None:
         what = damage.problem if damage is not None else reason
+        durable_at = _durable_before(fd, file_id_crc, pos, follower, file_size, prev_tid)
+        if durable_at is None:
+            return "torn", f"{what}, then only transactions appended before it was durable", None
         problem = f"{what}, followed by a valid transaction at offset {follower}"
+        if durable_at != follower:
+            problem += f" (and one at offset {durable_at} appended after it was durable)"
         return "damaged", "", Damage(pos, problem, followed=True)
     if damage is not None:
         return "damaged", "", damage
     return "torn", reason, None
+
+
+def _durable_before(
+    fd: int, file_id_crc: int, pos: int, follower: int, file_size: int, prev_tid: bytes
+) -> int | None:
+    """The first valid transaction after ``pos`` (``follower`` the first) that proves ``pos``
+    was durable before it was appended; None when none does (see the module docstring).
+
+    Proof: its durable mark is above ``pos`` (a sync covering ``pos`` had ended when it was
+    appended), or it has none (written by a pack, by format version 2, or without fsync),
+    or its status is ``c`` (its finish ran, so its vote returned after a sync covering it,
+    and ``pos`` lies before it).
+    """
+    candidate: int | None = follower
+    while candidate is not None:
+        h = decode_txn_header(pread_exact(fd, _H, candidate))
+        if not h.flags & FLAG_DURABLE_MARK or h.status == STATUS_COMMITTED:
+            return candidate
+        mark_at = candidate + _H + h.info_len
+        durable: int = DURABLE_MARK.unpack(pread_exact(fd, DURABLE_MARK.size, mark_at))[0]
+        if durable > pos:
+            return candidate
+        candidate = find_valid_txn(fd, file_id_crc, candidate + 1, file_size, prev_tid)
+    return None
 
 
 def scan(
@@ -301,12 +347,16 @@ def scan(
     file_size: int,
     prev_tid: bytes = z64,
     index: OffsetIndex | None = None,
+    stop_at_voted: bool = False,
 ) -> ScanResult:
     """Verify transactions from ``start`` to ``file_size``, filling ``index`` if given.
 
     ``index`` receives ``oid -> offset of its newest data record`` for every committed
     transaction.  A last valid transaction with status ``v`` is reported as the voted tail
-    and not indexed.  What follows the valid transactions is judged by :func:`judge_stop`.
+    and not indexed; with ``stop_at_voted`` so is the first one, and the scan ends there
+    (``tail`` is then ``clean``: what follows is a live writer's business).  Transactions
+    with status ``a`` are verified and skipped.  What follows the valid transactions is
+    judged by :func:`judge_stop`.
     Raises CorruptedDataError only for a transaction whose checksum matches but whose data
     records do not fit (a file written by something else, or a bug): ``index`` is then
     partly filled and must be thrown away.
@@ -324,8 +374,10 @@ def scan(
     unpack_trailer = TXN_TRAILER.unpack_from
     crc32 = zlib.crc32
     min_length = MIN_TXN_LENGTH
-    committed, voted_status = STATUS_COMMITTED, STATUS_VOTED
+    committed, voted_status, aborted = STATUS_COMMITTED, STATUS_VOTED, STATUS_ABORTED
     after_status = STATUS_OFFSET + 1
+    mark_size = DURABLE_MARK.size  # FLAG_DURABLE_MARK is the only flag
+    stopped_at_voted = False
     while pos < file_size:
         rel = pos - base
         if rel + _H > len(buf):
@@ -334,11 +386,12 @@ def scan(
             base, rel = pos, 0
             if len(buf) < _H:
                 break
-        tid, length, status, ulen, dlen, elen, n = unpack_txn(buf, rel)
-        meta_len = ulen + dlen + elen
+        tid, length, status, flags, ulen, dlen, elen, n = unpack_txn(buf, rel)
+        meta_len = ulen + dlen + elen + (mark_size if flags else 0)
         # _header_problem, inlined: this loop runs once per transaction.
         if (
-            (status != committed and status != voted_status)
+            (status != committed and status != voted_status and status != aborted)
+            or flags & ~KNOWN_FLAGS
             or length < min_length + meta_len + n * _D
             or pos + length > file_size
             or tid <= last_tid
@@ -374,7 +427,14 @@ def scan(
             count += 1
             pending = None
         if status == voted_status:
-            pending = TxnHeader(tid, length, status, ulen, dlen, elen, n)
+            pending = TxnHeader(tid, length, status, flags, ulen, dlen, elen, n)
+            if stop_at_voted:
+                last_tid = tid
+                pos += length
+                stopped_at_voted = True
+                break
+        elif status == aborted:
+            pass  # in no state of the database; only its tid orders the next one
         else:
             if index is not None:
                 refilled = _index_records(fd, name, pos, tid, meta_len, n, length, index, buf, base, CHUNK)
@@ -386,7 +446,10 @@ def scan(
             count += 1
         last_tid = tid
         pos += length
-    tail, reason, damage = judge_stop(fd, file_id_crc, pos, file_size, last_tid)
+    if stopped_at_voted:
+        tail, reason, damage = "clean", "", None
+    else:
+        tail, reason, damage = judge_stop(fd, file_id_crc, pos, file_size, last_tid)
     return ScanResult(
         end=kept_end,
         last_tid=kept_tid,
@@ -397,6 +460,7 @@ def scan(
         voted_tail=pending,
         voted=voted,
         torn_reason=reason,
+        stop_tid=last_tid,
     )
 
 
@@ -498,7 +562,7 @@ def read_transaction(
         description = bytes(view[h.user_len : desc_end]).decode("utf-8")
     except UnicodeDecodeError:
         raise corruption(name, pos, "transaction user or description is not UTF-8") from None
-    extension = bytes(view[desc_end : h.meta_len])
+    extension = bytes(view[desc_end : h.info_len])
     # A dict keeps the last record of an oid stored twice (see the format's module docstring).
     records: dict[bytes, DataRecord] = {}
     p = h.meta_len

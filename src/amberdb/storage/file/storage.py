@@ -6,38 +6,81 @@ crashes, damage and other processes is this list of invariants; the tests name t
 they check.
 
 I1  Append only.  Bytes before ``_end`` (just past the last finished transaction) are never
-    written while the storage is open; every write lands at or after ``_end``.  Readers only
+    written while the storage is open; every write lands at or after ``_end`` -- the
+    appending committer's past ``_append_end``, and the status byte of a transaction
+    appended but not yet finished or aborted (``c`` or ``a``, one byte each).  Readers only
     follow offsets below ``_end``, so they never see bytes the committer is writing.  A pack
     does not rewrite the file either: it writes a new one and renames it over (I13).
 
 I2  Validity is all-or-nothing.  A transaction belongs to the database iff it is *valid*
-    (status ``c`` or ``v``, header and trailer agree, checksum over file id + body + header
-    matches, records fill it) and every transaction before it is valid.  A small transaction
+    (status ``c`` or ``v``, known flags, header and trailer agree, checksum over file id + body + header
+    matches, records fill it) and every transaction before it is valid (one with status
+    ``a``, valid in every other way, is skipped, I5).  A small transaction
     is written by one pwrite and one fdatasync; a large one is streamed out behind a header
     of 32 zero bytes ("in progress") that is patched, together with the trailer, in ``vote``.
 
-I3  Only a proven torn tail is ever cut.  With ``fsync=True`` at most one transaction is
-    unsynced at any moment (the one being voted; ``begin`` cannot start the next until it
-    is finished or aborted), so a crash can only leave a torn *last* transaction: a partial
-    header, a zero header, or one cut short by the end of the file.  A writable open
-    truncates exactly that.  Anything else that fails a check -- a complete transaction
-    with a bad checksum, a damaged file header, damage followed by a valid transaction --
-    is corruption: every open raises CorruptedDataError naming the file, the offset, what
-    failed and how to recover, and changes nothing.
+I3  Group commit; only a proven torn or unacknowledged tail is ever cut.  ``begin`` takes
+    the commit lock (a FIFO hand-off, so no committer starves) and assigns the tid; the
+    transaction is buffered (or streamed) past ``_append_end``; ``vote`` writes it there
+    whole with status ``v``, moves ``_append_end`` past it, lists it as *appended* and
+    releases the lock, so the next committer appends while this one waits for durability.
+    The first waiter that finds no sync running leads: it fdatasyncs with no lock held, and
+    every transaction appended before its sync began is durable when it ends; those
+    appended meanwhile wait for the next leader (batching by arrival, no timer).  Each
+    waiter sleeps on a lock of its own and is woken only by its event: the sync that covers
+    it (which also wakes the oldest uncovered waiter, to lead the next), its turn to finish,
+    the transaction it stores over leaving the flight.  ``vote`` returns only once its bytes
+    are durable.  Conflict checks count appended transactions: storing an oid one of them wrote
+    waits (under the commit lock) until it is finished or aborted, then checks against the
+    committed revision, which the caller can load to resolve a conflict.  Tids are assigned
+    under the commit lock, so they increase in file order; a restore (``begin`` with a tid)
+    first waits until nothing is appended.  A transaction of more than ``_PENDING_LIMIT``
+    records, whose oids are not kept, holds the lock until its finish or abort.  A failed
+    sync fails every transaction not yet durable (the leader's vote re-raises the error, the
+    others raise StorageError naming it), marks the storage broken, and the first abort of
+    one of them truncates the file to the last synced end under the commit lock and syncs
+    that (best effort: if that fails too, they may come back at a reopen, complete, as after
+    a crash before their vote returned).  With ``fsync=True`` a process crash (SIGKILL)
+    keeps the page cache, so the file holds whole transactions followed at most by a torn
+    last one (partial header, zero header, or one cut short by the end of the file), which a
+    writable open truncates.  A power loss during a group's sync may persist a later
+    transaction of the group but not an earlier one.  So every transaction (format version
+    3) carries a *durable mark*: an offset below which the file was known synced when it was
+    appended (read at vote; at begin for one streamed out before its vote; its own start
+    with ``fsync=False``, where nothing is known).  Damage at X followed by valid
+    transactions that all have marks at or below X and none of which says ``c`` is the
+    unacknowledged tail of such a group: no vote from X on could return before a sync
+    covering X, which never ended; it is judged torn and cut like one.  A later transaction
+    whose mark is above X (X was durable before it was appended), that has no mark (older
+    format, or a pack), or that says ``c`` (its finish ran, after a sync covering X) proves
+    the damage came later: corruption.  What this cannot tell apart: the last group's bytes
+    damaged after its sync ended, when nothing was appended after it and none of its finish
+    flips reached the disk.  A writable open syncs the file first, so its marks start true.
+    Anything else that fails a check -- a complete transaction with a bad checksum, a
+    damaged file header, other damage followed by a valid transaction -- is corruption:
+    every open raises CorruptedDataError naming the file, the offset, what failed and how
+    to recover, and changes nothing.
 
-I4  Vote is durable, finish is one byte.  ``vote`` writes the transaction with status ``v``
-    and returns after fdatasync, so it survives a crash from then on (base invariant 3).
-    ``finish`` turns ``v`` into ``c`` with a one-byte pwrite and no sync (the checksum leaves
-    the status byte out): after a crash the last transaction may still say ``v``.  A valid
+I4  Vote is durable, finish is one byte, in tid order.  ``vote`` returns after the sync that
+    covers its transaction (I3), so it survives a crash from then on (base invariant 3).
+    ``finish`` first waits until every appended transaction with a lower tid is finished or
+    aborted (base invariant 6), then turns ``v`` into ``c`` with a one-byte pwrite and no
+    sync (the checksum leaves the status byte out) and publishes index, ``_end`` and
+    ``_last_tid`` under ``_lock``: after a crash any number of transactions may still say ``v``.  A valid
     ``v`` transaction is committed as soon as no writer that could abort it is alive; a
     writable open marks it ``c`` and syncs.
 
-I5  Abort after vote cannot resurrect.  ``abort`` truncates the file back to ``_end`` and
-    syncs the file (size included) before it returns: from then on the transaction is gone
-    whatever happens.  A crash before that sync means abort had not returned: the
-    transaction is as voted, either gone or committed.  Truncation changes only the file
-    size, which the file system updates as a whole: unlike rewriting the 32-byte header in
-    place, a crash cannot leave half of it changed.  Abort before vote only truncates.
+I5  Abort after vote cannot resurrect.  When the transaction is still the last appended, no sync
+    is running and the commit lock is free, ``abort`` truncates the file back to its start
+    and syncs the file (size included) before it returns; otherwise later transactions
+    follow it and it is marked ``a`` in place (one byte) and synced: a valid ``a``
+    transaction is skipped by loads, scans, followers, the iterator, the undo log, verify
+    and pack, and only its tid still orders the next one.  From then on the transaction is
+    gone whatever happens, and the transactions after it stay valid.  A crash before that
+    sync means abort had not returned: the transaction is as voted, either gone or
+    committed.  Truncation changes only the file size, which the file system updates as a
+    whole: unlike rewriting the 32-byte header in place, a crash cannot leave half of it
+    changed.  Abort before vote only truncates.
 
 I6  The index file describes a prefix.  It is written only at a clean close, after the data
     file was synced, and records the file id plus the position and tid of the transaction
@@ -50,12 +93,15 @@ I6  The index file describes a prefix.  It is written only at a clean close, aft
 I7  One writer.  A writable open holds ``flock(LOCK_EX)`` on ``path + ".lock"`` from before
     the first write until close; the kernel drops it when the process dies.
 
-I8  Tids grow.  Tids are assigned in ``begin`` from :func:`~amberdb.utils.next_tid` of the
-    last finished tid under the commit lock, and a scan rejects a transaction whose tid is
-    not above its predecessor's.
+I8  Tids grow.  Tids are assigned in ``begin`` under the commit lock from
+    :func:`~amberdb.utils.next_tid` of the last *appended* tid (aborted ones included), so
+    they follow file order, and a scan rejects a transaction whose tid is not above its
+    predecessor's.
 
-I9  Readers never see what a live writer may take back.  A read-only opener that finds a
-    ``v`` transaction (or damage) after the valid transactions asks whether a writer is
+I9  Readers never see what a live writer may take back.  A read-only opener scans up to the
+    first ``v`` transaction (with group commit several may await their finish, any of them
+    still abortable).  One that finds a ``v`` transaction (or damage) after the valid
+    transactions asks whether a writer is
     alive (a shared lock on the lock file).  If none is, it judges the end again while its
     shared lock keeps writers out, and a valid ``v`` transaction is committed.  If one is,
     the writer's committed end, which it publishes in the lock file at every finish and the
@@ -160,6 +206,7 @@ import os
 import stat
 import struct
 import threading
+import typing
 import zlib
 from array import array
 from collections import deque
@@ -190,13 +237,16 @@ from amberdb.storage.file.format import (
     DATA_HEADER,
     DATA_HEADER_CHECKED,
     DATA_HEADER_FIELDS,
+    DURABLE_MARK,
     FILE_HEADER,
-    FILE_MAGIC,
     FILE_MAGIC_PREFIX,
+    FLAG_DURABLE_MARK,
     FORMAT_VERSION,
     MAX_OID,
     MAX_U32,
     MAX_USER,
+    READABLE_VERSIONS,
+    STATUS_ABORTED,
     STATUS_COMMITTED,
     STATUS_OFFSET,
     STATUS_VOTED,
@@ -210,6 +260,7 @@ from amberdb.storage.file.format import (
     encode_txn_header,
     file_header_crc_ok,
     file_header_packed_tid,
+    file_version,
     is_partial_file_header,
     magic_damaged,
     txn_checksum,
@@ -252,6 +303,8 @@ _CHECKED = DATA_HEADER_CHECKED
 _unpack_data_header = DATA_HEADER.unpack_from
 _pack_checked = DATA_HEADER_FIELDS.pack
 _pack_u32 = struct.Struct(">I").pack
+_pack_mark = DURABLE_MARK.pack
+_MARK = DURABLE_MARK.size
 _crc32 = zlib.crc32
 _PAGE = mmap.PAGESIZE
 # Loads drop the map's pages from the resident set after reading about this much.
@@ -267,7 +320,8 @@ _POLL_WINDOW = 1 << 20
 # some 25 times the memory it is sized for.
 _ENTRY_COST = 25
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
-_IDLE, _OPEN, _VOTED, _DIRTY = "idle", "open", "voted", "dirty"
+_W = typing.TypeVar("_W", bound="_Waiter")
+_IDLE, _OPEN, _APPENDED, _VOTED, _DIRTY = "idle", "open", "appended", "voted", "dirty"
 _CLOSED_GENERATION = -1
 _PACK_SUFFIX = ".pack"
 # A pack is done again at most this often when commits made while it ran re-link garbage.
@@ -293,6 +347,124 @@ def _create_fresh(path: str) -> int:
         pass
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     return os.open(path, flags, 0o666)
+
+
+class _FifoLock:
+    """A lock handed to its waiters in arrival order.
+
+    ``threading.Lock`` lets a releasing thread take it straight back, so with many committers
+    some wait for seconds while others commit again and again; here ``release`` passes the
+    lock to the longest waiter, which owns it from that moment.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters: deque[threading.Lock] = deque()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock, waiting behind earlier callers; without ``blocking``, only if free."""
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            if not blocking:
+                return False
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        try:
+            turn.acquire()  # released by the release() that hands us the lock
+        except BaseException:
+            with self._mutex:
+                if turn in self._waiters:
+                    self._waiters.remove(turn)
+                    raise
+            # Handed over just as we were interrupted: pass it on rather than lose it.
+            self.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        """Hand the lock to the longest waiter, or leave it free."""
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._held = False
+
+    def locked(self) -> bool:
+        """True while someone holds the lock."""
+        return self._held
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _Waiter:
+    """A thread that may wait for one group-commit event at a time (see FileStorage._sleep)."""
+
+    __slots__ = ("gate", "sleeping")
+
+    def __init__(self) -> None:
+        # Held by the owner, released once by whoever wakes it.  Made on the first wait:
+        # most transactions never wait.
+        self.gate: threading.Lock | None = None
+        self.sleeping = False  # listed in some wait list, its owner blocked on gate
+
+
+class _Txn(_Waiter):
+    """One transaction from ``begin`` to ``finish`` or ``abort``, owned by the thread that
+    began it (several may be appended and awaiting their sync or finish at once)."""
+
+    __slots__ = (
+        "appended_after_tid",
+        "body_crc",
+        "buf",
+        "changed",
+        "count",
+        "end",
+        "failure",
+        "holds_lock",
+        "in_flight",
+        "meta_lens",
+        "offsets",
+        "oids",
+        "pos",
+        "restoring",
+        "settle_waiters",
+        "state",
+        "sync_failed",
+        "tid",
+        "written",
+    )
+
+    def __init__(self, tid: Tid, pos: int, body_crc: int, restoring: bool) -> None:
+        super().__init__()
+        self.tid = tid
+        self.pos = pos  # where its header goes
+        self.end = -1  # just past its trailer, once appended
+        self.state = _OPEN
+        self.holds_lock = True  # the commit lock, from begin until the append (or finish)
+        self.in_flight = False  # appended, not yet finished or aborted
+        self.restoring = restoring
+        self.buf = bytearray()
+        self.written = 0
+        self.body_crc = body_crc
+        self.count = 0
+        self.meta_lens = (0, 0, 0)
+        self.oids: array[int] = array("q")
+        self.offsets: array[int] = array("q")
+        # Oids stored that existed before (what other snapshots must invalidate); None when
+        # there are more than the poll window holds.
+        self.changed: array[int] | None = array("q")
+        self.failure: BaseException | None = None
+        self.sync_failed: BaseException | None = None
+        self.appended_after_tid = z64  # the tid appended before it: the order an abort restores
+        self.settle_waiters: list[_Waiter] = []  # stores waiting for this one to finish or abort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +521,7 @@ class FileStorage:
         self._next_oid = 1
         self._file_id = b""
         self._file_id_crc = 0
+        self._version = FORMAT_VERSION  # of the file's header
         # The process generation this storage belongs to (I11); _CLOSED_GENERATION once closed.
         self._generation = GENERATION.value
         self._pid = os.getpid()
@@ -356,12 +529,34 @@ class FileStorage:
         # load never sees half a transaction and close never closes the fd under a read.
         # (A plain lock held across the read is cheaper than counting readers.)
         self._lock = threading.Lock()
-        self._commit_lock = threading.Lock()
+        # Held from begin until the transaction is appended (I3), handed over in FIFO order.
+        self._commit_lock = _FifoLock()
         self._oid_lock = threading.Lock()
         # One follower scan at a time, and never a close under it (taken before _lock).
         self._follow_lock = threading.Lock()
-        self._state = _IDLE
-        self._owner: int | None = None
+        # Each thread's transaction, from begin to finish or abort.
+        self._txns: dict[int, _Txn] = {}
+        # Threads whose begin waits until nothing is appended (an undo in progress).
+        self._draining_threads: set[int] = set()
+        # Group commit (I3), under _group: the transactions appended and not yet finished or
+        # aborted, in tid (= file) order; the newest of them per oid they wrote; where the next
+        # one goes and the tid it must exceed; how far the file is synced; whether a leader is
+        # syncing and, once one failed, why.
+        # Nobody waits on _group itself: each waiter sleeps on its own transaction's gate and is
+        # woken by the one event it waits for (a sync that covers it, its turn to finish, the
+        # transaction it stores over leaving the flight), never by every change (see _sleep).
+        self._group = threading.Lock()
+        self._sync_waiters: list[_Txn] = []  # votes waiting for a sync (one of them to lead it)
+        self._drain_waiters: list[_Waiter] = []  # begins waiting until nothing is appended
+        self._appended: deque[_Txn] = deque()
+        self._in_flight: dict[int, _Txn] = {}
+        self._append_end = FILE_HEADER.size
+        self._append_tid = z64
+        self._synced_end = FILE_HEADER.size
+        self._syncing = False
+        self._lowest_cut = 0  # the lowest end an abort cut the file to while a sync ran
+        self._sync_failure: BaseException | None = None
+        self._failed_group_cut = False
         # poll_invalidations: (tid, changed oids or None if too many) of the transactions
         # finished since the open, newest last; changes after _poll_floor are all known.
         self._recent: deque[tuple[Tid, array[int] | None]] = deque()
@@ -374,7 +569,6 @@ class FileStorage:
         self._packed_tid: Tid | None = None
         # One pack at a time (I13); never held by anything else.
         self._pack_lock = threading.Lock()
-        self._reset_txn()
         try:
             self._open(create)
         except BaseException:
@@ -430,7 +624,26 @@ class FileStorage:
             size = FILE_HEADER.size
         self._load(size)
         if not self._read_only:
+            if self._version != FORMAT_VERSION:
+                self._upgrade()
+            if self._fsync:
+                # What the open found is on disk from here on: the durable mark of the first
+                # transactions (I3) may say so.
+                os.fsync(self._fd)
             self._publish_end()
+
+    def _upgrade(self) -> None:
+        """Make an older file (format version 2) version 3 before writing into it.
+
+        Its transactions stay as they are: version 3 reads them (they have no durable mark,
+        which counts as "all before was durable").  Only the file header changes, in one
+        32-byte write of the first sector, synced before anything of version 3 is appended:
+        an older AmberDB then refuses the file instead of misreading its new transactions.
+        """
+        header = encode_file_header(self._file_id, self._packed_tid or z64)
+        pwrite_all(self._fd, header, 0)
+        os.fsync(self._fd)
+        self._version = FORMAT_VERSION
 
     def _take_file_header(self, size: int) -> bool:
         """Check the file header and take its file id; False when the file has none yet.
@@ -444,6 +657,7 @@ class FileStorage:
         self._file_id = FILE_HEADER.unpack(header)[1]
         self._file_id_crc = zlib.crc32(self._file_id)
         self._packed_tid = file_header_packed_tid(header)
+        self._version = file_version(header)
         return True
 
     def _check_file_header(self, header: bytes, size: int) -> bool:
@@ -470,10 +684,11 @@ class FileStorage:
         if magic[:7] != FILE_MAGIC_PREFIX:
             raise FileFormatError(f"{path} is not an AmberDB file storage (bad magic {magic!r})")
         crc_ok = file_header_crc_ok(header)
-        if magic != FILE_MAGIC and (crc_ok or magic[7] == 1):
+        if magic[7] not in READABLE_VERSIONS and (crc_ok or magic[7] == 1):
+            readable = " and ".join(str(v) for v in READABLE_VERSIONS)
             raise FileFormatError(
                 f"{path} is an AmberDB file storage of format version {magic[7]}, which this AmberDB"
-                f" does not read (it reads version {FORMAT_VERSION}); copy the data with the"
+                f" does not read (it reads versions {readable}); copy the data with the"
                 " AmberDB version that wrote the file"
             )
         if not crc_ok:
@@ -504,6 +719,9 @@ class FileStorage:
         self._end = result.end
         self._last_tid = result.last_tid
         self._poll_floor = result.last_tid
+        # Transactions aborted after their vote may follow the last committed one.
+        self._append_end = self._synced_end = max(result.stop, result.end)
+        self._append_tid = max(result.stop_tid, result.last_tid)
         self._next_oid = max(self._next_oid, index.max_oid() + 1, 1)
 
     def _scan_committed(
@@ -518,7 +736,9 @@ class FileStorage:
         ``index`` None the scan only verifies and judges (a follower indexes what it takes
         per transaction, in ``_changes_in``).
         """
-        result, index = self._scan(index, start, size, prev_tid)
+        # A live writer may have several voted transactions awaiting their finish (group
+        # commit): a reader stops at the first, as if it were the voted tail (I9).
+        result, index = self._scan(index, start, size, prev_tid, stop_at_voted=self._read_only)
         if self._read_only and (result.tail == "damaged" or result.voted_tail is not None):
             result, index = self._judge_end_as_reader(result, index, committed)
         if result.tail == "damaged":
@@ -544,11 +764,12 @@ class FileStorage:
         ), index
 
     def _scan(
-        self, index: OffsetIndex | None, start: int, size: int, prev_tid: bytes
+        self, index: OffsetIndex | None, start: int, size: int, prev_tid: bytes, stop_at_voted: bool = False
     ) -> tuple[ScanResult, OffsetIndex | None]:
         """:func:`scan` into ``index``; when salvaging, also past a transaction that makes no sense."""
+        fd, crc = self._fd, self._file_id_crc
         try:
-            return scan(self._fd, self._path, self._file_id_crc, start, size, prev_tid, index), index
+            return scan(fd, self._path, crc, start, size, prev_tid, index, stop_at_voted), index
         except CorruptedDataError as exc:
             if not self._salvage or exc.offset is None:
                 raise
@@ -904,6 +1125,10 @@ class FileStorage:
         changes: list[tuple[Tid, array[int] | None]] = []
         pos = start
         while pos < end:
+            head = decode_txn_header(pread_exact(self._fd, _H, pos))
+            if head.status == STATUS_ABORTED:
+                pos += head.length  # verified by the scan; in no state of the database
+                continue
             written = OffsetIndex(floating=True)
             header = index_transaction(self._fd, self._path, pos, written)
             changed = array("q")
@@ -974,7 +1199,8 @@ class FileStorage:
                 h, txn = read_transaction(snap.fd, self._path, snap.crc, pos, snap.end, prev)
                 if stop is not None and h.tid > stop:
                     return
-                yield txn
+                if h.status != STATUS_ABORTED:
+                    yield txn
                 prev = h.tid
                 pos += h.length
 
@@ -1056,13 +1282,13 @@ class FileStorage:
         if problem is not None:
             raise corruption(self._path, pos, problem)
         assert h is not None
-        meta = pread_exact(snap.fd, h.meta_len, pos + _H)
+        meta = pread_exact(snap.fd, h.info_len, pos + _H)
         try:
             user = meta[: h.user_len].decode("utf-8")
             description = meta[h.user_len : h.user_len + h.desc_len].decode("utf-8")
         except UnicodeDecodeError:
             raise corruption(self._path, pos, "transaction user or description is not UTF-8") from None
-        return TransactionMeta(user, description, meta[h.user_len + h.desc_len :])
+        return TransactionMeta(user, description, meta[h.user_len + h.desc_len : h.info_len])
 
     def undo_log(self, first: int = 0, last: int = -20) -> list[TransactionInfo]:
         """Undoable transactions, newest first (ZODB's ``first``/``last`` convention).
@@ -1076,6 +1302,8 @@ class FileStorage:
                 for pos, h in self._newest_first(snap):
                     if snap.packed is not None and h.tid <= snap.packed:
                         return
+                    if h.status == STATUS_ABORTED:
+                        continue
                     yield TransactionInfo(h.tid, self._verified_meta(snap, pos))
 
             return newest_first_slice(infos(), first, last)
@@ -1146,7 +1374,14 @@ class FileStorage:
     def undo(self, tid: Tid, meta: TransactionMeta, resolve: UndoResolver | None = None) -> Tid:
         """Commit a transaction restoring the states from before ``tid`` (see Storage.undo)."""
         self._check_writable()
-        return undo_transaction(self, tid, meta, resolve, self._packed_tid)
+        # Undo loads the newest revisions after its begin and stores on them: its begin waits
+        # until nothing is appended, so those loads see every transaction before it.
+        me = threading.get_ident()
+        self._draining_threads.add(me)
+        try:
+            return undo_transaction(self, tid, meta, resolve, self._packed_tid)
+        finally:
+            self._draining_threads.discard(me)
 
     def copy_transactions_from(self, other: Storage) -> int:
         """Copy ``other``'s transactions newer than ours, tids and metadata kept (restores)."""
@@ -1162,7 +1397,7 @@ class FileStorage:
         self._commit_lock.acquire()
         try:
             self._check_writable()
-            if self._end != FILE_HEADER.size:
+            if self._append_end != FILE_HEADER.size:
                 raise StorageError(
                     f"{self._path} already holds transactions: a packed history is copied only into"
                     " an empty file storage"
@@ -1185,25 +1420,14 @@ class FileStorage:
             self._next_oid = oid + 1
         return p64(oid)
 
-    def _reset_txn(self) -> None:
-        self._tid = z64
-        self._txn_pos = 0
-        self._buf = bytearray()
-        self._written = 0
-        self._body_crc = 0
-        self._count = 0
-        self._meta_lens = (0, 0, 0)
-        self._txn_oids: array[int] = array("q")
-        self._txn_offsets: array[int] = array("q")
-        # Oids stored that existed before (what other snapshots must invalidate); None when
-        # there are more than the poll window holds.
-        self._txn_changed: array[int] | None = array("q")
-        self._failure: BaseException | None = None
-        self._restoring = False
+    def _txn_or_none(self) -> _Txn | None:
+        """The calling thread's transaction (begin, store, vote and finish of one transaction
+        come from the thread that began it)."""
+        return self._txns.get(threading.get_ident())
 
     def begin(self, meta: TransactionMeta, tid: Tid | None = None) -> None:
-        """Start a commit, waiting for any other commit to end; with ``tid``, a restore
-        (base invariant 9)."""
+        """Start a commit, waiting (first come, first served) until the previous committer
+        has appended its transaction; with ``tid``, a restore (base invariant 9)."""
         self._check_writable()
         if tid is not None and (not isinstance(tid, bytes) or len(tid) != 8):
             raise TypeError(f"tid must be 8 bytes, got {tid!r:.80}")
@@ -1212,67 +1436,85 @@ class FileStorage:
         ext = bytes(meta.extension)
         if len(user) > MAX_USER or len(desc) > MAX_U32 or len(ext) > MAX_U32:
             raise StorageError("transaction user (64 KiB) or description/extension (4 GiB) too long")
-        if self._state != _IDLE and self._owner == threading.get_ident():
+        if self._txn_or_none() is not None:
             raise StorageTransactionError("begin() called twice without finish() or abort()")
         self._commit_lock.acquire()
-        if self._closing or self._closed or self._broken is not None:
-            self._commit_lock.release()
-            self._check_writable()
-        size = os.fstat(self._fd).st_size
-        if size != self._end:
-            # Only this writer appends (I7), and it leaves the file ending at _end: another
-            # process wrote (its lock file deleted and a second writer let in), or cut it.
-            self._broken = StorageError(f"the file is {size} bytes, not the {self._end} this writer left")
-            self._commit_lock.release()
-            raise StorageError(
-                f"{self._path} changed under its writer: it is {size} bytes, but this storage left"
-                f" it at {self._end}. Another process wrote to it (was {self._path}.lock deleted?)"
-                " or cut it; nothing more is written. Close every storage on it, then check it with"
-                " amberdb.storage.file.verify()"
-            )
-        # The transaction fields were reset by __init__ or the previous _end_txn.
         try:
-            new_tid = transaction_tid(self._last_tid, tid, self.name)
+            self._check_writable()
+            if tid is not None or threading.get_ident() in self._draining_threads:
+                # A restore is checked for no conflicts and may write an oid an appended
+                # transaction wrote too: its back pointers must not lead into one that may
+                # still be aborted.  An undo loads after its begin what it stores on.  Both
+                # start once none is in flight.
+                self._wait_for_no_appended()
+            size = os.fstat(self._fd).st_size
+            if size != self._append_end:
+                # Only this writer appends (I7), and it leaves the file ending at its last
+                # append: another process wrote (its lock file deleted and a second writer
+                # let in), or cut it.
+                self._broken = StorageError(
+                    f"the file is {size} bytes, not the {self._append_end} this writer left"
+                )
+                raise StorageError(
+                    f"{self._path} changed under its writer: it is {size} bytes, but this storage left"
+                    f" it at {self._append_end}. Another process wrote to it (was {self._path}.lock"
+                    " deleted?) or cut it; nothing more is written. Close every storage on it, then"
+                    " check it with amberdb.storage.file.verify()"
+                )
+            # Assigned under the commit lock, which is held until the append: tids follow
+            # the order of the file (I8) whatever order the transactions finish in.
+            new_tid = transaction_tid(self._append_tid, tid, self.name)
         except BaseException:
             self._commit_lock.release()
             raise
-        self._state = _OPEN
-        self._owner = threading.get_ident()
-        self._tid = new_tid
-        self._restoring = tid is not None
-        self._txn_pos = self._end
-        self._body_crc = self._file_id_crc
-        self._meta_lens = (len(user), len(desc), len(ext))
+        txn = _Txn(new_tid, self._append_end, self._file_id_crc, tid is not None)
+        txn.meta_lens = (len(user), len(desc), len(ext))
         # The zero header is the "in progress" placeholder: streamed bytes stay invisible
         # until vote writes the real one (I2).
-        self._buf = bytearray(_H)
-        self._buf += user
-        self._buf += desc
-        self._buf += ext
+        txn.buf = bytearray(_H)
+        txn.buf += user
+        txn.buf += desc
+        txn.buf += ext
+        # The durable mark (I3): what is known durable now; vote puts a later value in when
+        # the transaction was not streamed out meanwhile.
+        txn.buf += _pack_mark(self._durable_mark(txn))
+        self._txns[threading.get_ident()] = txn
 
-    def _check_in_transaction(self, method: str, state: str) -> None:
-        """Raise unless the transaction is in ``state`` (and this is the process that opened us)."""
+    def _durable_mark(self, txn: _Txn) -> int:
+        """The durable mark of ``txn`` (I3): an offset below which the file is known synced
+        (a lower bound: read without ``_group``).  Without fsync nothing is known, so the
+        transaction's own start: a recovery then treats everything before it as durable and
+        refuses damage there, as it did before marks."""
+        return self._synced_end if self._fsync else txn.pos
+
+    def _txn_in(self, method: str, state: str) -> _Txn:
+        """The calling thread's transaction, which must be in ``state``; else raise."""
         if self._generation != GENERATION.value:
             self._check_open()
-        if self._state == state:
-            return
-        if self._state == _DIRTY and self._failure is not None:
+        txn = self._txns.get(threading.get_ident())
+        if txn is not None and txn.state == state:
+            return txn
+        if txn is not None and txn.state == _DIRTY and txn.failure is not None:
             raise StorageTransactionError(
-                f"{method}() after a failed write in this transaction ({self._failure!r}): abort it"
+                f"{method}() after a failed write in this transaction ({txn.failure!r}): abort it"
             )
+        current = _IDLE if txn is None else txn.state
         wanted = "an open" if state == _OPEN else "a voted"
-        raise StorageTransactionError(f"{method}() needs {wanted} transaction, state is {self._state}")
+        raise StorageTransactionError(f"{method}() needs {wanted} transaction, state is {current}")
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
         """Add a revision of ``oid``; ConflictError if ``base_tid`` is not its newest tid.
 
-        Arguments are checked before anything is buffered, so a refused store leaves the
-        transaction as it was.  A failure after buffering began (an I/O error while writing
-        out) makes the transaction unusable: vote raises, abort cleans up.
+        Storing an oid that a transaction appended but not yet finished wrote waits until
+        that one is finished or aborted, then checks (I3).  Arguments are checked before
+        anything is buffered, so a refused store leaves the transaction as it was.  A failure
+        after buffering began (an I/O error while writing out) makes the transaction
+        unusable: vote raises, abort cleans up.
         """
         # hot path (once per object of a big commit): the checks are compares, not calls.
-        if self._state is not _OPEN or self._generation != GENERATION.value:
-            self._check_in_transaction("store", _OPEN)
+        txn = self._txns.get(threading.get_ident())
+        if txn is None or txn.state is not _OPEN or self._generation != GENERATION.value:
+            txn = self._txn_in("store", _OPEN)
         if not isinstance(oid, bytes) or len(oid) != 8:
             raise ValueError(f"oid must be 8 bytes, got {oid!r}")
         if not isinstance(base_tid, bytes) or len(base_tid) != 8:
@@ -1285,53 +1527,62 @@ class FileStorage:
         size = len(record)
         if size > MAX_U32:
             raise StorageError(f"record of oid {oid_repr(oid)} is larger than 4 GiB")
-        # Only the committer (us) changes the index, so no lock is needed to read it here.
-        current = self._index.get(oid_int)
-        if current < 0:
-            committed = z64
-            current = 0
-        else:
-            if current + _D <= self._mapped and self._map is not None:
+        # In flight first: a finish indexes its transaction before it leaves the in-flight
+        # map, so an oid missing here is already in the index if it was in flight.
+        appended = self._in_flight.get(oid_int)
+        if appended is not None and not txn.restoring:
+            # Its outcome decides the conflict, and a conflict must name a revision the
+            # caller can load to resolve it: wait (holding the commit lock) until it is
+            # finished or aborted.  Its owner needs no commit lock for either.
+            self._wait_until_settled(txn, appended)
+        # Other finishes update the index and loads remap the file: read both under _lock.
+        with self._lock:
+            current = self._index.get(oid_int)
+            if current < 0:
+                committed = z64
+                current = 0
+            elif current + _D <= self._mapped and self._map is not None:
                 committed = self._map[current + 8 : current + 16]  # no system call
             else:
                 committed = pread_exact(self._fd, _D, current)[8:16]
-        if committed != base_tid and not self._restoring:
+        if committed != base_tid and not txn.restoring:
             raise ConflictError(oid=oid, serials=(committed, base_tid))
         if current:
             # Changed for other snapshots -- noted only once the store is accepted: a refused
             # one writes nothing, and polls must not report it (base invariant 7).
-            changed = self._txn_changed
+            changed = txn.changed
             if changed is not None:
                 if len(changed) < _POLL_WINDOW:
                     changed.append(oid_int)
                 else:
-                    self._txn_changed = None
-        buf = self._buf
-        offset = self._txn_pos + self._written + len(buf)
-        checked = _pack_checked(oid, self._tid, current, size)
+                    txn.changed = None
+        buf = txn.buf
+        offset = txn.pos + txn.written + len(buf)
+        checked = _pack_checked(oid, txn.tid, current, size)
         try:
             buf += checked
             buf += _pack_u32(_crc32(record, _crc32(checked, self._file_id_crc)))
             if size >= FLUSH_SIZE:
-                self._flush()
-                self._write_out(record)
+                self._flush(txn)
+                self._write_out(txn, record)
             else:
                 buf += record
                 if len(buf) >= FLUSH_SIZE:
-                    self._flush()
+                    self._flush(txn)
         except BaseException as exc:
-            self._state = _DIRTY
-            self._failure = exc
+            txn.state = _DIRTY
+            txn.failure = exc
             raise
-        if self._count < _PENDING_LIMIT:
-            self._txn_oids.append(oid_int)
-            self._txn_offsets.append(offset)
-        elif self._txn_oids:
+        if txn.count < _PENDING_LIMIT:
+            txn.oids.append(oid_int)
+            txn.offsets.append(offset)
+        elif txn.oids:
             # A big transaction: finish() reads the records' headers back from the file
-            # instead of holding 16 bytes per record until then.
-            self._txn_oids = array("q")
-            self._txn_offsets = array("q")
-        self._count += 1
+            # instead of holding 16 bytes per record until then (and, its oids unlisted for
+            # the conflict checks of others, it keeps the commit lock until then).
+            txn.oids = array("q")
+            txn.offsets = array("q")
+        txn.count += 1
         if oid_int >= self._next_oid:
             # An oid chosen by the caller: new_oid must not hand it out meanwhile (invariant 5).
             with self._oid_lock:
@@ -1346,84 +1597,276 @@ class FileStorage:
             kind = type(record).__name__
             raise TypeError(f"record of oid {oid_repr(oid)} must be bytes, got {kind}") from None
 
-    def _flush(self) -> None:
-        if self._buf:
-            self._write_out(self._buf)
-            self._buf = bytearray()
+    def _flush(self, txn: _Txn) -> None:
+        if txn.buf:
+            self._write_out(txn, txn.buf)
+            txn.buf = bytearray()
 
-    def _write_out(self, data: bytes | bytearray) -> None:
+    def _write_out(self, txn: _Txn, data: bytes | bytearray) -> None:
         """Append ``data`` to the streamed part of the transaction, keeping the body CRC."""
-        pwrite_all(self._fd, data, self._txn_pos + self._written)
-        body = memoryview(data)[_H:] if self._written == 0 else data
-        self._body_crc = zlib.crc32(body, self._body_crc)
-        self._written += len(data)
+        pwrite_all(self._fd, data, txn.pos + txn.written)
+        body = memoryview(data)[_H:] if txn.written == 0 else data
+        txn.body_crc = zlib.crc32(body, txn.body_crc)
+        txn.written += len(data)
 
     def vote(self) -> None:
-        """Write the transaction and fdatasync it (unless ``fsync=False``): it is durable now."""
-        self._check_in_transaction("vote", _OPEN)
-        if self._count > MAX_U32:
+        """Append the transaction, let the next committer in, and return once the transaction
+        is durable: synced by this thread or by whichever waiter synced first (I3)."""
+        txn = self._txn_in("vote", _OPEN)
+        if self._broken is not None or self._closing or self._closed:
+            self._check_writable()
+        if txn.count > MAX_U32:
             raise StorageError("too many records in one transaction")
-        buf = self._buf
-        length = self._written + len(buf) + _T
-        header = encode_txn_header(self._tid, length, STATUS_VOTED, *self._meta_lens, self._count)
-        self._state = _DIRTY  # until the bytes are safely written
+        buf = txn.buf
+        length = txn.written + len(buf) + _T
+        header = encode_txn_header(
+            txn.tid, length, STATUS_VOTED, *txn.meta_lens, txn.count, FLAG_DURABLE_MARK
+        )
+        txn.state = _DIRTY  # until the bytes are safely written
         try:
-            if self._written == 0:
-                body_crc = zlib.crc32(memoryview(buf)[_H:], self._body_crc)
+            if txn.written == 0:
+                mark_at = _H + sum(txn.meta_lens)
+                buf[mark_at : mark_at + _MARK] = _pack_mark(self._durable_mark(txn))
+                body_crc = zlib.crc32(memoryview(buf)[_H:], txn.body_crc)
                 buf[:_H] = header
                 buf += TXN_TRAILER.pack(length, txn_checksum(0, body_crc, header), TRAILER_MAGIC)
-                pwrite_all(self._fd, buf, self._txn_pos)
+                pwrite_all(self._fd, buf, txn.pos)
             else:
-                body_crc = zlib.crc32(buf, self._body_crc)
+                body_crc = zlib.crc32(buf, txn.body_crc)
                 buf += TXN_TRAILER.pack(length, txn_checksum(0, body_crc, header), TRAILER_MAGIC)
-                pwrite_all(self._fd, buf, self._txn_pos + self._written)
-                pwrite_all(self._fd, header, self._txn_pos)
+                pwrite_all(self._fd, buf, txn.pos + txn.written)
+                pwrite_all(self._fd, header, txn.pos)
         except BaseException as exc:
-            self._failure = exc
+            txn.failure = exc
             raise
-        if self._fsync:
-            try:
-                os.fdatasync(self._fd)
-            except BaseException as exc:
-                # The kernel may have dropped the pages it failed to write: never retry.
-                self._failure = self._broken = exc
-                raise
-        self._buf = bytearray()
-        self._written = length
-        self._state = _VOTED
+        txn.buf = bytearray()
+        txn.written = length
+        txn.end = txn.pos + length
+        with self._group:
+            txn.appended_after_tid = self._append_tid
+            self._append_end = txn.end
+            self._append_tid = txn.tid
+            self._appended.append(txn)
+            txn.in_flight = True
+            in_flight = self._in_flight
+            for oid in txn.oids:
+                in_flight[oid] = txn
+        txn.state = _APPENDED
+        if txn.count <= len(txn.oids):
+            # The exclusive section ends with the append (the next committer's store checks
+            # conflicts against the in-flight map); a big transaction, whose oids are not
+            # listed, keeps it until finish or abort.
+            txn.holds_lock = False
+            self._commit_lock.release()
+        self._await_durable(txn)
+        txn.state = _VOTED
+
+    def _await_durable(self, txn: _Txn) -> None:
+        """Return once ``txn``'s bytes are synced (group commit, I3); raise if that failed.
+
+        The first waiter that finds no sync running leads: it syncs everything appended so
+        far with no lock held, and every transaction appended before its sync began is
+        durable when it returns.  Those appended meanwhile wait for the next leader, which
+        the finished sync wakes: one thread, not all of them.
+        """
+        if not self._fsync:
+            return
+        group = self._group
+        with group:
+            while self._synced_end < txn.end:
+                failure = self._sync_failure
+                if failure is not None:
+                    txn.state = _DIRTY
+                    txn.failure = txn.sync_failed = failure
+                    raise StorageError(
+                        f"storage {self._path}: the fdatasync that was to make this transaction"
+                        f" durable failed ({failure!r}); it is not committed: abort it"
+                    ) from failure
+                if self._syncing:
+                    self._sleep(txn, self._sync_waiters)
+                    continue
+                self._syncing = True
+                target = self._append_end
+                self._lowest_cut = target
+                fd = self._fd
+                group.release()
+                error: BaseException | None = None
+                try:
+                    os.fdatasync(fd)
+                except BaseException as exc:
+                    error = exc
+                finally:
+                    group.acquire()
+                    self._syncing = False
+                if error is not None:
+                    # The kernel may have dropped the pages it failed to write: never retry,
+                    # and fail every transaction not yet durable (the leader re-raises the error
+                    # itself, the others a StorageError naming it).
+                    self._sync_failure = self._broken = error
+                    self._wake_everyone()
+                    txn.state = _DIRTY
+                    txn.failure = txn.sync_failed = error
+                    raise error
+                # An abort that cut the file below target meanwhile leaves only the bytes
+                # under the cut synced by this call.
+                self._synced_end = synced = max(self._synced_end, min(target, self._lowest_cut))
+                self._wake_synced(synced)
+
+    def _wake_synced(self, synced: int) -> None:
+        """Wake the sync waiters that are durable now, and the first of the others, to lead
+        the next sync (under ``_group``, no sync running)."""
+        waiters = self._sync_waiters
+        if not waiters:
+            return
+        later: list[_Txn] = []
+        for waiter in waiters:
+            if waiter.end <= synced:
+                self._wake(waiter)
+            else:
+                later.append(waiter)
+        if later:
+            # Appended while the sync ran: the oldest leads the next one; the rest go on
+            # waiting for it (batching by arrival).
+            self._wake(later.pop(0))
+        waiters[:] = later  # in place: an interrupted sleeper removes itself from this list
+
+    def _sleep(self, txn: _W, waiters: list[_W]) -> None:
+        """Block the owner of ``txn``, listed in ``waiters``, until someone ``_wake``s it
+        (called and returning under ``_group``; the caller checks its condition again).
+
+        Waking exactly the thread an event concerns is what keeps many committers cheap: with
+        one condition notified for all, every sync and every finish woke every waiting thread
+        only for most of them to wait again, which grew with the square of the threads.
+        """
+        gate = txn.gate
+        if gate is None:
+            gate = txn.gate = threading.Lock()
+            gate.acquire()
+        txn.sleeping = True
+        waiters.append(txn)
+        group = self._group
+        group.release()
+        try:
+            gate.acquire()  # released by _wake
+        except BaseException:
+            group.acquire()
+            if txn.sleeping:
+                txn.sleeping = False
+                waiters.remove(txn)
+            else:
+                # Woken just as we were interrupted: the gate is open and a wake-up may have
+                # carried a duty (leading the next sync): take the gate back, pass the duty on.
+                gate.acquire()
+                if not self._syncing and self._sync_waiters:
+                    self._wake(self._sync_waiters.pop(0))
+            raise
+        group.acquire()
+
+    @staticmethod
+    def _wake(txn: _Waiter) -> None:
+        """Let the owner of a sleeping ``txn`` run again; its waker has taken it off its list
+        (under ``_group``)."""
+        if txn.sleeping:
+            txn.sleeping = False
+            assert txn.gate is not None
+            txn.gate.release()
+
+    def _wake_everyone(self) -> None:
+        """Wake every sleeping thread to look again: the storage broke (under ``_group``)."""
+        lists: list[list[_Txn] | list[_Waiter]] = [self._sync_waiters, self._drain_waiters]
+        lists += [appended.settle_waiters for appended in self._appended]
+        for waiters in lists:
+            for waiter in waiters:
+                self._wake(waiter)
+            waiters.clear()
 
     def finish(self) -> Tid:
-        """Publish the voted transaction atomically and return its tid."""
-        self._check_in_transaction("finish", _VOTED)
-        tid = self._tid
+        """Publish the voted transaction atomically and return its tid.
+
+        Waits until every transaction with a lower tid is finished or aborted (base
+        invariant 6): publication follows tid order.
+        """
+        txn = self._txn_in("finish", _VOTED)
+        with self._group:
+            while self._appended[0] is not txn:
+                # Woken by the finish or abort that makes it the oldest appended.
+                self._sleep(txn, [])
+        tid = txn.tid
         index = self._index
         try:
             # One byte, not synced (I4): a crash leaves `v`, which is committed just the same.
-            os.pwrite(self._fd, STATUS_COMMITTED, self._txn_pos + STATUS_OFFSET)
+            os.pwrite(self._fd, STATUS_COMMITTED, txn.pos + STATUS_OFFSET)
         except BaseException as exc:
             # Durable all the same; but stop writing, and let the next open judge the file.
             self._broken = exc
+        failure: BaseException | None = None
         with self._lock:
-            if self._count > len(self._txn_oids):
+            if txn.count > len(txn.oids):
                 try:
-                    index_transaction(self._fd, self._path, self._txn_pos, index)
+                    index_transaction(self._fd, self._path, txn.pos, index)
                 except BaseException as exc:
                     # Durable but only partly indexed: writing more would build on a wrong
                     # index, and aborting would destroy synced data.  End the transaction as
                     # it is; reopening rebuilds the index from the file, this transaction
                     # included (close() saves no index for a broken storage).
-                    self._broken = exc
-                    self._end_txn()
-                    raise
+                    self._broken = failure = exc
             else:
-                for oid, offset in zip(self._txn_oids, self._txn_offsets):
+                for oid, offset in zip(txn.oids, txn.offsets):
                     index[oid] = offset
-            self._end = self._txn_pos + self._written
-            self._last_tid = tid
-            self._remember_changes(tid, self._txn_changed)
-        self._end_txn()
-        self._publish_end()
+            if failure is None:
+                self._end = txn.end
+                self._last_tid = tid
+                self._remember_changes(tid, txn.changed)
+        with self._group:
+            self._leave_flight(txn)
+            if failure is None:
+                # Under the group lock: publications reach the lock file in tid order.
+                self._publish_end()
+        self._end_txn(txn)
+        if failure is not None:
+            raise failure
         return tid
+
+    def _leave_flight(self, txn: _Txn) -> None:
+        """Take an appended ``txn`` out of the in-flight list and map, and wake whoever waited
+        for that (under ``_group``)."""
+        appended = self._appended
+        was_first = appended[0] is txn
+        appended.remove(txn)
+        txn.in_flight = False
+        in_flight = self._in_flight
+        for oid in txn.oids:
+            if in_flight.get(oid) is txn:
+                del in_flight[oid]
+        for waiter in txn.settle_waiters:
+            self._wake(waiter)
+        txn.settle_waiters.clear()
+        if not appended:
+            for waiter in self._drain_waiters:
+                self._wake(waiter)
+            self._drain_waiters.clear()
+        elif was_first:
+            self._wake(appended[0])  # its finish, if it waits for its turn
+
+    def _wait_until_settled(self, txn: _Waiter, other: _Txn) -> None:
+        """Wait until the appended transaction ``other`` is finished or aborted; raise if the
+        storage breaks meanwhile (the aborts after a failed sync need the commit lock)."""
+        with self._group:
+            while other.in_flight:
+                if self._broken is not None:
+                    self._check_writable()
+                self._sleep(txn, other.settle_waiters)
+
+    def _wait_for_no_appended(self) -> None:
+        """Wait until every appended transaction is finished or aborted (under the commit
+        lock, so no new one is appended meanwhile); raise if the storage breaks meanwhile
+        (the aborts after a failed sync need the commit lock)."""
+        waiter = _Waiter()
+        with self._group:
+            while self._appended:
+                if self._broken is not None:
+                    self._check_writable()
+                self._sleep(waiter, self._drain_waiters)
 
     def _publish_end(self) -> None:
         """Tell read-only openers where this writer's committed end now is (I9)."""
@@ -1433,29 +1876,97 @@ class FileStorage:
             pass
 
     def abort(self) -> None:
-        """Forget the open or voted transaction (I5); a no-op when none is open."""
+        """Forget the calling thread's open or voted transaction (I5); a no-op when none is open.
+
+        After its vote, the transaction is cut off the file when it is still the last one
+        appended and the commit lock is free, else marked aborted in place (status ``a``):
+        either is synced before abort returns.
+        """
         if self._generation != GENERATION.value:
             self._check_open()
-        state = self._state
-        if state == _IDLE:
+        txn = self._txns.get(threading.get_ident())
+        if txn is None:
             return
         try:
-            if state in (_VOTED, _DIRTY) or self._written:
-                os.ftruncate(self._fd, self._txn_pos)
-            if state in (_VOTED, _DIRTY):
-                # The transaction may have been valid on disk: make its removal durable (I5).
-                os.fsync(self._fd)
+            if txn.end < 0:
+                # Never appended: this thread still holds the commit lock, and only its own
+                # streamed (or half-written) bytes lie past the append end.
+                if (txn.state == _DIRTY or txn.written) and not self._closed:
+                    os.ftruncate(self._fd, txn.pos)
+                    if txn.state == _DIRTY:
+                        # A failed vote may have left it valid on disk: make its removal durable.
+                        os.fsync(self._fd)
+            elif txn.sync_failed is not None:
+                self._cut_failed_group(txn)
+            else:
+                self._abort_appended(txn)
         except BaseException as exc:
             self._broken = exc
             raise
         finally:
-            self._end_txn()
+            if txn.end >= 0:
+                with self._group:
+                    if txn in self._appended:
+                        self._leave_flight(txn)
+            self._end_txn(txn)
 
-    def _end_txn(self) -> None:
-        self._reset_txn()
-        self._state = _IDLE
-        self._owner = None
-        self._commit_lock.release()
+    def _abort_appended(self, txn: _Txn) -> None:
+        """Take back a transaction whose bytes were appended (and synced): cut them off the
+        file if nothing follows them and nobody appends, else mark them aborted (I5)."""
+        if self._closed:
+            return  # the descriptor is gone; the next open judges the file
+        took_lock = not txn.holds_lock and self._commit_lock.acquire(blocking=False)
+        try:
+            with self._group:
+                last = (txn.holds_lock or took_lock) and self._append_end == txn.end and not self._syncing
+                if last:
+                    os.ftruncate(self._fd, txn.pos)
+                    self._append_end = txn.pos
+                    self._append_tid = txn.appended_after_tid
+                    self._synced_end = min(self._synced_end, txn.pos)
+                    self._lowest_cut = min(self._lowest_cut, txn.pos)
+            if last:
+                # The size change must be durable before abort returns (I5).
+                os.fsync(self._fd)
+                return
+        finally:
+            if took_lock:
+                self._commit_lock.release()
+        # Later transactions are appended behind it: it stays, marked aborted, so the file
+        # remains a chain of whole transactions.  One byte cannot tear.
+        pwrite_all(self._fd, STATUS_ABORTED, txn.pos + STATUS_OFFSET)
+        os.fdatasync(self._fd)
+
+    def _cut_failed_group(self, txn: _Txn) -> None:
+        """After a failed sync, cut the transactions it failed off the file, once (best effort).
+
+        Nothing is appended any more (the storage is broken) once the commit lock is free:
+        the file is truncated to the last synced end and that is synced.  If this succeeds,
+        no transaction whose vote failed can come back at a reopen; if it fails too, they
+        may, as after a crash before their vote returned (base invariant 3).
+        """
+        if self._closed:
+            return
+        if not txn.holds_lock:
+            self._commit_lock.acquire()
+        try:
+            with self._group:
+                if self._failed_group_cut:
+                    return
+                self._failed_group_cut = True
+                synced = self._synced_end
+            os.ftruncate(self._fd, synced)
+            os.fsync(self._fd)
+        finally:
+            if not txn.holds_lock:
+                self._commit_lock.release()
+
+    def _end_txn(self, txn: _Txn) -> None:
+        self._txns.pop(threading.get_ident(), None)
+        txn.state = _IDLE
+        if txn.holds_lock:
+            txn.holds_lock = False
+            self._commit_lock.release()
 
     # -- packing ----------------------------------------------------------------------------
 
@@ -1472,7 +1983,7 @@ class FileStorage:
         """
         self._check_writable()
         pack_tid = pack_time(pack_tid)  # also a POSIX time, as ZODB's pack(t, referencesf)
-        if self._state != _IDLE and self._owner == threading.get_ident():
+        if self._txn_or_none() is not None:
             raise StorageTransactionError("pack() while this thread's transaction is open: end it first")
         report = Progress(progress)
         with self._pack_lock, responsive_switching():
@@ -1541,6 +2052,9 @@ class FileStorage:
             _pack_point("copied")
             with self._commit_lock:
                 self._check_writable()
+                # Transactions appended but not finished would land in the old inode: let
+                # them finish or abort first (none is appended while we hold the lock).
+                self._wait_for_no_appended()
                 if not packer.copy_tail(copied, self._end, quiet=True):
                     return packer.relinked
                 new_end = packer.flush()
@@ -1597,6 +2111,8 @@ class FileStorage:
         self._touched = 0
         self._index = index
         self._end = end
+        # Transactions aborted after the last finished one are not copied.
+        self._append_end = self._synced_end = end
         self._file_id = file_id
         self._file_id_crc = zlib.crc32(file_id)
         self._packed_tid = packed

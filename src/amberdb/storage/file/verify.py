@@ -19,10 +19,11 @@ from amberdb.storage.file.format import (
     DATA_HEADER,
     DATA_HEADER_CHECKED,
     FILE_HEADER,
-    FILE_MAGIC,
     FILE_MAGIC_PREFIX,
     INDEX_HEADER,
     MAX_OID,
+    READABLE_VERSIONS,
+    STATUS_ABORTED,
     STATUS_VOTED,
     TXN_HEADER,
     TXN_TRAILER,
@@ -144,7 +145,7 @@ def _check_file_header(fd: int, size: int, report: VerifyReport) -> bytes | None
     if header[:7] != FILE_MAGIC_PREFIX:
         report.problems.append(Problem(0, f"not an AmberDB file storage (bad magic {header[:8]!r})"))
         return None
-    if header[:8] != FILE_MAGIC and (file_header_crc_ok(header) or header[7] == 1):
+    if header[7] not in READABLE_VERSIONS and (file_header_crc_ok(header) or header[7] == 1):
         report.problems.append(Problem(0, f"format version {header[7]} is not the one this AmberDB reads"))
         return None
     if not file_header_crc_ok(header):
@@ -177,6 +178,13 @@ class _Walker:
             h, problem = describe_txn_problem(self.fd, self.crc, pos, self.size, prev_tid)
             if problem is None:
                 assert h is not None
+                if h.status == STATUS_ABORTED:
+                    # Aborted after its vote (group commit): whole, in no state of the
+                    # database; only its tid orders the next one.
+                    prev_tid = h.tid
+                    pos += h.length
+                    report.end = pos
+                    continue
                 self._check_records(pos, h)
                 report.transactions += 1
                 prev_tid = report.last_tid = h.tid
