@@ -199,13 +199,6 @@ def commit_now(db: amberdb.DB, change: Callable[[Any], object]) -> None:
 # -- ZODB#290: a snapshot whose invalidations were not all applied -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: after its own commit a connection's snapshot moves to its tid, but a transaction"
-    " that finished in the server's storage before that commit's vote and was not yet broadcast is"
-    " missing from the poll made at vote (the PING answers the last *broadcast* tid), so the"
-    " objects it changed stay stale in the connection's memory for good",
-)
 @pytest.mark.parametrize("server_sync", [True, False])
 def test_zodb290_commit_moves_snapshot_past_an_unannounced_commit(server_sync: bool) -> None:
     storage = HoldingStorage()
