@@ -155,10 +155,10 @@ def test_history_names_an_offset_inside_the_file_when_a_later_record_length_is_d
     _commit(storage, {p64(1): b"one", p64(2): b"two"}, TransactionMeta(description="both"))
     size = storage.get_size()
     storage.close()
-    # The layout: file header (32), transaction header (32), metadata ("both"), then the
-    # data record of oid 1 (32-byte header + 3 bytes), then oid 2's header: its length
-    # field is at bytes 24..28 of that header.
-    second = 32 + 32 + len("both") + 32 + 3
+    # The layout: file header (32), transaction header (32), metadata ("both"), the durable
+    # mark (8, format version 3), then the data record of oid 1 (32-byte header + 3 bytes),
+    # then oid 2's header: its length field is at bytes 24..28 of that header.
+    second = 32 + 32 + len("both") + 8 + 32 + 3
     with open(path, "r+b") as f:
         f.seek(second)
         assert f.read(8) == p64(2)
