@@ -30,7 +30,9 @@ def child_env(*extra_path: str | os.PathLike[str]) -> dict[str, str]:
 class Served:
     """One ``amberdb serve`` process: its port, its stderr (the log) and how to stop it."""
 
-    def __init__(self, target: str | os.PathLike[str], *args: str, listen: str = "127.0.0.1:0", cwd: Path) -> None:
+    def __init__(
+        self, target: str | os.PathLike[str], *args: str, listen: str = "127.0.0.1:0", cwd: Path
+    ) -> None:
         self.target = str(target)
         self.args = args
         self.cwd = cwd
@@ -149,7 +151,9 @@ class Processes:
         self.servers.append(server)
         return server
 
-    def spawn(self, code: str, *args: str, extra_path: Sequence[str | os.PathLike[str]] = ()) -> subprocess.Popen[str]:
+    def spawn(
+        self, code: str, *args: str, extra_path: Sequence[str | os.PathLike[str]] = ()
+    ) -> subprocess.Popen[str]:
         """Start ``python -c code args...`` with stdout and stderr piped (text)."""
         proc = subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(code), *args],
@@ -249,7 +253,7 @@ def wait_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
         sock.settimeout(left)
         try:
             data = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             return False
         except (ConnectionResetError, BrokenPipeError):
             return True

@@ -192,7 +192,7 @@ def test_counter_conflicts_resolved_in_the_clients_only(procs: Processes, tmp_pa
         time.sleep(0.3)
         go.write_text("go")
         for child in children:
-            status, out, err = finish(child, timeout=60)
+            status, _out, err = finish(child, timeout=60)
             assert status == 0, err
         check = procs.run(
             "import sys\nfrom amberdb import ClientStorage, DB\n"
