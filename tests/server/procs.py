@@ -88,7 +88,8 @@ class Served:
         return self.host, self.port
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_log(self, text: str, timeout: float = 10.0, count: int = 1) -> str:
