@@ -202,35 +202,50 @@ class Processes:
             server.kill()
 
 
+_READ: dict[int, tuple[bytearray, list[str]]] = {}
+"""Per child pid: bytes of its stdout read but not yet split into lines, and the lines
+:func:`read_until` consumed (``finish`` returns them too)."""
+
+
 def finish(proc: subprocess.Popen[str], timeout: float = 30.0) -> tuple[int, str, str]:
-    """Wait for a spawned child; (status, stdout, stderr); killed past ``timeout``."""
+    """Wait for a spawned child; (status, all its stdout, stderr); killed past ``timeout``."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
         raise AssertionError(f"child did not finish within {timeout} s:\n{out}\n{err}") from None
-    return proc.returncode, out, err
+    buffer, lines = _READ.pop(proc.pid, (bytearray(), []))
+    earlier = "".join(line + "\n" for line in lines) + buffer.decode(errors="replace")
+    return proc.returncode, earlier + out, err
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 20.0) -> list[str]:
-    """Lines of ``proc``'s stdout up to and including the first one that starts with ``marker``."""
+    """Lines of ``proc``'s stdout up to and including the first one that starts with ``marker``
+    (read from the pipe itself: a buffered reader would hide lines from ``select``)."""
     assert proc.stdout is not None
+    buffer, consumed = _READ.setdefault(proc.pid, (bytearray(), []))
     deadline = time.monotonic() + timeout
     lines: list[str] = []
     while True:
+        while b"\n" in buffer:
+            raw, _, rest = bytes(buffer).partition(b"\n")
+            buffer[:] = rest
+            line = raw.decode(errors="replace")
+            consumed.append(line)
+            lines.append(line)
+            if line.startswith(marker):
+                return lines
         left = deadline - time.monotonic()
         if left <= 0:
             raise AssertionError(f"no {marker!r} within {timeout} s; got {lines}")
         ready, _, _ = select.select([proc.stdout], [], [], left)
         if not ready:
             continue
-        line = proc.stdout.readline()
-        if not line:
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
             raise AssertionError(f"the child ended before {marker!r}; got {lines}; stderr: {_stderr(proc)}")
-        lines.append(line.rstrip("\n"))
-        if line.startswith(marker):
-            return lines
+        buffer += chunk
 
 
 def _stderr(proc: subprocess.Popen[str]) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 import amberdb
 from amberdb import ClientStorage, PersistentMapping
-from tests.server.procs import Processes
+from tests.server.procs import Processes, free_port
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -81,10 +81,18 @@ def test_commands_with_an_amberdb_uri(procs: Processes, tmp_path: Path) -> None:
         copied.close()
     if results["backup"].returncode != 0:
         assert "file" in results["backup"].stderr.lower()
-    # A server that is not there: a one-line error, bounded by the URI's timeout.
-    server.stop()
-    gone = procs.cli("info", f"amberdb://127.0.0.1:{server.port}?timeout=1", timeout=30)
-    _one_line_error(gone)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: amberdb info amberdb://<no server> prints 'Task was destroyed but it is pending!'"
+    " and the task's repr after its one-line error (the failed connect's task is left pending)",
+)
+def test_command_with_an_unreachable_server_fails_in_one_line(procs: Processes, tmp_path: Path) -> None:
+    port = free_port()
+    for _ in range(4):  # the stray lines come from a race, lost about 3 times in 4
+        gone = procs.cli("info", f"amberdb://127.0.0.1:{port}?timeout=0.5", timeout=30)
+        _one_line_error(gone)
 
 
 def test_serve_bad_arguments_fail_in_one_line(procs: Processes, tmp_path: Path) -> None:
