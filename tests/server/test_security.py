@@ -129,12 +129,6 @@ def collect_leaks() -> Iterator[None]:
             time.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a ClientStorage whose connect fails (close() after the timeout) leaves its"
-    " _connect_loop task pending on a stopped loop ('Task was destroyed but it is pending!')"
-    " and, at times, its socket open",
-)
 def test_failed_connect_leaves_no_pending_task(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import gc
 

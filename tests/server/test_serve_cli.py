@@ -83,11 +83,6 @@ def test_commands_with_an_amberdb_uri(procs: Processes, tmp_path: Path) -> None:
         assert "file" in results["backup"].stderr.lower()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: amberdb info amberdb://<no server> prints 'Task was destroyed but it is pending!'"
-    " and the task's repr after its one-line error (the failed connect's task is left pending)",
-)
 def test_command_with_an_unreachable_server_fails_in_one_line(procs: Processes, tmp_path: Path) -> None:
     port = free_port()
     for _ in range(4):  # the stray lines come from a race, lost about 3 times in 4
