@@ -784,7 +784,7 @@ class ClientStorage:
     def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
         """What the server's invalidations said changed after ``since`` (invariant 7)."""
         self._check_open("poll")
-        if self._server_sync and self.is_connected():
+        if self._server_sync and self.is_connected() and not self._voted_here():
             with contextlib.suppress(ClientDisconnected):
                 self._call(Kind.PING, [])
         with self._state_lock:
@@ -799,6 +799,13 @@ class ClientStorage:
                     break
                 changed.update(oids)
             return newest, changed
+
+    def _voted_here(self) -> bool:
+        """Whether this thread's commit is voted: the connection polls right after its vote,
+        and the VOTE reply was a round trip as fresh as a PING would be -- the server holds
+        the commit lock for us from then on, so no other commit can finish before FINISH."""
+        txn = self._txn
+        return txn is not None and txn.voted and self._txn_owner == threading.get_ident()
 
     def ping(self) -> Tid:
         """One round trip: the server's newest announced tid (and every invalidation before it)."""
