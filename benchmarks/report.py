@@ -80,7 +80,7 @@ def fmt(value: float | None, unit: str = "") -> str:
 
 def _versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for name in ("amberdb", "ZODB", "persistent", "BTrees", "transaction"):
+    for name in ("amberdb", "ZODB", "persistent", "BTrees", "transaction", "ZEO"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -130,6 +130,11 @@ def header(sizes: Sizes, engines: list[str], args: argparse.Namespace, base_dir:
         + (
             f"; ZODB {versions['ZODB']} FileStorage with C persistent {versions['persistent']}, "
             f"BTrees {versions['BTrees']}, transaction {versions['transaction']}"
+            + (
+                f"; server workload: ZEO {versions['ZEO']} runzeo"
+                if versions["ZEO"]
+                else "; ZEO not installed"
+            )
             if "zodb" in engines
             else "; ZODB not installed (./scripts/bench installs the bench extra): AmberDB only"
         ),

@@ -189,6 +189,26 @@ class Runner:
             for directory in directories.values():
                 directory.cleanup()
 
+    def server(self) -> None:
+        """Like :meth:`simple`, but an engine without its server package (ZEO) is left out
+        and the other still measured."""
+        s = self.sizes
+        params = {
+            "objects": s.server_objects,
+            "batch": s.objects_batch,
+            "commits": s.server_commits,
+            "client_commits": s.server_client_commits,
+        }
+        engines = list(self.engines)
+        for r in range(self.repeat):
+            for engine in list(engines):
+                began = time.perf_counter()
+                with self.tempdir() as directory:
+                    if not self.measure("server", "server", engine, directory, **params):
+                        engines.remove(engine)
+                        continue
+                self.progress("server", r, engine, began)
+
     def run(self, workloads: Sequence[str]) -> None:
         """Run the selected workloads, in the order of the issue."""
         s = self.sizes
@@ -209,6 +229,7 @@ class Runner:
             "open": self.open,
             "concurrency": lambda: self.simple("concurrency", "concurrency", commits=s.concurrency_commits),
             "pack": self.pack,
+            "server": self.server,
         }
         if selected & {"add", "update", "cold_read", "warm_read", "hot_read"}:
             began = time.perf_counter()

@@ -29,6 +29,9 @@ class Sizes:
     concurrency_commits: int = 200  # per thread
     pack_objects: int = 1_000_000  # half garbage, every live one with 3 old revisions
     pack_batch: int = 10_000
+    server_objects: int = 10_000  # add / update / cold read through the server
+    server_commits: int = 500  # one-object commits timed through the server
+    server_client_commits: int = 200  # per client process (disjoint writers, counter)
 
     # The counts --scale multiplies (batch sizes and cache sizes stay).
     SCALED = (
@@ -42,6 +45,9 @@ class Sizes:
         "open_objects",
         "concurrency_commits",
         "pack_objects",
+        "server_objects",
+        "server_commits",
+        "server_client_commits",
     )
 
     def scaled(self, factor: float) -> Sizes:
@@ -89,5 +95,8 @@ QUICK = Sizes(
     concurrency_commits=5,
     pack_objects=2_000,
     pack_batch=500,
+    server_objects=300,
+    server_commits=10,
+    server_client_commits=5,
 )
 """Tiny sizes for smoke tests: does every workload run, are the results sane."""

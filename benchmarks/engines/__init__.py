@@ -53,6 +53,14 @@ class Engine(Protocol):
     def pack(self, db: Any) -> None:
         """Pack the database at the current time (old revisions and garbage go)."""
 
+    def server(self, path: str, log_path: str, python_options: list[str] | None = None) -> Any:
+        """A not yet started :class:`benchmarks.servers.ServerProcess` serving a FileStorage
+        at ``path`` (AmberDB: ``amberdb serve``; ZODB: ZEO's ``runzeo``); raises
+        :class:`UnavailableError` if the server package is missing."""
+
+    def open_client_db(self, address: tuple[str, int], cache_size: int) -> Any:
+        """A database on a client storage of the server at ``address`` (empty client cache)."""
+
 
 def load(name: str) -> Engine:
     """The engine called ``name`` (``amberdb`` or ``zodb``)."""

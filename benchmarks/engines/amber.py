@@ -65,5 +65,13 @@ class AmberEngine:
     def pack(self, db: Any) -> None:
         db.pack()
 
+    def server(self, path: str, log_path: str, python_options: list[str] | None = None) -> Any:
+        from benchmarks.servers import amberdb_server
+
+        return amberdb_server(path, log_path, python_options)
+
+    def open_client_db(self, address: tuple[str, int], cache_size: int) -> Any:
+        return amberdb.DB(amberdb.ClientStorage(address), cache_size=cache_size)
+
 
 ENGINE = AmberEngine()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import persistent
@@ -11,6 +12,7 @@ import ZODB.FileStorage
 import ZODB.POSException
 
 import transaction
+from benchmarks.engines import UnavailableError
 
 
 class Item(persistent.Persistent):
@@ -69,6 +71,19 @@ class ZodbEngine:
 
     def pack(self, db: Any) -> None:
         db.pack()
+
+    def server(self, path: str, log_path: str, python_options: list[str] | None = None) -> Any:
+        if importlib.util.find_spec("ZEO") is None:
+            raise UnavailableError("ZEO is not installed (./scripts/bench installs the bench extra)")
+        from benchmarks.servers import zeo_server
+
+        return zeo_server(path, log_path, python_options)
+
+    def open_client_db(self, address: tuple[str, int], cache_size: int) -> Any:
+        import ZEO.ClientStorage
+
+        storage = ZEO.ClientStorage.ClientStorage(address, wait=True)  # in-memory cache, 20 MB
+        return ZODB.DB(storage, cache_size=cache_size)
 
 
 ENGINE = ZodbEngine()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from benchmarks.workloads import attribute, bigtxn, btree, commit, concurrency, objects, opening, pack
+from benchmarks.workloads import attribute, bigtxn, btree, commit, concurrency, objects, opening, pack, server
 
 __all__ = ["TASKS", "Task"]
 
@@ -31,4 +31,6 @@ TASKS: dict[str, Task] = {
     "concurrency": concurrency.writers,
     "pack_build": pack.build,
     "pack": pack.pack_database,
+    "server": server.server_workload,
+    "server_client": server.client,
 }
