@@ -153,8 +153,10 @@ class Connection:
         # this, never moves, and refuses every change.
         self._before = before
         self._storage = db.storage
-        # An optional storage capability (storage/base.py): fetching records ahead.
+        # Optional storage capabilities (storage/base.py): fetching records ahead.
         self._storage_prefetch: Callable[[list[Oid]], None] | None = getattr(self._storage, "prefetch", None)
+        # And catching up with other committers before a transaction starts (a round trip).
+        self._storage_sync: Callable[[], None] | None = getattr(self._storage, "sync", None)
         self._cache = ObjectCache(cache_size, self._in_spill)
         self._resolver = db.class_resolver
         self._reader = ObjectReader(self._resolver, self._ghost_for)
@@ -216,7 +218,7 @@ class Connection:
             return
         try:
             self._synch_manager.registerSynch(self)  # polls too, with a transaction in progress
-            self._start_snapshot()
+            self._start_snapshot(sync=True)
         except BaseException:
             # Not handed out (the poll failed): it must not stay registered with the manager,
             # taking part in the thread's transactions, nor leave the pool with its cache.
@@ -944,9 +946,11 @@ class Connection:
     # -- synchronisation (called by the transaction manager) --------------------------------
 
     def newTransaction(self, transaction: Any, sync: bool = True) -> None:
-        """A new transaction began: move to the newest committed state."""
+        """A new transaction began: move to the newest committed state (with ``sync``, as
+        ZODB, first letting a storage that can catch up with other committers: a server
+        round trip for a ClientStorage)."""
         if self._joined is None and self._opened:
-            self._start_snapshot()
+            self._start_snapshot(sync=sync)
 
     def beforeCompletion(self, transaction: Any) -> None:
         """Nothing to do before commit or abort."""
@@ -965,12 +969,19 @@ class Connection:
         """Abort the current transaction and move to the newest committed state."""
         self._check_open("sync")
         self.transaction_manager.abort()
-        self._start_snapshot()
+        self._start_snapshot(sync=True)
 
-    def _start_snapshot(self) -> None:
-        """Move to the storage's newest state, invalidating what changed since the last one."""
+    def _start_snapshot(self, sync: bool = False) -> None:
+        """Move to the storage's newest state, invalidating what changed since the last one.
+
+        ``sync``: at an explicit start (``begin()``, opening, ``sync()``), ask a storage
+        that can to catch up first -- not after every commit or abort, where ZODB does not
+        either: the next explicit ``begin()`` does.
+        """
         if self._before is not None:
             return  # a historical connection stays where it was opened
+        if sync and self._storage_sync is not None:
+            self._storage_sync()
         since = self._snapshot
         if since == z64 and not len(self._cache):
             # A new connection has nothing to invalidate: ask only what is newest, instead of

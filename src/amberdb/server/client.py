@@ -227,10 +227,11 @@ class ClientStorage:
     file; None keeps the cache in memory), ``cache_size`` (bytes), ``ssl`` (a client
     ``ssl.SSLContext``), ``token`` (from ``amberdb token add``), ``read_only``, ``timeout``
     (seconds to wait for the server -- to connect, and for each reply -- before
-    ClientDisconnected), ``name``, ``server_sync`` (True by default: every transaction
-    start makes one round trip to the server, so it sees every commit finished anywhere
-    before it began -- what another process just told it it committed, say; False, as in
-    ZEO, relies only on the invalidations the server pushes, which arrive a moment later).
+    ClientDisconnected), ``name``, ``server_sync`` (True by default: every explicit
+    transaction start -- ``begin()``, ``attempts()``, ``db.open()`` -- makes one round trip
+    to the server, so it sees every commit finished anywhere before it began, what another
+    process just told it it committed, say; False, as ZEO's default, relies only on the
+    invalidations the server pushes, which arrive a moment later).
     """
 
     def __init__(
@@ -278,7 +279,6 @@ class ClientStorage:
         self._last_error: BaseException | None = None
         self._warnings: list[str] = []
         self._kick: asyncio.Event | None = None
-        self._after_finish = _AfterFinish()
         self._closed = False
         self._commit_lock = threading.Lock()
         self._txn_owner: int | None = None
@@ -818,21 +818,6 @@ class ClientStorage:
     def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
         """What the server's invalidations said changed after ``since`` (invariant 7)."""
         self._check_open("poll")
-        if self._server_sync and self._after_finish.pending:
-            # The connection's own poll right after its commit: the FINISH reply came after
-            # every invalidation of what finished before it, so nothing is missing below
-            # this commit, and the snapshot moves only to it.  The next poll asks again.
-            self._after_finish.pending = False
-        elif self._server_sync:
-            if not self.is_connected():
-                # The server may be back while the reconnect loop sleeps: try now, and give
-                # it a moment -- not the whole timeout: this is every transaction's start,
-                # and a cached snapshot is consistent, only older.
-                self._reconnect_now()
-                self._connected.wait(min(self._timeout, RESYNC_WAIT))
-            if self.is_connected():
-                with contextlib.suppress(ClientDisconnected):
-                    self._call(Kind.PING, [])
         with self._state_lock:
             newest = self._last_tid
             if since == newest:
@@ -845,6 +830,23 @@ class ClientStorage:
                     break
                 changed.update(oids)
             return newest, changed
+
+    def sync(self) -> None:
+        """With ``server_sync`` (the default), one round trip to the server: the polls that
+        follow report every commit that finished anywhere before this call.  Connections
+        call it at every explicit transaction start (``begin()``), as ZODB calls ZEO's."""
+        self._check_open("sync")
+        if not self._server_sync:
+            return
+        if not self.is_connected():
+            # The server may be back while the reconnect loop sleeps: try now, and give it
+            # a moment -- not the whole timeout: this is a transaction's start, and the
+            # snapshot the client has is consistent, only older.
+            self._reconnect_now()
+            self._connected.wait(min(self._timeout, RESYNC_WAIT))
+        if self.is_connected():
+            with contextlib.suppress(ClientDisconnected):
+                self._call(Kind.PING, [])
 
     def _reconnect_now(self) -> None:
         kick = self._kick
@@ -966,7 +968,6 @@ class ClientStorage:
             (tid,) = self._wait(self._request(Kind.FINISH, [], cache_own, txn.protocol), "the finish")
         finally:
             self._end_transaction()
-        self._after_finish.pending = True
         return tid  # type: ignore[return-value]
 
     def abort(self) -> None:
@@ -1134,12 +1135,6 @@ class ClientStorage:
     def _mark_packed(self, tid: Tid) -> None:
         self._call(Kind.MARK_PACKED, [tid])
         self._packed = tid
-
-
-class _AfterFinish(threading.local):
-    """Per thread: whether its last call was a ``finish`` (see poll_invalidations)."""
-
-    pending = False
 
 
 class _ClientTransaction:

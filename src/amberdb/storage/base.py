@@ -77,9 +77,15 @@ storage):
    history (its newest tid is one of the source's), and a copy of a packed history keeps the
    source's ``packed_tid``.
 
-Optional capability: a storage whose loads are slow one at a time (one over a network) may
-have ``prefetch(oids)``: a hint, answered without waiting, that these records will be loaded
-soon.  ``Connection.prefetch`` calls it when it is there; nothing else may depend on it.
+Optional capabilities, for storages that talk to a server:
+
+* ``prefetch(oids)``: a hint, answered without waiting, that these records will be loaded
+  soon.  ``Connection.prefetch`` (and BTree range scans) call it when it is there.
+* ``sync()``: catch up with other committers, so that the ``poll_invalidations`` that
+  follows reports every transaction finished anywhere before the call (a round trip).  A
+  connection calls it before polling at an explicit transaction start (``begin()``,
+  ``db.open()``, ``conn.sync()``), not after each commit or abort -- as ZODB does.  Without
+  it a storage's poll alone must tell what finished before it (invariant 7).
 """
 
 from __future__ import annotations
