@@ -228,6 +228,7 @@ class Runner:
             ),
             "open": self.open,
             "concurrency": lambda: self.simple("concurrency", "concurrency", commits=s.concurrency_commits),
+            "group_commit": lambda: self.simple("group_commit", "group_commit", commits=s.group_commits),
             "pack": self.pack,
             "server": self.server,
         }

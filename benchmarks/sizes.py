@@ -27,6 +27,7 @@ class Sizes:
     open_objects: int = 1_000_000
     open_batch: int = 10_000
     concurrency_commits: int = 200  # per thread
+    group_commits: int = 60  # per thread, at 1, 16 and 32 threads, on each device
     pack_objects: int = 1_000_000  # half garbage, every live one with 3 old revisions
     pack_batch: int = 10_000
     server_objects: int = 10_000  # add / update / cold read through the server
@@ -44,6 +45,7 @@ class Sizes:
         "big_objects",
         "open_objects",
         "concurrency_commits",
+        "group_commits",
         "pack_objects",
         "server_objects",
         "server_commits",
@@ -93,6 +95,7 @@ QUICK = Sizes(
     open_objects=2_000,
     open_batch=1_000,
     concurrency_commits=5,
+    group_commits=3,
     pack_objects=2_000,
     pack_batch=500,
     server_objects=300,

@@ -27,6 +27,7 @@ WORKLOADS = (
     "big_transaction",
     "open",
     "concurrency",
+    "group_commit",
     "pack",
     "server",
 )
@@ -94,6 +95,48 @@ def _concurrency() -> list[Metric]:
     return rows
 
 
+def _group_commit() -> list[Metric]:
+    rows = []
+    devices = {"disk": "disk", "slow": "1 ms sync"}
+    for device, shown in devices.items():
+        for threads in (1, 16, 32):
+            key = f"group_{device}_{threads}"
+            rows.append(Metric(f"{key}_rate", "group_commit", f"{shown}, {threads} thr", "commit/s", True))
+            per_sync = amber_at_least(8.0, "amber >= 8") if device == "slow" and threads == 16 else None
+            rows.append(
+                Metric(
+                    f"{key}_per_sync",
+                    "group_commit",
+                    f"{shown}, {threads} thr",
+                    "commit/sync",
+                    True,
+                    per_sync,
+                )
+            )
+        wanted = 5.0 if device == "slow" else 2.0
+        rows.append(
+            Metric(
+                f"group_{device}_16_vs_1",
+                "group_commit",
+                f"{shown}, 16 thr / 1 thr",
+                "x",
+                True,
+                amber_at_least(wanted, f"amber >= {wanted:g}x"),
+            )
+        )
+        rows.append(
+            Metric(
+                f"group_{device}_32_p99_vs_p50",
+                "group_commit",
+                f"{shown}, 32 thr p99 / p50",
+                "x",
+                False,
+                at_most(3.0, "amber <= 3x"),
+            )
+        )
+    return rows
+
+
 METRICS: tuple[Metric, ...] = (
     Metric("add", "add", "add", "obj/s", True, at_least(1.5)),
     Metric("update", "update", "update", "obj/s", True, at_least(1.5)),
@@ -125,6 +168,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("open_index_ms", "open", "with index", "ms", False),
     Metric("open_noindex_ms", "open", "no index", "ms", False, at_least(1.5)),
     *_concurrency(),
+    *_group_commit(),
     Metric("pack_s", "pack", "pack time", "s", False, at_least(2.0)),
     Metric("pack_peak_rss_mb", "pack", "peak RSS", "MB", False),
     Metric("pack_rss_growth_mb", "pack", "RSS the pack adds", "MB", False, at_least(4.0)),

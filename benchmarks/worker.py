@@ -18,9 +18,12 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the task ``spec`` describes in this process and return the result record."""
     from benchmarks.engines import UnavailableError, load
     from benchmarks.measure import peak_rss_mb
-    from benchmarks.workloads import TASKS
+    from benchmarks.workloads import PREPARE, TASKS
 
     task = TASKS[spec["task"]]
+    prepare = PREPARE.get(spec["task"])
+    if prepare is not None:
+        prepare()
     engine = load(spec["engine"])
     try:
         metrics = task(engine, spec["directory"], **spec["params"])

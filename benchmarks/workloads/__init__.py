@@ -9,11 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from benchmarks.workloads import attribute, bigtxn, btree, commit, concurrency, objects, opening, pack, server
+from benchmarks.workloads import (
+    attribute,
+    bigtxn,
+    btree,
+    commit,
+    concurrency,
+    groupcommit,
+    objects,
+    opening,
+    pack,
+    server,
+)
 
-__all__ = ["TASKS", "Task"]
+__all__ = ["PREPARE", "TASKS", "Task"]
 
 Task = Callable[..., dict[str, float]]
+
+PREPARE: dict[str, Callable[[], None]] = {"group_commit": groupcommit.prepare}
+"""Steps a task needs before its engine is imported in the worker."""
 
 TASKS: dict[str, Task] = {
     "objects": objects.add_update_read,
@@ -29,6 +43,7 @@ TASKS: dict[str, Task] = {
     "open_build": opening.build,
     "open": opening.open_database,
     "concurrency": concurrency.writers,
+    "group_commit": groupcommit.suite_workload,
     "pack_build": pack.build,
     "pack": pack.pack_database,
     "server": server.server_workload,
