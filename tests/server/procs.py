@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 START_TIMEOUT = 20.0
@@ -303,3 +304,17 @@ def make_cert(directory: Path, name: str, cn: str = "localhost") -> tuple[Path, 
     if result.returncode != 0:
         return None
     return cert, key
+
+
+def count_single_loads(storage: Any, monkeypatch: Any) -> list[bytes]:
+    """Record every load a ClientStorage sends to its server one record at a time (prefetch
+    batches and cache hits are not counted)."""
+    loads: list[bytes] = []
+    original = storage._load_remote
+
+    def counting(oid: bytes, before: Any) -> Any:
+        loads.append(oid)
+        return original(oid, before)
+
+    monkeypatch.setattr(storage, "_load_remote", counting)
+    return loads

@@ -6,12 +6,12 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from amberdb import DB, ClientStorage, FileStorage, PersistentMapping, StorageServer
 from amberdb.storage.record_cache import CacheFileWarning
+from tests.server.procs import count_single_loads
 
 
 class Served:
@@ -64,18 +64,6 @@ def _values(storage: ClientStorage) -> dict[int, int]:
     return found
 
 
-def _server_loads(storage: ClientStorage, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    loads: list[bytes] = []
-    original = storage._load_remote
-
-    def counting(oid: bytes, before: Any) -> Any:
-        loads.append(oid)
-        return original(oid, before)
-
-    monkeypatch.setattr(storage, "_load_remote", counting)
-    return loads
-
-
 def test_cache_file_survives_a_restart_and_drops_what_changed_meanwhile(
     served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -88,7 +76,7 @@ def test_cache_file_survives_a_restart_and_drops_what_changed_meanwhile(
         conn.root.items[7]["v"] = 700
     db.close()
     storage = ClientStorage(served.address, cache_path=cache)
-    loads = _server_loads(storage, monkeypatch)
+    loads = count_single_loads(storage, monkeypatch)
     assert _values(storage) == {**{i: i for i in range(50)}, 7: 700}
     # Only the changed object came from the server; the rest from the cache file.
     assert len(loads) == 1
@@ -156,7 +144,7 @@ def test_reconnecting_client_keeps_what_did_not_change(
     with other.transaction() as c:
         c.root.items[9]["v"] = 900
     other.close()
-    loads = _server_loads(storage, monkeypatch)
+    loads = count_single_loads(storage, monkeypatch)
     conn.cache_minimize()
     conn.transaction_manager.begin()
     items = conn.root()["items"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import amberdb.transaction as transaction
 from amberdb import DB, ClientStorage, FileStorage, PersistentMapping, StorageServer
 from amberdb.btrees import OOBTree
+from tests.server.procs import count_single_loads
 
 
 @pytest.fixture
@@ -20,19 +20,6 @@ def server(tmp_path: Path) -> Iterator[StorageServer]:
     with StorageServer(storage) as running:
         yield running
     storage.close()
-
-
-def _single_loads(storage: ClientStorage, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Record every load that goes to the server one record at a time."""
-    loads: list[bytes] = []
-    original = storage._load_remote
-
-    def counting(oid: bytes, before: Any) -> Any:
-        loads.append(oid)
-        return original(oid, before)
-
-    monkeypatch.setattr(storage, "_load_remote", counting)
-    return loads
 
 
 def test_connection_prefetch_fetches_ghosts_in_batches(
@@ -47,7 +34,7 @@ def test_connection_prefetch_fetches_ghosts_in_batches(
     conn = db.open()
     assert conn.prefetches
     values = list(conn.root()["items"].values())
-    loads = _single_loads(storage, monkeypatch)
+    loads = count_single_loads(storage, monkeypatch)
     conn.prefetch(values, [values[0]._p_oid])
     assert sum(item["v"] for item in values) == sum(range(300))
     assert len(loads) < 10, f"{len(loads)} of 300 objects were loaded one at a time"
@@ -81,7 +68,7 @@ def test_btree_range_scans_prefetch_their_buckets(
     db = DB(storage)
     conn = db.open()
     tree = conn.root()["tree"]
-    loads = _single_loads(storage, monkeypatch)
+    loads = count_single_loads(storage, monkeypatch)
     assert list(tree.values(min="k001000", max="k015999")) == list(range(1000, 16000))
     buckets = storage.cache.misses
     assert len(loads) < max(10, buckets // 10), f"{len(loads)} single loads for about {buckets} records"
