@@ -107,7 +107,7 @@ must still come through (the server trusts clients far less: its limit is 64 MiB
 class _Waiter:
     """One request's reply, waited for by application threads, set by the network thread."""
 
-    __slots__ = ("done", "error", "events", "followers", "lock", "on_reply", "protocol", "result")
+    __slots__ = ("done", "error", "events", "followers", "loading", "lock", "on_reply", "protocol", "result")
 
     def __init__(self, protocol: _ClientProtocol | None) -> None:
         self.lock = threading.Lock()
@@ -119,6 +119,7 @@ class _Waiter:
         self.followers: list[threading.Lock] = []
         self.on_reply: Any = None
         self.events: queue.SimpleQueue[tuple[int, int]] | None = None
+        self.loading: tuple[Oid, ...] = ()  # the oids loads wait on this reply for
 
     def settle(self, result: list[Value] | None, error: BaseException | None) -> None:
         """Called with the client's pending lock held."""
@@ -143,6 +144,7 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         self.closing = False
         self.sock: socket.socket | None = None  # set for plain sockets, which _send writes directly
         self.backlog = False  # data waits in the transport's buffer: later sends queue behind it
+        self.queued = 0  # chunks handed to the network thread and not yet written
         self.invalidating: list[Oid] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,9 +158,23 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         if self.transport is not None and not self.lost:
             self.transport.write(data)
 
-    def resume_writing(self) -> None:
-        # The transport's buffer is empty (low-water mark 0): direct sends may go on.
+    def write_queued(self, data: bytes) -> None:
+        """Write what a thread could not send directly; direct sends resume only when every
+        such chunk is written and the transport's buffer is empty (else bytes would pass
+        each other)."""
+        self.write(data)
         with self.client._send_lock:
+            self.queued -= 1
+            self._maybe_direct()
+
+    def resume_writing(self) -> None:
+        # The transport's buffer is empty (low-water mark 0).
+        with self.client._send_lock:
+            self._maybe_direct()
+
+    def _maybe_direct(self) -> None:
+        transport = self.transport
+        if self.queued == 0 and (transport is None or transport.get_write_buffer_size() == 0):
             self.backlog = False
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -287,6 +303,7 @@ class ClientStorage:
         self._oids: list[Oid] = []
         self._oid_lock = threading.Lock()
         self._oid_batch: frozenset[Oid] = frozenset()
+        self._oid_generation = 0
         self._oids_taken: set[Oid] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -327,6 +344,15 @@ class ClientStorage:
             ) as exc:
                 self._last_error = exc
                 log.info("%s: cannot connect (%s); retrying in %.2f s", self._name, exc, delay)
+            except Exception as exc:
+                # Not a server that is away but a client that cannot work (a bad option, a
+                # bug): say so at once instead of letting callers wait their whole timeout.
+                fatal = StorageError(f"{self._name}: cannot connect: {type(exc).__name__}: {exc}")
+                fatal.__cause__ = exc
+                self._fatal = fatal
+                log.error("%s", fatal)
+                self._connected.set()
+                return
             kick = self._kick = asyncio.Event()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(kick.wait(), delay)  # kick(): try again at once
@@ -374,10 +400,14 @@ class ClientStorage:
             transport.abort()
             raise
         with self._pending_lock:
+            if protocol.lost:
+                raise ConnectionError("the server closed the connection right after welcoming us")
             self._protocol = protocol
-        with self._oid_lock:
-            self._oids.clear()  # a restarted server may hand out again what was not used
-            self._oid_batch = frozenset()
+        # A restarted server may hand out again what was not used.  No lock: new_oid may
+        # hold its lock while it waits for this very connection.
+        self._oid_generation += 1
+        self._oids = []
+        self._oid_batch = frozenset()
         self._connected.set()
         log.info("%s: connected", self._name)
 
@@ -431,7 +461,8 @@ class ClientStorage:
                         return
                     data = data[sent:]
                     protocol.backlog = True
-                self._send(protocol, data)
+                protocol.queued += 1
+                self._loop.call_soon_threadsafe(protocol.write_queued, data)
             return
         self._loop.call_soon_threadsafe(protocol.write, data)
 
@@ -469,8 +500,11 @@ class ClientStorage:
                     if self._last_tid == z64:
                         self._floor = server_tid
             self._last_tid = server_tid
-            if packed != self._packed and self._packed is not None:
-                cache.clear(last_tid=server_tid)
+            # The cache (and its file) names the pack it was filled after: one the client has
+            # not seen may have removed objects it holds, which a connection checking its
+            # references after a pack must not find there.
+            if (packed or b"") != cache.database_id:
+                cache.clear(database_id=packed or b"", last_tid=server_tid)  # type: ignore[arg-type]
             self._packed = packed  # type: ignore[assignment]
             self._access = str(access)
 
@@ -593,9 +627,18 @@ class ClientStorage:
 
     def _settle(self, waiter: _Waiter, result: list[Value] | None, error: BaseException | None) -> None:
         with self._pending_lock:
+            self._done_loading(waiter)
             waiter.settle(result, error)
             if waiter.events is not None:
                 waiter.events.put((-1, -1))
+
+    def _done_loading(self, waiter: _Waiter) -> None:
+        """Whatever the answer (records, an error, a lost connection), loads of these oids no
+        longer wait on it."""
+        loading = self._loading
+        for oid in waiter.loading:
+            if loading.get(oid) is waiter:
+                del loading[oid]
 
     def _on_invalidate(self, protocol: _ClientProtocol, fields: list[Value]) -> None:
         tid, oids, packed, more, since = fields
@@ -642,7 +685,7 @@ class ClientStorage:
             if packed != self._packed:
                 # A pack may have removed objects the cache still holds: a connection checking
                 # its references after a pack must ask the server, not the cache.
-                cache.clear(last_tid=tid)
+                cache.clear(database_id=packed or b"", last_tid=tid)  # type: ignore[arg-type]
                 self._packed = packed  # type: ignore[assignment]
             self._last_tid = tid
 
@@ -669,7 +712,8 @@ class ClientStorage:
             if protocol.lost:
                 raise ClientDisconnected(f"lost the connection to the server {self._name}")
             self._pending[request_id] = waiter
-            for oid in loading:
+            waiter.loading = tuple(loading)
+            for oid in waiter.loading:
                 self._loading.setdefault(oid, waiter)
         self._send(protocol, frame)
         return waiter
@@ -867,9 +911,12 @@ class ClientStorage:
         with self._oid_lock:
             while True:
                 if not self._oids:
+                    generation = self._oid_generation
                     (oids,) = self._call(Kind.NEW_OIDS, [OID_BATCH])
                     if not isinstance(oids, list) or not oids or not all(_is_tid(oid) for oid in oids):
                         raise WireError("a malformed NEW_OIDS reply")
+                    if generation != self._oid_generation:
+                        continue  # answered by a server we have since lost: ask the new one
                     self._oids = list(reversed(oids))  # type: ignore[arg-type]
                     self._oid_batch = frozenset(self._oids)
                     self._oids_taken = set()
