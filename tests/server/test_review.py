@@ -6,6 +6,7 @@ cause; the fix removes the mark.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,9 +18,10 @@ import pytest
 import amberdb
 from amberdb import ClientStorage, PersistentMapping, StorageServer
 from amberdb.exceptions import POSKeyError
+from amberdb.server.protocol import FrameDecoder, Kind, decode_message, encode_hello, encode_message
 from amberdb.storage.base import TransactionMeta
 from amberdb.storage.file import FileStorage
-from amberdb.utils import z64
+from amberdb.utils import p64, z64
 
 
 @pytest.fixture
@@ -161,4 +163,69 @@ def test_pack_while_the_client_is_away_is_noticed_at_reconnect(storage: FileStor
             client.load(child)  # the server no longer has it; the cache must not say otherwise
     finally:
         db.close()
+        server.close()
+
+
+class _OneShotServer:
+    """A server that greets and welcomes every client; after the first, it hangs up right
+    behind the welcome (as a server killed at that moment does)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.accepted: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.listener.getsockname()
+        return host, port
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(sock)
+            sock.sendall(encode_hello())
+            decoder = FrameDecoder(1 << 20)
+            payloads: list[bytes] = []
+            while len(payloads) < 2:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                payloads += decoder.feed(data)
+            if len(payloads) < 2:
+                continue
+            _, request_id, _ = decode_message(payloads[1])
+            sock.sendall(encode_message(Kind.REPLY, request_id, ["rw", p64(1), None, None, False]))
+            if len(self.accepted) > 1:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.accepted:
+            sock.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a connection lost between its welcome and _connect_once's `self._protocol ="
+    " protocol` is installed as current and the reconnect loop ends: the client never reconnects",
+)
+def test_connection_lost_right_after_the_welcome_is_retried() -> None:
+    server = _OneShotServer()
+    client = ClientStorage(server.address, timeout=2)
+    try:
+        assert client.is_connected()
+        server.accepted[0].shutdown(socket.SHUT_RDWR)  # the first connection drops
+        _wait_for(lambda: len(server.accepted) >= 2)  # the second is lost behind its welcome
+        # A client that keeps trying connects again and again (with backoff <= 2 s).
+        _wait_for(lambda: len(server.accepted) >= 3, seconds=6)
+    finally:
+        client.close()
         server.close()
