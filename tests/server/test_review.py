@@ -17,10 +17,11 @@ import pytest
 
 import amberdb
 from amberdb import ClientStorage, PersistentMapping, StorageServer
-from amberdb.exceptions import POSKeyError
+from amberdb.exceptions import POSKeyError, StorageError
 from amberdb.server.protocol import FrameDecoder, Kind, decode_message, encode_hello, encode_message
 from amberdb.storage.base import TransactionMeta
 from amberdb.storage.file import FileStorage
+from amberdb.storage.memory import MemoryStorage
 from amberdb.utils import p64, z64
 
 
@@ -229,3 +230,49 @@ def test_connection_lost_right_after_the_welcome_is_retried() -> None:
     finally:
         client.close()
         server.close()
+
+
+class _FlakyStorage(MemoryStorage):
+    """Fails loads of the oids in ``failing`` (a damaged record, a disk error)."""
+
+    failing: frozenset[bytes] = frozenset()
+
+    def load(self, oid: bytes, before: bytes | None = None) -> tuple[bytes, bytes]:
+        if oid in self.failing:
+            raise StorageError(f"cannot read oid {oid.hex()}: an I/O error")
+        return super().load(oid, before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: an ERROR reply to LOAD_MANY skips on_reply, whose finally is what clears"
+    " _loading: the batch's oids are never prefetched again on that connection",
+)
+def test_a_failed_prefetch_does_not_disable_prefetching_those_oids() -> None:
+    storage = _FlakyStorage()
+    with StorageServer(storage) as server:
+        writer = ClientStorage(server.address, timeout=10)
+        reader = ClientStorage(server.address, timeout=10)
+        try:
+            oids = [writer.new_oid() for _ in range(3)]
+            _commit(writer, {oid: (z64, b"record %d" % n) for n, oid in enumerate(oids)})
+            reader.sync()
+            storage.failing = frozenset(oids[:1])
+            reader.prefetch(oids)
+            reader.ping()  # the LOAD_MANY's ERROR came back before this reply
+            storage.failing = frozenset()  # the disk is fine again
+            remote: list[bytes] = []
+            original = reader._load_remote  # noqa: SLF001
+
+            def counted(oid: bytes, before: bytes | None) -> tuple[bytes, bytes]:
+                remote.append(oid)
+                return original(oid, before)
+
+            reader._load_remote = counted  # type: ignore[method-assign]  # noqa: SLF001
+            reader.prefetch(oids)
+            reader.ping()
+            assert [reader.load(oid)[0] for oid in oids] == [b"record %d" % n for n in range(3)]
+            assert remote == [], f"{len(remote)} of 3 oids loaded one by one after a second prefetch"
+        finally:
+            writer.close()
+            reader.close()
