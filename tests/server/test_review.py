@@ -66,32 +66,34 @@ def test_commit_larger_than_the_socket_buffer_while_the_server_reads_slowly(stor
         try:
             _wait_for(lambda: len(server.clients) == 1)
             (connection,) = server.clients
+            transport = connection.transport
+            assert transport is not None
             # The server stops reading this client for a moment (as it does on its own when
             # a client floods it with stores while its vote runs: QUEUE_HIGH).
             oids = [client.new_oid() for _ in range(40)]
-            server.loop.call_soon_threadsafe(connection.transport.pause_reading)
+            server.loop.call_soon_threadsafe(transport.pause_reading)
             time.sleep(0.1)
             outcome: dict[str, Any] = {}
 
             def commit() -> None:
                 try:
                     outcome["tid"] = _commit(client, {oid: (z64, b"x" * (256 << 10)) for oid in oids})
-                except BaseException as exc:  # noqa: BLE001 - reported below
+                except BaseException as exc:
                     outcome["error"] = exc
 
             committer = threading.Thread(target=commit, daemon=True)
             committer.start()
             time.sleep(0.5)  # the socket buffer fills
-            server.loop.call_soon_threadsafe(connection.transport.resume_reading)
+            server.loop.call_soon_threadsafe(transport.resume_reading)
             committer.join(8)
             stuck = committer.is_alive()
             if stuck:
                 # Unwedge the thread so the test ends cleanly: later sends go through the loop.
-                protocol = client._protocol  # noqa: SLF001
+                protocol = client._protocol
                 assert protocol is not None
                 protocol.sock = None
-                if client._send_lock.locked():  # noqa: SLF001
-                    client._send_lock.release()  # noqa: SLF001
+                if client._send_lock.locked():
+                    client._send_lock.release()
                 committer.join(10)
             assert not stuck, "the committing thread deadlocked in ClientStorage._send"
             assert "tid" in outcome, outcome
@@ -106,7 +108,9 @@ def test_commit_larger_than_the_socket_buffer_while_the_server_reads_slowly(stor
 )
 def test_new_oid_while_the_server_restarts(storage: FileStorage) -> None:
     server = StorageServer(storage).start()
-    host, port = server.address  # type: ignore[misc]
+    address = server.address
+    assert isinstance(address, tuple)
+    host, port = address
     client = ClientStorage((host, port), timeout=5)
     try:
         server.close()
@@ -117,7 +121,7 @@ def test_new_oid_while_the_server_restarts(storage: FileStorage) -> None:
             started = time.monotonic()
             try:
                 outcome["oid"] = client.new_oid()
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 outcome["error"] = exc
             outcome["took"] = time.monotonic() - started
 
@@ -140,7 +144,9 @@ def test_new_oid_while_the_server_restarts(storage: FileStorage) -> None:
 )
 def test_pack_while_the_client_is_away_is_noticed_at_reconnect(storage: FileStorage) -> None:
     server = StorageServer(storage).start()
-    host, port = server.address  # type: ignore[misc]
+    address = server.address
+    assert isinstance(address, tuple)
+    host, port = address
     client = ClientStorage((host, port), timeout=10)
     db = amberdb.DB(client)
     try:
@@ -263,13 +269,13 @@ def test_a_failed_prefetch_does_not_disable_prefetching_those_oids() -> None:
             reader.ping()  # the LOAD_MANY's ERROR came back before this reply
             storage.failing = frozenset()  # the disk is fine again
             remote: list[bytes] = []
-            original = reader._load_remote  # noqa: SLF001
+            original = reader._load_remote
 
             def counted(oid: bytes, before: bytes | None) -> tuple[bytes, bytes]:
                 remote.append(oid)
                 return original(oid, before)
 
-            reader._load_remote = counted  # type: ignore[method-assign]  # noqa: SLF001
+            reader._load_remote = counted  # type: ignore[method-assign]
             reader.prefetch(oids)
             reader.ping()
             assert [reader.load(oid)[0] for oid in oids] == [b"record %d" % n for n in range(3)]
@@ -289,7 +295,7 @@ def test_tls_over_a_unix_socket_without_server_hostname_says_so_at_once(tmp_path
     path = tmp_path / "server.sock"
     with StorageServer(MemoryStorage(), f"unix:{path}"):
         started = time.monotonic()
-        with pytest.raises(Exception) as raised:  # noqa: PT011 - which one is the point
+        with pytest.raises(Exception) as raised:
             ClientStorage(f"unix:{path}", ssl=ssl.create_default_context(), timeout=5)
         took = time.monotonic() - started
         assert "server_hostname" in str(raised.value), repr(raised.value)
@@ -311,7 +317,7 @@ def test_a_100_mb_commit_finishes() -> None:
             def commit() -> None:
                 try:
                     outcome["tid"] = _commit(client, {oid: (z64, bytes(1 << 20)) for oid in oids})
-                except BaseException as exc:  # noqa: BLE001 - reported below
+                except BaseException as exc:
                     outcome["error"] = exc
 
             committer = threading.Thread(target=commit, daemon=True)
@@ -319,11 +325,11 @@ def test_a_100_mb_commit_finishes() -> None:
             committer.join(15)
             stuck = committer.is_alive()
             if stuck:
-                protocol = client._protocol  # noqa: SLF001
+                protocol = client._protocol
                 assert protocol is not None
                 protocol.sock = None
-                if client._send_lock.locked():  # noqa: SLF001
-                    client._send_lock.release()  # noqa: SLF001
+                if client._send_lock.locked():
+                    client._send_lock.release()
                 committer.join(30)
             if stuck:
                 # pytrace=False: formatting a traceback here trips CPython 3.11's AST
