@@ -55,11 +55,6 @@ def _commit(client: ClientStorage, records: dict[bytes, tuple[bytes, bytes]]) ->
         raise
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ClientStorage._send re-enters itself under the non-reentrant _send_lock after a"
-    " partial send (or an OSError), so the sending thread deadlocks",
-)
 def test_commit_larger_than_the_socket_buffer_while_the_server_reads_slowly(storage: FileStorage) -> None:
     with StorageServer(storage) as server:
         client = ClientStorage(server.address, timeout=10)
@@ -101,11 +96,6 @@ def test_commit_larger_than_the_socket_buffer_while_the_server_reads_slowly(stor
             client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: new_oid holds _oid_lock while it waits for a reconnect, and the network thread"
-    " takes _oid_lock in _connect_once: the loop blocks until new_oid times out",
-)
 def test_new_oid_while_the_server_restarts(storage: FileStorage) -> None:
     server = StorageServer(storage).start()
     address = server.address
@@ -137,11 +127,6 @@ def test_new_oid_while_the_server_restarts(storage: FileStorage) -> None:
         server.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _apply_welcome clears the cache on a new pack time only when the client already"
-    " knew an older one (self._packed is not None): objects a pack removed are still served",
-)
 def test_pack_while_the_client_is_away_is_noticed_at_reconnect(storage: FileStorage) -> None:
     server = StorageServer(storage).start()
     address = server.address
@@ -220,11 +205,6 @@ class _OneShotServer:
             sock.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a connection lost between its welcome and _connect_once's `self._protocol ="
-    " protocol` is installed as current and the reconnect loop ends: the client never reconnects",
-)
 def test_connection_lost_right_after_the_welcome_is_retried() -> None:
     server = _OneShotServer()
     client = ClientStorage(server.address, timeout=2)
@@ -250,11 +230,6 @@ class _FlakyStorage(MemoryStorage):
         return super().load(oid, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an ERROR reply to LOAD_MANY skips on_reply, whose finally is what clears"
-    " _loading: the batch's oids are never prefetched again on that connection",
-)
 def test_a_failed_prefetch_does_not_disable_prefetching_those_oids() -> None:
     storage = _FlakyStorage()
     with StorageServer(storage) as server:
@@ -285,12 +260,6 @@ def test_a_failed_prefetch_does_not_disable_prefetching_those_oids() -> None:
             reader.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _connect_loop catches only the transient errors; any other (here asyncio's"
-    " ValueError for TLS over a Unix socket without server_hostname) kills the connecting task"
-    " silently and the caller waits the whole timeout for a message that names nothing",
-)
 def test_tls_over_a_unix_socket_without_server_hostname_says_so_at_once(tmp_path: Path) -> None:
     path = tmp_path / "server.sock"
     with StorageServer(MemoryStorage(), f"unix:{path}"):
@@ -302,11 +271,6 @@ def test_tls_over_a_unix_socket_without_server_hostname_says_so_at_once(tmp_path
         assert took < 2, f"the error came after {took:.1f} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: same self-deadlock in ClientStorage._send, met by a plain 100 MB commit"
-    " (the server spills and reads behind: the first partial send wedges the thread forever)",
-)
 def test_a_100_mb_commit_finishes() -> None:
     with StorageServer(MemoryStorage()) as server:
         client = ClientStorage(server.address, timeout=30)
