@@ -96,6 +96,8 @@ OID_BATCH = 100
 FLUSH_AT = 256 << 10
 """Bytes of stores gathered before they are handed to the network thread."""
 PREFETCH_BATCH = 1000
+COMMIT_WAIT_FACTOR = 4
+"""A vote or finish waits this many timeouts for its answer (a load waits one)."""
 RESYNC_WAIT = 1.0
 """Seconds a transaction start (with ``server_sync``) waits for a lost server to come back
 before it reads the snapshot the client has."""
@@ -700,8 +702,10 @@ class ClientStorage:
         events: bool = False,
         loading: Iterable[Oid] = (),
     ) -> _Waiter:
+        if self._closed:
+            raise StorageError(f"{self._name} is closed: cannot {_ACTIONS.get(kind, kind.name)}")
         if protocol is None:
-            protocol = self._wait_connected(kind.name.lower().replace("_", " "))
+            protocol = self._wait_connected(_ACTIONS.get(kind, kind.name))
         waiter = _Waiter(protocol)
         waiter.on_reply = on_reply
         if events:
@@ -732,10 +736,10 @@ class ClientStorage:
         if protocol is not None and protocol.transport is not None:
             # A reply that comes later would find nobody waiting: start over on a new connection.
             self._loop.call_soon_threadsafe(protocol.transport.abort)
-        raise ClientDisconnected(f"{self._name}: no answer to {what} within {self._timeout:g} s")
+        raise ClientDisconnected(f"{self._name}: no answer to the request to {what} in time")
 
     def _call(self, kind: Kind, fields: list[Value], on_reply: Any = None) -> list[Value]:
-        return self._wait(self._request(kind, fields, on_reply), kind.name)
+        return self._wait(self._request(kind, fields, on_reply), _ACTIONS.get(kind, kind.name))
 
     # -- the storage interface ---------------------------------------------------------------
 
@@ -813,7 +817,7 @@ class ClientStorage:
             Kind.LOAD, [oid, before], cache_reply, loading=(oid,) if before is None else ()
         )
         try:
-            record, tid = self._wait(waiter, f"the load of oid {oid_repr(oid)}")
+            record, tid = self._wait(waiter, f"load oid {oid_repr(oid)}")
         finally:
             if before is None and self._loading.get(oid) is waiter:
                 self._loading.pop(oid, None)
@@ -983,7 +987,9 @@ class ClientStorage:
         self._flush(txn)
         waiter = self._request(Kind.VOTE, [], protocol=txn.protocol)
         try:
-            self._wait(waiter, "the vote")
+            # A vote may wait behind other clients' commits (the server drops a client that
+            # holds it past its own timeout, 60 s by default): give it longer than a load.
+            self._wait(waiter, "vote", self._timeout * COMMIT_WAIT_FACTOR)
         except VoteConflictError as conflicts:
             # The committed states must come from the server, not a cache that may not yet
             # have heard of the commit that conflicted.
@@ -1012,7 +1018,8 @@ class ClientStorage:
                     cache.store(oid, tid, record)
 
         try:
-            (tid,) = self._wait(self._request(Kind.FINISH, [], cache_own, txn.protocol), "the finish")
+            finishing = self._request(Kind.FINISH, [], cache_own, txn.protocol)
+            (tid,) = self._wait(finishing, "finish a commit", self._timeout * COMMIT_WAIT_FACTOR)
         finally:
             self._end_transaction()
         return tid  # type: ignore[return-value]
@@ -1172,7 +1179,7 @@ class ClientStorage:
                 break
             if progress is not None:
                 progress(done, total)
-        self._wait(waiter, "the pack", None)
+        self._wait(waiter, "pack", None)
         # The server announced the new pack time before its reply.
 
     def copy_transactions_from(self, other: Storage) -> int:
@@ -1217,6 +1224,23 @@ class _ClientTransaction:
             self.records = None
         else:
             records[oid] = record
+
+
+_ACTIONS = {
+    Kind.LOAD: "load",
+    Kind.LOAD_MANY: "prefetch",
+    Kind.NEW_OIDS: "allocate oids",
+    Kind.VOTE: "vote",
+    Kind.FINISH: "finish a commit",
+    Kind.ITERATE: "list transactions",
+    Kind.UNDO_LOG: "read the undo log",
+    Kind.HISTORY: "read an object's history",
+    Kind.PACK: "pack",
+    Kind.SIZE: "count objects",
+    Kind.MARK_PACKED: "record a pack time",
+    Kind.PING: "reach the server",
+}
+"""What each request does, for error messages ("cannot read the undo log: ...")."""
 
 
 def _is_tid(value: object) -> bool:

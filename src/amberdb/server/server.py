@@ -40,6 +40,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import ssl as ssl_module
 import stat
 import threading
@@ -222,10 +223,8 @@ class _ClientConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (str(peer or "") or "unix socket")
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (2, 10):  # AF_INET, AF_INET6
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
-                import socket
-
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.server.clients.add(self)
         transport.write(encode_hello())
