@@ -55,6 +55,17 @@ def _commit(client: ClientStorage, records: dict[bytes, tuple[bytes, bytes]]) ->
         raise
 
 
+def _unwedge(client: ClientStorage, committer: threading.Thread, seconds: float) -> None:
+    """Free a committing thread stuck in the client's direct send, so the test ends cleanly:
+    later sends go through the network thread."""
+    protocol = client._protocol
+    assert protocol is not None
+    protocol.sock = None
+    if client._send_lock.locked():
+        client._send_lock.release()
+    committer.join(seconds)
+
+
 def test_commit_larger_than_the_socket_buffer_while_the_server_reads_slowly(storage: FileStorage) -> None:
     with StorageServer(storage) as server:
         client = ClientStorage(server.address, timeout=10)
@@ -83,13 +94,7 @@ def test_commit_larger_than_the_socket_buffer_while_the_server_reads_slowly(stor
             committer.join(8)
             stuck = committer.is_alive()
             if stuck:
-                # Unwedge the thread so the test ends cleanly: later sends go through the loop.
-                protocol = client._protocol
-                assert protocol is not None
-                protocol.sock = None
-                if client._send_lock.locked():
-                    client._send_lock.release()
-                committer.join(10)
+                _unwedge(client, committer, 10)
             assert not stuck, "the committing thread deadlocked in ClientStorage._send"
             assert "tid" in outcome, outcome
         finally:
@@ -289,12 +294,7 @@ def test_a_100_mb_commit_finishes() -> None:
             committer.join(15)
             stuck = committer.is_alive()
             if stuck:
-                protocol = client._protocol
-                assert protocol is not None
-                protocol.sock = None
-                if client._send_lock.locked():
-                    client._send_lock.release()
-                committer.join(30)
+                _unwedge(client, committer, 30)
             if stuck:
                 # pytrace=False: formatting a traceback here trips CPython 3.11's AST
                 # recursion check (threads still winding down), an INTERNALERROR.
