@@ -58,6 +58,7 @@ from amberdb.exceptions import (
 from amberdb.server.protocol import (
     PROTOCOL_VERSION,
     FrameDecoder,
+    FrameReader,
     Kind,
     Value,
     WireError,
@@ -80,9 +81,6 @@ from amberdb.storage.base import (
 from amberdb.storage.history import copy_transactions, pack_time, undo_transaction
 from amberdb.storage.record_cache import CacheFileWarning, RecordCache
 from amberdb.utils import Oid, Tid, oid_repr, p64, u64, z64
-
-READ_BUFFER = 256 << 10
-"""Bytes read from a socket at a time, into one buffer per connection."""
 
 __all__ = ["ClientStorage", "open_client_uri"]
 
@@ -133,17 +131,16 @@ class _Waiter:
             follower.release()
 
 
-class _ClientProtocol(asyncio.BufferedProtocol):
+class _ClientProtocol(FrameReader):
     """The network thread's end of one connection to the server."""
 
     def __init__(self, client: ClientStorage) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
-        self.read_buffer = memoryview(bytearray(READ_BUFFER))
+        super().__init__()
         self.decoder = FrameDecoder(CLIENT_FRAME_LIMIT)
         self.greeted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.lost = False
-        self.closing = False
         self.sock: socket.socket | None = None  # set for plain sockets, which _send writes directly
         self.backlog = False  # data waits in the transport's buffer: later sends queue behind it
         self.queued = 0  # chunks handed to the network thread and not yet written
@@ -178,14 +175,6 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if self.queued == 0 and (transport is None or transport.get_write_buffer_size() == 0):
             self.backlog = False
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # One buffer for the connection's life: the default Protocol makes asyncio allocate
-        # 256 KiB for every read, which cost more than the rest of a round trip here.
-        return self.read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.read_buffer[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         try:
@@ -1275,8 +1264,7 @@ def _transaction_from(entry: Value) -> tuple[TransactionRecord, bool]:
 
 
 def _cache_where(cache: RecordCache) -> str:
-    path = getattr(cache, "path", None)
-    return f" ({path})" if path else ""
+    return f" ({cache.path})" if cache.path else ""
 
 
 # -- URIs -----------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ uses, which must be one the server offered (only :data:`PROTOCOL_VERSION` so far
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import struct
 from collections.abc import Iterator, Sequence
@@ -95,6 +96,7 @@ __all__ = [
     "MAX_DEPTH",
     "PROTOCOL_VERSION",
     "FrameDecoder",
+    "FrameReader",
     "Kind",
     "Message",
     "Value",
@@ -442,6 +444,31 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes held for frames not yet complete."""
         return len(self._buffer)
+
+
+READ_BUFFER = 256 << 10
+"""Bytes read from a socket at a time, into one buffer per connection."""
+
+
+class FrameReader(asyncio.BufferedProtocol):
+    """An asyncio protocol that reads into one buffer for the connection's life and hands
+    each read to ``data_received``: the default Protocol makes asyncio allocate 256 KiB for
+    every read, which cost more than the rest of a round trip here."""
+
+    def __init__(self) -> None:
+        self.read_buffer = memoryview(bytearray(READ_BUFFER))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """The connection's one read buffer."""
+        return self.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Pass what was just read on to ``data_received``."""
+        self.data_received(self.read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """What a subclass does with the bytes read."""
+        raise NotImplementedError
 
 
 # -- errors ---------------------------------------------------------------------------------

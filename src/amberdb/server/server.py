@@ -65,6 +65,7 @@ from amberdb.server.protocol import (
     DEFAULT_FRAME_LIMIT,
     PROTOCOL_VERSION,
     FrameDecoder,
+    FrameReader,
     Kind,
     Value,
     WireError,
@@ -77,9 +78,6 @@ from amberdb.server.protocol import (
 from amberdb.storage.base import Storage, TransactionMeta
 from amberdb.storage.spill import SpillFile
 from amberdb.utils import Oid, Tid, oid_repr, p64, u64
-
-READ_BUFFER = 256 << 10
-"""Bytes read from a socket at a time, into one buffer per connection."""
 
 __all__ = ["StorageServer"]
 
@@ -192,14 +190,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _ClientConnection(asyncio.BufferedProtocol):
+class _ClientConnection(FrameReader):
     """One client, seen from the loop: its protocol state, transaction and commit thread."""
 
     def __init__(self, server: StorageServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.read_buffer = memoryview(bytearray(READ_BUFFER))
+        super().__init__()
         self.decoder = FrameDecoder(server.frame_limit)
         self.greeted = False
         self.identity: str | None = None
@@ -263,14 +261,6 @@ class _ClientConnection(asyncio.BufferedProtocol):
             if not self.paused_for and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # One buffer for the connection's life: the default Protocol makes asyncio allocate
-        # 256 KiB for every read, which cost more than the rest of a round trip here.
-        return self.read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.read_buffer[:nbytes])
-
     def data_received(self, data: bytes | memoryview) -> None:
         if self.closed:
             return
@@ -294,21 +284,15 @@ class _ClientConnection(asyncio.BufferedProtocol):
     # -- sending ----------------------------------------------------------------------------
 
     def send(self, kind: Kind, request_id: int, fields: list[Value]) -> None:
-        transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
-            return
         try:
             frame = encode_message(kind, request_id, fields)
         except WireError as exc:  # a reply larger than a frame may be
             kind, frame = Kind.ERROR, encode_message(Kind.ERROR, request_id, error_fields(exc))
-        if self.server.message_delay is None:
-            transport.write(frame)
-        else:
-            self._hold(transport, kind, request_id, frame)
-        if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-            self.fail(f"it left more than {WRITE_BUFFER_LIMIT} bytes of replies unread")
+        self.write_frames([frame], kind, request_id)
 
-    def write_frames(self, frames: list[bytes]) -> None:
+    def write_frames(self, frames: list[bytes], kind: Kind = Kind.INVALIDATE, request_id: int = 0) -> None:
+        """Write encoded frames (an INVALIDATE's, unless said), and drop a client that
+        leaves too much of what we write unread."""
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
             return
@@ -316,7 +300,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
             if self.server.message_delay is None:
                 transport.write(frame)
             else:
-                self._hold(transport, Kind.INVALIDATE, 0, frame)
+                self._hold(transport, kind, request_id, frame)
         if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self.fail(f"it left more than {WRITE_BUFFER_LIMIT} bytes of replies unread")
 
@@ -971,16 +955,19 @@ class StorageServer:
         packed = storage.packed_tid
         if newest == self.broadcast_tid and oids is not None and not oids and packed == self._packed_told:
             return
-        listed: list[Value] | None = None if oids is None else list(oids)
-        frames = []
         since = self.broadcast_tid
-        if listed is None or len(listed) <= INVALIDATE_CHUNK:
-            frames.append(encode_message(Kind.INVALIDATE, 0, [newest, listed, packed, False, since]))
-        else:
-            for start in range(0, len(listed), INVALIDATE_CHUNK):
-                chunk = listed[start : start + INVALIDATE_CHUNK]
-                more = start + INVALIDATE_CHUNK < len(listed)
-                frames.append(encode_message(Kind.INVALIDATE, 0, [newest, chunk, packed, more, since]))
+        chunks: list[list[Value] | None] = [None]
+        if oids is not None:
+            listed: list[Value] = list(oids)
+            chunks = [
+                listed[start : start + INVALIDATE_CHUNK] for start in range(0, len(listed), INVALIDATE_CHUNK)
+            ]
+            chunks = chunks or [[]]
+        last = len(chunks) - 1
+        frames = [
+            encode_message(Kind.INVALIDATE, 0, [newest, chunk, packed, index < last, since])
+            for index, chunk in enumerate(chunks)
+        ]
         self.broadcast_tid = newest
         self._packed_told = packed
         for client in list(self.subscribers):
@@ -995,10 +982,16 @@ class StorageServer:
         storage = self.storage
         storage.begin(txn.meta, txn.tid)
         try:
-            if txn.packed_seen != storage.packed_tid:
-                self._check_references(txn)
+            # After a pack the client had not seen, its references are checked (below, in
+            # the same pass over the stores: a spilled transaction is read once).
+            check = txn.packed_seen != storage.packed_tid
+            stored: set[Oid] = set()
+            referenced: list[Oid] = []
             conflicts: dict[Oid, tuple[Tid, Tid]] = {}
             for oid, base, record in txn.entries():
+                if check:
+                    stored.add(oid)
+                    referenced.extend(references(record))
                 try:
                     storage.store(oid, base, record)
                 except VoteConflictError as exc:
@@ -1007,6 +1000,8 @@ class StorageServer:
                     if exc.oid is None or exc.serials is None:
                         raise
                     conflicts[exc.oid] = exc.serials
+            if check:
+                self._check_references(stored, referenced)
             if conflicts:
                 raise VoteConflictError(conflicts)
             storage.vote()
@@ -1014,26 +1009,24 @@ class StorageServer:
             storage.abort()
             raise
 
-    def _check_references(self, txn: _Transaction) -> None:
+    def _check_references(self, stored: set[Oid], referenced: list[Oid]) -> None:
         """Refuse a commit that refers to an object a pack removed since the client looked.
 
         Its connection checked against the pack it knew of; a retry sees this one too and
         stores the object again (or says why it cannot).
         """
-        stored = {oid for oid, _, _ in txn.entries()}
-        for _, _, record in txn.entries():
-            for ref in references(record):
-                if ref in stored:
-                    continue
-                try:
-                    self.storage.load(ref)
-                except POSKeyError:
-                    raise ConflictError(
-                        f"this transaction refers to oid {oid_repr(ref)}, which a pack removed as"
-                        " unreachable after the client last looked; retry the transaction",
-                        oid=ref,
-                    ) from None
-                stored.add(ref)
+        for ref in referenced:
+            if ref in stored:
+                continue
+            try:
+                self.storage.load(ref)
+            except POSKeyError:
+                raise ConflictError(
+                    f"this transaction refers to oid {oid_repr(ref)}, which a pack removed as"
+                    " unreachable after the client last looked; retry the transaction",
+                    oid=ref,
+                ) from None
+            stored.add(ref)
 
     def iterate(self, start: Tid | None, stop: Tid | None, skip: int) -> list[Value]:
         """One ITERATE reply: transactions from ``start`` (skipping ``skip`` records of the
