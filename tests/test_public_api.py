@@ -16,12 +16,15 @@ def test_top_level_exports_are_pinned() -> None:
             "ConnectionStateError", "CorruptedDataError", "DatabaseError",
             "DoomedTransaction", "DoomedTransactionError", "FileFormatError", "FileStorage",
             "InvalidObjectReference", "InvalidSavepointRollbackError", "MemoryStorage",
-            "NoTransaction", "NoTransactionError", "POSKeyError", "Persistent", "PersistentList",
+            "NoTransaction", "NoTransactionError", "POSKeyError", "PostgreSQLStorage",
+            "ReadConflictError", "Persistent", "PersistentList",
             "PersistentMapping",
-            "ReadOnlyError", "RecordDecodeError", "SerializationError", "StorageError",
+            "ReadOnlyError", "RecordDecodeError", "SQLiteStorage", "SerializationError",
+            "StorageError",
             "StorageForkedError", "StorageLockedError", "StorageServer", "StorageTransactionError",
             "TransactionError",
-            "TransactionFailedError", "TransientError", "UndoError", "UnsafeGlobalError", "VoteConflictError",
+            "TransactionFailedError", "TransientError", "TransientStorageError",
+            "UndoError", "UnsafeGlobalError", "VoteConflictError",
             "connection", "open_storage",
         ]
     )  # fmt: skip
@@ -42,6 +45,9 @@ def test_every_exception_derives_from_database_error() -> None:
     assert issubclass(amberdb.ClientDisconnected, amberdb.TransientError)
     assert issubclass(amberdb.ClientDisconnected, amberdb.StorageError)
     assert not issubclass(amberdb.AuthenticationError, amberdb.TransientError)
+    # A SQL storage's lost connection or lock timeout, and a history-free snapshot miss.
+    assert issubclass(amberdb.TransientStorageError, amberdb.TransientError)
+    assert issubclass(amberdb.ReadConflictError, amberdb.ConflictError)
 
 
 def test_transaction_module_api() -> None:

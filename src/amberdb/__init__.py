@@ -31,6 +31,7 @@ from amberdb.exceptions import (
     NoTransaction,
     NoTransactionError,
     POSKeyError,
+    ReadConflictError,
     ReadOnlyError,
     RecordDecodeError,
     SerializationError,
@@ -41,6 +42,7 @@ from amberdb.exceptions import (
     TransactionError,
     TransactionFailedError,
     TransientError,
+    TransientStorageError,
     UndoError,
     UnsafeGlobalError,
     VoteConflictError,
@@ -49,6 +51,8 @@ from amberdb.persistent import Persistent
 from amberdb.server import ClientStorage, StorageServer
 from amberdb.storage.file import FileStorage
 from amberdb.storage.memory import MemoryStorage
+from amberdb.storage.sql.postgresql import PostgreSQLStorage
+from amberdb.storage.sql.sqlite import SQLiteStorage
 from amberdb.storage.uri import open_storage
 
 __version__ = "0.1.0"
@@ -78,8 +82,11 @@ __all__ = [
     "Persistent",
     "PersistentList",
     "PersistentMapping",
+    "PostgreSQLStorage",
+    "ReadConflictError",
     "ReadOnlyError",
     "RecordDecodeError",
+    "SQLiteStorage",
     "SerializationError",
     "StorageError",
     "StorageForkedError",
@@ -89,6 +96,7 @@ __all__ = [
     "TransactionError",
     "TransactionFailedError",
     "TransientError",
+    "TransientStorageError",
     "UndoError",
     "UnsafeGlobalError",
     "VoteConflictError",

@@ -54,6 +54,7 @@ __all__ = [
     "NoTransaction",
     "NoTransactionError",
     "POSKeyError",
+    "ReadConflictError",
     "ReadOnlyError",
     "RecordDecodeError",
     "SerializationError",
@@ -64,6 +65,7 @@ __all__ = [
     "TransactionError",
     "TransactionFailedError",
     "TransientError",
+    "TransientStorageError",
     "UndoError",
     "UnsafeGlobalError",
     "VoteConflictError",
@@ -252,6 +254,17 @@ class ClientDisconnected(StorageError, TransientError):  # noqa: N818 - the name
     A commit cut off after its vote may or may not have happened; one whose ``finish``
     returned did.
     """
+
+
+class ReadConflictError(ConflictError):
+    """An object's state for this transaction's snapshot is no longer available (a
+    history-free storage keeps only current states).  Transient: a retry reads the new one."""
+
+
+class TransientStorageError(StorageError, TransientError):
+    """A storage failed in a way a retry may cure: its database connection dropped or the
+    database restarted, or it stayed locked past the timeout.  Nothing was half-committed;
+    ``attempts()`` retries the transaction."""
 
 
 class DoomedTransactionError(TransactionError):

@@ -85,7 +85,11 @@ def test_file_uri_options_reach_the_file_storage(tmp_path: Path) -> None:
     ("uri", "message"),
     [
         ("memroy:", r"unknown storage scheme 'memroy'.*known schemes are .*file, memory"),
-        ("postgresql://localhost/db", r"unknown storage scheme 'postgresql'"),
+        ("postgres1://localhost/db", r"unknown storage scheme 'postgres1'"),
+        ("sqlite:///tmp/x.sqlite?histroy=false", r"unknown option 'histroy'.*history, read_only"),
+        ("sqlite:///tmp/x.sqlite?history=perhaps", r"history='perhaps'.*not true or false"),
+        ("sqlite:", r"names no file"),
+        ("postgresql://u:secret@localhost/db?cache_size=big", r"cache_size='big'.*not a number"),
         ("file:/tmp/x.fs?readonly=true", r"unknown option 'readonly'.*read_only, create, fsync, salvage"),
         ("file:/tmp/x.fs?read_only=maybe", r"read_only='maybe'.*not true or false"),
         ("file://elsewhere/tmp/x.fs", r"names host 'elsewhere'"),

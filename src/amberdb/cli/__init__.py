@@ -89,6 +89,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command(
+        "upgrade-schema",
+        maintain.cmd_upgrade_schema,
+        "upgrade the tables of a SQLite or PostgreSQL database to this AmberDB's schema version",
+    )
+    p.add_argument("uri", metavar="URI")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
         "backup",
         backup.cmd_backup,
         "back a file storage up into DIR: a full copy first, then only what was committed since",

@@ -1,5 +1,11 @@
 """``backup`` and ``restore``: incremental backups of a FileStorage data file.
 
+Any other storage (SQLite, PostgreSQL, a server) is backed up through a *mirror*: a
+FileStorage ``mirror.fs`` in the backup directory, brought up to date by copying the
+transactions committed since the last backup (tids and metadata kept), then backed up as
+below.  ``restore`` gives a data file either way; ``amberdb copy restored.fs URI`` puts it
+back into a SQL database.
+
 A backup directory holds *segments* and a manifest, ``backup.json``.  A FileStorage data
 file only ever grows at its end, so a chain of segments -- the first one the file from byte 0
 to its committed end at the first backup, each later one the bytes committed since the one
@@ -54,6 +60,7 @@ from amberdb.utils import oid_repr, time_from_tid
 
 __all__ = ["MANIFEST", "cmd_backup", "cmd_restore"]
 
+MIRROR = "mirror.fs"
 MANIFEST = "backup.json"
 _FORMAT = 1
 _CHUNK = 1 << 20
@@ -174,14 +181,15 @@ def _tid_ending_at(fd: int, end: int) -> bytes | None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    path = file_path(args.uri)
-    if path is None:
-        raise CliError(f"{args.uri}: backup supports file storages; use amberdb copy for other storages")
-    if not os.path.exists(path):
-        raise CliError(f"{path}: no such file")
     directory = args.directory
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise CliError(f"{directory} is not a directory")
+    path = file_path(args.uri)
+    if path is None:
+        os.makedirs(directory, exist_ok=True)
+        path = _mirror(args.uri, directory, args.quiet)
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file")
     os.makedirs(directory, exist_ok=True)
     manifest = _load_manifest(directory, must_exist=False)
     segments: list[dict[str, Any]] = manifest["segments"]
@@ -254,6 +262,46 @@ def cmd_backup(args: argparse.Namespace) -> int:
     print(f"  bytes {segment['start']:,}..{segment['end']:,} ({size:,} bytes, {format_bytes(size)})")
     print(f"  transactions {_tid_shown(segment['first_tid'])} .. {_tid_shown(segment['last_tid'])}")
     return EXIT_OK
+
+
+def _mirror(uri: str, directory: str, quiet: bool) -> str:
+    """Bring ``directory/MIRROR`` up to date with the storage ``uri`` names (a SQL or network
+    storage has no data file to back up): the transactions committed since the last backup are
+    copied into that FileStorage, which is then backed up like any data file.  When the source's
+    history no longer continues the mirror's (a pack removed its newest transaction), a new
+    mirror is made, and the file backup starts a new chain."""
+    from amberdb.cli.common import open_read_only
+    from amberdb.exceptions import StorageError
+    from amberdb.storage.file import FileStorage
+
+    mirror = os.path.join(directory, MIRROR)
+    source = open_read_only(uri)
+    try:
+        for fresh in (False, True):
+            if fresh and os.path.exists(mirror):
+                os.replace(mirror, mirror + ".old")
+            target = FileStorage(mirror)
+            try:
+                count = target.copy_transactions_from(source)
+            except StorageError as exc:
+                if fresh:
+                    raise
+                if not quiet:
+                    print(f"{exc}: starting a new mirror")
+                continue
+            finally:
+                target.close()
+            if os.path.exists(mirror + ".old"):
+                os.unlink(mirror + ".old")
+            for suffix in (".index", ".lock", ".tmp"):
+                if os.path.exists(mirror + ".old" + suffix):
+                    os.unlink(mirror + ".old" + suffix)
+            if not quiet:
+                print(f"copied {count:,} new transaction(s) of {source.name} into {mirror}")
+            return mirror
+    finally:
+        source.close()
+    raise AssertionError("unreachable")
 
 
 def _copy_segment(

@@ -21,7 +21,7 @@ from amberdb.cli.progress import Progress, format_bytes
 from amberdb.storage.base import Storage
 from amberdb.utils import z64
 
-__all__ = ["cmd_copy", "cmd_pack"]
+__all__ = ["cmd_copy", "cmd_pack", "cmd_upgrade_schema"]
 
 
 def _never_committed(uri: str) -> bool:
@@ -107,3 +107,19 @@ def open_writable_or_new(uri: str) -> Storage:
         return open_storage(uri)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def cmd_upgrade_schema(args: argparse.Namespace) -> int:
+    from amberdb.storage.sql.core import upgrade_schema
+
+    try:
+        before, after = upgrade_schema(args.uri)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        print_json({"uri": args.uri, "version_before": before, "version_after": after})
+    elif before == after:
+        print(f"the schema is at version {after} already: nothing to do")
+    else:
+        print(f"upgraded the schema from version {before} to {after}")
+    return EXIT_OK

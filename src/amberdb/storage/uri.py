@@ -11,6 +11,12 @@
                                    ``amberdb serve`` server; ``amberdbs://`` with TLS,
                                    ``amberdb+unix:///path/to/socket`` over a Unix socket
                                    (options: :func:`~amberdb.server.client.open_client_uri`)
+``sqlite:///abs/path.sqlite``      a :class:`~amberdb.storage.sql.sqlite.SQLiteStorage`
+                                   (``?history=false``, ``read_only``, ``cache_size``,
+                                   ``cache_path``, ``lock_timeout``)
+``postgresql://user@host/dbname``  a :class:`~amberdb.storage.sql.postgresql.PostgreSQLStorage`
+                                   (``?history=false``, ``replica=DSN``, ...; the rest of the
+                                   URI goes to libpq; needs ``amberdb[postgresql]``)
 ``path/to/data.fs``                a plain path: a FileStorage
 ``<scheme>:...``                   a scheme a package registered in the ``amberdb.storages``
                                    entry-point group (or with :func:`register_scheme`)
@@ -180,10 +186,25 @@ def _open_client(uri: str, read_only: bool) -> Storage:
     return open_client_uri(uri, read_only)
 
 
+def _open_sqlite(uri: str, read_only: bool) -> Storage:
+    from amberdb.storage.sql.sqlite import open_sqlite_uri
+
+    return open_sqlite_uri(uri, read_only)
+
+
+def _open_postgresql(uri: str, read_only: bool) -> Storage:
+    from amberdb.storage.sql.postgresql import open_postgresql_uri
+
+    return open_postgresql_uri(uri, read_only)
+
+
 _BUILT_IN: dict[str, Opener] = {
     "memory": _open_memory,
     "file": _open_file,
     "amberdb": _open_client,
     "amberdbs": _open_client,
     "amberdb+unix": _open_client,
+    "sqlite": _open_sqlite,
+    "postgresql": _open_postgresql,
+    "postgres": _open_postgresql,
 }

@@ -41,10 +41,14 @@ from amberdb.testing.factories import (  # noqa: E402
     ClientStorageFactory,
     FileStorageFactory,
     MemoryStorageFactory,
+    PostgreSQLHistoryFreeFactory,
+    PostgreSQLStorageFactory,
+    SQLiteHistoryFreeFactory,
+    SQLiteStorageFactory,
     StorageFactory,
     VoteConflictFactory,
 )
-from amberdb.testing.history_suite import HistorySuite, PackSuite  # noqa: E402
+from amberdb.testing.history_suite import HistoryFreeSuite, HistorySuite, PackSuite  # noqa: E402
 from amberdb.testing.object_suite import ObjectSuite  # noqa: E402
 from amberdb.testing.storage_suite import ReadOnlySuite, StorageMachineSuite, StorageSuite, commit  # noqa: E402
 
@@ -54,6 +58,10 @@ __all__ = [
     "HistorySuite",
     "MemoryStorageFactory",
     "PackSuite",
+    "PostgreSQLHistoryFreeFactory",
+    "PostgreSQLStorageFactory",
+    "SQLiteHistoryFreeFactory",
+    "SQLiteStorageFactory",
     "StorageFactory",
     "StorageWrapper",
     "VoteConflictFactory",
@@ -68,8 +76,11 @@ def conformance_suite(factory_class: type[StorageFactory]) -> type:
 
     Assign it to a name starting with ``Test`` in a test module for pytest to collect it.
     """
+    history: tuple[type, ...] = (
+        (HistorySuite, PackSuite) if factory_class.keeps_history else (HistoryFreeSuite,)
+    )
     return type(
         f"ConformanceOf{factory_class.__name__}",
-        (StorageSuite, StorageMachineSuite, ReadOnlySuite, ObjectSuite, HistorySuite, PackSuite),
+        (StorageSuite, StorageMachineSuite, ReadOnlySuite, ObjectSuite, *history),
         {"factory_class": factory_class, "__test__": True},
     )

@@ -7,6 +7,8 @@ temporary directory of its own.
 
 from __future__ import annotations
 
+import itertools
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +21,10 @@ __all__ = [
     "ClientStorageFactory",
     "FileStorageFactory",
     "MemoryStorageFactory",
+    "PostgreSQLHistoryFreeFactory",
+    "PostgreSQLStorageFactory",
+    "SQLiteHistoryFreeFactory",
+    "SQLiteStorageFactory",
     "StorageFactory",
     "VoteConflictFactory",
 ]
@@ -33,6 +39,10 @@ class StorageFactory:
 
     durable: ClassVar[bool] = False
     """True when committed data survives closing the storage and the death of its process."""
+
+    keeps_history: ClassVar[bool] = True
+    """False for a history-free storage: it keeps only current states, so snapshot reads
+    of older revisions, undo and the history suite's checks do not apply."""
 
     blocking_timeout: ClassVar[float] = 10.0
     """Seconds a call that must not wait (a thread's second ``begin``) may block before the
@@ -124,6 +134,114 @@ class FileStorageFactory(StorageFactory):
             report = verify(self.path)
             if not report.ok or report.notes:
                 raise AssertionError(f"{self.path} does not verify: {report}")
+
+
+class SQLiteStorageFactory(StorageFactory):
+    """SQLiteStorage on ``directory/data.sqlite``; the second instance is another writable
+    storage on the same file, as a second process opens it."""
+
+    durable = True
+    history: ClassVar[bool] = True
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self.directory / "data.sqlite"
+
+    def _open(self) -> Storage:
+        from amberdb.storage.sql.sqlite import SQLiteStorage
+
+        return self.track(SQLiteStorage(self.path, history=self.history, lock_timeout=20))
+
+    def create(self) -> Storage:
+        """A new SQLiteStorage (the file must not exist yet)."""
+        if self.path.exists():
+            raise FileExistsError(self.path)
+        return self._open()
+
+    def reopen(self) -> Storage:
+        """The file opened again."""
+        return self._open()
+
+    def open_second(self, first: Storage) -> Storage:
+        """Another SQLiteStorage on the same file."""
+        return self._open()
+
+    def uri(self) -> str | None:
+        """``sqlite:///...`` with the history mode."""
+        return f"sqlite://{self.path.absolute()}?history={'true' if self.history else 'false'}"
+
+
+class SQLiteHistoryFreeFactory(SQLiteStorageFactory):
+    """SQLiteStorage in history-free mode."""
+
+    history = False
+    keeps_history = False
+
+
+class PostgreSQLStorageFactory(StorageFactory):
+    """PostgreSQLStorage in a schema of its own (``search_path``) of the database
+    :attr:`base_uri` names; the schema is dropped at cleanup.  Set ``base_uri`` (a
+    ``postgresql://`` URI of an existing database) before the suite runs."""
+
+    durable = True
+    history: ClassVar[bool] = True
+    base_uri: ClassVar[str | None] = None
+    _numbers = itertools.count(1)
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        if self.base_uri is None:
+            raise RuntimeError("set PostgreSQLStorageFactory.base_uri to a postgresql:// URI first")
+        self.schema = f"amberdb_kit_{os.getpid()}_{next(self._numbers)}"
+        self._admin(f"CREATE SCHEMA {self.schema}")
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        assert self.base_uri is not None
+        with psycopg.connect(self.base_uri, autocommit=True) as conn:
+            conn.execute(sql)
+
+    def _uri(self) -> str:
+        assert self.base_uri is not None
+        joiner = "&" if "?" in self.base_uri else "?"
+        return f"{self.base_uri}{joiner}options=-csearch_path%3D{self.schema}"
+
+    def _open(self) -> Storage:
+        from amberdb.storage.sql.postgresql import PostgreSQLStorage
+
+        return self.track(PostgreSQLStorage(self._uri(), history=self.history, lock_timeout=20))
+
+    def create(self) -> Storage:
+        """A new PostgreSQLStorage in the factory's empty schema."""
+        return self._open()
+
+    def reopen(self) -> Storage:
+        """The schema opened again."""
+        return self._open()
+
+    def open_second(self, first: Storage) -> Storage:
+        """Another PostgreSQLStorage on the same schema, as a second process opens it."""
+        return self._open()
+
+    def uri(self) -> str | None:
+        """The ``postgresql://`` URI with the schema and the history mode."""
+        return f"{self._uri()}&history={'true' if self.history else 'false'}"
+
+    def cleanup(self) -> None:
+        """Close the storages, then drop the schema."""
+        try:
+            super().cleanup()
+        finally:
+            self._admin(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+
+class PostgreSQLHistoryFreeFactory(PostgreSQLStorageFactory):
+    """PostgreSQLStorage in history-free mode."""
+
+    history = False
+    keeps_history = False
 
 
 class VoteConflictFactory(StorageFactory):

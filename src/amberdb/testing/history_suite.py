@@ -571,3 +571,86 @@ class HistoryMachine(RuleBasedStateMachine):
             assert storage.load(oid) == (revisions[-1][2], revisions[-1][0])
             expected = [(tid, meta, len(record)) for tid, meta, record in reversed(revisions)]
             assert [(r.tid, r.meta, r.size) for r in storage.history(oid, 100)] == expected
+
+
+class HistoryFreeSuite(FactoryFixtures):
+    """What a history-free storage (``keeps_history = False``) promises instead of invariant 8:
+    current states only, no undo, older snapshots refused clearly, pack collects garbage."""
+
+    def test_undo_is_refused_and_the_log_is_empty(self, storage: Storage) -> None:
+        t1 = commit(storage, {z64: (z64, node(b"r1"))})
+        commit(storage, {z64: (t1, node(b"r2"))})
+        assert storage.undo_log() == []
+        with pytest.raises(UndoError, match="history"):
+            storage.undo(t1, TransactionMeta())
+
+    def test_history_lists_only_the_current_revision(self, storage: Storage) -> None:
+        t1 = commit(storage, {z64: (z64, node(b"r1"))})
+        t2 = commit(storage, {z64: (t1, node(b"r2"))})
+        assert [r.tid for r in storage.history(z64, 10)] == [t2]
+
+    def test_an_older_snapshot_fails_with_a_transient_error(
+        self, factory: StorageFactory, storage: Storage
+    ) -> None:
+        a = storage.new_oid()
+        t1 = commit(storage, {a: (z64, node(b"a1")), z64: (z64, node(b"r", a))})
+        t2 = commit(storage, {a: (t1, node(b"a2"))})
+        assert storage.load(a, before=p64(u64(t2) + 1)) == (node(b"a2"), t2)
+        # A fresh instance has nothing cached: the replaced revision is gone for good.
+        second = factory.open_second(storage)
+        try:
+            with pytest.raises(ConflictError, match="history"):
+                second.load(a, before=t2)
+            assert second.load(z64, before=t2) == (node(b"r", a), t1)  # current then and now
+        finally:
+            if second is not storage:
+                second.close()
+
+    def test_iterator_lists_the_current_records(self, storage: Storage) -> None:
+        a = storage.new_oid()
+        t1 = commit(storage, {a: (z64, node(b"a1")), z64: (z64, node(b"r", a))})
+        t2 = commit(storage, {a: (t1, node(b"a2"))})
+        listed = [(t.tid, sorted((r.oid, r.record) for r in t.records)) for t in storage.iterator()]
+        assert listed[-1] == (t2, [(a, node(b"a2"))])
+        assert (t1, [(z64, node(b"r", a))]) in listed
+
+    def test_pack_collects_garbage_and_keeps_current_states(
+        self, factory: StorageFactory, storage: Storage
+    ) -> None:
+        a, b, garbage = storage.new_oid(), storage.new_oid(), storage.new_oid()
+        t1 = commit(
+            storage,
+            {
+                z64: (z64, node(b"r", a, garbage)),
+                a: (z64, node(b"a1", b)),
+                b: (z64, node(b"b1")),
+                garbage: (z64, node(b"g", b)),
+            },
+        )
+        t2 = commit(storage, {z64: (t1, node(b"r2", a))})
+        storage.pack(t1)  # history-free: pack always collects up to now
+        assert storage.load(z64) == (node(b"r2", a), t2)
+        assert storage.load(a) == (node(b"a1", b), t1)
+        assert storage.load(b) == (node(b"b1"), t1)
+        with pytest.raises(POSKeyError):
+            storage.load(garbage)
+        assert len(storage) == 3
+        if factory.durable:
+            storage.close()
+            storage = factory.reopen()
+            with pytest.raises(POSKeyError):
+                storage.load(garbage)
+            assert storage.load(a) == (node(b"a1", b), t1)
+
+    def test_copy_from_a_history_keeps_the_current_states(self, storage: Storage) -> None:
+        source = MemoryStorage()
+        a = p64(1)
+        t1 = commit(source, {a: (z64, node(b"a1")), z64: (z64, node(b"r", a))})
+        t2 = commit(source, {a: (t1, node(b"a2"))})
+        assert storage.copy_transactions_from(source) == 2
+        assert storage.last_tid() == t2
+        assert storage.load(a) == (node(b"a2"), t2)
+        assert storage.load(z64) == (node(b"r", a), t1)
+        t3 = commit(source, {a: (t2, node(b"a3"))})
+        assert storage.copy_transactions_from(source) == 1
+        assert storage.load(a) == (node(b"a3"), t3)

@@ -1,0 +1,1383 @@
+"""What the SQL storages share: commits, polling, the record cache, history and pack in SQL.
+
+A subclass supplies a *dialect* -- how to connect, take the cross-process commit lock,
+insert rows and write a few statements -- and the schema of its database; everything else
+is here, written once.
+
+Tables (the same in both databases; each dialect module shows its DDL):
+
+``amberdb_schema(name, value)``
+    ``version`` (the schema version), ``history`` (``true``/``false``), ``database_id`` (random,
+    made with the database: a cache file of another database is never trusted) and
+    ``packed_tid`` (the newest pack time, empty when never packed).
+``amberdb_transaction(tid, username, description, extension)``
+    One row per committed transaction, metadata as bytes (user and description UTF-8).
+``amberdb_oid(next_oid)``
+    One row: the next oid no storage has reserved (each reserves blocks of 100).
+``amberdb_object(zoid, tid, state, refs)``, primary key ``(zoid, tid)``, index on ``tid``
+    One row per revision.  ``state`` is the record, opaque; ``refs`` the oids its header
+    refers to (NULL when the record has no readable header), so pack finds what is reachable
+    with a recursive query inside the database.  A history-free database keeps one row per
+    oid: a commit deletes the older revisions of what it writes.
+
+Integers: oids and tids are unsigned 64-bit values and SQL has only signed ones, so a value
+``v`` is kept as ``v - 2**63`` -- a bijection that keeps order (tids pass ``2**63`` in 2038).
+The root oid ``z64`` is therefore ``-9223372036854775808`` in the tables.
+
+Commits.  ``begin`` and ``store`` only buffer (past 16 MiB in a spill file); the database sees
+the transaction at ``vote``: the dialect starts a write transaction holding the commit lock,
+one statement reads the newest tid and the committed tid of every stored oid (conflicts for
+the whole transaction in one round trip), the rows go in, and the transaction stays open
+until ``finish`` commits it (or ``abort`` rolls it back).  So the lock is held from vote to
+finish only, and since the next committer takes it only after this commit is visible, tid
+order is visibility order: a reader that sees tid ``t`` sees every tid below it.  That is
+what makes a poll (``max(tid)``, then the rows with ``since < tid <= max``) an atomic
+observation without a read transaction left open.
+
+Reads never hold a transaction open between statements (each statement is its own
+snapshot), so no session sits "idle in transaction" blocking VACUUM or checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextvars import ContextVar
+from functools import partial
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import parse_qsl, unquote
+
+from amberdb.exceptions import (
+    POSKeyError,
+    ReadConflictError,
+    ReadOnlyError,
+    RecordDecodeError,
+    StorageError,
+    StorageForkedError,
+    StorageTransactionError,
+    TransientStorageError,
+    UndoError,
+    VoteConflictError,
+)
+from amberdb.record import references
+from amberdb.storage.base import (
+    DataRecord,
+    PackProgress,
+    Revision,
+    Storage,
+    TransactionInfo,
+    TransactionMeta,
+    TransactionRecord,
+    UndoResolver,
+)
+from amberdb.storage.forks import GENERATION
+from amberdb.storage.history import (
+    copy_transactions,
+    newest_first_slice,
+    pack_time,
+    transaction_tid,
+    undo_transaction,
+)
+from amberdb.storage.record_cache import RecordCache
+from amberdb.storage.spill import SpillFile
+from amberdb.utils import Oid, Tid, oid_repr, z64
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "UPGRADES",
+    "SQLStorage",
+    "from_sql",
+    "split_uri_options",
+    "storage_options",
+    "to_sql",
+    "upgrade_schema",
+]
+
+SCHEMA_VERSION = 1
+"""The schema this code creates and reads; see :meth:`SQLStorage.upgrade_schema`."""
+
+_OFFSET = 1 << 63
+_ROOT_SQL = -_OFFSET
+_SPILL_AT = 16 << 20
+_INSERT_CHUNK = 1000
+_ITERATOR_BATCH = 100
+_OID_BLOCK = 100
+_IDLE, _OPEN, _VOTED = "idle", "open", "voted"
+
+T = TypeVar("T")
+
+# Upgrades from each older schema version to the next: version -> step(storage, cursor).
+# Empty while version 1 is the only one; a step added here runs only through
+# ``amberdb upgrade-schema`` (SQLStorage.upgrade_schema), never by a plain open.
+UPGRADES: dict[int, Callable[[SQLStorage, Any], None]] = {}
+
+
+_UPGRADING: ContextVar[bool] = ContextVar("amberdb_sql_upgrading", default=False)
+
+
+def upgrade_schema(uri: str) -> tuple[int, int]:
+    """Upgrade the schema of the SQL database ``uri`` names to :data:`SCHEMA_VERSION`, one
+    step of :data:`UPGRADES` at a time, in one transaction holding the commit lock; return the
+    versions before and after.  Nothing else upgrades a schema: a plain open refuses an older
+    one, so a database is changed only when its operator asks."""
+    from amberdb.storage.uri import open_storage
+
+    token = _UPGRADING.set(True)
+    try:
+        storage = open_storage(uri)
+    finally:
+        _UPGRADING.reset(token)
+    try:
+        if not isinstance(storage, SQLStorage):
+            raise ValueError(f"{storage.name} is not a SQL storage: only those have a schema to upgrade")
+        return storage._write_transaction(storage._upgrade, "upgrading the schema")
+    finally:
+        storage.close()
+
+
+def to_sql(value: bytes) -> int:
+    """An oid or tid as the signed integer the tables hold (order kept)."""
+    return int.from_bytes(value, "big") - _OFFSET
+
+
+def from_sql(value: int) -> bytes:
+    """The oid or tid a table's signed integer holds."""
+    return (value + _OFFSET).to_bytes(8, "big")
+
+
+def split_uri_options(
+    shown: str, query: str, known: tuple[str, ...], *, repeatable: str = ""
+) -> tuple[dict[str, str], list[str], list[tuple[str, str]]]:
+    """A URI's query split into AmberDB's options (``known``, each at most once), the values
+    of the ``repeatable`` one, and the rest -- refused unless ``repeatable`` is set, for the
+    SQL storages whose driver takes the others (libpq does).  ``shown`` names the URI in
+    errors (without secrets)."""
+    ours: dict[str, str] = {}
+    repeated: list[str] = []
+    rest: list[tuple[str, str]] = []
+    for field in query.split("&") if query else ():
+        if "=" not in field:
+            raise ValueError(f"option {unquote(field)!r} has no value in storage URI {shown}")
+        ((key, value),) = parse_qsl(field, keep_blank_values=True)
+        if repeatable and key == repeatable:
+            repeated.append(value)
+        elif key in known:
+            if key in ours:
+                raise ValueError(f"option {key!r} is given twice in storage URI {shown}")
+            ours[key] = value
+        elif repeatable:
+            rest.append((key, value))
+        else:
+            raise ValueError(
+                f"unknown option {key!r} in storage URI {shown}: known options are {', '.join(known)}"
+            )
+    return ours, repeated, rest
+
+
+_FLAGS = {
+    "true": True,
+    "1": True,
+    "yes": True,
+    "on": True,
+    "false": False,
+    "0": False,
+    "no": False,
+    "off": False,
+}
+_NUMBERS: dict[str, type[int] | type[float]] = {
+    "cache_size": int,
+    "lock_timeout": float,
+    "replica_timeout": float,
+}
+
+
+def storage_options(shown: str, options: dict[str, str]) -> dict[str, Any]:
+    """Keyword arguments of a SQL storage from URI options: flags (``history``,
+    ``read_only``), numbers and ``cache_path``; a bad value names the option and the URI."""
+    kwargs: dict[str, Any] = {}
+    for key, text in options.items():
+        if key in ("history", "read_only"):
+            if text.lower() not in _FLAGS:
+                raise ValueError(f"option {key}={text!r} in storage URI {shown} is not true or false")
+            kwargs[key] = _FLAGS[text.lower()]
+        elif key in _NUMBERS:
+            try:
+                kwargs[key] = _NUMBERS[key](text)
+            except ValueError:
+                raise ValueError(f"option {key}={text!r} in storage URI {shown} is not a number") from None
+        else:
+            kwargs[key] = text
+    return kwargs
+
+
+def _refs(record: bytes) -> list[int] | None:
+    try:
+        return [to_sql(oid) for oid in references(record)]
+    except (RecordDecodeError, ValueError):
+        # Not a record with a readable header (tools and tests store raw bytes): pack will
+        # refuse to collect rather than guess what it refers to.
+        return None
+
+
+def _text(value: bytes | memoryview | None) -> str:
+    return bytes(value or b"").decode("utf-8", "surrogatepass")
+
+
+class _Buffer:
+    """The stores of one transaction, in memory and past ``_SPILL_AT`` bytes in a spill file."""
+
+    def __init__(self) -> None:
+        self.records: dict[Oid, tuple[Tid, bytes]] = {}
+        self.size = 0
+        self.spill: SpillFile | None = None
+
+    def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
+        if self.spill is not None:
+            self.spill.store(oid, base_tid, record)
+            return
+        old = self.records.get(oid)
+        if old is not None:
+            self.size -= len(old[1])
+        self.records[oid] = (base_tid, record)
+        self.size += len(record)
+        if self.size > _SPILL_AT:
+            self.spill = SpillFile()
+            for key, (base, data) in self.records.items():
+                self.spill.store(key, base, data)
+            self.records = {}
+
+    def oids(self) -> list[Oid]:
+        return self.spill.oids() if self.spill is not None else list(self.records)
+
+    def bases(self) -> Iterator[tuple[Oid, Tid]]:
+        if self.spill is None:
+            for oid, (base, _) in self.records.items():
+                yield oid, base
+        else:
+            for oid, base, _ in self.spill.entries():
+                yield oid, base
+
+    def entries(self) -> Iterator[tuple[Oid, Tid, bytes]]:
+        if self.spill is None:
+            for oid, (base, record) in self.records.items():
+                yield oid, base, record
+        else:
+            yield from self.spill.entries()
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
+        self.records = {}
+
+
+class SQLStorage:
+    """A storage whose records live in SQL tables (see the module docstring)."""
+
+    kind: ClassVar[str] = "sql"
+    """Names the database in messages: ``"SQLite"``, ``"PostgreSQL"``."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        history: bool,
+        read_only: bool,
+        cache_size: int,
+        cache_path: str | os.PathLike[str] | None,
+    ) -> None:
+        if not isinstance(history, bool):
+            raise TypeError(f"history must be True or False, not {history!r:.40}")
+        self._name = name
+        self._history = history
+        self._read_only = read_only
+        self._closed = False
+        self._pool: list[Any] = []
+        self._pool_lock = threading.Lock()
+        self._writer_conn: Any = None
+        self._cache = RecordCache(cache_size, cache_path)
+        # Serialises polls (they move _newest and the cache together) and guards the
+        # store-after-read check of loads (_generation).
+        self._poll_lock = threading.RLock()
+        self._generation = 0
+        self._newest = z64
+        self._packed_tid: Tid | None = None
+        self._database_id = ""
+        # One transaction at a time per storage instance, from begin to finish/abort; the
+        # database's own lock (cross-process) is held only from vote to finish.
+        self._commit_lock = threading.Lock()
+        self._state = _IDLE
+        self._owner: int | None = None
+        self._meta = TransactionMeta()
+        self._restore_tid: Tid | None = None
+        self._buffer = _Buffer()
+        self._tid = z64
+        self._in_write = False
+        self._seen_at_vote = z64
+        self._oid_lock = threading.Lock()
+        self._next_oid = 0
+        self._oid_end = 0
+        self.lock_timeout = 60.0
+        self._process = GENERATION.value
+
+    def _open(self) -> None:
+        """Connect, create or check the schema, and take the first poll; subclasses call it."""
+        try:
+            self._check_schema()
+            self._poll(z64)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the dialect (subclasses) ---------------------------------------------------------------
+
+    def _connect(self, write: bool) -> Any:
+        """A new DB-API connection in autocommit mode."""
+        raise NotImplementedError
+
+    def _sql(self, text: str) -> str:
+        """``text`` (written with ``%s`` placeholders) in the driver's parameter style."""
+        return text
+
+    def _ids(self, ids: list[int]) -> tuple[str, Any]:
+        """``(fragment, parameter)`` testing a column against a list: ``= ANY(%s)``."""
+        raise NotImplementedError
+
+    def _refs_value(self, refs: list[int] | None) -> Any:
+        """The parameter for the ``refs`` column."""
+        raise NotImplementedError
+
+    def _unnest_refs(self) -> tuple[str, str]:
+        """``(FROM item, column)`` turning ``s.refs`` into one row per referenced oid."""
+        raise NotImplementedError
+
+    def _newest_rows_sql(self, ids_fragment: str) -> str:
+        """SELECT zoid, tid, state: per listed oid the newest revision with tid <= %s."""
+        raise NotImplementedError
+
+    def _begin_write(self, conn: Any) -> None:
+        """Start a write transaction on ``conn`` holding the cross-process commit lock."""
+        raise NotImplementedError
+
+    def _end_write(self, conn: Any, commit: bool) -> None:
+        """Commit or roll back the write transaction and release the commit lock."""
+        raise NotImplementedError
+
+    def _insert_objects(self, cursor: Any, rows: list[tuple[int, int, bytes, Any]]) -> None:
+        """Insert ``(zoid, tid, state, refs)`` rows."""
+        cursor.executemany(
+            self._sql("INSERT INTO amberdb_object (zoid, tid, state, refs) VALUES (%s, %s, %s, %s)"), rows
+        )
+
+    def _create_schema(self, cursor: Any) -> None:
+        """Create the tables (inside a write transaction holding the commit lock)."""
+        raise NotImplementedError
+
+    def _has_schema(self, cursor: Any) -> bool:
+        """True when the ``amberdb_schema`` table exists."""
+        raise NotImplementedError
+
+    def _is_disconnect(self, exc: BaseException) -> bool:
+        """True when ``exc`` means the connection is gone (it is then thrown away)."""
+        return False
+
+    def _is_busy(self, exc: BaseException) -> bool:
+        """True when ``exc`` means the database stayed locked past the timeout."""
+        return False
+
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        """The driver's exception classes (translated at the boundary)."""
+        raise NotImplementedError
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        """True when writes raise ReadOnlyError."""
+        return self._read_only
+
+    @property
+    def name(self) -> str:
+        """Where the data lives, without any password."""
+        return self._name
+
+    @property
+    def history_preserving(self) -> bool:
+        """True when every revision is kept (False: only current states)."""
+        return self._history
+
+    @property
+    def packed_tid(self) -> Tid | None:
+        """The newest pack time seen by the last poll (None when never packed)."""
+        return self._packed_tid
+
+    @property
+    def record_cache(self) -> RecordCache:
+        """The records cache shared by every connection of this storage."""
+        return self._cache
+
+    def __repr__(self) -> str:
+        mode = "history-preserving" if self._history else "history-free"
+        state = "closed" if self._closed else f"last tid {oid_repr(self._newest)}"
+        return f"<{type(self).__name__} {self._name} ({mode}), {state}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"storage {self._name} is closed")
+        if self._process != GENERATION.value:
+            # The parent's database connections would carry two processes' messages at once.
+            raise StorageForkedError(
+                f"storage {self._name} was opened before os.fork(): open it again in the child process"
+            )
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def _take(self) -> Any:
+        with self._pool_lock:
+            if self._pool:
+                return self._pool.pop()
+        return self._connect(False)
+
+    def _give_back(self, conn: Any) -> None:
+        with self._pool_lock:
+            if not self._closed and len(self._pool) < 16:
+                self._pool.append(conn)
+                return
+        _close_quietly(conn)
+
+    def _read(self, action: Callable[[Any], T], doing: str) -> T:
+        """Run ``action(cursor)`` on a pooled connection; a dropped connection is replaced
+        once (a database restart costs the reader nothing), then reported as transient."""
+        self._check_open()
+        for attempt in (1, 2):
+            conn = None
+            try:
+                conn = self._take()
+                cursor = conn.cursor()
+                try:
+                    result = action(cursor)
+                finally:
+                    cursor.close()
+            except self._driver_errors() as exc:
+                if conn is not None:
+                    _close_quietly(conn)
+                if self._is_disconnect(exc) and attempt == 1:
+                    continue
+                raise self._translate(exc, doing) from exc
+            self._give_back(conn)
+            return result
+        raise AssertionError("unreachable")
+
+    def _read_for_load(self, action: Callable[[Any], T], doing: str) -> T:
+        """Where loads read: the primary here; a storage with read replicas overrides it."""
+        return self._read(action, doing)
+
+    def _translate(self, exc: BaseException, doing: str) -> StorageError:
+        if self._is_disconnect(exc):
+            return TransientStorageError(
+                f"{self._name}: lost the connection to {self.kind} while {doing}: {exc}"
+            )
+        if self._is_busy(exc):
+            return TransientStorageError(
+                f"{self._name}: the database stayed locked by another process for more than"
+                f" {self.lock_timeout:g} s while {doing}; try again ({exc})"
+            )
+        return StorageError(f"{self._name}: {self.kind} failed while {doing}: {exc}")
+
+    # -- schema -----------------------------------------------------------------------------------
+
+    def _schema_values(self, cursor: Any) -> dict[str, str]:
+        cursor.execute("SELECT name, value FROM amberdb_schema")
+        return {name: value for name, value in cursor.fetchall()}
+
+    def _check_schema(self) -> None:
+        def read(cursor: Any) -> dict[str, str] | None:
+            return self._schema_values(cursor) if self._has_schema(cursor) else None
+
+        values = self._read(read, "reading the schema")
+        if values is None:
+            if self._read_only:
+                raise StorageError(
+                    f"{self._name} holds no AmberDB database, and a read-only storage creates none"
+                )
+            values = self._write_schema()
+        self._accept_schema(values)
+
+    def _write_schema(self) -> dict[str, str]:
+        conn = self._connect(True)
+        try:
+            self._begin_write(conn)
+            try:
+                cursor = conn.cursor()
+                if not self._has_schema(cursor):  # another process may have made it meanwhile
+                    self._create_schema(cursor)
+                    rows = [
+                        ("version", str(SCHEMA_VERSION)),
+                        ("history", "true" if self._history else "false"),
+                        ("database_id", os.urandom(16).hex()),
+                        ("packed_tid", ""),
+                    ]
+                    cursor.executemany(
+                        self._sql("INSERT INTO amberdb_schema (name, value) VALUES (%s, %s)"), rows
+                    )
+                values = self._schema_values(cursor)
+            except BaseException:
+                self._end_write(conn, commit=False)
+                raise
+            self._end_write(conn, commit=True)
+            return values
+        except self._driver_errors() as exc:
+            raise self._translate(exc, "creating the schema") from exc
+        finally:
+            _close_quietly(conn)
+
+    def _accept_schema(self, values: dict[str, str]) -> None:
+        try:
+            version = int(values.get("version", ""))
+        except ValueError:
+            raise StorageError(
+                f"{self._name}: the amberdb_schema table holds no readable version"
+                f" ({values.get('version')!r})"
+            ) from None
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"{self._name} has schema version {version}, newer than the {SCHEMA_VERSION} this"
+                " AmberDB knows: upgrade AmberDB to open it"
+            )
+        if version < SCHEMA_VERSION and not _UPGRADING.get():
+            raise StorageError(
+                f"{self._name} has schema version {version}, older than this AmberDB's {SCHEMA_VERSION}:"
+                " back it up, then run 'amberdb upgrade-schema URI' to upgrade it"
+            )
+        history = values.get("history") == "true"
+        if history != self._history:
+            have = "history-preserving" if history else "history-free"
+            asked = "true" if self._history else "false"
+            mode = "true" if history else "false"
+            raise StorageError(
+                f"{self._name} is a {have} database but was opened with history={asked}: open it with"
+                f" history={mode} (in a URI, ?history={mode})"
+            )
+        self._database_id = values.get("database_id", "")
+        packed = values.get("packed_tid", "")
+        self._packed_tid = bytes.fromhex(packed) if packed else None
+
+    def _upgrade(self, cursor: Any) -> tuple[int, int]:
+        before = int(self._schema_values(cursor)["version"])
+        for version in range(before, SCHEMA_VERSION):
+            step = UPGRADES.get(version)
+            if step is None:
+                raise StorageError(f"{self._name}: no upgrade from schema version {version} is known")
+            step(self, cursor)
+        if before < SCHEMA_VERSION:
+            cursor.execute(
+                self._sql("UPDATE amberdb_schema SET value = %s WHERE name = 'version'"),
+                (str(SCHEMA_VERSION),),
+            )
+        return before, max(before, SCHEMA_VERSION)
+
+    def schema_version(self) -> int:
+        """The schema version the database has now."""
+        values = self._read(self._schema_values, "reading the schema")
+        return int(values["version"])
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def load(self, oid: Oid, before: Tid | None = None) -> tuple[bytes, Tid]:
+        """Return ``(record, tid)`` of the newest revision (strictly before ``before``)."""
+        if self._closed or self._process != GENERATION.value:
+            self._check_open()
+        if before is None:
+            hit = self._cache.load(oid)
+            if hit is not None:
+                return hit
+            return self._load_current(oid)
+        hit = self._cache.load_before(oid, before)
+        if hit is not None:
+            return hit
+        return self._load_before(oid, before)
+
+    def _load_current(self, oid: Oid) -> tuple[bytes, Tid]:
+        generation = self._generation
+        newest = self._newest
+        zoid = to_sql(oid)
+        if self._history:
+            sql = self._sql(
+                "SELECT tid, state FROM amberdb_object WHERE zoid = %s AND tid <= %s"
+                " ORDER BY tid DESC LIMIT 1"
+            )
+            params: tuple[Any, ...] = (zoid, to_sql(newest))
+        else:
+            sql = self._sql("SELECT tid, state FROM amberdb_object WHERE zoid = %s")
+            params = (zoid,)
+
+        def query(cursor: Any) -> Any:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+
+        rows = self._read_for_load(query, f"loading oid {oid_repr(oid)}")
+        if not rows:
+            self._check_open()
+            raise POSKeyError(oid)
+        tid, record = from_sql(rows[0][0]), bytes(rows[0][1])
+        self._cache_current(generation, oid, tid, record)
+        return record, tid
+
+    def _cache_current(self, generation: int, oid: Oid, tid: Tid, record: bytes) -> None:
+        # A poll applied while the row was on its way may have ended an older revision that
+        # this row is: only a read with no poll in between is stored as current.
+        with self._poll_lock:
+            if generation == self._generation:
+                self._cache.store(oid, tid, record)
+
+    def _load_before(self, oid: Oid, before: Tid) -> tuple[bytes, Tid]:
+        zoid = to_sql(oid)
+        if not self._history:
+            record, tid = self._load_current(oid)
+            if tid < before:
+                return record, tid
+            raise ReadConflictError(
+                f"{self._name} keeps no history: oid {oid_repr(oid)} changed at {oid_repr(tid)}, after"
+                f" this snapshot ({oid_repr(before)}), and its older state is gone (not in the"
+                " cache either); retry the transaction",
+                oid=oid,
+            )
+        sql = self._sql(
+            "SELECT s.tid, s.state, (SELECT min(n.tid) FROM amberdb_object n"
+            " WHERE n.zoid = s.zoid AND n.tid > s.tid)"
+            " FROM amberdb_object s WHERE s.zoid = %s AND s.tid < %s ORDER BY s.tid DESC LIMIT 1"
+        )
+
+        def query(cursor: Any) -> Any:
+            cursor.execute(sql, (zoid, to_sql(before)))
+            return cursor.fetchall()
+
+        generation = self._generation
+        rows = self._read_for_load(query, f"loading oid {oid_repr(oid)} before {oid_repr(before)}")
+        if not rows:
+            self._check_open()
+            raise POSKeyError(oid, f"no revision of oid {oid_repr(oid)} before tid {oid_repr(before)}")
+        tid, record, end = from_sql(rows[0][0]), bytes(rows[0][1]), rows[0][2]
+        if end is None:
+            self._cache_current(generation, oid, tid, record)
+        elif from_sql(end) <= self._newest:
+            self._cache.store(oid, tid, record, from_sql(end))
+        return record, tid
+
+    def prefetch(self, oids: Iterable[Oid]) -> None:
+        """Load the current revisions of ``oids`` not cached yet, in one query (batched)."""
+        self._check_open()
+        wanted = [oid for oid in dict.fromkeys(oids) if self._cache.load(oid) is None]
+        if not wanted:
+            return
+        generation = self._generation
+        newest = self._newest
+        fragment, param = self._ids([to_sql(oid) for oid in wanted])
+        sql = self._sql(self._newest_rows_sql(fragment))
+
+        def query(cursor: Any) -> Any:
+            cursor.execute(sql, (param, to_sql(newest) if self._history else _OFFSET - 1))
+            return cursor.fetchall()
+
+        for zoid, tid, state in self._read_for_load(query, f"prefetching {len(wanted)} objects"):
+            self._cache_current(generation, from_sql(zoid), from_sql(tid), bytes(state))
+
+    def last_tid(self) -> Tid:
+        """The newest tid the last poll (or this storage's own finish) saw."""
+        self._check_open()
+        return self._newest
+
+    def __len__(self) -> int:
+        def query(cursor: Any) -> int:
+            cursor.execute("SELECT count(DISTINCT zoid) FROM amberdb_object")
+            return int(cursor.fetchall()[0][0])
+
+        return self._read(query, "counting objects")
+
+    def get_size(self) -> int:
+        """The bytes of every revision's record and transaction metadata, plus 40 per row
+        for keys (a scan of the tables: the files may hold free space a pack left)."""
+
+        def query(cursor: Any) -> int:
+            cursor.execute(
+                "SELECT (SELECT coalesce(sum(length(state)) + 40 * count(*), 0) FROM amberdb_object),"
+                " (SELECT coalesce(sum(length(username) + length(description) + length(extension))"
+                " + 40 * count(*), 0) FROM amberdb_transaction)"
+            )
+            objects, transactions = cursor.fetchall()[0]
+            return int(objects) + int(transactions)
+
+        return self._read(query, "measuring the database")
+
+    # -- polling ----------------------------------------------------------------------------------
+
+    def poll_invalidations(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
+        """``(newest tid, oids changed after since)`` from the database (invariant 7)."""
+        self._check_open()
+        return self._poll(since)
+
+    def _poll(self, since: Tid) -> tuple[Tid, Collection[Oid] | None]:
+        with self._poll_lock:
+            cached = self._cache.last_tid
+            head = self._read(lambda cur: self._poll_head(cur, since, cached), "polling for changes")
+            newest, packed, since_known, cached_known, database_id, first_after = head
+            if database_id != self._database_id:
+                raise StorageError(
+                    f"{self._name}: the database was replaced (its id changed from {self._database_id}"
+                    f" to {database_id}); open the storage again"
+                )
+            cache_id = f"{database_id}:{packed.hex() if packed else ''}".encode()
+            if self._cache.database_id != cache_id or not cached_known or newest < cached:
+                # Another database's cache file, a pack this cache has not seen (it removed
+                # revisions the cache may hold), or a database restored to an older state.
+                self._cache.clear(cache_id, newest)
+                self._generation += 1
+                cached = newest
+            self._packed_tid = packed
+            low = min(since, cached)
+            rows: list[tuple[int, Any, int]] = []
+            if newest > low:
+                rows = self._read(lambda cur: self._changes(cur, low, cached, newest), "polling for changes")
+            if newest > cached:
+                self._advance_cache(rows, cached, newest, first_after)
+            self._newest = newest
+            if not since_known or since > newest:
+                return newest, None
+            since_sql = to_sql(since)
+            return newest, [from_sql(zoid) for zoid, _, last in rows if last > since_sql]
+
+    def _poll_head(
+        self, cursor: Any, since: Tid, cached: Tid
+    ) -> tuple[Tid, Tid | None, bool, bool, str, int | None]:
+        cursor.execute(
+            self._sql(
+                "SELECT (SELECT max(tid) FROM amberdb_transaction),"
+                " (SELECT count(*) FROM amberdb_transaction WHERE tid = %s),"
+                " (SELECT count(*) FROM amberdb_transaction WHERE tid = %s),"
+                " (SELECT value FROM amberdb_schema WHERE name = 'packed_tid'),"
+                " (SELECT value FROM amberdb_schema WHERE name = 'database_id'),"
+                " (SELECT min(tid) FROM amberdb_transaction WHERE tid > %s)"
+            ),
+            (to_sql(since), to_sql(cached), to_sql(cached)),
+        )
+        newest, since_count, cached_count, packed, database_id, first_after = cursor.fetchall()[0]
+        return (
+            from_sql(newest) if newest is not None else z64,
+            bytes.fromhex(packed) if packed else None,
+            since == z64 or since_count > 0,
+            cached == z64 or cached_count > 0,
+            database_id or "",
+            first_after,
+        )
+
+    def _changes(self, cursor: Any, low: Tid, cached: Tid, newest: Tid) -> list[tuple[int, Any, int]]:
+        # Per oid changed in (low, newest]: the first change after the cache's tid (where its
+        # cached revision ended) and the last one (compared with since).  History-free, a
+        # later commit may have replaced the row of a change up to newest: every row above
+        # low counts (naming a later change too is only early).
+        high = to_sql(newest) if self._history else _OFFSET - 1
+        cursor.execute(
+            self._sql(
+                "SELECT zoid, min(CASE WHEN tid > %s THEN tid END), max(tid) FROM amberdb_object"
+                " WHERE tid > %s AND tid <= %s GROUP BY zoid"
+            ),
+            (to_sql(cached), to_sql(low), high),
+        )
+        return [(zoid, first, last) for zoid, first, last in cursor.fetchall()]
+
+    def _advance_cache(
+        self, rows: list[tuple[int, Any, int]], cached: Tid, newest: Tid, first_after: int | None
+    ) -> None:
+        self._generation += 1
+        cached_sql = to_sql(cached)
+        changed = [(first, zoid) for zoid, first, last in rows if last > cached_sql]
+        if not self._history:
+            # Only current rows are kept, so where a cached revision ended is known only when
+            # its successor is the first transaction after the cache's tid (nothing can lie
+            # between); the others are forgotten.
+            exact = [from_sql(zoid) for first, zoid in changed if first == first_after]
+            self._cache.drop(from_sql(zoid) for first, zoid in changed if first != first_after)
+            if exact and first_after is not None:
+                self._cache.invalidate(from_sql(first_after), exact)
+            self._cache.invalidate(newest, ())
+            return
+        by_tid: dict[int, list[Oid]] = {}
+        for first, zoid in changed:
+            by_tid.setdefault(first, []).append(from_sql(zoid))
+        for first in sorted(by_tid):
+            self._cache.invalidate(from_sql(first), by_tid[first])
+        self._cache.invalidate(newest, ())
+
+    # -- history ----------------------------------------------------------------------------------
+
+    def iterator(self, start: Tid | None = None, stop: Tid | None = None) -> Iterator[TransactionRecord]:
+        """Committed transactions with ``start <= tid <= stop``, oldest first, in batches."""
+        self._check_open()
+
+        def newest(cursor: Any) -> Any:
+            cursor.execute("SELECT max(tid) FROM amberdb_transaction")
+            return cursor.fetchall()[0][0]
+
+        high = self._read(newest, "listing transactions")
+        if high is None:
+            return
+        if stop is not None:
+            high = min(high, to_sql(stop))
+        low = to_sql(start) if start is not None else _ROOT_SQL
+        while low <= high:
+            batch = self._read(partial(self._transactions, low=low, high=high), "listing transactions")
+            if not batch:
+                return
+            yield from batch
+            low = to_sql(batch[-1].tid) + 1
+
+    def _transactions(self, cursor: Any, low: int, high: int) -> list[TransactionRecord]:
+        cursor.execute(
+            self._sql(
+                "SELECT tid, username, description, extension FROM amberdb_transaction"
+                " WHERE tid >= %s AND tid <= %s ORDER BY tid LIMIT %s"
+            ),
+            (low, high, _ITERATOR_BATCH),
+        )
+        metas = cursor.fetchall()
+        if not metas:
+            return []
+        last = metas[-1][0]
+        cursor.execute(
+            self._sql(
+                "SELECT tid, zoid, state FROM amberdb_object WHERE tid >= %s AND tid <= %s ORDER BY tid, zoid"
+            ),
+            (low, last),
+        )
+        records: dict[int, list[DataRecord]] = {}
+        for tid, zoid, state in cursor.fetchall():
+            records.setdefault(tid, []).append(DataRecord(from_sql(zoid), from_sql(tid), bytes(state)))
+        return [
+            TransactionRecord(
+                from_sql(tid),
+                TransactionMeta(_text(user), _text(description), bytes(extension or b"")),
+                records.get(tid, []),
+            )
+            for tid, user, description, extension in metas
+        ]
+
+    def undo_log(self, first: int = 0, last: int = -20) -> list[TransactionInfo]:
+        """Undoable transactions, newest first (none in a history-free database)."""
+        self._check_open()
+        if not self._history:
+            return []
+        packed = to_sql(self._packed_tid) if self._packed_tid is not None else _ROOT_SQL
+
+        def entries() -> Iterator[TransactionInfo]:
+            high = _OFFSET - 1
+            while True:
+                rows = self._read(partial(self._log_rows, packed=packed, high=high), "reading the undo log")
+                for tid, user, description, extension in rows:
+                    meta = TransactionMeta(_text(user), _text(description), bytes(extension or b""))
+                    yield TransactionInfo(from_sql(tid), meta)
+                if len(rows) < _ITERATOR_BATCH:
+                    return
+                high = rows[-1][0] - 1
+
+        return newest_first_slice(entries(), first, last)
+
+    def _log_rows(self, cursor: Any, packed: int, high: int) -> list[Any]:
+        cursor.execute(
+            self._sql(
+                "SELECT tid, username, description, extension FROM amberdb_transaction"
+                " WHERE tid > %s AND tid <= %s ORDER BY tid DESC LIMIT %s"
+            ),
+            (packed, high, _ITERATOR_BATCH),
+        )
+        return list(cursor.fetchall())
+
+    def history(self, oid: Oid, size: int = 1) -> list[Revision]:
+        """Up to ``size`` revisions of ``oid``, newest first."""
+        self._check_open()
+
+        def query(cursor: Any) -> Any:
+            cursor.execute(
+                self._sql(
+                    "SELECT s.tid, length(s.state), t.username, t.description, t.extension"
+                    " FROM amberdb_object s JOIN amberdb_transaction t ON t.tid = s.tid"
+                    " WHERE s.zoid = %s ORDER BY s.tid DESC LIMIT %s"
+                ),
+                (to_sql(oid), max(size, 1)),
+            )
+            return cursor.fetchall()
+
+        rows = self._read(query, f"reading the history of oid {oid_repr(oid)}")
+        if not rows:
+            raise POSKeyError(oid)
+        return [
+            Revision(from_sql(tid), TransactionMeta(_text(u), _text(d), bytes(e or b"")), int(length))
+            for tid, length, u, d, e in rows
+        ]
+
+    def undo(self, tid: Tid, meta: TransactionMeta, resolve: UndoResolver | None = None) -> Tid:
+        """Commit a transaction restoring the states from before ``tid`` (see Storage.undo)."""
+        self._check_open()
+        if not self._history:
+            raise UndoError(f"{self._name} is history-free: it keeps no older states to undo to")
+        return undo_transaction(self, tid, meta, resolve, self._packed_tid)
+
+    def copy_transactions_from(self, other: Storage) -> int:
+        """Copy ``other``'s transactions newer than ours, tids and metadata kept."""
+        self._check_open()
+        return copy_transactions(self, other, self._mark_packed)
+
+    def _mark_packed(self, tid: Tid) -> None:
+        self._write_transaction(lambda cur: self._set_packed(cur, tid), "recording the pack time")
+
+    def _set_packed(self, cursor: Any, tid: Tid) -> None:
+        current = self._schema_values(cursor).get("packed_tid", "")
+        if current and bytes.fromhex(current) >= tid:
+            return
+        cursor.execute(
+            self._sql("UPDATE amberdb_schema SET value = %s WHERE name = 'packed_tid'"), (tid.hex(),)
+        )
+
+    def _write_transaction(self, action: Callable[[Any], T], doing: str) -> T:
+        """Run ``action(cursor)`` in a write transaction of its own, under the commit lock."""
+        self._check_open()
+        if self._read_only:
+            raise ReadOnlyError(f"{self._name} is read-only")
+        conn = self._connect(True)
+        try:
+            self._begin_write(conn)
+            try:
+                result = action(conn.cursor())
+            except BaseException:
+                self._end_write(conn, commit=False)
+                raise
+            self._end_write(conn, commit=True)
+            return result
+        except self._driver_errors() as exc:
+            raise self._translate(exc, doing) from exc
+        finally:
+            _close_quietly(conn)
+
+    # -- pack -------------------------------------------------------------------------------------
+
+    def pack(
+        self, pack_tid: Tid | float, referencesf: object = None, *, progress: PackProgress | None = None
+    ) -> None:
+        """Remove what no snapshot at or after ``pack_tid`` sees, and garbage, inside the database.
+
+        The reachable set is found by a recursive query over the ``refs`` column, without
+        the commit lock; then, holding it, what committers wrote meanwhile is added and the
+        rest deleted in one transaction (so an interrupted pack leaves the data as before).
+        """
+        self._check_open()
+        if self._read_only:
+            raise ReadOnlyError(f"{self._name} is read-only")
+        wanted = pack_time(pack_tid)
+        if self._state != _IDLE and self._owner == threading.get_ident():
+            raise StorageTransactionError("pack() while this thread's transaction is open: end it first")
+        conn = self._connect(True)
+        try:
+            cursor = conn.cursor()
+            cursor.execute("SELECT max(tid) FROM amberdb_transaction")
+            newest = cursor.fetchall()[0][0]
+            if newest is None:
+                return
+            cut = min(to_sql(wanted), newest) if self._history else newest
+            self._prepare_pack_table(cursor)
+            if progress is not None:
+                progress(0, 3)
+            self._mark_live(cursor, cut, _ROOT_SQL, initial=True)
+            if progress is not None:
+                progress(1, 3)
+            self._begin_write(conn)
+            try:
+                # Objects committed while the first pass ran, and what they reach.
+                self._mark_live(cursor, cut, newest, initial=False)
+                self._refuse_unknown_references(cursor, cut)
+                if progress is not None:
+                    progress(2, 3)
+                self._delete_unreachable(cursor, cut)
+                self._set_packed(cursor, from_sql(cut))
+            except BaseException:
+                self._end_write(conn, commit=False)
+                raise
+            self._end_write(conn, commit=True)
+            if progress is not None:
+                progress(3, 3)
+        except self._driver_errors() as exc:
+            raise self._translate(exc, "packing") from exc
+        finally:
+            _close_quietly(conn)
+        self._poll(self._newest)
+
+    def _prepare_pack_table(self, cursor: Any) -> None:
+        cursor.execute("CREATE TEMPORARY TABLE IF NOT EXISTS amberdb_pack_live (zoid BIGINT PRIMARY KEY)")
+        cursor.execute("DELETE FROM amberdb_pack_live")
+
+    def _mark_live(self, cursor: Any, cut: int, after: int, *, initial: bool) -> None:
+        # The revisions that count for an oid: its newest at or before the cut and all later
+        # ones.  The first pass starts from the root and from every oid written after the
+        # cut; the second from the oids written after the first pass's newest tid.
+        seeds = (
+            "SELECT %s UNION SELECT zoid FROM amberdb_object WHERE tid > %s"
+            if initial
+            else "SELECT zoid FROM amberdb_object WHERE tid > %s"
+        )
+        seed_params: tuple[int, ...] = (_ROOT_SQL, cut) if initial else (after,)
+        unnest, ref = self._unnest_refs()
+        cursor.execute(
+            self._sql(
+                "INSERT INTO amberdb_pack_live (zoid) "
+                f"WITH RECURSIVE live(zoid) AS ({seeds} UNION "
+                f"SELECT {ref} FROM live JOIN amberdb_object s ON s.zoid = live.zoid, {unnest}"
+                " WHERE s.tid >= COALESCE((SELECT max(x.tid) FROM amberdb_object x"
+                " WHERE x.zoid = s.zoid AND x.tid <= %s), %s)"
+                + (
+                    ""
+                    if initial
+                    else f" AND NOT EXISTS (SELECT 1 FROM amberdb_pack_live p WHERE p.zoid = {ref})"
+                )
+                + ") SELECT zoid FROM live"
+                + (
+                    ""
+                    if initial
+                    else " WHERE NOT EXISTS (SELECT 1 FROM amberdb_pack_live p WHERE p.zoid = live.zoid)"
+                )
+            ),
+            (*seed_params, cut, _ROOT_SQL),
+        )
+
+    def _refuse_unknown_references(self, cursor: Any, cut: int) -> None:
+        cursor.execute(
+            self._sql(
+                "SELECT s.zoid, s.tid FROM amberdb_object s JOIN amberdb_pack_live p ON p.zoid = s.zoid"
+                " WHERE s.refs IS NULL AND s.tid >= COALESCE((SELECT max(x.tid) FROM amberdb_object x"
+                " WHERE x.zoid = s.zoid AND x.tid <= %s), %s) LIMIT 1"
+            ),
+            (cut, _ROOT_SQL),
+        )
+        found = cursor.fetchall()
+        if found:
+            zoid, tid = found[0]
+            raise StorageError(
+                f"{self._name}: cannot pack: the record of oid {oid_repr(from_sql(zoid))} at tid"
+                f" {oid_repr(from_sql(tid))} has no readable header, so what it refers to is unknown"
+                " and collecting anything could drop a reachable object"
+            )
+
+    def _delete_unreachable(self, cursor: Any, cut: int) -> None:
+        cursor.execute(
+            self._sql(
+                "DELETE FROM amberdb_object WHERE tid <= %s"
+                " AND NOT EXISTS (SELECT 1 FROM amberdb_pack_live p WHERE p.zoid = amberdb_object.zoid)"
+            ),
+            (cut,),
+        )
+        cursor.execute(
+            self._sql(
+                "DELETE FROM amberdb_object WHERE tid < %s AND tid < (SELECT max(x.tid) FROM amberdb_object x"
+                " WHERE x.zoid = amberdb_object.zoid AND x.tid <= %s)"
+            ),
+            (cut, cut),
+        )
+        cursor.execute(
+            self._sql(
+                "DELETE FROM amberdb_transaction WHERE tid <= %s"
+                " AND tid < (SELECT max(tid) FROM amberdb_transaction)"
+                " AND NOT EXISTS (SELECT 1 FROM amberdb_object s WHERE s.tid = amberdb_transaction.tid)"
+            ),
+            (cut,),
+        )
+        cursor.execute("DELETE FROM amberdb_pack_live")
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def new_oid(self) -> Oid:
+        """A fresh oid from a block this instance reserved in the database."""
+        self._check_open()
+        if self._read_only:
+            raise ReadOnlyError(f"{self._name} is read-only")
+        with self._oid_lock:
+            if self._next_oid >= self._oid_end:
+                first = self._read(self._allocate_oids, "allocating oids")
+                self._next_oid, self._oid_end = first, first + _OID_BLOCK
+            oid = self._next_oid
+            self._next_oid += 1
+        return from_sql(oid)
+
+    def _allocate_oids(self, cursor: Any) -> int:
+        # One autocommit statement: the row is locked only while it runs, and a vote's
+        # bump (_bump_oids) updates it only when a restore stored oids beyond it.
+        cursor.execute(
+            self._sql("UPDATE amberdb_oid SET next_oid = next_oid + %s RETURNING next_oid"), (_OID_BLOCK,)
+        )
+        return int(cursor.fetchall()[0][0]) - _OID_BLOCK
+
+    def _bump_oids(self, cursor: Any, highest: int) -> None:
+        if highest < _OFFSET - 1:
+            cursor.execute(
+                self._sql("UPDATE amberdb_oid SET next_oid = %s WHERE next_oid <= %s"), (highest + 1, highest)
+            )
+
+    def begin(self, meta: TransactionMeta, tid: Tid | None = None) -> None:
+        """Start a commit (this instance's commits go one at a time; the database is not
+        touched until vote)."""
+        self._check_open()
+        if self._read_only:
+            raise ReadOnlyError(f"{self._name} is read-only")
+        if tid is not None and (not isinstance(tid, bytes) or len(tid) != 8):
+            raise TypeError(f"tid must be 8 bytes, got {tid!r:.80}")
+        if self._state != _IDLE and self._owner == threading.get_ident():
+            raise StorageTransactionError("begin() called twice without finish() or abort()")
+        self._commit_lock.acquire()
+        if self._closed:
+            self._commit_lock.release()
+            raise StorageError(f"storage {self._name} is closed")
+        self._state = _OPEN
+        self._owner = threading.get_ident()
+        self._meta = meta
+        self._restore_tid = tid
+        self._buffer = _Buffer()
+
+    def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
+        """Buffer a revision of ``oid``; conflicts are found at vote (invariant 2)."""
+        if self._state != _OPEN or self._owner != threading.get_ident():
+            raise StorageTransactionError(f"store() needs an open transaction, state is {self._state}")
+        if len(oid) != 8 or len(base_tid) != 8:
+            raise ValueError("oid and base_tid must be 8 bytes")
+        self._buffer.store(oid, base_tid, bytes(record))
+
+    def vote(self) -> None:
+        """Write the transaction inside a database transaction holding the commit lock.
+
+        One statement reads the newest tid and the committed tid of every stored oid;
+        conflicts roll back (releasing the lock) and raise VoteConflictError with the
+        transaction still open here.
+        """
+        if self._state != _OPEN or self._owner != threading.get_ident():
+            raise StorageTransactionError(f"vote() needs an open transaction, state is {self._state}")
+        conn = self._writer()
+        try:
+            self._begin_write(conn)
+            self._in_write = True
+            cursor = conn.cursor()
+            newest, committed = self._committed_tids(cursor)
+            if self._restore_tid is None:
+                conflicts = {
+                    oid: (committed.get(oid, z64), base)
+                    for oid, base in self._buffer.bases()
+                    if committed.get(oid, z64) != base
+                }
+                if conflicts:
+                    self._end_write(conn, commit=False)
+                    self._in_write = False
+                    # The resolver loads the committed states next: catch up with them.
+                    self._poll(self._newest)
+                    raise VoteConflictError(conflicts)
+            tid = transaction_tid(newest, self._restore_tid, self._name)
+            self._write_rows(cursor, tid)
+        except (VoteConflictError, StorageTransactionError):
+            self._rollback_quietly()
+            raise
+        except self._driver_errors() as exc:
+            self._rollback_quietly()
+            raise self._translate(exc, "voting") from exc
+        except BaseException:
+            self._rollback_quietly()
+            raise
+        self._tid = tid
+        self._seen_at_vote = newest
+        self._state = _VOTED
+
+    def _writer(self) -> Any:
+        if self._writer_conn is None:
+            try:
+                self._writer_conn = self._connect(True)
+            except self._driver_errors() as exc:
+                raise self._translate(exc, "connecting to commit") from exc
+        return self._writer_conn
+
+    def _committed_tids(self, cursor: Any) -> tuple[Tid, dict[Oid, Tid]]:
+        ids = [to_sql(oid) for oid in self._buffer.oids()]
+        fragment, param = self._ids(ids)
+        cursor.execute(
+            self._sql(
+                "SELECT NULL, max(tid) FROM amberdb_transaction UNION ALL"
+                f" SELECT zoid, max(tid) FROM amberdb_object WHERE zoid {fragment} GROUP BY zoid"
+            ),
+            (param,),
+        )
+        newest = z64
+        committed: dict[Oid, Tid] = {}
+        for zoid, tid in cursor.fetchall():
+            if zoid is None:
+                newest = from_sql(tid) if tid is not None else z64
+            else:
+                committed[from_sql(zoid)] = from_sql(tid)
+        return newest, committed
+
+    def _write_rows(self, cursor: Any, tid: Tid) -> None:
+        if tid >= b"\xff\xff\xff\xff\xff\xff\xff\xff":
+            raise StorageTransactionError(f"tid {oid_repr(tid)} is out of range")
+        tid_sql = to_sql(tid)
+        meta = self._meta
+        cursor.execute(
+            self._sql(
+                "INSERT INTO amberdb_transaction (tid, username, description, extension)"
+                " VALUES (%s, %s, %s, %s)"
+            ),
+            (
+                tid_sql,
+                meta.user.encode("utf-8", "surrogatepass"),
+                meta.description.encode("utf-8", "surrogatepass"),
+                bytes(meta.extension),
+            ),
+        )
+        highest = _ROOT_SQL
+        rows: list[tuple[int, int, bytes, Any]] = []
+        for oid, _base, record in self._buffer.entries():
+            zoid = to_sql(oid)
+            highest = max(highest, zoid)
+            rows.append((zoid, tid_sql, record, self._refs_value(_refs(record))))
+            if len(rows) >= _INSERT_CHUNK:
+                self._store_rows(cursor, rows)
+                rows = []
+        if rows:
+            self._store_rows(cursor, rows)
+        self._bump_oids(cursor, highest)
+        with self._oid_lock:
+            # Never hand out an oid this transaction stored (a restore, or a caller's choice).
+            if highest >= self._next_oid:
+                self._next_oid = self._oid_end = highest + 1
+
+    def _store_rows(self, cursor: Any, rows: list[tuple[int, int, bytes, Any]]) -> None:
+        if not self._history:
+            fragment, param = self._ids([row[0] for row in rows])
+            cursor.execute(self._sql(f"DELETE FROM amberdb_object WHERE zoid {fragment}"), (param,))
+        self._insert_objects(cursor, rows)
+
+    def finish(self) -> Tid:
+        """Commit the voted transaction and return its tid.
+
+        If the connection drops during the commit, the outcome is looked up: the tid is
+        returned if the transaction is there, else TransientStorageError says it is not.
+        """
+        if self._state != _VOTED or self._owner != threading.get_ident():
+            raise StorageTransactionError(f"finish() needs a voted transaction, state is {self._state}")
+        tid = self._tid
+        oids = self._buffer.oids() if self._seen_at_vote == self._newest else None
+        try:
+            self._end_write(self._writer_conn, commit=True)
+            self._in_write = False
+        except self._driver_errors() as exc:
+            self._in_write = False
+            self._drop_writer()
+            if not self._committed(tid):
+                self._end()
+                raise self._translate(
+                    exc, f"committing transaction {oid_repr(tid)} (it did not commit)"
+                ) from exc
+        try:
+            with self._poll_lock:
+                if oids is not None and self._newest == self._seen_at_vote:
+                    # Nothing else committed between our last poll and our tid: the cache
+                    # moves to our tid without asking the database.
+                    self._generation += 1
+                    if self._history:
+                        self._cache.invalidate(tid, oids)
+                    else:
+                        self._cache.drop(oids)
+                        self._cache.invalidate(tid, ())
+                    self._newest = tid
+                else:
+                    try:
+                        self._poll(self._newest)
+                    except StorageError:
+                        pass  # the commit stands; the connection's own poll will tell
+        finally:
+            self._end()
+        return tid
+
+    def _committed(self, tid: Tid) -> bool:
+        """Whether transaction ``tid`` is in the database (asked again for up to 30 s)."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                rows = self._read(
+                    lambda cur: (
+                        cur.execute(
+                            self._sql("SELECT count(*) FROM amberdb_transaction WHERE tid = %s"),
+                            (to_sql(tid),),
+                        ),
+                        cur.fetchall(),
+                    )[1],
+                    "checking whether a commit went through",
+                )
+                return bool(rows[0][0])
+            except TransientStorageError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def abort(self) -> None:
+        """Forget the open or voted transaction (rolled back in the database)."""
+        if self._state == _IDLE:
+            return
+        self._rollback_quietly()
+        self._end()
+
+    def _rollback_quietly(self) -> None:
+        if not self._in_write:
+            return
+        self._in_write = False
+        try:
+            self._end_write(self._writer_conn, commit=False)
+        except self._driver_errors():
+            self._drop_writer()
+
+    def _drop_writer(self) -> None:
+        conn, self._writer_conn = self._writer_conn, None
+        if conn is not None:
+            _close_quietly(conn)
+
+    def _end(self) -> None:
+        self._state = _IDLE
+        self._owner = None
+        self._buffer.close()
+        self._buffer = _Buffer()
+        self._restore_tid = None
+        self._commit_lock.release()
+
+    def close(self) -> None:
+        """Abort any open transaction, close every connection and save the cache file."""
+        if self._closed:
+            return
+        if self._process != GENERATION.value:
+            # A child after fork(): the connections are the parent's (closing one would end
+            # the parent's session too); forget them.
+            self._closed = True
+            self._writer_conn, self._pool = None, []
+            self._forget_connections()
+            self._cache.close()
+            return
+        if self._state != _IDLE:
+            self._rollback_quietly()
+            self._end()
+        self._closed = True
+        self._drop_writer()
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+        for conn in pool:
+            _close_quietly(conn)
+        self._cache.close()
+
+    def _forget_connections(self) -> None:
+        """In a forked child: drop references to connections of other pools (replicas)."""
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:
+        pass

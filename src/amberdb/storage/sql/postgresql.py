@@ -1,0 +1,349 @@
+"""PostgreSQLStorage: an AmberDB database in PostgreSQL tables, through psycopg 3.
+
+Needs ``pip install amberdb[postgresql]``.  The tables are those of
+:mod:`amberdb.storage.sql.core`; in PostgreSQL::
+
+    CREATE TABLE amberdb_schema (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE amberdb_transaction (tid BIGINT PRIMARY KEY, username BYTEA NOT NULL,
+                                      description BYTEA NOT NULL, extension BYTEA NOT NULL);
+    CREATE TABLE amberdb_object (zoid BIGINT NOT NULL, tid BIGINT NOT NULL, state BYTEA NOT NULL,
+                                 refs BIGINT[], PRIMARY KEY (zoid, tid));
+    CREATE INDEX amberdb_object_tid ON amberdb_object (tid);
+    CREATE TABLE amberdb_oid (next_oid BIGINT NOT NULL);
+
+The tables live in the connection's current schema (``search_path``), so one PostgreSQL
+database can hold several AmberDB databases.  The commit lock is a transaction-level advisory
+lock (``pg_advisory_xact_lock``, keyed by the schema) taken at vote and released by the
+COMMIT of finish.  PostgreSQL makes a commit visible only after its WAL record is flushed and
+releases the transaction's locks after that, so the next committer
+reads ``max(tid)`` only once this commit is visible: tid order is visibility order, at one
+commit per WAL flush for the whole database -- RelStorage's rule, kept (its attempt to let
+go earlier made rows visible out of order).
+
+Sessions: every read runs in autocommit mode (one statement, one snapshot), so a session is
+``idle`` between transactions, never ``idle in transaction``; the writer is in a
+transaction only from vote to finish, and ``idle_in_transaction_session_timeout`` (60 s by
+default) ends one an application left hanging there.
+
+Read replicas (``replicas=`` DSNs, ``?replica=`` in a URI) serve loads.  Polls, commits and
+conflict checks go to the primary.  A load goes to a replica only once the replica has
+replayed the newest tid this storage has seen (polled or committed), so no connection reads
+older data than it already knew; a replica that lags more than ``replica_timeout`` seconds
+behind, or fails, is passed over for the primary (a failed one for 30 s).
+
+DSNs are passed to libpq as given; :attr:`PostgreSQLStorage.name` and every message show
+them without their password.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from amberdb.storage.sql.core import SQLStorage, split_uri_options, storage_options, to_sql
+
+__all__ = ["PostgreSQLStorage", "open_postgresql_uri", "safe_dsn"]
+
+T = TypeVar("T")
+
+_LOCK_KEY = 0x616D6265  # "ambe": with the schema's hash, the advisory lock every committer takes
+_COPY_AT = 50  # rows from which COPY ... FORMAT BINARY beats executemany
+_REPLICA_RETRY = 30.0
+_URI_OPTIONS = ("history", "read_only", "cache_size", "cache_path", "lock_timeout", "replica_timeout")
+
+
+def _psycopg() -> Any:
+    """The psycopg module, imported at first use (it takes a few hundred ms to import)."""
+    try:
+        import psycopg
+        import psycopg.conninfo
+        import psycopg.errors
+    except ImportError:
+        raise ImportError("PostgreSQLStorage needs psycopg 3: pip install 'amberdb[postgresql]'") from None
+    return psycopg
+
+
+def safe_dsn(dsn: str) -> str:
+    """``dsn`` as ``postgresql://user@host:port/dbname``, without password or other secrets."""
+    pg = _psycopg()
+    try:
+        params = pg.conninfo.conninfo_to_dict(dsn)
+    except pg.ProgrammingError:
+        return "postgresql://(unparsable DSN)"
+    user = params.get("user") or ""
+    host = params.get("host") or params.get("hostaddr") or ""
+    port = params.get("port")
+    where = f"{host}:{port}" if port else str(host)
+    if where.startswith("/"):
+        where = f"[{where}]"
+    return f"postgresql://{quote(str(user)) + '@' if user else ''}{where}/{params.get('dbname') or ''}"
+
+
+class PostgreSQLStorage(SQLStorage):
+    """An AmberDB storage in a PostgreSQL database.
+
+    ``dsn`` is a libpq connection string or URI.  ``history`` keeps every revision (undo,
+    historical connections); False keeps only current states.  ``replicas`` are DSNs of hot
+    standbys that serve loads.  ``cache_size`` bounds the records cache shared by this
+    storage's connections (bytes); ``cache_path`` keeps it in a file between runs.
+    ``lock_timeout`` bounds a wait for the commit lock (seconds).
+    """
+
+    kind = "PostgreSQL"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        history: bool = True,
+        replicas: Iterable[str] = (),
+        read_only: bool = False,
+        cache_size: int = 64 << 20,
+        cache_path: str | os.PathLike[str] | None = None,
+        lock_timeout: float = 60.0,
+        replica_timeout: float = 5.0,
+        idle_in_transaction_timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._pg = _psycopg()
+        if not isinstance(dsn, str):
+            raise TypeError(f"dsn must be a str, not {type(dsn).__qualname__}")
+        self._dsn = dsn
+        self._replica_dsns = [str(replica) for replica in replicas]
+        super().__init__(
+            name=safe_dsn(dsn),
+            history=history,
+            read_only=read_only,
+            cache_size=cache_size,
+            cache_path=cache_path,
+        )
+        self.lock_timeout = float(lock_timeout)
+        self.replica_timeout = float(replica_timeout)
+        self._idle_timeout = float(idle_in_transaction_timeout)
+        self._connect_timeout = max(1, int(connect_timeout))
+        self._replica_pools: list[list[Any]] = [[] for _ in self._replica_dsns]
+        self._replica_seen = [-(1 << 63)] * len(self._replica_dsns)
+        self._replica_down_until = [0.0] * len(self._replica_dsns)
+        self._replica_lock = threading.Lock()
+        self._replica_next = 0
+        self.replica_loads = 0
+        """Loads a replica answered (for tests and monitoring)."""
+        self._open()
+
+    def __repr__(self) -> str:
+        replicas = f", {len(self._replica_dsns)} replicas" if self._replica_dsns else ""
+        return super().__repr__()[:-1] + replicas + ">"
+
+    # -- dialect ----------------------------------------------------------------------------------
+
+    def _connect(self, write: bool) -> Any:
+        return self._connect_to(self._dsn)
+
+    def _connect_to(self, dsn: str) -> Any:
+        conn = self._pg.connect(
+            dsn, autocommit=True, connect_timeout=self._connect_timeout, application_name="amberdb"
+        )
+        conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false),"
+            " set_config('lock_timeout', %s, false)",
+            (f"{int(self._idle_timeout * 1000)}", f"{int(self.lock_timeout * 1000)}"),
+        )
+        return conn
+
+    def _ids(self, ids: list[int]) -> tuple[str, Any]:
+        return "= ANY(%s::bigint[])", ids
+
+    def _refs_value(self, refs: list[int] | None) -> Any:
+        return refs
+
+    def _unnest_refs(self) -> tuple[str, str]:
+        return "unnest(s.refs) AS r(ref)", "r.ref"
+
+    def _newest_rows_sql(self, ids_fragment: str) -> str:
+        return (
+            f"SELECT DISTINCT ON (zoid) zoid, tid, state FROM amberdb_object WHERE zoid {ids_fragment}"
+            " AND tid <= %s ORDER BY zoid, tid DESC"
+        )
+
+    def _begin_write(self, conn: Any) -> None:
+        # One round trip: the simple-query protocol runs both statements.
+        # The lock is per schema: several AmberDB databases may share one PostgreSQL database.
+        conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({_LOCK_KEY}, hashtext(current_schema()))")
+
+    def _end_write(self, conn: Any, commit: bool) -> None:
+        conn.execute("COMMIT" if commit else "ROLLBACK")
+
+    def _insert_objects(self, cursor: Any, rows: list[tuple[int, int, bytes, Any]]) -> None:
+        if len(rows) < _COPY_AT:
+            cursor.executemany(
+                "INSERT INTO amberdb_object (zoid, tid, state, refs) VALUES (%s, %s, %s, %s::bigint[])", rows
+            )
+            return
+        with cursor.copy("COPY amberdb_object (zoid, tid, state, refs) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "int8", "bytea", "int8[]"])
+            for row in rows:
+                copy.write_row(row)
+
+    def _create_schema(self, cursor: Any) -> None:
+        for statement in (
+            "CREATE TABLE amberdb_schema (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            "CREATE TABLE amberdb_transaction (tid BIGINT PRIMARY KEY, username BYTEA NOT NULL,"
+            " description BYTEA NOT NULL, extension BYTEA NOT NULL)",
+            "CREATE TABLE amberdb_object (zoid BIGINT NOT NULL, tid BIGINT NOT NULL, state BYTEA NOT NULL,"
+            " refs BIGINT[], PRIMARY KEY (zoid, tid))",
+            "CREATE INDEX amberdb_object_tid ON amberdb_object (tid)",
+            "CREATE TABLE amberdb_oid (next_oid BIGINT NOT NULL)",
+        ):
+            cursor.execute(statement)
+        cursor.execute("INSERT INTO amberdb_oid (next_oid) VALUES (%s)", (-(1 << 63) + 1,))
+
+    def _has_schema(self, cursor: Any) -> bool:
+        cursor.execute("SELECT to_regclass('amberdb_schema') IS NOT NULL")
+        return bool(cursor.fetchall()[0][0])
+
+    def _is_disconnect(self, exc: BaseException) -> bool:
+        errors = self._pg.errors
+        if not isinstance(exc, self._pg.OperationalError):
+            return False
+        return not isinstance(exc, (errors.LockNotAvailable, errors.QueryCanceled))
+
+    def _is_busy(self, exc: BaseException) -> bool:
+        errors = self._pg.errors
+        return isinstance(
+            exc,
+            (
+                errors.LockNotAvailable,
+                errors.QueryCanceled,
+                errors.SerializationFailure,
+                errors.DeadlockDetected,
+            ),
+        )
+
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        error: type[BaseException] = self._pg.Error
+        return (error,)
+
+    # -- replicas ---------------------------------------------------------------------------------
+
+    def _read_for_load(self, action: Callable[[Any], T], doing: str) -> T:
+        index = self._pick_replica()
+        if index is None:
+            return self._read(action, doing)
+        conn = None
+        try:
+            conn = self._replica_conn(index)
+            if not self._replica_caught_up(index, conn):
+                self._give_replica_back(index, conn)
+                return self._read(action, doing)
+            cursor = conn.cursor()
+            try:
+                result = action(cursor)
+            finally:
+                cursor.close()
+        except self._pg.Error:
+            if conn is not None:
+                _close(conn)
+            self._replica_failed(index)
+            return self._read(action, doing)
+        self._give_replica_back(index, conn)
+        self.replica_loads += 1
+        return result
+
+    def _pick_replica(self) -> int | None:
+        if not self._replica_dsns:
+            return None
+        now = time.monotonic()
+        with self._replica_lock:
+            for step in range(len(self._replica_dsns)):
+                index = (self._replica_next + step) % len(self._replica_dsns)
+                if self._replica_down_until[index] <= now:
+                    self._replica_next = index + 1
+                    return index
+        return None
+
+    def _replica_conn(self, index: int) -> Any:
+        with self._replica_lock:
+            pool = self._replica_pools[index]
+            if pool:
+                return pool.pop()
+        return self._connect_to(self._replica_dsns[index])
+
+    def _give_replica_back(self, index: int, conn: Any) -> None:
+        with self._replica_lock:
+            if not self._closed and len(self._replica_pools[index]) < 16:
+                self._replica_pools[index].append(conn)
+                return
+        _close(conn)
+
+    def _replica_caught_up(self, index: int, conn: Any) -> bool:
+        """Whether the replica has replayed every tid this storage has seen (waiting for it
+        up to ``replica_timeout``)."""
+        needed = to_sql(self._newest)
+        if self._replica_seen[index] >= needed:
+            return True
+        deadline = time.monotonic() + self.replica_timeout
+        pause = 0.001
+        while True:
+            row = conn.execute("SELECT max(tid) FROM amberdb_transaction").fetchone()
+            seen = row[0] if row is not None and row[0] is not None else -(1 << 63)
+            with self._replica_lock:
+                self._replica_seen[index] = max(self._replica_seen[index], seen)
+            if seen >= needed:
+                return True
+            if time.monotonic() + pause > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _replica_failed(self, index: int) -> None:
+        with self._replica_lock:
+            self._replica_down_until[index] = time.monotonic() + _REPLICA_RETRY
+            pool, self._replica_pools[index] = self._replica_pools[index], []
+        for conn in pool:
+            _close(conn)
+
+    def _forget_connections(self) -> None:
+        self._replica_pools = [[] for _ in self._replica_dsns]
+
+    def close(self) -> None:
+        """Close every connection (primary and replicas) and save the cache file."""
+        super().close()
+        with self._replica_lock:
+            pools, self._replica_pools = self._replica_pools, [[] for _ in self._replica_dsns]
+        for pool in pools:
+            for conn in pool:
+                _close(conn)
+
+
+def _close(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:
+        pass
+
+
+def open_postgresql_uri(uri: str, read_only: bool) -> PostgreSQLStorage:
+    """Open ``postgresql://user@host/dbname?history=false&replica=...``: AmberDB's options
+    (history, read_only, cache_size, cache_path, lock_timeout, replica (repeatable),
+    replica_timeout) are taken out, the rest of the URI goes to libpq."""
+    parts = urlsplit(uri)
+    ours, replicas, theirs = split_uri_options(_shown(uri), parts.query, _URI_OPTIONS, repeatable="replica")
+    query = "&".join(f"{quote(key)}={quote(value)}" for key, value in theirs)
+    dsn = urlunsplit(("postgresql", parts.netloc, parts.path, query, parts.fragment))
+    kwargs = storage_options(_shown(uri), ours)
+    if read_only:
+        kwargs["read_only"] = True
+    return PostgreSQLStorage(dsn, replicas=replicas, **kwargs)
+
+
+def _shown(uri: str) -> str:
+    """A URI for messages: without its password."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return repr(uri.split("?")[0])  # options may hold replica DSNs with passwords
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return repr(urlunsplit((parts.scheme, netloc, parts.path, "", "")))
