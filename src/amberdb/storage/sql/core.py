@@ -44,6 +44,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from functools import partial
 from typing import Any, ClassVar, TypeVar
@@ -86,6 +87,7 @@ from amberdb.utils import Oid, Tid, oid_repr, z64
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SMALL_TRANSACTION",
     "UPGRADES",
     "SQLStorage",
     "from_sql",
@@ -102,6 +104,7 @@ _OFFSET = 1 << 63
 _ROOT_SQL = -_OFFSET
 _SPILL_AT = 16 << 20
 _INSERT_CHUNK = 1000
+SMALL_TRANSACTION = 50  # records in a transaction whose rows go in one batch (bigger: bulk copies)
 _ITERATOR_BATCH = 100
 _OID_BLOCK = 100
 _IDLE, _OPEN, _VOTED = "idle", "open", "voted"
@@ -251,6 +254,9 @@ class _Buffer:
     def oids(self) -> list[Oid]:
         return self.spill.oids() if self.spill is not None else list(self.records)
 
+    def small(self) -> bool:
+        return self.spill is None and len(self.records) < SMALL_TRANSACTION
+
     def bases(self) -> Iterator[tuple[Oid, Tid]]:
         if self.spill is None:
             for oid, (base, _) in self.records.items():
@@ -356,6 +362,11 @@ class SQLStorage:
     def _newest_rows_sql(self, ids_fragment: str) -> str:
         """SELECT zoid, tid, state: per listed oid the newest revision with tid <= %s."""
         raise NotImplementedError
+
+    def _batched(self, conn: Any, small: bool) -> AbstractContextManager[Any]:
+        """A block whose statements go to the database together (PostgreSQL's pipeline
+        mode); ``small`` is False for a transaction big enough to be copied in bulk."""
+        return nullcontext()
 
     def _begin_write(self, conn: Any) -> None:
         """Start a write transaction on ``conn`` holding the cross-process commit lock."""
@@ -1159,10 +1170,12 @@ class SQLStorage:
             raise StorageTransactionError(f"vote() needs an open transaction, state is {self._state}")
         conn = self._writer()
         try:
-            self._begin_write(conn)
-            self._in_write = True
-            cursor = conn.cursor()
-            newest, committed = self._committed_tids(cursor)
+            # Round trip 1: begin, lock, read the committed tids; round trip 2: the writes
+            # (where the driver can send statements without waiting for each answer).
+            with self._batched(conn, True):
+                self._begin_write(conn)
+                self._in_write = True
+                newest, committed = self._committed_tids(conn.cursor())
             if self._restore_tid is None:
                 conflicts = {
                     oid: (committed.get(oid, z64), base)
@@ -1176,7 +1189,8 @@ class SQLStorage:
                     self._poll(self._newest)
                     raise VoteConflictError(conflicts)
             tid = transaction_tid(newest, self._restore_tid, self._name)
-            self._write_rows(cursor, tid)
+            with self._batched(conn, self._buffer.small()):
+                self._write_rows(conn.cursor(), tid)
         except (VoteConflictError, StorageTransactionError):
             self._rollback_quietly()
             raise

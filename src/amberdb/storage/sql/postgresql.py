@@ -41,17 +41,17 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from amberdb.storage.sql.core import SQLStorage, split_uri_options, storage_options, to_sql
+from amberdb.storage.sql.core import SMALL_TRANSACTION, SQLStorage, split_uri_options, storage_options, to_sql
 
 __all__ = ["PostgreSQLStorage", "open_postgresql_uri", "safe_dsn"]
 
 T = TypeVar("T")
 
 _LOCK_KEY = 0x616D6265  # "ambe": with the schema's hash, the advisory lock every committer takes
-_COPY_AT = 50  # rows from which COPY ... FORMAT BINARY beats executemany
 _REPLICA_RETRY = 30.0
 _URI_OPTIONS = ("history", "read_only", "cache_size", "cache_path", "lock_timeout", "replica_timeout")
 
@@ -169,16 +169,20 @@ class PostgreSQLStorage(SQLStorage):
             " AND tid <= %s ORDER BY zoid, tid DESC"
         )
 
+    def _batched(self, conn: Any, small: bool) -> AbstractContextManager[Any]:
+        # COPY cannot run in pipeline mode: a big transaction's rows are copied outside one.
+        return conn.pipeline() if small else nullcontext()
+
     def _begin_write(self, conn: Any) -> None:
-        # One round trip: the simple-query protocol runs both statements.
+        conn.execute("BEGIN")
         # The lock is per schema: several AmberDB databases may share one PostgreSQL database.
-        conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({_LOCK_KEY}, hashtext(current_schema()))")
+        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (_LOCK_KEY,))
 
     def _end_write(self, conn: Any, commit: bool) -> None:
         conn.execute("COMMIT" if commit else "ROLLBACK")
 
     def _insert_objects(self, cursor: Any, rows: list[tuple[int, int, bytes, Any]]) -> None:
-        if len(rows) < _COPY_AT:
+        if len(rows) < SMALL_TRANSACTION:
             cursor.executemany(
                 "INSERT INTO amberdb_object (zoid, tid, state, refs) VALUES (%s, %s, %s, %s::bigint[])", rows
             )
