@@ -43,6 +43,7 @@ from amberdb.exceptions import (
     ConnectionStateError,
     InvalidObjectReference,
     POSKeyError,
+    ReadConflictError,
     ReadOnlyError,
     RecordDecodeError,
     SerializationError,
@@ -176,6 +177,8 @@ class Connection:
         self._spill: SpillFile | None = None
         self._stored: list[Persistent] = []  # objects written by the commit in progress
         self._resolved: list[Oid] = []  # stored as a merge: the objects in memory are stale
+        # readCurrent: oid -> the serial read; the commit fails if another committed it since.
+        self._read_current: dict[Oid, Tid] = {}
         # A pack drops unreachable objects, but this connection may still hold one (popped
         # out of the graph before the pack) and link it in again.  After each pack it sees,
         # the objects it held then are suspects: a commit that refers to one checks that it
@@ -511,6 +514,27 @@ class Connection:
     # -- the jar interface (called by Persistent) ------------------------------------------
 
     @_exclusive
+    def readCurrent(self, obj: Persistent) -> None:
+        """Make this transaction's commit fail with ReadConflictError if another transaction
+        commits a change to ``obj`` before it (ZODB's ``readCurrent``).
+
+        For an object that was read to decide what to write elsewhere: two transactions that
+        each read one object and write the other can then not both commit (no write skew).
+        The check is made by the storage under its commit lock, so it never deadlocks; a
+        storage without ``check_current`` gets the object's state stored again unchanged
+        (the store's conflict check does the same job at the cost of a revision).
+        """
+        if obj._p_jar is not self or obj._p_oid is None:
+            raise ValueError(f"readCurrent() needs an object of this connection, not {obj!r:.80}")
+        if obj._p_serial == z64:
+            obj._p_activate()
+        if obj._p_serial == z64:
+            return  # added in this transaction: nothing committed to compare with
+        if self._joined is None:
+            self._join()
+        self._read_current.setdefault(obj._p_oid, obj._p_serial)
+
+    @_exclusive
     def register(self, obj: Persistent) -> None:
         """Note that ``obj`` changed in the current transaction."""
         if self._unpickling:
@@ -662,6 +686,24 @@ class Connection:
         self._storage.begin(_meta(transaction))
         for oid, base, record in buffered if spill is None else spill.entries():
             self._store(oid, base, record)
+        if self._read_current:
+            self._check_read_current({oid for oid, _, _ in buffered} if spill is None else set(spill.oids()))
+
+    def _check_read_current(self, stored: set[Oid]) -> None:
+        """Hand the storage every readCurrent object this commit does not write itself."""
+        storage = self._storage
+        check = getattr(storage, "check_current", None)
+        for oid, serial in self._read_current.items():
+            if oid in stored:
+                continue  # its store is checked against the committed tid already
+            if check is not None:
+                check(oid, serial)
+                continue
+            record, _ = storage.load(oid, p64(u64(serial) + 1))
+            try:
+                storage.store(oid, serial, record)
+            except ConflictError as conflict:
+                raise ReadConflictError(oid=oid, serials=conflict.serials) from None
 
     def _store(self, oid: Oid, base: Tid, record: bytes) -> None:
         try:
@@ -671,6 +713,12 @@ class Connection:
 
     def _store_resolved(self, conflict: ConflictError, oid: Oid, base: Tid, record: bytes) -> None:
         """Store the merge of ``record`` with what another transaction committed meanwhile."""
+        if oid in self._read_current and self._read_current[oid] == base:
+            # Read as current and written only to check that (a storage without
+            # check_current): another transaction changed it, so this one must not commit.
+            stored_by_us = any(obj._p_oid == oid for obj in self._stored)
+            if not stored_by_us and (self._spill is None or oid not in self._spill):
+                raise ReadConflictError(oid=oid, serials=conflict.serials) from None
         name = decode_header(record).class_name
         cls = self._resolver.persistent_class(name)
         if getattr(cls, "_p_resolveConflict", None) is None or base == z64:
@@ -766,6 +814,8 @@ class Connection:
         spill = self._spill
         objects = {obj._p_oid: obj for obj in self._stored} if spill is None else {}
         for oid, serials in conflicts.conflicts.items():
+            if oid in self._read_current and oid not in objects and (spill is None or oid not in spill):
+                raise ReadConflictError(oid=oid, serials=serials)  # stored only to check it
             spilled = None if spill is None else spill.load(oid)
             if spilled is not None:
                 record, base = spilled
@@ -903,6 +953,7 @@ class Connection:
         self._added = {}
         self._stored = []
         self._resolved = []
+        self._read_current = {}
 
     # -- savepoints -------------------------------------------------------------------------
 

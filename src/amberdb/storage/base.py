@@ -77,10 +77,16 @@ storage):
    history (its newest tid is one of the source's), and a copy of a packed history keeps the
    source's ``packed_tid``.
 
-Optional capabilities, for storages that talk to a server:
+Optional capabilities:
 
 * ``prefetch(oids)``: a hint, answered without waiting, that these records will be loaded
   soon.  ``Connection.prefetch`` (and BTree range scans) call it when it is there.
+* ``check_current(oid, serial)``: between ``begin`` and ``vote``, make the transaction fail
+  with :class:`~amberdb.exceptions.ReadConflictError` (from this call or at the latest from
+  ``vote``; not resolvable, so the caller aborts) unless ``serial`` is still the tid of
+  ``oid``'s newest committed revision when the transaction commits -- checked under the
+  commit lock, with the stores' own checks.  ``Connection.readCurrent`` calls it; without
+  it the connection stores the object's record again unchanged, which checks the same.
 * ``sync()``: catch up with other committers, so that the ``poll_invalidations`` that
   follows reports every transaction finished anywhere before the call (a round trip).  A
   connection calls it before polling at an explicit transaction start (``begin()``,

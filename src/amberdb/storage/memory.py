@@ -11,7 +11,13 @@ import bisect
 import threading
 from collections.abc import Collection, Iterator
 
-from amberdb.exceptions import ConflictError, POSKeyError, StorageError, StorageTransactionError
+from amberdb.exceptions import (
+    ConflictError,
+    POSKeyError,
+    ReadConflictError,
+    StorageError,
+    StorageTransactionError,
+)
 from amberdb.record import references
 from amberdb.storage.base import (
     DataRecord,
@@ -305,6 +311,19 @@ class MemoryStorage:
             raise ConflictError(oid=oid, serials=(committed, base_tid))
         self._txn_records[oid] = bytes(record)
         self._bump_oid(oid)
+
+    def check_current(self, oid: Oid, serial: Tid) -> None:
+        """ReadConflictError unless ``serial`` is ``oid``'s committed tid (the commit lock is
+        held from begin, so it stays so until finish)."""
+        if self._state != _OPEN:
+            raise StorageTransactionError(
+                f"check_current() needs an open transaction, state is {self._state}"
+            )
+        with self._lock:
+            tids = self._tids.get(oid)
+            committed = tids[-1] if tids else z64
+        if committed != serial:
+            raise ReadConflictError(oid=oid, serials=(committed, serial))
 
     def vote(self) -> None:
         """Nothing to make durable in memory; moves the transaction to the voted state."""

@@ -8,6 +8,8 @@ state, whoever committed it.
 
 from __future__ import annotations
 
+import random
+import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -25,7 +27,7 @@ from amberdb.btrees import Length, OOBTree
 from amberdb.connection import Connection
 from amberdb.containers import PersistentMapping
 from amberdb.db import DB
-from amberdb.exceptions import ConflictError
+from amberdb.exceptions import ConflictError, ReadConflictError
 from amberdb.testing.factories import StorageFactory
 from amberdb.testing.objects import Account, MergingCounter
 from amberdb.testing.storage_suite import needs_history, run_machine
@@ -136,6 +138,82 @@ class ObjectSuite:
         manager_b.abort()
         a.close()
         b.close()
+
+    def test_read_current_refuses_a_commit_whose_reads_changed(self, dbs: TwoDatabases) -> None:
+        with dbs.first.transaction() as conn:
+            conn.root.x = Account(10)
+            conn.root.y = Account(10)
+        writer_db = dbs.first if dbs.second.read_only else dbs.second
+        a, manager_a = dbs.connect(dbs.first)
+        b, manager_b = dbs.connect(writer_db)
+        manager_a.begin()
+        manager_b.begin()
+        # Each sees x + y = 20 and withdraws 15 from one account, having read the other:
+        # without readCurrent both would commit (write skew) and leave x + y = -10.
+        a.readCurrent(a.root.y)
+        a.root.x.balance -= 15
+        b.readCurrent(b.root.x)
+        b.root.y.balance -= 15
+        manager_a.commit()
+        with pytest.raises(ConflictError) as info:
+            manager_b.commit()
+        manager_b.abort()
+        if hasattr(dbs.first_storage, "check_current"):
+            assert isinstance(info.value, ReadConflictError)
+            assert info.value.oid == a.root.x._p_oid
+        # (Without check_current, a's commit stored y again to check it, so b's write of y
+        # conflicts instead: b cannot commit either way.)
+        manager_b.begin()
+        assert (b.root.x.balance, b.root.y.balance) == (-5, 10)
+        manager_b.abort()
+        # A readCurrent object that did not change lets the commit through.
+        manager_b.begin()
+        b.readCurrent(b.root.x)
+        b.root.y.balance += 1
+        manager_b.commit()
+        with dbs.first.transaction() as conn:
+            assert (conn.root.x.balance, conn.root.y.balance) == (-5, 11)
+        a.close()
+        b.close()
+
+    def test_read_current_keeps_an_invariant_across_racing_writers(self, dbs: TwoDatabases) -> None:
+        with dbs.first.transaction() as conn:
+            conn.root.x = Account(10)
+            conn.root.y = Account(10)
+        writer_db = dbs.first if dbs.second.read_only else dbs.second
+        errors: list[BaseException] = []
+
+        def worker(db: DB, seed: int) -> None:
+            rng = random.Random(seed)
+
+            @db.transaction(attempts=50)
+            def step(conn: Connection) -> None:
+                take, keep = ("x", "y") if rng.random() < 0.5 else ("y", "x")
+                taken, kept = getattr(conn.root, take), getattr(conn.root, keep)
+                if taken.balance + kept.balance >= 10:
+                    conn.readCurrent(kept)
+                    taken.balance -= 10
+                else:
+                    taken.balance += 7
+
+            try:
+                for _ in range(15):
+                    step()
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=worker, args=(db, seed))
+            for seed, db in enumerate((dbs.first, writer_db, dbs.first))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not any(thread.is_alive() for thread in threads), "a committer hung (deadlock?)"
+        assert not errors, errors
+        with dbs.first.transaction() as conn:
+            assert conn.root.x.balance + conn.root.y.balance >= 0
 
     def test_concurrent_changes_are_resolved(self, dbs: TwoDatabases) -> None:
         with dbs.first.transaction() as conn:

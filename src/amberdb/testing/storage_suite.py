@@ -30,6 +30,7 @@ from hypothesis.stateful import (
 from amberdb.exceptions import (
     ConflictError,
     POSKeyError,
+    ReadConflictError,
     ReadOnlyError,
     StorageError,
     StorageTransactionError,
@@ -284,6 +285,28 @@ class StorageSuite(FactoryFixtures):
         t2 = storage.finish()
         assert storage.load(z64) == (b"v2", t2)
         assert storage.load(p64(3)) == (b"new", t2)
+
+    def test_check_current(self, storage: Storage) -> None:
+        check = getattr(storage, "check_current", None)
+        if check is None:
+            pytest.skip("the storage has no check_current (connections store the record again)")
+        a, b = storage.new_oid(), storage.new_oid()
+        t1 = commit(storage, {a: (z64, b"a1")})
+        storage.begin(META)
+        check(a, t1)
+        storage.store(b, z64, b"b1")
+        storage.vote()
+        t2 = storage.finish()
+        t3 = commit(storage, {a: (t1, b"a2")})
+        storage.begin(META)
+        with pytest.raises(ReadConflictError) as info:
+            check(a, t1)
+            storage.store(b, t2, b"b2")
+            storage.vote()
+        storage.abort()
+        assert info.value.oid == a and info.value.serials == (t3, t1)
+        assert storage.load(b) == (b"b1", t2)
+        assert storage.last_tid() == t3
 
     def test_store_twice_keeps_last(self, factory: StorageFactory, storage: Storage) -> None:
         storage.begin(META)

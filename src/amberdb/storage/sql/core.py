@@ -51,6 +51,7 @@ from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from amberdb.exceptions import (
+    ConflictError,
     POSKeyError,
     ReadConflictError,
     ReadOnlyError,
@@ -319,6 +320,7 @@ class SQLStorage:
         self._meta = TransactionMeta()
         self._restore_tid: Tid | None = None
         self._buffer = _Buffer()
+        self._read_current: dict[Oid, Tid] = {}
         self._tid = z64
         self._in_write = False
         self._seen_at_vote = z64
@@ -1150,6 +1152,7 @@ class SQLStorage:
         self._meta = meta
         self._restore_tid = tid
         self._buffer = _Buffer()
+        self._read_current = {}
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
         """Buffer a revision of ``oid``; conflicts are found at vote (invariant 2)."""
@@ -1158,6 +1161,15 @@ class SQLStorage:
         if len(oid) != 8 or len(base_tid) != 8:
             raise ValueError("oid and base_tid must be 8 bytes")
         self._buffer.store(oid, base_tid, bytes(record))
+
+    def check_current(self, oid: Oid, serial: Tid) -> None:
+        """Make the vote fail with ReadConflictError unless ``serial`` is still ``oid``'s
+        committed tid then (checked in the vote's conflict query, under the commit lock)."""
+        if self._state != _OPEN or self._owner != threading.get_ident():
+            raise StorageTransactionError(
+                f"check_current() needs an open transaction, state is {self._state}"
+            )
+        self._read_current[oid] = serial
 
     def vote(self) -> None:
         """Write the transaction inside a database transaction holding the commit lock.
@@ -1176,6 +1188,16 @@ class SQLStorage:
                 self._begin_write(conn)
                 self._in_write = True
                 newest, committed = self._committed_tids(conn.cursor())
+            stale = {
+                oid: (committed.get(oid, z64), serial)
+                for oid, serial in self._read_current.items()
+                if committed.get(oid, z64) != serial
+            }
+            if stale:
+                self._end_write(conn, commit=False)
+                self._in_write = False
+                oid, serials = next(iter(stale.items()))
+                raise ReadConflictError(oid=oid, serials=serials)
             if self._restore_tid is None:
                 conflicts = {
                     oid: (committed.get(oid, z64), base)
@@ -1191,7 +1213,7 @@ class SQLStorage:
             tid = transaction_tid(newest, self._restore_tid, self._name)
             with self._batched(conn, self._buffer.small()):
                 self._write_rows(conn.cursor(), tid)
-        except (VoteConflictError, StorageTransactionError):
+        except (ConflictError, StorageTransactionError):
             self._rollback_quietly()
             raise
         except self._driver_errors() as exc:
@@ -1214,6 +1236,7 @@ class SQLStorage:
 
     def _committed_tids(self, cursor: Any) -> tuple[Tid, dict[Oid, Tid]]:
         ids = [to_sql(oid) for oid in self._buffer.oids()]
+        ids.extend(to_sql(oid) for oid in self._read_current)
         fragment, param = self._ids(ids)
         cursor.execute(
             self._sql(
