@@ -747,15 +747,19 @@ class Connection:
                 oid = obj._p_oid  # type: ignore[assignment]
             try:
                 record = writer.serialize(obj)
-            except SerializationError:
+                if self._pack_suspects:
+                    self._check_references(obj, record)
+                sink(oid, obj._p_serial, record, obj)
+            except BaseException:
+                # Whatever failed (a bad state, new_oid on a storage that timed out, a
+                # reference to another database's object), the object goes back: the abort
+                # that follows must find it to turn it into a ghost, and a retry must write
+                # it again -- left CHANGED but unregistered it would be silently dropped.
                 if obj._p_serial == z64:
                     added[oid] = obj
                 else:
                     registered.append(obj)
                 raise
-            if self._pack_suspects:
-                self._check_references(obj, record)
-            sink(oid, obj._p_serial, record, obj)
             mark_unchanged(obj)
             _set(obj, "_p_estimated_size", len(record))
 

@@ -404,13 +404,6 @@ def test_a_held_lock_fails_a_commit_after_lock_timeout(
         assert raw.execute("SELECT count(*) FROM amberdb_schema WHERE name = 'held-by'").fetchall() == [(0,)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug (connection.py, any storage): a commit whose serialization fails with anything but"
-    " SerializationError (here new_oid's TransientStorageError) leaves the changed object CHANGED"
-    " and unregistered, so the retry's changes to it are silently not written",
-)
 def test_a_retry_after_a_lock_timeout_while_allocating_oids_commits(procs: Processes, tmp_path: Path) -> None:
     """The first attempt adds an object while another process holds the write lock: oid
     allocation times out (TransientStorageError); the holder lets go; ``attempts()`` runs
@@ -464,13 +457,6 @@ def time_out_once(storage: SQLiteStorage) -> None:
     storage.abort()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug (sqlite.py _wait_for_flock): a wait given up leaves its thread blocked on the"
-    " storage's lock fd; when it gets the lock it unlocks that fd number -- closed by then (EBADF"
-    " in the thread) or reused by another file",
-)
 def test_a_given_up_lock_wait_outlives_close_quietly(
     procs: Processes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -519,13 +505,6 @@ class Voter(threading.Thread):
             self.voted.set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug (sqlite.py _wait_for_flock): a wait given up keeps waiting on the storage's own"
-    " open file description; when it gets the lock it unlocks it -- while the storage's next"
-    " commit, which took the lock on that same description, is voted",
-)
 def test_a_given_up_lock_wait_never_releases_the_next_commits_lock(procs: Processes, tmp_path: Path) -> None:
     """A commit times out waiting for another process's lock and is retried at once; when
     the other process lets go the retry votes -- and holds the commit lock until it
@@ -549,11 +528,12 @@ def test_a_given_up_lock_wait_never_releases_the_next_commits_lock(procs: Proces
             tell(holder, "release")
             read_until(holder, "RELEASED", timeout=10)
             assert voter.voted.wait(10)
-            join_lock_waiters()
             free = commit_lock_is_free(path)
             voter.finishing.set()
             voter.join(10)
             assert voter.error is None
+            # A given-up wait ends once it gets the lock (it lets go of it at once).
+            join_lock_waiters()
             storage.lock_timeout = 0.1
             assert not free, f"round {round_}: the commit lock was free while a commit was voted"
     finally:

@@ -32,10 +32,12 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Collection
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from amberdb.exceptions import TransientStorageError
+from amberdb.exceptions import StorageError, TransientStorageError
+from amberdb.storage.forks import GENERATION
 from amberdb.storage.sql.core import SQLStorage, split_uri_options, storage_options
 
 __all__ = ["SQLiteStorage", "open_sqlite_uri"]
@@ -77,7 +79,10 @@ class SQLiteStorage(SQLStorage):
         if read_only and not os.path.exists(self._path):
             raise FileNotFoundError(f"no SQLite database at {self._path} (a read-only storage creates none)")
         self._lock_fd = -1
+        self._held_fd = -1  # the descriptor holding the commit lock now (-1: none)
         self._flock_mutex = threading.Lock()
+        self._poll_conn: Any = None
+        self._data_version: int | None = None
         if not read_only:
             self._lock_fd = os.open(self._path + ".commit-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._open()
@@ -149,48 +154,61 @@ class SQLiteStorage(SQLStorage):
         try:
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held_fd = self._lock_fd
                 return
             except BlockingIOError:
                 pass
-            self._wait_for_flock()
+            self._held_fd = self._wait_for_flock()
         except BaseException:
             self._flock_mutex.release()
             raise
 
-    def _wait_for_flock(self) -> None:
-        # A blocking flock has no timeout: it waits in a helper thread, and if the wait is
-        # given up the helper releases the lock as soon as it gets it.
+    def _wait_for_flock(self) -> int:
+        """A descriptor of the lock file holding the lock, within ``lock_timeout``.
+
+        A blocking flock has no timeout, so it waits in a helper thread, on a descriptor of
+        its own: when the wait is given up, the helper closes that descriptor (releasing the
+        lock if it got it) and never touches the storage's, which a later commit may hold or
+        close() may have closed.
+        """
+        fd = os.open(self._path + ".commit-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         state = {"got": False, "abandoned": False}
         done = threading.Event()
         guard = threading.Lock()
-        fd = self._lock_fd
 
         def wait() -> None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError:
+                with guard:
+                    state["abandoned"] = True
+                os.close(fd)
                 done.set()
                 return
             with guard:
-                if state["abandoned"]:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                else:
+                if not state["abandoned"]:
                     state["got"] = True
-            done.set()
+                    done.set()
+                    return
+            os.close(fd)  # given up meanwhile: closing releases the lock
 
         threading.Thread(target=wait, name="amberdb-sqlite-commit-lock", daemon=True).start()
         done.wait(self.lock_timeout)
         with guard:
             if state["got"]:
-                return
+                return fd
             state["abandoned"] = True
         raise TransientStorageError(
             f"{self._name}: another process held the commit lock for more than {self.lock_timeout:g} s"
         )
 
     def _release_commit_lock(self) -> None:
+        fd, self._held_fd = self._held_fd, -1
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            if fd == self._lock_fd:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            elif fd >= 0:
+                os.close(fd)  # a waiter's own descriptor: closing it releases the lock
         finally:
             self._flock_mutex.release()
 
@@ -218,6 +236,26 @@ class SQLiteStorage(SQLStorage):
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
 
+    # -- polling ----------------------------------------------------------------------------------
+
+    def _poll(self, since: bytes) -> tuple[bytes, Collection[bytes] | None]:
+        # SQLite's change counter: PRAGMA data_version on one connection changes whenever
+        # another connection (this storage's writer included) commits.  Unchanged since the
+        # last poll, and asked from the newest tid, nothing can have changed: no query.
+        with self._poll_lock:
+            self._check_open()
+            try:
+                if self._poll_conn is None:
+                    self._poll_conn = self._connect(False)
+                version = self._poll_conn.execute("PRAGMA data_version").fetchall()[0][0]
+            except sqlite3.Error as exc:
+                raise self._translate(exc, "polling for changes") from exc
+            if version == self._data_version and since == self._newest:
+                return self._newest, ()
+            result = super()._poll(since)
+            self._data_version = version
+            return result
+
     # -- upkeep -----------------------------------------------------------------------------------
 
     def finish(self) -> bytes:
@@ -225,14 +263,20 @@ class SQLiteStorage(SQLStorage):
         tid = super().finish()
         try:
             if os.path.getsize(self._path + "-wal") > 2 * _WAL_LIMIT:
-                conn = self._writer()
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except (OSError, sqlite3.Error):
+                # On a connection of its own: the writer's may already be another thread's.
+                self._read(
+                    lambda cursor: cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall(),
+                    "checkpointing the WAL",
+                )
+        except (OSError, StorageError):
             pass  # the automatic checkpoints go on; the commit stands
         return tid
 
     def close(self) -> None:
         """Close every connection and the commit-lock file; save the cache file."""
+        poll_conn, self._poll_conn = self._poll_conn, None
+        if poll_conn is not None and self._process == GENERATION.value:
+            poll_conn.close()
         super().close()
         # (In a forked child the descriptor is the child's own copy: closing it is safe; the
         # flock is shared with the parent's description and is left alone.)
