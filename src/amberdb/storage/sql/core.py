@@ -1174,9 +1174,10 @@ class SQLStorage:
     def vote(self) -> None:
         """Write the transaction inside a database transaction holding the commit lock.
 
-        One statement reads the newest tid and the committed tid of every stored oid;
-        conflicts roll back (releasing the lock) and raise VoteConflictError with the
-        transaction still open here.
+        One statement reads the newest tid and the committed tid of every stored oid.
+        Conflicts raise VoteConflictError with the transaction still open and the lock still
+        held: the caller stores resolved records and votes again (nobody can commit in
+        between, so that revote succeeds), or aborts.
         """
         if self._state != _OPEN or self._owner != threading.get_ident():
             raise StorageTransactionError(f"vote() needs an open transaction, state is {self._state}")
@@ -1185,8 +1186,9 @@ class SQLStorage:
             # Round trip 1: begin, lock, read the committed tids; round trip 2: the writes
             # (where the driver can send statements without waiting for each answer).
             with self._batched(conn, True):
-                self._begin_write(conn)
-                self._in_write = True
+                if not self._in_write:  # (a revote holds the lock already)
+                    self._begin_write(conn)
+                    self._in_write = True
                 newest, committed = self._committed_tids(conn.cursor())
             stale = {
                 oid: (committed.get(oid, z64), serial)
@@ -1205,14 +1207,17 @@ class SQLStorage:
                     if committed.get(oid, z64) != base
                 }
                 if conflicts:
-                    self._end_write(conn, commit=False)
-                    self._in_write = False
-                    # The resolver loads the committed states next: catch up with them.
+                    # The lock stays held (nothing is written yet), so the revote with the
+                    # resolved records cannot meet a newer conflict: one resolution per
+                    # commit however hot the object.  The resolver loads the committed
+                    # states next, on other connections: catch up with them.
                     self._poll(self._newest)
                     raise VoteConflictError(conflicts)
             tid = transaction_tid(newest, self._restore_tid, self._name)
             with self._batched(conn, self._buffer.small()):
                 self._write_rows(conn.cursor(), tid)
+        except VoteConflictError:
+            raise  # still open, lock held: the caller stores resolved records and votes again
         except (ConflictError, StorageTransactionError):
             self._rollback_quietly()
             raise
