@@ -27,8 +27,10 @@ __all__ = [
     "copy_transactions",
     "find_transaction",
     "log_slice",
+    "newer_than",
     "newest_first_slice",
     "pack_time",
+    "start_copy",
     "transaction_tid",
     "undo_transaction",
 ]
@@ -170,26 +172,9 @@ def copy_transactions(destination: Storage, source: Storage, mark_packed: Callab
     packed history must refuse to undo what the source refuses, since the states before
     those transactions are not in it either.
     """
-    if destination.read_only:
-        raise ReadOnlyError(f"cannot copy into {destination.name}: it is read-only")
-    newest = destination.last_tid()
-    if newest != z64 and not any(txn.tid == newest for txn in source.iterator(newest, newest)):
-        raise StorageError(
-            f"cannot copy {source.name} into {destination.name}: the destination's newest transaction"
-            f" {oid_repr(newest)} is not one of the source's, so their histories diverge (copy into an"
-            " empty storage, or into an earlier copy of the same one)"
-        )
-    packed = source.packed_tid
-    if packed is not None and newest < packed and (destination.packed_tid or z64) < packed:
-        if newest != z64:
-            raise StorageError(
-                f"cannot copy {source.name} into {destination.name}: the source was packed at"
-                f" {oid_repr(packed)}, after the destination's newest transaction {oid_repr(newest)};"
-                " copy it into an empty storage"
-            )
-        mark_packed(packed)
+    newest = start_copy(destination, source, mark_packed)
     copied = 0
-    for txn in _newer_than(source, newest):
+    for txn in newer_than(source, newest):
         destination.begin(txn.meta, tid=txn.tid)
         try:
             for rec in txn.records:
@@ -208,7 +193,33 @@ def copy_transactions(destination: Storage, source: Storage, mark_packed: Callab
     return copied
 
 
-def _newer_than(source: Storage, newest: Tid) -> Iterator[TransactionRecord]:
+def start_copy(destination: Storage, source: Storage, mark_packed: Callable[[Tid], None]) -> Tid:
+    """Check that ``source`` may be copied into ``destination`` (see :func:`copy_transactions`),
+    record the source's pack time if needed, and return the destination's newest tid: the
+    copy goes on with the source's transactions after it (:func:`newer_than`)."""
+    if destination.read_only:
+        raise ReadOnlyError(f"cannot copy into {destination.name}: it is read-only")
+    newest = destination.last_tid()
+    if newest != z64 and not any(txn.tid == newest for txn in source.iterator(newest, newest)):
+        raise StorageError(
+            f"cannot copy {source.name} into {destination.name}: the destination's newest transaction"
+            f" {oid_repr(newest)} is not one of the source's, so their histories diverge (copy into an"
+            " empty storage, or into an earlier copy of the same one)"
+        )
+    packed = source.packed_tid
+    if packed is not None and newest < packed and (destination.packed_tid or z64) < packed:
+        if newest != z64:
+            raise StorageError(
+                f"cannot copy {source.name} into {destination.name}: the source was packed at"
+                f" {oid_repr(packed)}, after the destination's newest transaction {oid_repr(newest)};"
+                " copy it into an empty storage"
+            )
+        mark_packed(packed)
+    return newest
+
+
+def newer_than(source: Storage, newest: Tid) -> Iterator[TransactionRecord]:
+    """``source``'s transactions after ``newest``, oldest first."""
     for txn in source.iterator(newest):
         if txn.tid > newest:
             yield txn

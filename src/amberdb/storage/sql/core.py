@@ -76,9 +76,10 @@ from amberdb.storage.base import (
 )
 from amberdb.storage.forks import GENERATION
 from amberdb.storage.history import (
-    copy_transactions,
+    newer_than,
     newest_first_slice,
     pack_time,
+    start_copy,
     transaction_tid,
     undo_transaction,
 )
@@ -107,6 +108,8 @@ _SPILL_AT = 16 << 20
 _INSERT_CHUNK = 1000
 SMALL_TRANSACTION = 50  # records in a transaction whose rows go in one batch (bigger: bulk copies)
 _ITERATOR_BATCH = 100
+_COPY_BATCH = 1000  # restored transactions per database commit
+_COPY_BYTES = 64 << 20  # ... or records in them
 _OID_BLOCK = 100
 _IDLE, _OPEN, _VOTED = "idle", "open", "voted"
 
@@ -937,9 +940,54 @@ class SQLStorage:
         return undo_transaction(self, tid, meta, resolve, self._packed_tid)
 
     def copy_transactions_from(self, other: Storage) -> int:
-        """Copy ``other``'s transactions newer than ours, tids and metadata kept."""
+        """Copy ``other``'s transactions newer than ours, tids and metadata kept.
+
+        Many transactions go into one database transaction (up to ``_COPY_BATCH`` of them or
+        ``_COPY_BYTES`` of records), so a copy costs a commit per batch, not per transaction.
+        An interrupted copy keeps the batches committed before it; run again, it goes on
+        after them.
+        """
         self._check_open()
-        return copy_transactions(self, other, self._mark_packed)
+        newest = start_copy(self, other, self._mark_packed)
+        if self._state != _IDLE and self._owner == threading.get_ident():
+            raise StorageTransactionError("copy_transactions_from() while this thread's transaction is open")
+        copied = 0
+        with self._commit_lock:
+            conn = self._writer()
+            batch = _CopyBatch(self)
+            try:
+                for txn in newer_than(other, newest):
+                    if not self._in_write:
+                        self._begin_write(conn)
+                        self._in_write = True
+                        newest = self._committed_tids(conn.cursor())[0]
+                    if txn.tid <= newest:
+                        raise StorageTransactionError(
+                            f"cannot copy transaction {oid_repr(txn.tid)} of {other.name} into {self._name}:"
+                            f" it is not above the newest one there, {oid_repr(newest)}"
+                        )
+                    batch.add(txn)
+                    newest = txn.tid
+                    copied += 1
+                    if batch.rows >= _INSERT_CHUNK or batch.size >= _SPILL_AT:
+                        batch.flush(conn.cursor())
+                    if batch.transactions >= _COPY_BATCH or batch.committed_size >= _COPY_BYTES:
+                        batch.flush(conn.cursor())
+                        self._end_write(conn, commit=True)
+                        self._in_write = False
+                        batch.committed()
+                if self._in_write:
+                    batch.flush(conn.cursor())
+                    self._end_write(conn, commit=True)
+                    self._in_write = False
+            except self._driver_errors() as exc:
+                self._rollback_quietly()
+                raise self._translate(exc, "copying transactions") from exc
+            except BaseException:
+                self._rollback_quietly()
+                raise
+        self._poll(self._newest)
+        return copied
 
     def _mark_packed(self, tid: Tid) -> None:
         self._write_transaction(lambda cur: self._set_packed(cur, tid), "recording the pack time")
@@ -1288,8 +1336,12 @@ class SQLStorage:
         if rows:
             self._store_rows(cursor, rows)
         self._bump_oids(cursor, highest)
+        self._note_stored(highest)
+
+    def _note_stored(self, highest: int) -> None:
+        """Never hand out an oid up to ``highest``, which was stored (a restore, or a caller's
+        choice of oid)."""
         with self._oid_lock:
-            # Never hand out an oid this transaction stored (a restore, or a caller's choice).
             if highest >= self._next_oid:
                 self._next_oid = self._oid_end = highest + 1
 
@@ -1416,6 +1468,64 @@ class SQLStorage:
 
     def _forget_connections(self) -> None:
         """In a forked child: drop references to connections of other pools (replicas)."""
+
+
+class _CopyBatch:
+    """Rows of copied transactions waiting to be inserted together (copy_transactions_from)."""
+
+    def __init__(self, storage: SQLStorage) -> None:
+        self.storage = storage
+        self.meta_rows: list[tuple[int, bytes, bytes, bytes]] = []
+        self.object_rows: dict[tuple[int, int], tuple[int, int, bytes, Any]] = {}
+        self.highest = _ROOT_SQL
+        self.rows = self.size = 0
+        self.transactions = self.committed_size = 0
+
+    def add(self, txn: TransactionRecord) -> None:
+        tid = to_sql(txn.tid)
+        meta = txn.meta
+        self.meta_rows.append(
+            (
+                tid,
+                meta.user.encode("utf-8", "surrogatepass"),
+                meta.description.encode("utf-8", "surrogatepass"),
+                bytes(meta.extension),
+            )
+        )
+        refs_value = self.storage._refs_value
+        history = self.storage.history_preserving
+        for rec in txn.records:
+            zoid = to_sql(rec.oid)
+            self.highest = max(self.highest, zoid)
+            # History-free keeps one row per oid: a later transaction's row replaces it.
+            key = (zoid, tid if history else 0)
+            self.object_rows[key] = (zoid, tid, rec.record, refs_value(_refs(rec.record)))
+            self.size += len(rec.record)
+            self.committed_size += len(rec.record)
+        self.rows = len(self.object_rows)
+        self.transactions += 1
+
+    def flush(self, cursor: Any) -> None:
+        storage = self.storage
+        if self.meta_rows:
+            cursor.executemany(
+                storage._sql(
+                    "INSERT INTO amberdb_transaction (tid, username, description, extension)"
+                    " VALUES (%s, %s, %s, %s)"
+                ),
+                self.meta_rows,
+            )
+        rows = list(self.object_rows.values())
+        for start in range(0, len(rows), _INSERT_CHUNK):
+            storage._store_rows(cursor, rows[start : start + _INSERT_CHUNK])
+        if rows:
+            storage._bump_oids(cursor, self.highest)
+            storage._note_stored(self.highest)
+        self.meta_rows, self.object_rows = [], {}
+        self.rows = self.size = 0
+
+    def committed(self) -> None:
+        self.transactions = self.committed_size = 0
 
 
 def _close_quietly(conn: Any) -> None:
