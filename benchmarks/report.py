@@ -7,6 +7,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.sizes import FULL, Sizes
-from benchmarks.spec import METRICS, Metric
+from benchmarks.spec import METRICS, PEERS, Metric
 
 if TYPE_CHECKING:
     from benchmarks.run import Results
@@ -23,9 +24,11 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_NOTE = (
     "cache sizes (objects, both engines): add..hot read n+1000; BTrees 10,000 (scale: 2,000); "
-    "big transaction {big_cache:,}; commit, open, concurrency 1,000"
+    "big transaction {big_cache:,}; commit, open, concurrency 1,000; postgresql, sqlite n+1000"
 )
 
+
+_SQL_STORAGES = {"postgresql": "PostgreSQLStorage", "sqlite": "SQLiteStorage"}
 
 OBJECT_WORKLOADS = ("add", "update", "cold_read", "warm_read", "hot_read")
 
@@ -57,7 +60,7 @@ def rows(results: Results, workloads: tuple[str, ...] | list[str], engines: list
         ratio = metric.ratio(amber, zodb)
         verdict = "-"
         if metric.target is not None:
-            verdict = metric.target.verdict(amber, ratio)
+            verdict = metric.target.verdict(amber, ratio, zodb)
             if verdict == "n/a" and "zodb" not in engines:
                 verdict = "no ZODB"
         rss = {engine: _median(results.rss[metric.key].get(engine)) for engine in ("amberdb", "zodb")}
@@ -80,7 +83,17 @@ def fmt(value: float | None, unit: str = "") -> str:
 
 def _versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for name in ("amberdb", "ZODB", "persistent", "BTrees", "transaction", "ZEO"):
+    for name in (
+        "amberdb",
+        "ZODB",
+        "persistent",
+        "BTrees",
+        "transaction",
+        "ZEO",
+        "RelStorage",
+        "psycopg2-binary",
+        "psycopg",
+    ):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -143,6 +156,16 @@ def header(sizes: Sizes, engines: list[str], args: argparse.Namespace, base_dir:
         "every sample runs in a fresh worker process; RSS = peak RSS (MB) of that process.",
         CACHE_NOTE.format(big_cache=sizes.big_cache) + f"; databases in {base_dir}",
     ]
+    sql = [w for w in ("postgresql", "sqlite") if w in args.workloads]
+    if sql:
+        lines.append(
+            f"{' and '.join(sql)}: AmberDB's {'/'.join(_SQL_STORAGES[w] for w in sql)} (psycopg "
+            f"{versions['psycopg']}) vs RelStorage {versions['RelStorage']} in the zodb column "
+            f"(psycopg2 {versions['psycopg2-binary']}), both history-preserving with default options, "
+            "each sample on fresh databases; PostgreSQL: one throwaway cluster (fsync, synchronous_commit "
+            "on); SQLite: both synchronous=FULL (RelStorage's default NORMAL only in 'commit p50, RS at "
+            f"NORMAL'); sqlite3 {sqlite3.sqlite_version}"
+        )
     preset = _preset(args)
     differences = sizes.differences(FULL)
     if preset == "quick":
@@ -213,8 +236,9 @@ def table(table_rows: list[Row], results: Results, elapsed: float) -> str:
             assert m.target is not None
             amber, zodb = fmt(row.amber, m.unit), fmt(row.zodb, m.unit)
             ratio = "" if row.ratio is None else f", ratio {row.ratio:.2f}"
+            peer = PEERS.get(m.workload, "ZODB")
             out.append(
-                f"  MISSED {m.workload} {m.label}: AmberDB {amber} {m.unit} vs ZODB {zodb} {m.unit}{ratio}"
+                f"  MISSED {m.workload} {m.label}: AmberDB {amber} {m.unit} vs {peer} {zodb} {m.unit}{ratio}"
                 f" (target {m.target.text})"
             )
     elif any(row.verdict == "OK" for row in table_rows):

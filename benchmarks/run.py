@@ -10,13 +10,14 @@ repeat the engines alternate (amberdb, zodb, amberdb, zodb, ...).  The table sho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +210,54 @@ class Runner:
                         continue
                 self.progress("server", r, engine, began)
 
+    def sql(self, database: str) -> None:
+        """The postgresql or sqlite workload (:mod:`benchmarks.workloads.sql`): per repeat and
+        engine, fresh databases on one server (PostgreSQL: a throwaway cluster for the whole
+        workload) or in a new folder (SQLite).  An engine whose packages are missing
+        (RelStorage, psycopg2) is left out and the other still measured; without PostgreSQL's
+        server binaries the postgresql workload is skipped."""
+        try:
+            server = SQLServer(database)
+        except RuntimeError as unavailable:
+            self.results.skipped[database] = str(unavailable).splitlines()[0]
+            return
+        with server:
+            engines = list(self.engines)
+            for r in range(self.repeat):
+                for engine in list(engines):
+                    began = time.perf_counter()
+                    with self.tempdir() as directory:
+                        if not self.sql_sample(server, engine, directory, f"{engine}_{r}"):
+                            engines.remove(engine)
+                            continue
+                    self.progress(database, r, engine, began)
+
+    def sql_sample(self, server: SQLServer, engine: str, directory: str, tag: str) -> bool:
+        """One sample of every part of the SQL workload; False if the engine was skipped."""
+        s = self.sizes
+        database = server.database
+        with server.location(f"bench_{tag}", directory) as location:
+            common: dict[str, Any] = {"database": database, "location": location}
+            sizes = {"n": s.sql_objects, "batch": s.objects_batch, "commits": s.sql_commits}
+            if not self.measure(database, "sql_objects", engine, directory, **common, **sizes):
+                return False
+            for prefetch in (False, True):
+                self.measure(
+                    database, "sql_cold_read", engine, directory, **common, n=s.sql_objects, prefetch=prefetch
+                )
+            self.measure(database, "sql_counter", engine, directory, **common, commits=s.sql_client_commits)
+        with server.location(f"bench_{tag}_pack", os.path.join(directory, "pack")) as location:
+            common = {"database": database, "location": location}
+            sizes = {"n": s.sql_pack_objects, "batch": s.objects_batch}
+            self.task("sql_pack_build", engine, directory, **common, **sizes)
+            self.measure(database, "sql_pack", engine, directory, **common, **sizes)
+        return True
+
     def run(self, workloads: Sequence[str]) -> None:
         """Run the selected workloads, in the order of the issue."""
         s = self.sizes
         selected = set(workloads)
-        plan = {
+        plan: dict[str, Callable[[], None]] = {
             "attribute": lambda: self.simple("attribute", "attribute", loops=s.attribute_loops),
             "btree_memory": lambda: self.simple("btree_memory", "btree_memory", n=s.btree_keys),
             "btree_persisted": self.btree_persisted,
@@ -231,6 +275,8 @@ class Runner:
             "group_commit": lambda: self.simple("group_commit", "group_commit", commits=s.group_commits),
             "pack": self.pack,
             "server": self.server,
+            "postgresql": lambda: self.sql("postgresql"),
+            "sqlite": lambda: self.sql("sqlite"),
         }
         if selected & {"add", "update", "cold_read", "warm_read", "hot_read"}:
             began = time.perf_counter()
@@ -241,6 +287,56 @@ class Runner:
                 began = time.perf_counter()
                 action()
                 self.results.seconds[workload] = time.perf_counter() - began
+
+
+class SQLServer:
+    """Where the databases of the postgresql or sqlite workload live.
+
+    PostgreSQL: a throwaway cluster (:class:`amberdb.testing.pgcluster.PostgreSQLCluster`, in
+    the system's temporary folder: as root it must be open to the ``postgres`` user), started
+    here and removed by :meth:`close`; a :meth:`location` is a new database on it, dropped
+    afterwards.  SQLite: a location is a new folder.  Raises RuntimeError (saying why) when
+    PostgreSQL's server binaries are missing or the cluster does not start.
+    """
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self.cluster: Any = None
+        if database == "postgresql":
+            from amberdb.testing.pgcluster import PostgreSQLCluster, find_bindir
+
+            find_bindir()
+            began = time.perf_counter()
+            self.cluster = PostgreSQLCluster()
+            print(
+                f"  postgresql: PostgreSQL {self.cluster.version} cluster on port {self.cluster.port} "
+                f"started in {time.perf_counter() - began:.1f}s",
+                file=sys.stderr,
+            )
+
+    @contextlib.contextmanager
+    def location(self, name: str, directory: str) -> Iterator[str]:
+        """A DSN of a new database ``name`` (PostgreSQL) or the new folder ``directory``."""
+        if self.cluster is None:
+            os.makedirs(directory, exist_ok=True)
+            yield directory
+            return
+        self.cluster.drop_database(name)
+        dsn: str = self.cluster.create_database(name)
+        try:
+            yield dsn
+        finally:
+            self.cluster.drop_database(name)
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> SQLServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

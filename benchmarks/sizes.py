@@ -33,6 +33,10 @@ class Sizes:
     server_objects: int = 10_000  # add / update / cold read through the server
     server_commits: int = 500  # one-object commits timed through the server
     server_client_commits: int = 200  # per client process (disjoint writers, counter)
+    sql_objects: int = 10_000  # postgresql, sqlite: add / update / cold read, batch objects_batch
+    sql_commits: int = 200  # one-object commits timed
+    sql_client_commits: int = 100  # per counter client process
+    sql_pack_objects: int = 10_000  # half garbage, every live one with 3 old revisions
 
     # The counts --scale multiplies (batch sizes and cache sizes stay).
     SCALED = (
@@ -50,6 +54,10 @@ class Sizes:
         "server_objects",
         "server_commits",
         "server_client_commits",
+        "sql_objects",
+        "sql_commits",
+        "sql_client_commits",
+        "sql_pack_objects",
     )
 
     def scaled(self, factor: float) -> Sizes:
@@ -101,5 +109,9 @@ QUICK = Sizes(
     server_objects=300,
     server_commits=10,
     server_client_commits=5,
+    sql_objects=300,
+    sql_commits=10,
+    sql_client_commits=5,
+    sql_pack_objects=400,
 )
 """Tiny sizes for smoke tests: does every workload run, are the results sane."""

@@ -1,17 +1,29 @@
 """What is measured: workload names, the metrics each reports, and the targets.
 
-Every metric row compares the AmberDB median with the ZODB median.  ``ratio`` is always
-expressed so that > 1 means AmberDB is better: AmberDB/ZODB for rates, ZODB/AmberDB for
-times and sizes.  A target is either a minimum for that ratio, or a maximum for AmberDB's
-own value (for figures that are already relative: commit vs floor, read vs plain object,
-memory growth).
+Every metric row compares the AmberDB median with the ZODB median (the ``zodb`` column is
+ZEO in the server workload, RelStorage in the postgresql and sqlite ones: :data:`PEERS`).
+``ratio`` is always expressed so that > 1 means AmberDB is better: AmberDB/ZODB for rates,
+ZODB/AmberDB for times and sizes.  A target is a minimum for that ratio, a maximum or
+minimum for AmberDB's own value (for figures that are already relative: commit vs floor,
+read vs plain object, memory growth), or AmberDB's figure below the other's (for counts that
+may well be zero on both sides, where a ratio means nothing).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["METRICS", "WORKLOADS", "Metric", "Target", "amber_at_least", "at_least", "at_most"]
+__all__ = [
+    "METRICS",
+    "PEERS",
+    "WORKLOADS",
+    "Metric",
+    "Target",
+    "amber_at_least",
+    "at_least",
+    "at_most",
+    "fewer",
+]
 
 WORKLOADS = (
     "add",
@@ -30,19 +42,29 @@ WORKLOADS = (
     "group_commit",
     "pack",
     "server",
+    "postgresql",
+    "sqlite",
 )
+
+PEERS = {"server": "ZEO", "postgresql": "RelStorage", "sqlite": "RelStorage"}
+"""What the ``zodb`` column holds in these workloads (ZODB on FileStorage elsewhere)."""
 
 
 @dataclass(frozen=True)
 class Target:
-    """``ratio_min``: ratio >= value; ``amber_max`` / ``amber_min``: AmberDB's median <= / >= value."""
+    """``ratio_min``: ratio >= value; ``amber_max`` / ``amber_min``: AmberDB's median <= / >= value;
+    ``fewer``: AmberDB's median below the other engine's (or both zero: none can be fewer)."""
 
     kind: str
     value: float
     text: str
 
-    def verdict(self, amber: float | None, ratio: float | None) -> str:
+    def verdict(self, amber: float | None, ratio: float | None, zodb: float | None = None) -> str:
         """OK, MISSED, or n/a when a figure it needs is missing."""
+        if self.kind == "fewer":
+            if amber is None or zodb is None:
+                return "n/a"
+            return "OK" if amber < zodb or amber == zodb == 0 else "MISSED"
         figure = ratio if self.kind == "ratio_min" else amber
         if figure is None:
             return "n/a"
@@ -63,6 +85,11 @@ def at_most(value: float, text: str) -> Target:
 def amber_at_least(value: float, text: str) -> Target:
     """AmberDB's own figure at least ``value``."""
     return Target("amber_min", value, text)
+
+
+def fewer(text: str) -> Target:
+    """AmberDB's own figure below the other engine's (both zero also passes)."""
+    return Target("fewer", 0.0, text)
 
 
 @dataclass(frozen=True)
@@ -137,6 +164,34 @@ def _group_commit() -> list[Metric]:
     return rows
 
 
+def _sql(workload: str, prefix: str) -> list[Metric]:
+    """The rows of the postgresql and sqlite workloads ("zodb" is RelStorage 4 there)."""
+    latency = at_least(2.0, ">= 2x (<= RS/2)") if workload == "postgresql" else None
+    rows = [
+        Metric(f"{prefix}_commit_p50_ms", workload, "commit p50", "ms", False, latency),
+        Metric(f"{prefix}_commit_mean_ms", workload, "commit mean", "ms", False, latency),
+    ]
+    if workload == "sqlite":
+        rows.append(Metric("sqlite_commit_p50_default_ms", workload, "commit p50, RS at NORMAL", "ms", False))
+    rows += [
+        Metric(f"{prefix}_add", workload, "add", "obj/s", True, at_least(2.0)),
+        Metric(f"{prefix}_update", workload, "update", "obj/s", True, at_least(2.0)),
+        Metric(f"{prefix}_cold_read", workload, "cold read, plain loads", "obj/s", True, at_least(2.0)),
+        Metric(f"{prefix}_cold_read_prefetch", workload, "cold read, both prefetch", "obj/s", True),
+        Metric(f"{prefix}_counter", workload, "2 procs, counter", "commit/s", True, at_least(2.0)),
+        Metric(
+            f"{prefix}_counter_conflicts",
+            workload,
+            "2 procs, counter",
+            "confl/commit",
+            False,
+            fewer("< RS (0 = 0 ok)"),
+        ),
+        Metric(f"{prefix}_pack_s", workload, "pack time", "s", False),
+    ]
+    return rows
+
+
 METRICS: tuple[Metric, ...] = (
     Metric("add", "add", "add", "obj/s", True, at_least(1.5)),
     Metric("update", "update", "update", "obj/s", True, at_least(1.5)),
@@ -191,4 +246,7 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric("srv_counter", "server", "2 clients, counter", "commit/s", True),
     Metric("srv_counter_conflicts", "server", "2 clients, counter", "confl/commit", False),
+    # The relational storages: "zodb" is RelStorage 4 on the same database.
+    *_sql("postgresql", "pg"),
+    *_sql("sqlite", "sqlite"),
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Protocol
 
-__all__ = ["ENGINE_NAMES", "Engine", "UnavailableError", "load", "zodb_available"]
+__all__ = ["ENGINE_NAMES", "Engine", "UnavailableError", "load", "relstorage_missing", "zodb_available"]
 
 ENGINE_NAMES = ("amberdb", "zodb")
 
@@ -61,6 +61,17 @@ class Engine(Protocol):
     def open_client_db(self, address: tuple[str, int], cache_size: int) -> Any:
         """A database on a client storage of the server at ``address`` (empty client cache)."""
 
+    def open_sql_db(self, database: str, location: str, cache_size: int, full_sync: bool = True) -> Any:
+        """A database on a relational storage with its default options: ``database`` is
+        ``postgresql`` (``location`` a DSN; AmberDB: PostgreSQLStorage, ZODB: RelStorage with
+        psycopg2) or ``sqlite`` (``location`` a folder the storage keeps its files in; AmberDB:
+        SQLiteStorage, ZODB: RelStorage's sqlite3 adapter, ``synchronous=FULL`` unless
+        ``full_sync`` is False); raises :class:`UnavailableError` if a package is missing."""
+
+    def sql_counts(self, database: str, location: str) -> tuple[int, int]:
+        """``(objects, revisions)`` the relational storage at ``location`` holds, counted in
+        its tables with a connection of its own."""
+
 
 def load(name: str) -> Engine:
     """The engine called ``name`` (``amberdb`` or ``zodb``)."""
@@ -71,6 +82,15 @@ def load(name: str) -> Engine:
     else:
         raise ValueError(f"unknown engine {name!r}; expected one of {ENGINE_NAMES}")
     return ENGINE
+
+
+def relstorage_missing(database: str) -> str | None:
+    """Why RelStorage cannot run on ``database`` (``postgresql``, ``sqlite``) here, or None."""
+    needed = ["relstorage"] + (["psycopg2"] if database == "postgresql" else [])
+    absent = [name for name in needed if importlib.util.find_spec(name) is None]
+    if absent:
+        return f"{', '.join(absent)} not installed (./scripts/bench installs the bench extra)"
+    return None
 
 
 def zodb_available() -> bool:

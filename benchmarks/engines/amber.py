@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from typing import Any
 
 import amberdb
 import amberdb.transaction
 import amberdb.utils
+
+SQLITE_FILE = "amberdb.sqlite"
+"""The SQLite database of the sqlite workload, in the folder it is given."""
 
 
 class Item(amberdb.Persistent):
@@ -72,6 +77,33 @@ class AmberEngine:
 
     def open_client_db(self, address: tuple[str, int], cache_size: int) -> Any:
         return amberdb.DB(amberdb.ClientStorage(address), cache_size=cache_size)
+
+    def open_sql_db(self, database: str, location: str, cache_size: int, full_sync: bool = True) -> Any:
+        # Default options: history-preserving, a 64 MB records cache kept in memory only.  SQLite
+        # always syncs FULL here (the storage has no other mode), whatever full_sync says.
+        if database == "postgresql":
+            storage: Any = amberdb.PostgreSQLStorage(location)
+        elif database == "sqlite":
+            storage = amberdb.SQLiteStorage(os.path.join(location, SQLITE_FILE))
+        else:
+            raise ValueError(f"unknown SQL database {database!r}")
+        return amberdb.DB(storage, cache_size=cache_size)
+
+    def sql_counts(self, database: str, location: str) -> tuple[int, int]:
+        query = "SELECT count(DISTINCT zoid), count(*) FROM amberdb_object"
+        if database == "postgresql":
+            import psycopg
+
+            with psycopg.connect(location, autocommit=True) as pg:
+                row = pg.execute(query).fetchone()
+        else:
+            lite = sqlite3.connect(os.path.join(location, SQLITE_FILE))
+            try:
+                row = lite.execute(query).fetchone()
+            finally:
+                lite.close()
+        assert row is not None
+        return int(row[0]), int(row[1])
 
 
 ENGINE = AmberEngine()

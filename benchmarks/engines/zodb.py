@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import sqlite3
 from typing import Any
 
 import persistent
@@ -12,7 +14,7 @@ import ZODB.FileStorage
 import ZODB.POSException
 
 import transaction
-from benchmarks.engines import UnavailableError
+from benchmarks.engines import UnavailableError, relstorage_missing
 
 
 class Item(persistent.Persistent):
@@ -84,6 +86,75 @@ class ZodbEngine:
 
         storage = ZEO.ClientStorage.ClientStorage(address, wait=True)  # in-memory cache, 20 MB
         return ZODB.DB(storage, cache_size=cache_size)
+
+    def open_sql_db(self, database: str, location: str, cache_size: int, full_sync: bool = True) -> Any:
+        """RelStorage 4 with its default options (history-preserving, a 10 MB local cache in
+        memory, no persistent cache file): psycopg2 on PostgreSQL, sqlite3 on SQLite.  SQLite:
+        ``synchronous=FULL`` as AmberDB's SQLiteStorage, unless ``full_sync`` is False
+        (RelStorage's own default, NORMAL: WAL mode may then lose the last commits on power
+        loss)."""
+        missing = relstorage_missing(database)
+        if missing:
+            raise UnavailableError(missing)
+        from relstorage.options import Options
+        from relstorage.storage import RelStorage
+
+        if database == "postgresql":
+            from relstorage.adapters.postgresql import PostgreSQLAdapter
+
+            options = Options(driver="psycopg2")
+            adapter: Any = PostgreSQLAdapter(dsn=location, options=options)
+        elif database == "sqlite":
+            from relstorage.adapters.sqlite.adapter import Sqlite3Adapter
+
+            options = Options(driver="sqlite3")
+            pragmas = {"synchronous": SQLITE_FULL} if full_sync else {}
+            adapter = Sqlite3Adapter(os.path.join(location, SQLITE_DIR), pragmas=pragmas, options=options)
+        else:
+            raise ValueError(f"unknown SQL database {database!r}")
+        storage = RelStorage(adapter, options=options)
+        if database == "sqlite":
+            _check_synchronous(storage, SQLITE_FULL if full_sync else SQLITE_NORMAL)
+        return ZODB.DB(storage, cache_size=cache_size)
+
+    def sql_counts(self, database: str, location: str) -> tuple[int, int]:
+        query = "SELECT count(DISTINCT zoid), count(*) FROM object_state"
+        if database == "postgresql":
+            import psycopg2
+
+            conn = psycopg2.connect(location)
+            try:
+                with conn.cursor() as cursor:
+                    cursor.execute(query)
+                    row = cursor.fetchone()
+            finally:
+                conn.close()
+        else:
+            conn = sqlite3.connect(os.path.join(location, SQLITE_DIR, "main.sqlite3"))
+            try:
+                row = conn.execute(query).fetchone()
+            finally:
+                conn.close()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+
+SQLITE_DIR = "relstorage"
+"""RelStorage's SQLite data folder (main.sqlite3, oids.sqlite3) inside the workload's folder."""
+SQLITE_NORMAL, SQLITE_FULL = 1, 2
+
+
+def _check_synchronous(storage: Any, wanted: int) -> None:
+    """Raise unless RelStorage's SQLite connections really sync as asked (the pragma is set on
+    each connection it opens)."""
+    conn, cursor = storage._adapter.connmanager.open()
+    try:
+        cursor.execute("PRAGMA synchronous")
+        got = cursor.fetchone()[0]
+    finally:
+        conn.close()
+    if got != wanted:
+        raise AssertionError(f"RelStorage's SQLite connections have synchronous={got}, expected {wanted}")
 
 
 ENGINE = ZodbEngine()

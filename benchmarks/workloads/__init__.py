@@ -20,6 +20,7 @@ from benchmarks.workloads import (
     opening,
     pack,
     server,
+    sql,
 )
 
 __all__ = ["PREPARE", "TASKS", "Task"]
@@ -48,4 +49,10 @@ TASKS: dict[str, Task] = {
     "pack": pack.pack_database,
     "server": server.server_workload,
     "server_client": server.client,
+    "sql_objects": sql.objects,
+    "sql_cold_read": sql.cold_read,
+    "sql_counter": sql.counter,
+    "sql_client": sql.client,
+    "sql_pack_build": sql.pack_build,
+    "sql_pack": sql.pack,
 }

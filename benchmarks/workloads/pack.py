@@ -31,6 +31,14 @@ def _path(directory: str, name: str = "pack.fs") -> str:
 def build(engine: Engine, directory: str, n: int, batch: int) -> dict[str, float]:
     """Fill the database (setup, not a measurement)."""
     db = engine.open_db(_path(directory), cache_size=batch + 1000)
+    fill(engine, db, n, batch)
+    db.close()
+    return {"objects": n}
+
+
+def fill(engine: Engine, db: Any, n: int, batch: int) -> None:
+    """Commit ``n`` Items in chunks of ``batch``, drop every second one, rewrite the rest
+    three times (the database :func:`build` makes, on ``db``)."""
     manager = engine.transaction_manager()
     conn = db.open(transaction_manager=manager)
     root = conn.root()
@@ -52,8 +60,6 @@ def build(engine: Engine, directory: str, n: int, batch: int) -> dict[str, float
             manager.commit()
             engine.minimize_cache(conn)
     conn.close()
-    db.close()
-    return {"objects": n}
 
 
 def _status_mb(field: str) -> float:

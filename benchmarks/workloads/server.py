@@ -119,10 +119,17 @@ def _cold_read(engine: Engine, address: tuple[str, int], n: int, prefetch: bool)
     return n / elapsed
 
 
-def _clients(
-    engine: Engine, address: tuple[str, int], directory: str, mode: str, count: int, commits: int
+def run_clients(
+    engine: Engine,
+    directory: str,
+    mode: str,
+    count: int,
+    commits: int,
+    task: str = "server_client",
+    params: dict[str, Any] | None = None,
 ) -> tuple[float, int]:
-    """Start ``count`` client processes, let them go at once: (commits/s, conflicts)."""
+    """Start ``count`` client processes (worker ``task`` with ``params`` plus mode, index and
+    commits), let them go at once: (commits/s, conflicts)."""
     env = dict(os.environ)
     root_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root_dir, env.get("PYTHONPATH")]))
@@ -130,10 +137,10 @@ def _clients(
     with ExitStack() as stack:
         for index in range(count):
             spec = {
-                "task": "server_client",
+                "task": task,
                 "engine": engine.name,
                 "directory": directory,
-                "params": {"address": list(address), "mode": mode, "index": index, "commits": commits},
+                "params": {**(params or {}), "mode": mode, "index": index, "commits": commits},
             }
             errors = stack.enter_context(open(os.path.join(directory, f"client-{mode}-{index}.err"), "w"))
             proc = subprocess.Popen(
@@ -185,6 +192,14 @@ def client(
 ) -> dict[str, float]:
     """A client process: connect, say READY, wait for ``go`` on stdin, commit ``commits`` times."""
     db = engine.open_client_db((address[0], int(address[1])), cache_size=1000)
+    return increment(engine, db, mode, index, commits)
+
+
+def increment(engine: Engine, db: Any, mode: str, index: int, commits: int) -> dict[str, float]:
+    """The body of a client process on ``db`` (closed at the end): say READY, wait for ``go``
+    on stdin, then increment the Item ``w<index>`` (mode ``disjoint``) or the shared Counter
+    (mode ``counter``) in ``commits`` transactions, retrying each ConflictError that reaches
+    the application; its start, end and conflict count."""
     manager = engine.transaction_manager()
     conn = db.open(transaction_manager=manager)
     key = f"w{index}" if mode == "disjoint" else "counter"
@@ -241,9 +256,12 @@ def server_workload(
         manager.commit()
         conn.close()
 
-        one, _ = _clients(engine, address, directory, "disjoint", 1, client_commits)
-        many, _ = _clients(engine, address, directory, "disjoint", CLIENTS, client_commits)
-        counter, conflicts = _clients(engine, address, directory, "counter", COUNTER_CLIENTS, client_commits)
+        on_server = {"address": list(address)}
+        one, _ = run_clients(engine, directory, "disjoint", 1, client_commits, params=on_server)
+        many, _ = run_clients(engine, directory, "disjoint", CLIENTS, client_commits, params=on_server)
+        counter, conflicts = run_clients(
+            engine, directory, "counter", COUNTER_CLIENTS, client_commits, params=on_server
+        )
 
         conn = db.open(transaction_manager=manager)
         root = conn.root()
