@@ -463,8 +463,30 @@ def test_backup_while_a_writer_commits_takes_only_committed_transactions(
         writer.close()
 
 
-def test_backup_of_other_storages_is_refused(tmp_path: Path) -> None:
-    assert_one_line_error(run("backup", "memory:", str(tmp_path / "b"), check=2), "use amberdb copy")
+def test_backup_of_a_new_memory_storage_is_refused(tmp_path: Path) -> None:
+    assert_one_line_error(run("backup", "memory:", str(tmp_path / "b"), check=2), "in-memory storage")
+    assert not (tmp_path / "b").exists()
+
+
+def test_backup_of_a_sqlite_database_goes_through_a_mirror(tmp_path: Path) -> None:
+    uri = f"sqlite://{tmp_path / 'app.sqlite'}"
+    db = amberdb.DB(uri)
+    with db.transaction() as conn:
+        conn.root.n = 1
+    db.close()
+    run("backup", uri, str(tmp_path / "b"))
+    db = amberdb.DB(uri)
+    with db.transaction() as conn:
+        conn.root.n = 2
+    db.close()
+    second = run("backup", uri, str(tmp_path / "b"))
+    assert "1 new transaction" in second.stdout and "incremental" in second.stdout
+    run("restore", str(tmp_path / "b"), str(tmp_path / "restored.fs"))
+    run("copy", str(tmp_path / "restored.fs"), f"sqlite://{tmp_path / 'back.sqlite'}")
+    db = amberdb.DB(f"sqlite://{tmp_path / 'back.sqlite'}")
+    with db.transaction() as conn:
+        assert conn.root.n == 2
+    db.close()
 
 
 # -- pack, history, undo-log, copy ----------------------------------------------------------

@@ -186,7 +186,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise CliError(f"{directory} is not a directory")
     path = file_path(args.uri)
     if path is None:
-        os.makedirs(directory, exist_ok=True)
         path = _mirror(args.uri, directory, args.quiet)
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file")
@@ -277,6 +276,7 @@ def _mirror(uri: str, directory: str, quiet: bool) -> str:
     mirror = os.path.join(directory, MIRROR)
     source = open_read_only(uri)
     try:
+        os.makedirs(directory, exist_ok=True)
         for fresh in (False, True):
             if fresh and os.path.exists(mirror):
                 os.replace(mirror, mirror + ".old")
