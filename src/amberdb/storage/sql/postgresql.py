@@ -53,7 +53,15 @@ T = TypeVar("T")
 
 _LOCK_KEY = 0x616D6265  # "ambe": with the schema's hash, the advisory lock every committer takes
 _REPLICA_RETRY = 30.0
-_URI_OPTIONS = ("history", "read_only", "cache_size", "cache_path", "lock_timeout", "replica_timeout")
+_URI_OPTIONS = (
+    "history",
+    "read_only",
+    "cache_size",
+    "cache_path",
+    "read_ahead",
+    "lock_timeout",
+    "replica_timeout",
+)
 
 
 def _psycopg() -> Any:
@@ -90,6 +98,8 @@ class PostgreSQLStorage(SQLStorage):
     historical connections); False keeps only current states.  ``replicas`` are DSNs of hot
     standbys that serve loads.  ``cache_size`` bounds the records cache shared by this
     storage's connections (bytes); ``cache_path`` keeps it in a file between runs.
+    ``read_ahead``: a miss on one of the objects a just-read record refers to reads that
+    many of them in one query (0: off).
     ``lock_timeout`` bounds a wait for the commit lock (seconds).
     """
 
@@ -104,6 +114,7 @@ class PostgreSQLStorage(SQLStorage):
         read_only: bool = False,
         cache_size: int = 64 << 20,
         cache_path: str | os.PathLike[str] | None = None,
+        read_ahead: int = 256,
         lock_timeout: float = 60.0,
         replica_timeout: float = 5.0,
         idle_in_transaction_timeout: float = 60.0,
@@ -120,6 +131,7 @@ class PostgreSQLStorage(SQLStorage):
             read_only=read_only,
             cache_size=cache_size,
             cache_path=cache_path,
+            read_ahead=read_ahead,
         )
         self.lock_timeout = float(lock_timeout)
         self.replica_timeout = float(replica_timeout)
@@ -141,16 +153,21 @@ class PostgreSQLStorage(SQLStorage):
     # -- dialect ----------------------------------------------------------------------------------
 
     def _connect(self, write: bool) -> Any:
-        return self._connect_to(self._dsn)
+        return self._connect_to(self._dsn, write)
 
-    def _connect_to(self, dsn: str) -> Any:
+    def _connect_to(self, dsn: str, write: bool = False) -> Any:
         conn = self._pg.connect(
             dsn, autocommit=True, connect_timeout=self._connect_timeout, application_name="amberdb"
         )
+        # Readers commit only oid reservations, which need not wait for the WAL flush: a
+        # reservation lost in a crash is harmless, since every vote moves the counter past
+        # the oids it stores.  Writers keep synchronous_commit as the server has it.
         conn.execute(
             "SELECT set_config('idle_in_transaction_session_timeout', %s, false),"
-            " set_config('lock_timeout', %s, false)",
-            (f"{int(self._idle_timeout * 1000)}", f"{int(self.lock_timeout * 1000)}"),
+            " set_config('lock_timeout', %s, false),"
+            " set_config('synchronous_commit', CASE WHEN %s THEN current_setting('synchronous_commit')"
+            " ELSE 'off' END, false)",
+            (f"{int(self._idle_timeout * 1000)}", f"{int(self.lock_timeout * 1000)}", write),
         )
         return conn
 

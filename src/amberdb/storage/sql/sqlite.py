@@ -43,7 +43,7 @@ from amberdb.storage.sql.core import SQLStorage, split_uri_options, storage_opti
 __all__ = ["SQLiteStorage", "open_sqlite_uri"]
 
 _WAL_LIMIT = 64 << 20
-_URI_OPTIONS = ("history", "read_only", "cache_size", "cache_path", "lock_timeout")
+_URI_OPTIONS = ("history", "read_only", "cache_size", "cache_path", "read_ahead", "lock_timeout")
 
 
 class SQLiteStorage(SQLStorage):
@@ -51,7 +51,9 @@ class SQLiteStorage(SQLStorage):
 
     ``history`` keeps every revision (undo, historical connections); False keeps only
     current states.  ``cache_size`` bounds the records cache shared by this storage's
-    connections (bytes); ``cache_path`` keeps it in a file between runs.  ``lock_timeout``
+    connections (bytes); ``cache_path`` keeps it in a file between runs.  ``read_ahead``: a
+    miss on one of the objects a just-read record refers to reads that many of them in one
+    query (0: off).  ``lock_timeout``
     bounds every wait for another process's lock (seconds).
     """
 
@@ -65,6 +67,7 @@ class SQLiteStorage(SQLStorage):
         read_only: bool = False,
         cache_size: int = 64 << 20,
         cache_path: str | os.PathLike[str] | None = None,
+        read_ahead: int = 256,
         lock_timeout: float = 30.0,
     ) -> None:
         self._path = os.path.abspath(os.fspath(path))
@@ -74,6 +77,7 @@ class SQLiteStorage(SQLStorage):
             read_only=read_only,
             cache_size=cache_size,
             cache_path=cache_path,
+            read_ahead=read_ahead,
         )
         self.lock_timeout = float(lock_timeout)
         if read_only and not os.path.exists(self._path):
