@@ -226,14 +226,6 @@ def test_a_session_dropped_between_vote_and_finish_fails_transiently_and_the_ret
         db.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TransientStorageError,
-    reason="bug: SQLStorage.vote keeps a writer connection that died while idle (the session was"
-    " terminated, or the server restarted, between two commits): _begin_write fails before"
-    " _in_write is set, so _rollback_quietly never drops it, and every later vote fails with"
-    " 'the connection is closed' until the storage is reopened",
-)
 @pytest.mark.parametrize("drop", ["terminate", "restart"])
 def test_a_storage_commits_again_after_its_idle_session_was_dropped(
     drop: str, pg_cluster: PostgreSQLCluster, pg_database: str
@@ -253,13 +245,6 @@ def test_a_storage_commits_again_after_its_idle_session_was_dropped(
         db.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TransientStorageError,
-    reason="bug: SQLStorage._read retries a dropped connection once, taking the next connection"
-    " from the pool, which after a restart is just as dead: with two or more pooled sessions the"
-    " first reads after a restart fail (up to eight in a row with a full pool of 16)",
-)
 def test_reads_after_a_restart_need_no_reopen_however_many_sessions_were_pooled(
     pg_cluster: PostgreSQLCluster, pg_database: str
 ) -> None:
@@ -312,14 +297,6 @@ def test_a_lost_commit_reply_is_looked_up_and_the_commit_counts_once(
             db.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BugReproducedError,
-    reason="bug: when the connection drops after COMMIT was sent, SQLStorage.finish looks the tid"
-    " up at once on another session; a COMMIT the server is still completing (here held by"
-    " synchronous replication, in practice a slow WAL flush) is not visible yet, so finish"
-    " reports 'it did not commit', the transaction commits anyway, and attempts() applies it twice",
-)
 def test_a_commit_still_completing_when_its_connection_drops_is_not_reported_as_failed(
     pg_cluster: PostgreSQLCluster, pg_database: str, retried: list[BaseException]
 ) -> None:

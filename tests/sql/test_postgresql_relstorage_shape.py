@@ -304,14 +304,6 @@ def _wait_for_sqlite_lock_helpers() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BugReproducedError,
-    reason="bug: SQLiteStorage._wait_for_flock's helper thread, left blocked in flock() when a"
-    " vote gives up after lock_timeout, later unlocks by descriptor number; close() has closed"
-    " that descriptor meanwhile, so the unlock fails with EBADF in the thread -- or, if a storage"
-    " opened since got the same number, it releases that storage's commit lock",
-)
 def test_a_sqlite_storage_closed_after_a_lock_timeout_leaves_nothing_failing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -341,17 +333,7 @@ def test_a_sqlite_storage_closed_after_a_lock_timeout_leaves_nothing_failing_beh
     "kind",
     [
         "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=BugReproducedError,
-                reason="bug: after pg_advisory_xact_lock times out, PostgreSQLStorage leaves its writer"
-                " session inside the failed BEGIN block (vote sets _in_write only after _begin_write"
-                " returns, so nothing rolls back): every later vote of that storage fails with"
-                " 'current transaction is aborted', a StorageError that attempts() does not retry",
-            ),
-        ),
+        "postgresql",
     ],
 )
 def test_after_a_lock_timeout_the_waiter_commits_once_the_lock_is_free(

@@ -4,13 +4,16 @@ Each attempt begins a transaction when its ``with`` block starts and commits whe
 ends.  If the block or the commit raises a retryable error (ConflictError and its kin, or an
 error a joined data manager's ``should_retry`` accepts) and attempts remain, the transaction
 is aborted, the error is swallowed and the loop runs the block again; any other error, or a
-retryable one on the last attempt, is raised after the abort.  Three attempts is the
+retryable one on the last attempt, is raised after the abort.  A retryable error from the
+start of an attempt (the begin's poll of a storage that lost its server) begins again after
+a short pause, within the attempts that remain.  Three attempts is the
 default, as Zope does.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -29,14 +32,29 @@ DEFAULT_ATTEMPTS = 3
 class Attempt:
     """One try of a transaction; a context manager."""
 
-    def __init__(self, manager: TransactionManager, number: int, last: bool) -> None:
+    def __init__(self, manager: TransactionManager, number: int, last: bool, begins: int = 1) -> None:
         self._manager = manager
         self.number = number
         self.last = last
         self.succeeded = False
+        self._begins = begins
 
     def __enter__(self) -> Transaction:
-        return self._manager.begin()
+        # A begin that fails with a retryable error (a storage whose server is restarting
+        # fails its poll) cannot be retried by the loop -- the with block never ran -- so it
+        # is tried again here, after a growing pause, up to the attempts that remain.
+        pause = 0.05
+        for remaining in range(self._begins - 1, -1, -1):
+            try:
+                return self._manager.begin()
+            except Exception as error:
+                if not remaining or not self._manager.isRetryableError(error):
+                    raise
+                log.info("retrying the start of the transaction after %r", error)
+                self._manager.abort()
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+        raise AssertionError("unreachable")
 
     def __exit__(
         self,
@@ -75,7 +93,7 @@ def attempts(manager: TransactionManager, number: int = DEFAULT_ATTEMPTS) -> Ite
     if number < 1:
         raise ValueError(f"attempts() needs a number >= 1, got {number}")
     for index in range(number):
-        attempt = Attempt(manager, index + 1, last=index == number - 1)
+        attempt = Attempt(manager, index + 1, last=index == number - 1, begins=number - index)
         yield attempt
         if attempt.succeeded:
             return

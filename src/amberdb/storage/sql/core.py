@@ -495,6 +495,11 @@ class SQLStorage:
                 if conn is not None:
                     _close_quietly(conn)
                 if self._is_disconnect(exc) and attempt == 1:
+                    # The server went away: every pooled session is as dead as this one.
+                    with self._pool_lock:
+                        pool, self._pool = self._pool, []
+                    for stale in pool:
+                        _close_quietly(stale)
                     continue
                 raise self._translate(exc, doing) from exc
             self._give_back(conn)
@@ -1056,7 +1061,10 @@ class SQLStorage:
                     self._end_write(conn, commit=True)
                     self._in_write = False
             except self._driver_errors() as exc:
-                self._rollback_quietly()
+                if self._in_write:
+                    self._rollback_quietly()
+                else:
+                    self._drop_writer()
                 raise self._translate(exc, "copying transactions") from exc
             except BaseException:
                 self._rollback_quietly()
@@ -1351,7 +1359,12 @@ class SQLStorage:
             self._rollback_quietly()
             raise
         except self._driver_errors() as exc:
-            self._rollback_quietly()
+            if self._in_write:
+                self._rollback_quietly()
+            else:
+                # The begin or the lock failed: the session is dead, or inside a failed
+                # transaction (a lock timeout); a fresh one serves the next vote.
+                self._drop_writer()
             raise self._translate(exc, "voting") from exc
         except BaseException:
             self._rollback_quietly()
@@ -1448,8 +1461,18 @@ class SQLStorage:
         except self._driver_errors() as exc:
             self._in_write = False
             self._drop_writer()
-            if not self._committed(tid):
+            # The session may still be completing the commit whose answer was lost: only
+            # once it has ended is a look for the tid final.
+            settled = self._settle_lost_commit()
+            committed = self._committed(tid) if settled else None
+            if not committed:
                 self._end()
+                if committed is None:
+                    raise StorageError(
+                        f"{self._name}: lost the connection while committing transaction {oid_repr(tid)},"
+                        " and could not find out whether it committed: look for it"
+                        f" (amberdb undo-log), then retry or not ({exc})"
+                    ) from exc
                 raise self._translate(
                     exc, f"committing transaction {oid_repr(tid)} (it did not commit)"
                 ) from exc
@@ -1471,6 +1494,11 @@ class SQLStorage:
         finally:
             self._end()
         return tid
+
+    def _settle_lost_commit(self) -> bool:
+        """After a commit whose answer was lost: wait until the session that sent it has
+        ended its transaction (True), or give up (False).  Nothing to wait for here."""
+        return True
 
     def _committed(self, tid: Tid) -> bool:
         """Whether transaction ``tid`` is in the database (asked again for up to 30 s)."""

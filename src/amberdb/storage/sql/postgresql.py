@@ -141,6 +141,9 @@ class PostgreSQLStorage(SQLStorage):
         self._replica_seen = [-(1 << 63)] * len(self._replica_dsns)
         self._replica_down_until = [0.0] * len(self._replica_dsns)
         self._replica_lock = threading.Lock()
+        self._committing_pid = 0
+        # Replicas found behind: checked once per load (no waiting) until seen caught up.
+        self._replica_lagging = [False] * len(self._replica_dsns)
         self._replica_next = 0
         self.replica_loads = 0
         """Loads a replica answered (for tests and monitoring)."""
@@ -196,7 +199,44 @@ class PostgreSQLStorage(SQLStorage):
         conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (_LOCK_KEY,))
 
     def _end_write(self, conn: Any, commit: bool) -> None:
+        if commit:
+            # Known before the COMMIT is sent: if its answer is lost, the session that may
+            # still be completing it is found by this pid (_settle_lost_commit).
+            self._committing_pid = conn.info.backend_pid
         conn.execute("COMMIT" if commit else "ROLLBACK")
+
+    def _settle_lost_commit(self) -> bool:
+        # The committing session holds the advisory lock until its COMMIT has ended either
+        # way: taking the lock on a fresh session proves it has.  One still stuck (waiting
+        # for a synchronous standby, say) is terminated, which ends its transaction too.
+        pid, deadline = self._committing_pid, time.monotonic() + max(30.0, self.lock_timeout)
+        errors = self._pg.errors
+        while time.monotonic() < deadline:
+            try:
+                conn = self._connect(True)
+            except self._pg.OperationalError:
+                time.sleep(0.2)  # the server is restarting: its recovery settles it
+                continue
+            try:
+                conn.execute("SELECT set_config('lock_timeout', '2000', false)")
+                conn.execute("BEGIN")
+                try:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (_LOCK_KEY,))
+                except errors.LockNotAvailable:
+                    conn.execute("ROLLBACK")
+                    conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE pid = %s AND application_name = 'amberdb'",
+                        (pid,),
+                    )
+                    continue
+                conn.execute("ROLLBACK")
+                return True
+            except self._pg.OperationalError:
+                time.sleep(0.2)
+            finally:
+                _close(conn)
+        return False
 
     def _insert_objects(self, cursor: Any, rows: list[tuple[int, int, bytes, Any]]) -> None:
         if len(rows) < SMALL_TRANSACTION:
@@ -306,7 +346,10 @@ class PostgreSQLStorage(SQLStorage):
         needed = to_sql(self._newest)
         if self._replica_seen[index] >= needed:
             return True
-        deadline = time.monotonic() + self.replica_timeout
+        # Found lagging before: one look, no wait, until it has caught up again (else every
+        # load would wait replica_timeout).
+        timeout = 0.0 if self._replica_lagging[index] else self.replica_timeout
+        deadline = time.monotonic() + timeout
         pause = 0.001
         while True:
             row = conn.execute("SELECT max(tid) FROM amberdb_transaction").fetchone()
@@ -314,8 +357,10 @@ class PostgreSQLStorage(SQLStorage):
             with self._replica_lock:
                 self._replica_seen[index] = max(self._replica_seen[index], seen)
             if seen >= needed:
+                self._replica_lagging[index] = False
                 return True
             if time.monotonic() + pause > deadline:
+                self._replica_lagging[index] = True
                 return False
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
