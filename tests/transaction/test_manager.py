@@ -460,3 +460,48 @@ def test_each_thread_has_its_own_transaction() -> None:
         assert result["status"] == ("Active" if n % 2 else "Committed")
     # The main thread's transaction was untouched by all that.
     assert transaction.get().status == "Active"
+
+
+class _FlakyStart(RecordingSynch):
+    """A synchronizer whose newTransaction fails with ``error`` the first ``failures`` times,
+    as a connection's poll fails while its storage's server restarts."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        super().__init__()
+        self.failures = failures
+        self.error = error
+
+    def newTransaction(self, txn: Any) -> None:
+        super().newTransaction(txn)
+        if self.failures:
+            self.failures -= 1
+            raise self.error
+
+
+def test_attempts_begin_again_after_a_retryable_error_from_the_begin() -> None:
+    tm = TransactionManager()
+    flaky = _FlakyStart(2, ConflictError("the storage's server is restarting"))
+    tm.registerSynch(flaky)
+    dm = ListDM("a", tm)
+    runs = 0
+    for attempt in tm.attempts(3):
+        with attempt:
+            runs += 1
+            dm.append(runs)
+    assert runs == 1 and dm.committed == [1]
+    assert flaky.names().count("newTransaction") >= 3
+
+
+def test_attempts_give_up_on_a_begin_that_keeps_failing_or_is_not_retryable() -> None:
+    tm = TransactionManager()
+    tm.registerSynch(_FlakyStart(100, ConflictError("down")))
+    with pytest.raises(ConflictError):
+        for attempt in tm.attempts(3):
+            with attempt:
+                raise AssertionError("the block must not run")
+    other = TransactionManager()
+    other.registerSynch(_FlakyStart(1, FakeError("not retryable")))
+    with pytest.raises(FakeError):
+        for attempt in other.attempts(3):
+            with attempt:
+                raise AssertionError("the block must not run")
