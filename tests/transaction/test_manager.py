@@ -494,13 +494,15 @@ def test_attempts_begin_again_after_a_retryable_error_from_the_begin() -> None:
 
 def test_attempts_give_up_on_a_begin_that_keeps_failing_or_is_not_retryable() -> None:
     tm = TransactionManager()
-    tm.registerSynch(_FlakyStart(100, ConflictError("down")))
+    down = _FlakyStart(100, ConflictError("down"))  # synchronizers are held weakly
+    tm.registerSynch(down)
     with pytest.raises(ConflictError):
         for attempt in tm.attempts(3):
             with attempt:
                 raise AssertionError("the block must not run")
     other = TransactionManager()
-    other.registerSynch(_FlakyStart(1, FakeError("not retryable")))
+    broken = _FlakyStart(1, FakeError("not retryable"))
+    other.registerSynch(broken)
     with pytest.raises(FakeError):
         for attempt in other.attempts(3):
             with attempt:
