@@ -52,6 +52,7 @@ from urllib.parse import parse_qsl, unquote
 
 from amberdb.exceptions import (
     ConflictError,
+    CorruptedDataError,
     POSKeyError,
     ReadConflictError,
     ReadOnlyError,
@@ -93,6 +94,7 @@ __all__ = [
     "UPGRADES",
     "SQLStorage",
     "from_sql",
+    "seconds",
     "split_uri_options",
     "storage_options",
     "to_sql",
@@ -106,8 +108,10 @@ _OFFSET = 1 << 63
 _ROOT_SQL = -_OFFSET
 _SPILL_AT = 16 << 20
 _INSERT_CHUNK = 1000
+_INSERT_BYTES = 16 << 20  # rows go to the database once they hold this many bytes of records
 SMALL_TRANSACTION = 50  # records in a transaction whose rows go in one batch (bigger: bulk copies)
 _ITERATOR_BATCH = 100
+_ITERATOR_BYTES = 8 << 20  # ... or fewer transactions, holding at most this many bytes of records
 _COPY_BATCH = 1000  # restored transactions per database commit
 _COPY_BYTES = 64 << 20  # ... or records in them
 _SIBLINGS_MAX = 200_000  # remembered siblings in all (then forgotten at once)
@@ -220,6 +224,17 @@ def storage_options(shown: str, options: dict[str, str]) -> dict[str, Any]:
         else:
             kwargs[key] = text
     return kwargs
+
+
+def seconds(value: object, name: str) -> float:
+    """``value`` as a number of seconds above 0 and finite; ValueError naming ``name`` else."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds, not {value!r:.40}") from None
+    if not 0 < number < float("inf"):
+        raise ValueError(f"{name} must be above 0 and finite, not {value!r:.40}")
+    return number
 
 
 def _refs(record: bytes) -> list[int] | None:
@@ -342,8 +357,9 @@ class SQLStorage:
         self._in_write = False
         self._seen_at_vote = z64
         self._oid_lock = threading.Lock()
-        self._next_oid = 0
-        self._oid_end = 0
+        # Table integers (signed): no block reserved yet is the lowest value, not 0.
+        self._next_oid = _ROOT_SQL
+        self._oid_end = _ROOT_SQL
         self._oid_block = _OID_BLOCK
         self.lock_timeout = 60.0
         self._process = GENERATION.value
@@ -378,6 +394,10 @@ class SQLStorage:
     def _unnest_refs(self) -> tuple[str, str]:
         """``(FROM item, column)`` turning ``s.refs`` into one row per referenced oid."""
         raise NotImplementedError
+
+    def _unreadable_refs(self) -> str:
+        """A condition true when row ``s`` has no list of integer oids in ``refs``."""
+        return "s.refs IS NULL"
 
     def _newest_rows_sql(self, ids_fragment: str) -> str:
         """SELECT zoid, tid, state: per listed oid the newest revision with tid <= %s."""
@@ -486,14 +506,16 @@ class SQLStorage:
             conn = None
             try:
                 conn = self._take()
-                cursor = conn.cursor()
+                cursor = self._cursor(conn)
                 try:
                     result = action(cursor)
                 finally:
                     cursor.close()
-            except self._driver_errors() as exc:
+            except BaseException as exc:
                 if conn is not None:
                     _close_quietly(conn)
+                if not isinstance(exc, self._driver_errors()):
+                    raise
                 if self._is_disconnect(exc) and attempt == 1:
                     # The server went away: every pooled session is as dead as this one.
                     with self._pool_lock:
@@ -509,6 +531,10 @@ class SQLStorage:
     def _read_for_load(self, action: Callable[[Any], T], doing: str) -> T:
         """Where loads read: the primary here; a storage with read replicas overrides it."""
         return self._read(action, doing)
+
+    def _cursor(self, conn: Any) -> Any:
+        """A cursor for reads (PostgreSQL's asks for binary results: bytea as bytes, not hex)."""
+        return conn.cursor()
 
     def _translate(self, exc: BaseException, doing: str) -> StorageError:
         if self._is_disconnect(exc):
@@ -526,7 +552,12 @@ class SQLStorage:
 
     def _schema_values(self, cursor: Any) -> dict[str, str]:
         cursor.execute("SELECT name, value FROM amberdb_schema")
-        return {name: value for name, value in cursor.fetchall()}
+        values: dict[str, str] = {}
+        for name, value in cursor.fetchall():
+            if name in values:
+                raise CorruptedDataError(f"{self._name}: amberdb_schema holds {name!r} twice")
+            values[name] = value
+        return values
 
     def _check_schema(self) -> None:
         def read(cursor: Any) -> dict[str, str] | None:
@@ -587,7 +618,11 @@ class SQLStorage:
                 f"{self._name} has schema version {version}, older than this AmberDB's {SCHEMA_VERSION}:"
                 " back it up, then run 'amberdb upgrade-schema URI' to upgrade it"
             )
-        history = values.get("history") == "true"
+        if values.get("history") not in ("true", "false"):
+            raise CorruptedDataError(
+                f"{self._name}: amberdb_schema.history is {values.get('history')!r}, not 'true' or 'false'"
+            )
+        history = values["history"] == "true"
         if history != self._history:
             have = "history-preserving" if history else "history-free"
             asked = "true" if self._history else "false"
@@ -596,9 +631,19 @@ class SQLStorage:
                 f"{self._name} is a {have} database but was opened with history={asked}: open it with"
                 f" history={mode} (in a URI, ?history={mode})"
             )
-        self._database_id = values.get("database_id", "")
-        packed = values.get("packed_tid", "")
-        self._packed_tid = bytes.fromhex(packed) if packed else None
+        self._database_id = values.get("database_id") or ""
+        if not self._database_id:
+            raise CorruptedDataError(f"{self._name}: amberdb_schema holds no database_id")
+        self._packed_tid = self._packed_value(values.get("packed_tid"))
+
+    def _packed_value(self, text: str | None) -> Tid | None:
+        if not text:
+            return None
+        if len(text) != 16 or any(c not in "0123456789abcdefABCDEF" for c in text):
+            raise CorruptedDataError(
+                f"{self._name}: amberdb_schema.packed_tid is {text!r:.40}, not a tid (16 hex digits)"
+            )
+        return bytes.fromhex(text)
 
     def _upgrade(self, cursor: Any) -> tuple[int, int]:
         before = int(self._schema_values(cursor)["version"])
@@ -664,9 +709,22 @@ class SQLStorage:
         if not rows:
             self._check_open()
             raise POSKeyError(oid)
-        tid, record = from_sql(rows[0][0]), bytes(rows[0][1])
+        tid = from_sql(rows[0][0])
+        record = self._state_bytes(rows[0][1], oid, tid)
         self._cache_current(generation, oid, tid, record)
         return record, tid
+
+    def _state_bytes(self, value: Any, oid: Oid, tid: Tid) -> bytes:
+        """A ``state`` column's value as the record, or CorruptedDataError naming the row
+        (another program may have written anything there)."""
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, (memoryview, bytearray)):
+            return bytes(value)
+        raise CorruptedDataError(
+            f"{self._name}: amberdb_object.state of oid {oid_repr(oid)} at tid {oid_repr(tid)} is"
+            f" {'NULL' if value is None else type(value).__name__}, not a record (bytes)"
+        )
 
     def _cache_current(self, generation: int, oid: Oid, tid: Tid, record: bytes) -> None:
         # A poll applied while the row was on its way may have ended an older revision that
@@ -702,7 +760,8 @@ class SQLStorage:
         if not rows:
             self._check_open()
             raise POSKeyError(oid, f"no revision of oid {oid_repr(oid)} before tid {oid_repr(before)}")
-        tid, record, end = from_sql(rows[0][0]), bytes(rows[0][1]), rows[0][2]
+        tid, end = from_sql(rows[0][0]), rows[0][2]
+        record = self._state_bytes(rows[0][1], oid, tid)
         if end is None:
             self._cache_current(generation, oid, tid, record)
         elif from_sql(end) <= self._newest:
@@ -766,7 +825,7 @@ class SQLStorage:
 
         records = []
         for zoid, tid, state in self._read_for_load(query, f"prefetching {len(wanted)} objects"):
-            record = bytes(state)
+            record = self._state_bytes(state, from_sql(zoid), from_sql(tid))
             self._cache_current(generation, from_sql(zoid), from_sql(tid), record)
             records.append(record)
         return records
@@ -861,7 +920,7 @@ class SQLStorage:
         newest, since_count, cached_count, packed, database_id, first_after = cursor.fetchall()[0]
         return (
             from_sql(newest) if newest is not None else z64,
-            bytes.fromhex(packed) if packed else None,
+            self._packed_value(packed),
             since == z64 or since_count > 0,
             cached == z64 or cached_count > 0,
             database_id or "",
@@ -930,14 +989,23 @@ class SQLStorage:
             low = to_sql(batch[-1].tid) + 1
 
     def _transactions(self, cursor: Any, low: int, high: int) -> list[TransactionRecord]:
+        # Up to _ITERATOR_BATCH transactions, cut at _ITERATOR_BYTES of records (at least
+        # one transaction), so listing big transactions holds few of them at a time.
         cursor.execute(
             self._sql(
-                "SELECT tid, username, description, extension FROM amberdb_transaction"
-                " WHERE tid >= %s AND tid <= %s ORDER BY tid LIMIT %s"
+                "SELECT t.tid, t.username, t.description, t.extension,"
+                " (SELECT coalesce(sum(length(s.state)), 0) FROM amberdb_object s WHERE s.tid = t.tid)"
+                " FROM amberdb_transaction t WHERE t.tid >= %s AND t.tid <= %s ORDER BY t.tid LIMIT %s"
             ),
             (low, high, _ITERATOR_BATCH),
         )
-        metas = cursor.fetchall()
+        metas: list[tuple[Any, ...]] = []
+        size = 0
+        for row in cursor.fetchall():
+            if metas and size + int(row[4] or 0) > _ITERATOR_BYTES:
+                break
+            metas.append(row[:4])
+            size += int(row[4] or 0)
         if not metas:
             return []
         last = metas[-1][0]
@@ -947,9 +1015,19 @@ class SQLStorage:
             ),
             (low, last),
         )
+        known = {row[0] for row in metas}
         records: dict[int, list[DataRecord]] = {}
         for tid, zoid, state in cursor.fetchall():
-            records.setdefault(tid, []).append(DataRecord(from_sql(zoid), from_sql(tid), bytes(state)))
+            oid, tid_bytes = from_sql(zoid), from_sql(tid)
+            if tid not in known:
+                # load() would serve it, a copy would silently leave it out: refuse instead.
+                raise CorruptedDataError(
+                    f"{self._name}: amberdb_object holds oid {oid_repr(oid)} at tid {oid_repr(tid_bytes)},"
+                    " a transaction missing from amberdb_transaction"
+                )
+            records.setdefault(tid, []).append(
+                DataRecord(oid, tid_bytes, self._state_bytes(state, oid, tid_bytes))
+            )
         return [
             TransactionRecord(
                 from_sql(tid),
@@ -1007,6 +1085,12 @@ class SQLStorage:
         rows = self._read(query, f"reading the history of oid {oid_repr(oid)}")
         if not rows:
             raise POSKeyError(oid)
+        for tid, length, _, _, _ in rows:
+            if length is None:
+                raise CorruptedDataError(
+                    f"{self._name}: amberdb_object.state of oid {oid_repr(oid)} at tid"
+                    f" {oid_repr(from_sql(tid))} is NULL, not a record"
+                )
         return [
             Revision(from_sql(tid), TransactionMeta(_text(u), _text(d), bytes(e or b"")), int(length))
             for tid, length, u, d, e in rows
@@ -1049,7 +1133,7 @@ class SQLStorage:
                     batch.add(txn)
                     newest = txn.tid
                     copied += 1
-                    if batch.rows >= _INSERT_CHUNK or batch.size >= _SPILL_AT:
+                    if batch.rows >= _INSERT_CHUNK or batch.size >= _INSERT_BYTES:
                         batch.flush(conn.cursor())
                     if batch.transactions >= _COPY_BATCH or batch.committed_size >= _COPY_BYTES:
                         batch.flush(conn.cursor())
@@ -1175,7 +1259,7 @@ class SQLStorage:
                 "INSERT INTO amberdb_pack_live (zoid) "
                 f"WITH RECURSIVE live(zoid) AS ({seeds} UNION "
                 f"SELECT {ref} FROM live JOIN amberdb_object s ON s.zoid = live.zoid, {unnest}"
-                " WHERE s.tid >= COALESCE((SELECT max(x.tid) FROM amberdb_object x"
+                f" WHERE {ref} IS NOT NULL AND s.tid >= COALESCE((SELECT max(x.tid) FROM amberdb_object x"
                 " WHERE x.zoid = s.zoid AND x.tid <= %s), %s)"
                 + (
                     ""
@@ -1196,8 +1280,8 @@ class SQLStorage:
         cursor.execute(
             self._sql(
                 "SELECT s.zoid, s.tid FROM amberdb_object s JOIN amberdb_pack_live p ON p.zoid = s.zoid"
-                " WHERE s.refs IS NULL AND s.tid >= COALESCE((SELECT max(x.tid) FROM amberdb_object x"
-                " WHERE x.zoid = s.zoid AND x.tid <= %s), %s) LIMIT 1"
+                f" WHERE {self._unreadable_refs()} AND s.tid >= COALESCE((SELECT max(x.tid)"
+                " FROM amberdb_object x WHERE x.zoid = s.zoid AND x.tid <= %s), %s) LIMIT 1"
             ),
             (cut, _ROOT_SQL),
         )
@@ -1206,8 +1290,9 @@ class SQLStorage:
             zoid, tid = found[0]
             raise StorageError(
                 f"{self._name}: cannot pack: the record of oid {oid_repr(from_sql(zoid))} at tid"
-                f" {oid_repr(from_sql(tid))} has no readable header, so what it refers to is unknown"
-                " and collecting anything could drop a reachable object"
+                f" {oid_repr(from_sql(tid))} has no readable header (no list of references in"
+                " amberdb_object.refs), so what it refers to is unknown and collecting anything could"
+                " drop a reachable object"
             )
 
     def _delete_unreachable(self, cursor: Any, cut: int) -> None:
@@ -1260,7 +1345,14 @@ class SQLStorage:
         # A storage that keeps creating objects reserves bigger blocks (a reservation is a
         # commit: 100 of them per 10,000 objects cost a quarter of the time of adding them).
         self._oid_block = min(block * 2, _OID_BLOCK_MAX)
-        return int(cursor.fetchall()[0][0]) - block, block
+        rows = cursor.fetchall()
+        if len(rows) != 1 or not isinstance(rows[0][0], int):
+            raise CorruptedDataError(
+                f"{self._name}: amberdb_oid must hold one row with the next free oid; it holds {len(rows)}"
+            )
+        if rows[0][0] > 0:
+            raise StorageError(f"{self._name} has used up its oids (2**63 of them)")
+        return int(rows[0][0]) - block, block
 
     def _bump_oids(self, cursor: Any, highest: int) -> None:
         if highest < self._oid_end:
@@ -1293,19 +1385,30 @@ class SQLStorage:
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
         """Buffer a revision of ``oid``; conflicts are found at vote (invariant 2)."""
-        if self._state != _OPEN or self._owner != threading.get_ident():
-            raise StorageTransactionError(f"store() needs an open transaction, state is {self._state}")
+        self._check_owner("store", _OPEN)
         if len(oid) != 8 or len(base_tid) != 8:
             raise ValueError("oid and base_tid must be 8 bytes")
+        if oid[0] & 0x80:
+            raise ValueError(
+                f"oid {oid_repr(oid)} is above 2**63-1, the largest oid AmberDB's storages keep"
+                " (FileStorage's limit too, so that databases copy between them)"
+            )
         self._buffer.store(oid, base_tid, bytes(record))
+
+    def _check_owner(self, action: str, state: str) -> None:
+        if self._process != GENERATION.value:
+            self._check_open()  # StorageForkedError: the transaction is the parent's
+        if self._state != state or self._owner != threading.get_ident():
+            whose = "" if self._owner in (None, threading.get_ident()) else " (of another thread)"
+            raise StorageTransactionError(
+                f"{action}() needs {'an open' if state == _OPEN else 'a voted'} transaction of this"
+                f" thread; the storage's is {self._state}{whose}"
+            )
 
     def check_current(self, oid: Oid, serial: Tid) -> None:
         """Make the vote fail with ReadConflictError unless ``serial`` is still ``oid``'s
         committed tid then (checked in the vote's conflict query, under the commit lock)."""
-        if self._state != _OPEN or self._owner != threading.get_ident():
-            raise StorageTransactionError(
-                f"check_current() needs an open transaction, state is {self._state}"
-            )
+        self._check_owner("check_current", _OPEN)
         self._read_current[oid] = serial
 
     def vote(self) -> None:
@@ -1316,8 +1419,7 @@ class SQLStorage:
         held: the caller stores resolved records and votes again (nobody can commit in
         between, so that revote succeeds), or aborts.
         """
-        if self._state != _OPEN or self._owner != threading.get_ident():
-            raise StorageTransactionError(f"vote() needs an open transaction, state is {self._state}")
+        self._check_owner("vote", _OPEN)
         conn = self._writer()
         try:
             # Round trip 1: begin, lock, read the committed tids; round trip 2: the writes
@@ -1326,7 +1428,15 @@ class SQLStorage:
                 if not self._in_write:  # (a revote holds the lock already)
                     self._begin_write(conn)
                     self._in_write = True
+                identity = conn.cursor()
+                identity.execute("SELECT value FROM amberdb_schema WHERE name = 'database_id'")
                 newest, committed = self._committed_tids(conn.cursor())
+                found = identity.fetchall()
+            if not found or found[0][0] != self._database_id:
+                raise StorageError(
+                    f"{self._name}: the database was replaced since this storage opened it (its id is"
+                    f" no longer {self._database_id}): nothing was committed; open the storage again"
+                )
             stale = {
                 oid: (committed.get(oid, z64), serial)
                 for oid, serial in self._read_current.items()
@@ -1420,13 +1530,15 @@ class SQLStorage:
         )
         highest = _ROOT_SQL
         rows: list[tuple[int, int, bytes, Any]] = []
+        size = 0
         for oid, _base, record in self._buffer.entries():
             zoid = to_sql(oid)
             highest = max(highest, zoid)
             rows.append((zoid, tid_sql, record, self._refs_value(_refs(record))))
-            if len(rows) >= _INSERT_CHUNK:
+            size += len(record)
+            if len(rows) >= _INSERT_CHUNK or size >= _INSERT_BYTES:
                 self._store_rows(cursor, rows)
-                rows = []
+                rows, size = [], 0
         if rows:
             self._store_rows(cursor, rows)
         self._bump_oids(cursor, highest)
@@ -1451,8 +1563,7 @@ class SQLStorage:
         If the connection drops during the commit, the outcome is looked up: the tid is
         returned if the transaction is there, else TransientStorageError says it is not.
         """
-        if self._state != _VOTED or self._owner != threading.get_ident():
-            raise StorageTransactionError(f"finish() needs a voted transaction, state is {self._state}")
+        self._check_owner("finish", _VOTED)
         tid = self._tid
         oids = self._buffer.oids() if self._seen_at_vote == self._newest else None
         try:
@@ -1522,9 +1633,15 @@ class SQLStorage:
                 time.sleep(0.2)
 
     def abort(self) -> None:
-        """Forget the open or voted transaction (rolled back in the database)."""
-        if self._state == _IDLE:
+        """Forget this thread's open or voted transaction (rolled back in the database); a
+        no-op when this thread has none (another thread's transaction is left alone)."""
+        if self._state == _IDLE or self._owner != threading.get_ident():
             return
+        if self._process != GENERATION.value:
+            raise StorageForkedError(
+                f"storage {self._name} was opened before os.fork(): its transaction belongs to the"
+                " parent process, which ends it"
+            )
         self._rollback_quietly()
         self._end()
 
@@ -1602,6 +1719,11 @@ class _CopyBatch:
         refs_value = self.storage._refs_value
         history = self.storage.history_preserving
         for rec in txn.records:
+            if rec.oid[0] & 0x80:
+                raise ValueError(
+                    f"oid {oid_repr(rec.oid)} of transaction {oid_repr(txn.tid)} is above 2**63-1, the"
+                    " largest oid AmberDB's storages keep"
+                )
             zoid = to_sql(rec.oid)
             self.highest = max(self.highest, zoid)
             # History-free keeps one row per oid: a later transaction's row replaces it.

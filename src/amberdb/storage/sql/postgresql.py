@@ -13,7 +13,7 @@ Needs ``pip install amberdb[postgresql]``.  The tables are those of
 
 The tables live in the connection's current schema (``search_path``), so one PostgreSQL
 database can hold several AmberDB databases.  The commit lock is a transaction-level advisory
-lock (``pg_advisory_xact_lock``, keyed by the schema) taken at vote and released by the
+lock (``pg_advisory_xact_lock``, keyed by the tables' identity) taken at vote and released by the
 COMMIT of finish.  PostgreSQL makes a commit visible only after its WAL record is flushed and
 releases the transaction's locks after that, so the next committer
 reads ``max(tid)`` only once this commit is visible: tid order is visibility order, at one
@@ -45,7 +45,14 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from amberdb.storage.sql.core import SMALL_TRANSACTION, SQLStorage, split_uri_options, storage_options, to_sql
+from amberdb.storage.sql.core import (
+    SMALL_TRANSACTION,
+    SQLStorage,
+    seconds,
+    split_uri_options,
+    storage_options,
+    to_sql,
+)
 
 __all__ = ["PostgreSQLStorage", "open_postgresql_uri", "safe_dsn"]
 
@@ -53,6 +60,13 @@ T = TypeVar("T")
 
 _LOCK_KEY = 0x616D6265  # "ambe": with the schema's hash, the advisory lock every committer takes
 _REPLICA_RETRY = 30.0
+# The lock is keyed by the amberdb_transaction table this session's search_path finds (or,
+# before the tables exist, by the schema they go into): every committer reaching the same
+# tables takes the same lock, and several AmberDB databases can share one PostgreSQL database.
+_LOCK_SQL = (
+    "SELECT pg_advisory_xact_lock(%s, hashtext(coalesce(to_regclass('amberdb_transaction')::oid::text,"
+    " current_schema())))"
+)
 _URI_OPTIONS = (
     "history",
     "read_only",
@@ -123,6 +137,20 @@ class PostgreSQLStorage(SQLStorage):
         self._pg = _psycopg()
         if not isinstance(dsn, str):
             raise TypeError(f"dsn must be a str, not {type(dsn).__qualname__}")
+        try:
+            self._pg.conninfo.conninfo_to_dict(dsn)
+        except self._pg.ProgrammingError:
+            # libpq's message quotes the text it could not parse, which may be a password.
+            raise ValueError(
+                "the PostgreSQL DSN does not parse (libpq refused it; it is not shown here, since it may"
+                " hold a password): check its quoting and percent-encoding"
+            ) from None
+        timeouts = (  # checked before anything is opened
+            seconds(lock_timeout, "lock_timeout"),
+            seconds(replica_timeout, "replica_timeout"),
+            seconds(idle_in_transaction_timeout, "idle_in_transaction_timeout"),
+            max(1, int(seconds(connect_timeout, "connect_timeout"))),
+        )
         self._dsn = dsn
         self._replica_dsns = [str(replica) for replica in replicas]
         super().__init__(
@@ -133,10 +161,7 @@ class PostgreSQLStorage(SQLStorage):
             cache_path=cache_path,
             read_ahead=read_ahead,
         )
-        self.lock_timeout = float(lock_timeout)
-        self.replica_timeout = float(replica_timeout)
-        self._idle_timeout = float(idle_in_transaction_timeout)
-        self._connect_timeout = max(1, int(connect_timeout))
+        self.lock_timeout, self.replica_timeout, self._idle_timeout, self._connect_timeout = timeouts
         self._replica_pools: list[list[Any]] = [[] for _ in self._replica_dsns]
         self._replica_seen = [-(1 << 63)] * len(self._replica_dsns)
         self._replica_down_until = [0.0] * len(self._replica_dsns)
@@ -162,6 +187,14 @@ class PostgreSQLStorage(SQLStorage):
         conn = self._pg.connect(
             dsn, autocommit=True, connect_timeout=self._connect_timeout, application_name="amberdb"
         )
+        try:
+            self._configure(conn, write)
+        except BaseException:
+            _close(conn)
+            raise
+        return conn
+
+    def _configure(self, conn: Any, write: bool) -> None:
         # Readers commit only oid reservations, which need not wait for the WAL flush: a
         # reservation lost in a crash is harmless, since every vote moves the counter past
         # the oids it stores.  Writers keep synchronous_commit as the server has it.
@@ -170,9 +203,9 @@ class PostgreSQLStorage(SQLStorage):
             " set_config('lock_timeout', %s, false),"
             " set_config('synchronous_commit', CASE WHEN %s THEN current_setting('synchronous_commit')"
             " ELSE 'off' END, false)",
-            (f"{int(self._idle_timeout * 1000)}", f"{int(self.lock_timeout * 1000)}", write),
+            # At least 1 ms: PostgreSQL reads 0 as "wait forever".
+            (f"{max(1, int(self._idle_timeout * 1000))}", f"{max(1, int(self.lock_timeout * 1000))}", write),
         )
-        return conn
 
     def _ids(self, ids: list[int]) -> tuple[str, Any]:
         return "= ANY(%s::bigint[])", ids
@@ -182,6 +215,12 @@ class PostgreSQLStorage(SQLStorage):
 
     def _unnest_refs(self) -> tuple[str, str]:
         return "unnest(s.refs) AS r(ref)", "r.ref"
+
+    def _unreadable_refs(self) -> str:
+        return "(s.refs IS NULL OR array_position(s.refs, NULL) IS NOT NULL)"
+
+    def _cursor(self, conn: Any) -> Any:
+        return conn.cursor(binary=True)
 
     def _newest_rows_sql(self, ids_fragment: str) -> str:
         return (
@@ -195,8 +234,7 @@ class PostgreSQLStorage(SQLStorage):
 
     def _begin_write(self, conn: Any) -> None:
         conn.execute("BEGIN")
-        # The lock is per schema: several AmberDB databases may share one PostgreSQL database.
-        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (_LOCK_KEY,))
+        conn.execute(_LOCK_SQL, (_LOCK_KEY,))
 
     def _end_write(self, conn: Any, commit: bool) -> None:
         if commit:
@@ -221,7 +259,7 @@ class PostgreSQLStorage(SQLStorage):
                 conn.execute("SELECT set_config('lock_timeout', '2000', false)")
                 conn.execute("BEGIN")
                 try:
-                    conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (_LOCK_KEY,))
+                    conn.execute(_LOCK_SQL, (_LOCK_KEY,))
                 except errors.LockNotAvailable:
                     conn.execute("ROLLBACK")
                     conn.execute(
@@ -399,7 +437,8 @@ def open_postgresql_uri(uri: str, read_only: bool) -> PostgreSQLStorage:
     parts = urlsplit(uri)
     ours, replicas, theirs = split_uri_options(_shown(uri), parts.query, _URI_OPTIONS, repeatable="replica")
     query = "&".join(f"{quote(key)}={quote(value)}" for key, value in theirs)
-    dsn = urlunsplit(("postgresql", parts.netloc, parts.path, query, parts.fragment))
+    # By hand: urlunsplit drops the empty authority of postgresql:///db?host=/socket.
+    dsn = f"postgresql://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
     kwargs = storage_options(_shown(uri), ours)
     if read_only:
         kwargs["read_only"] = True

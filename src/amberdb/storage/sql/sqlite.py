@@ -34,11 +34,11 @@ import sqlite3
 import threading
 from collections.abc import Collection
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from amberdb.exceptions import StorageError, TransientStorageError
 from amberdb.storage.forks import GENERATION
-from amberdb.storage.sql.core import SQLStorage, split_uri_options, storage_options
+from amberdb.storage.sql.core import SQLStorage, seconds, split_uri_options, storage_options
 
 __all__ = ["SQLiteStorage", "open_sqlite_uri"]
 
@@ -70,6 +70,7 @@ class SQLiteStorage(SQLStorage):
         read_ahead: int = 256,
         lock_timeout: float = 30.0,
     ) -> None:
+        timeout = seconds(lock_timeout, "lock_timeout")  # before anything is opened
         self._path = os.path.abspath(os.fspath(path))
         super().__init__(
             name=self._path,
@@ -79,13 +80,14 @@ class SQLiteStorage(SQLStorage):
             cache_path=cache_path,
             read_ahead=read_ahead,
         )
-        self.lock_timeout = float(lock_timeout)
+        self.lock_timeout = timeout
         if read_only and not os.path.exists(self._path):
             raise FileNotFoundError(f"no SQLite database at {self._path} (a read-only storage creates none)")
         self._lock_fd = -1
         self._held_fd = -1  # the descriptor holding the commit lock now (-1: none)
         self._flock_mutex = threading.Lock()
         self._poll_conn: Any = None
+        self._file_id: tuple[int, int] | None = None
         self._data_version: int | None = None
         if not read_only:
             self._lock_fd = os.open(self._path + ".commit-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -101,7 +103,7 @@ class SQLiteStorage(SQLStorage):
     def _connect(self, write: bool) -> Any:
         if self._read_only:
             conn = sqlite3.connect(
-                f"file:{self._path}?mode=ro",
+                f"file:{quote(self._path)}?mode=ro",
                 uri=True,
                 isolation_level=None,
                 check_same_thread=False,
@@ -126,7 +128,15 @@ class SQLiteStorage(SQLStorage):
         return None if refs is None else json.dumps(refs)
 
     def _unnest_refs(self) -> tuple[str, str]:
-        return "json_each(s.refs) AS r", "r.value"
+        # Only a JSON array is walked (anything else is refused by _unreadable_refs).
+        valid = "CASE WHEN json_valid(s.refs) THEN CASE WHEN json_type(s.refs) = 'array' THEN s.refs END END"
+        return f"json_each(coalesce({valid}, '[]')) AS r", "r.value"
+
+    def _unreadable_refs(self) -> str:
+        return (
+            "(s.refs IS NULL OR NOT json_valid(s.refs) OR json_type(s.refs) != 'array'"
+            " OR EXISTS (SELECT 1 FROM json_each(s.refs) e WHERE e.type != 'integer'))"
+        )
 
     def _newest_rows_sql(self, ids_fragment: str) -> str:
         # SQLite returns the other columns of the row that max() picked.
@@ -135,7 +145,27 @@ class SQLiteStorage(SQLStorage):
             " GROUP BY zoid"
         )
 
+    def _check_file(self) -> None:
+        """StorageError when the file at the path is no longer the one this storage opened
+        (a backup restored under its name): its readers would see the old file and its
+        commits would go into a deleted one."""
+        try:
+            found = os.stat(self._path)
+        except FileNotFoundError:
+            raise StorageError(
+                f"{self._name}: the database file was removed; open the storage again"
+            ) from None
+        identity = (found.st_dev, found.st_ino)
+        if self._file_id is None:
+            self._file_id = identity
+        elif identity != self._file_id:
+            raise StorageError(
+                f"{self._name}: the database file was replaced since this storage opened it (a restore?):"
+                " open the storage again"
+            )
+
     def _begin_write(self, conn: Any) -> None:
+        self._check_file()
         self._take_commit_lock()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -248,6 +278,7 @@ class SQLiteStorage(SQLStorage):
         # last poll, and asked from the newest tid, nothing can have changed: no query.
         with self._poll_lock:
             self._check_open()
+            self._check_file()
             try:
                 if self._poll_conn is None:
                     self._poll_conn = self._connect(False)
