@@ -350,6 +350,9 @@ class SQLStorage:
         self._restore_tid: Tid | None = None
         self._buffer = _Buffer()
         self._read_current: dict[Oid, Tid] = {}
+        # The committed revisions a conflicting vote read (under the commit lock, which this
+        # transaction keeps until it ends): what load() answers for them meanwhile.
+        self._conflict_states: dict[Oid, tuple[bytes, Tid]] = {}
         # (tid before, tid of, oids of) this storage's last commit, when nothing else came
         # between: what a poll from "before" answers without a query.
         self._recent: tuple[Tid, Tid, list[Oid]] | None = None
@@ -673,7 +676,11 @@ class SQLStorage:
         if before is None:
             hit = self._cache.load(oid)
             if hit is not None:
+                if self._conflict_states:
+                    return self._conflict_states.get(oid, hit)
                 return hit
+            if self._conflict_states and oid in self._conflict_states:
+                return self._conflict_states[oid]
             if oid in self._siblings:
                 hit = self._read_siblings(oid)
                 if hit is not None:
@@ -1456,9 +1463,9 @@ class SQLStorage:
                 if conflicts:
                     # The lock stays held (nothing is written yet), so the revote with the
                     # resolved records cannot meet a newer conflict: one resolution per
-                    # commit however hot the object.  The resolver loads the committed
-                    # states next, on other connections: catch up with them.
-                    self._poll(self._newest)
+                    # commit however hot the object.  The resolver loads the committed states
+                    # next: read them now, in one query, for load() to answer.
+                    self._conflict_states.update(self._committed_states(conn, conflicts))
                     raise VoteConflictError(conflicts)
             tid = transaction_tid(newest, self._restore_tid, self._name)
             with self._batched(conn, self._buffer.small()):
@@ -1490,6 +1497,20 @@ class SQLStorage:
             except self._driver_errors() as exc:
                 raise self._translate(exc, "connecting to commit") from exc
         return self._writer_conn
+
+    def _committed_states(
+        self, conn: Any, conflicts: dict[Oid, tuple[Tid, Tid]]
+    ) -> dict[Oid, tuple[bytes, Tid]]:
+        """The committed revision of each conflicting oid, read under the commit lock."""
+        fragment, param = self._ids([to_sql(oid) for oid in conflicts])
+        cursor = self._cursor(conn)
+        cursor.execute(self._sql(self._newest_rows_sql(fragment)), (param, _OFFSET - 1))
+        found: dict[Oid, tuple[bytes, Tid]] = {}
+        for zoid, tid, state in cursor.fetchall():
+            oid, tid_bytes = from_sql(zoid), from_sql(tid)
+            if conflicts[oid][0] == tid_bytes:
+                found[oid] = (self._state_bytes(state, oid, tid_bytes), tid_bytes)
+        return found
 
     def _committed_tids(self, cursor: Any) -> tuple[Tid, dict[Oid, Tid]]:
         ids = [to_sql(oid) for oid in self._buffer.oids()]
@@ -1660,6 +1681,7 @@ class SQLStorage:
             _close_quietly(conn)
 
     def _end(self) -> None:
+        self._conflict_states = {}
         self._state = _IDLE
         self._owner = None
         self._buffer.close()
