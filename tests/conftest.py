@@ -14,6 +14,17 @@ from amberdb.storage.base import Storage
 from amberdb.storage.file import FileStorage
 from amberdb.storage.memory import MemoryStorage
 from amberdb.testing import VoteConflictStorage
+from tests.server.procs import Processes
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Start child processes with this; whatever still runs at the end of the test is killed."""
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.cleanup()
 
 
 @pytest.fixture(autouse=True)

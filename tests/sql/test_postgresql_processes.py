@@ -8,10 +8,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 import amberdb
 from amberdb.testing.pgcluster import PostgreSQLCluster
@@ -21,16 +18,6 @@ from tests.sql.transfers import apply, check_ledger, draw, parse_acks, seed
 
 WORKER = "from tests.sql.transfers import main; main()"
 REPO = str(Path(SRC).parent)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    """Children started with this are killed at the end, whatever happened."""
-    started = Processes(tmp_path)
-    try:
-        yield started
-    finally:
-        started.cleanup()
 
 
 def test_random_transfers_by_four_processes(

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -38,16 +37,6 @@ from tests.server.procs import Processes, child_env, finish, read_until
 from tests.sql.sqlite_procs import ABORTED_BASE, CHILD, SLOT_BASE, SLOTS, new_record, slot_record
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    """Whatever a test started and still runs at its end is killed."""
-    started = Processes(tmp_path)
-    try:
-        yield started
-    finally:
-        started.cleanup()
 
 
 def start(procs: Processes, role: str, *args: object) -> subprocess.Popen[str]:

@@ -136,12 +136,28 @@ class FileStorageFactory(StorageFactory):
                 raise AssertionError(f"{self.path} does not verify: {report}")
 
 
-class SQLiteStorageFactory(StorageFactory):
-    """SQLiteStorage on ``directory/data.sqlite``; the second instance is another writable
-    storage on the same file, as a second process opens it."""
+class _SharedDataFactory(StorageFactory):
+    """A storage that any number of writable instances open on the same data, as processes
+    do (the SQL storages): ``reopen`` and ``open_second`` open it again with :meth:`_open`."""
 
     durable = True
     history: ClassVar[bool] = True
+
+    def _open(self) -> Storage:
+        raise NotImplementedError
+
+    def reopen(self) -> Storage:
+        """The data opened again."""
+        return self._open()
+
+    def open_second(self, first: Storage) -> Storage:
+        """Another writable instance on the same data."""
+        return self._open()
+
+
+class SQLiteStorageFactory(_SharedDataFactory):
+    """SQLiteStorage on ``directory/data.sqlite``; the second instance is another writable
+    storage on the same file, as a second process opens it."""
 
     @property
     def path(self) -> Path:
@@ -159,14 +175,6 @@ class SQLiteStorageFactory(StorageFactory):
             raise FileExistsError(self.path)
         return self._open()
 
-    def reopen(self) -> Storage:
-        """The file opened again."""
-        return self._open()
-
-    def open_second(self, first: Storage) -> Storage:
-        """Another SQLiteStorage on the same file."""
-        return self._open()
-
     def uri(self) -> str | None:
         """``sqlite:///...`` with the history mode."""
         return f"sqlite://{self.path.absolute()}?history={'true' if self.history else 'false'}"
@@ -179,13 +187,11 @@ class SQLiteHistoryFreeFactory(SQLiteStorageFactory):
     keeps_history = False
 
 
-class PostgreSQLStorageFactory(StorageFactory):
+class PostgreSQLStorageFactory(_SharedDataFactory):
     """PostgreSQLStorage in a schema of its own (``search_path``) of the database
     :attr:`base_uri` names; the schema is dropped at cleanup.  Set ``base_uri`` (a
     ``postgresql://`` URI of an existing database) before the suite runs."""
 
-    durable = True
-    history: ClassVar[bool] = True
     base_uri: ClassVar[str | None] = None
     _numbers = itertools.count(1)
 
@@ -215,14 +221,6 @@ class PostgreSQLStorageFactory(StorageFactory):
 
     def create(self) -> Storage:
         """A new PostgreSQLStorage in the factory's empty schema."""
-        return self._open()
-
-    def reopen(self) -> Storage:
-        """The schema opened again."""
-        return self._open()
-
-    def open_second(self, first: Storage) -> Storage:
-        """Another PostgreSQLStorage on the same schema, as a second process opens it."""
         return self._open()
 
     def uri(self) -> str | None:

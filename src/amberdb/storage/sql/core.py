@@ -1152,11 +1152,7 @@ class SQLStorage:
                     self._end_write(conn, commit=True)
                     self._in_write = False
             except self._driver_errors() as exc:
-                if self._in_write:
-                    self._rollback_quietly()
-                else:
-                    self._drop_writer()
-                raise self._translate(exc, "copying transactions") from exc
+                raise self._write_failed(exc, "copying transactions") from exc
             except BaseException:
                 self._rollback_quietly()
                 raise
@@ -1476,13 +1472,7 @@ class SQLStorage:
             self._rollback_quietly()
             raise
         except self._driver_errors() as exc:
-            if self._in_write:
-                self._rollback_quietly()
-            else:
-                # The begin or the lock failed: the session is dead, or inside a failed
-                # transaction (a lock timeout); a fresh one serves the next vote.
-                self._drop_writer()
-            raise self._translate(exc, "voting") from exc
+            raise self._write_failed(exc, "voting") from exc
         except BaseException:
             self._rollback_quietly()
             raise
@@ -1665,6 +1655,16 @@ class SQLStorage:
             )
         self._rollback_quietly()
         self._end()
+
+    def _write_failed(self, exc: BaseException, doing: str) -> StorageError:
+        """End the writer's failed transaction and return the error to raise."""
+        if self._in_write:
+            self._rollback_quietly()
+        else:
+            # The begin or the lock failed: the session is dead, or inside a failed
+            # transaction (a lock timeout); a fresh one serves the next write.
+            self._drop_writer()
+        return self._translate(exc, doing)
 
     def _rollback_quietly(self) -> None:
         if not self._in_write:
