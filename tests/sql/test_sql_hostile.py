@@ -941,10 +941,7 @@ def test_close_while_another_thread_votes_fails_that_vote_cleanly(
     commit(other, (OID, z64, b"still works"))
 
 
-@kinds(
-    postgresql="close() while another thread waits for the commit lock blocks until that wait ends"
-    " (up to lock_timeout, 60 s by default): it rolls back through the busy connection",
-)
+@kinds()
 def test_close_while_another_thread_waits_for_the_commit_lock_returns_at_once(target: Target) -> None:
     holder = target.open()
     first = commit(holder, (z64, z64, b"root"))

@@ -1670,8 +1670,11 @@ class SQLStorage:
         if not self._in_write:
             return
         self._in_write = False
+        conn = self._writer_conn
+        if conn is None:
+            return  # closed meanwhile (close() from another thread): the session is gone
         try:
-            self._end_write(self._writer_conn, commit=False)
+            self._end_write(conn, commit=False)
         except self._driver_errors():
             self._drop_writer()
 
@@ -1702,8 +1705,14 @@ class SQLStorage:
             self._cache.close()
             return
         if self._state != _IDLE:
-            self._rollback_quietly()
-            self._end()
+            if self._owner == threading.get_ident():
+                self._rollback_quietly()
+                self._end()
+            else:
+                # Another thread's transaction, perhaps waiting for the commit lock on the
+                # writer: cut that short rather than wait for it (its vote fails, and closing
+                # the session rolls its transaction back).
+                self._interrupt_writer()
         self._closed = True
         self._drop_writer()
         with self._pool_lock:
@@ -1714,6 +1723,9 @@ class SQLStorage:
 
     def _forget_connections(self) -> None:
         """In a forked child: drop references to connections of other pools (replicas)."""
+
+    def _interrupt_writer(self) -> None:
+        """Cut short the statement another thread runs on the writer session (close())."""
 
 
 class _CopyBatch:

@@ -413,6 +413,14 @@ class PostgreSQLStorage(SQLStorage):
     def _forget_connections(self) -> None:
         self._replica_pools = [[] for _ in self._replica_dsns]
 
+    def _interrupt_writer(self) -> None:
+        conn = self._writer_conn
+        if conn is not None:
+            try:
+                conn.cancel()  # a cancel request on a connection of its own: safe from here
+            except self._pg.Error:
+                pass
+
     def close(self) -> None:
         """Close every connection (primary and replicas) and save the cache file."""
         super().close()
