@@ -76,7 +76,7 @@ from amberdb.server.protocol import (
     error_fields,
 )
 from amberdb.storage.base import Storage, TransactionMeta
-from amberdb.storage.spill import SpillFile
+from amberdb.storage.spill import StoreBuffer
 from amberdb.utils import Oid, Tid, oid_repr, p64, u64
 
 __all__ = ["StorageServer"]
@@ -113,34 +113,19 @@ class _Transaction:
         self.meta = meta
         self.tid = tid
         self.packed_seen = packed_seen
-        self.stores: dict[Oid, tuple[Tid, bytes]] = {}
-        self.size = 0
-        self.spill: SpillFile | None = None
+        self.stores = StoreBuffer(SPILL_AT)
         self.error: DatabaseError | None = None
         self.voted = False
         self.voted_at = 0.0
 
     def add(self, oid: Oid, base: Tid, record: bytes) -> None:
-        if self.spill is not None:
-            self.spill.store(oid, base, record)
-            return
-        self.stores[oid] = (base, record)
-        self.size += len(record)
-        if self.size > SPILL_AT:
-            self.spill = SpillFile()
-            for stored_oid, (stored_base, stored_record) in self.stores.items():
-                self.spill.store(stored_oid, stored_base, stored_record)
-            self.stores.clear()
+        self.stores.store(oid, base, record)
 
     def entries(self) -> Iterable[tuple[Oid, Tid, bytes]]:
-        if self.spill is not None:
-            return self.spill.entries()
-        return [(oid, base, record) for oid, (base, record) in self.stores.items()]
+        return self.stores.entries()
 
     def close(self) -> None:
-        if self.spill is not None:
-            self.spill.close()
-            self.spill = None
+        self.stores.close()
 
 
 def _oid(value: Value, what: str = "oid") -> Oid:

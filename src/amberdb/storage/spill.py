@@ -38,7 +38,7 @@ from amberdb.storage.forks import GENERATION
 from amberdb.storage.offsets import OffsetIndex
 from amberdb.utils import Oid, Tid, oid_repr, p64
 
-__all__ = ["SpillFile"]
+__all__ = ["SpillFile", "StoreBuffer"]
 
 _FIELDS = struct.Struct(">8s8sqII")  # the fields the header CRC covers
 _ENTRY = struct.Struct(">8s8sqIII")
@@ -241,3 +241,71 @@ def _damaged(offset: int, problem: str) -> CorruptedDataError:
         offset=offset,
         problem=problem,
     )
+
+
+class StoreBuffer:
+    """The stores of one transaction waiting for its vote (oid -> base tid and record, the last
+    store of an oid winning): in memory, and once they hold more than ``spill_at`` bytes of
+    records, in a :class:`SpillFile`, so a big transaction waits in bounded memory.
+
+    Used where a storage receives stores before it may take its lock: the server (a client's
+    commit) and the SQL storages (until the vote).
+    """
+
+    def __init__(self, spill_at: int = 16 << 20) -> None:
+        self._spill_at = spill_at
+        self._records: dict[Oid, tuple[Tid, bytes]] = {}
+        self._size = 0
+        self._spill: SpillFile | None = None
+
+    @property
+    def spilled(self) -> bool:
+        """True once the stores went to the spill file."""
+        return self._spill is not None
+
+    def __len__(self) -> int:
+        return len(self._spill) if self._spill is not None else len(self._records)
+
+    def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
+        """Keep ``record`` as ``oid``'s store (replacing an earlier one)."""
+        if self._spill is not None:
+            self._spill.store(oid, base_tid, record)
+            return
+        old = self._records.get(oid)
+        if old is not None:
+            self._size -= len(old[1])
+        self._records[oid] = (base_tid, record)
+        self._size += len(record)
+        if self._size > self._spill_at:
+            self._spill = SpillFile()
+            for key, (base, data) in self._records.items():
+                self._spill.store(key, base, data)
+            self._records = {}
+
+    def oids(self) -> list[Oid]:
+        """The stored oids."""
+        return self._spill.oids() if self._spill is not None else list(self._records)
+
+    def bases(self) -> Iterator[tuple[Oid, Tid]]:
+        """``(oid, base tid)`` of every store (without reading records from memory)."""
+        if self._spill is None:
+            for oid, (base, _) in self._records.items():
+                yield oid, base
+        else:
+            for oid, base, _ in self._spill.entries():
+                yield oid, base
+
+    def entries(self) -> Iterator[tuple[Oid, Tid, bytes]]:
+        """``(oid, base tid, record)`` of every store."""
+        if self._spill is None:
+            for oid, (base, record) in self._records.items():
+                yield oid, base, record
+        else:
+            yield from self._spill.entries()
+
+    def close(self) -> None:
+        """Forget the stores and remove the spill file."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        self._records = {}

@@ -44,7 +44,15 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from amberdb.storage.base import Storage
 
-__all__ = ["ENTRY_POINT_GROUP", "Opener", "known_schemes", "open_storage", "register_scheme"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Opener",
+    "flag_value",
+    "known_schemes",
+    "local_file",
+    "open_storage",
+    "register_scheme",
+]
 
 ENTRY_POINT_GROUP = "amberdb.storages"
 """The entry-point group in which a package registers a URI scheme."""
@@ -139,11 +147,33 @@ def _options(uri: str, query: str, known: tuple[str, ...]) -> dict[str, bool]:
         if name not in known:
             shown = ", ".join(known) if known else "none"
             raise ValueError(f"unknown option {name!r} in storage URI {uri!r}: known options are {shown}")
-        value = text.lower()
-        if value not in _TRUE | _FALSE:
+        flag = flag_value(text)
+        if flag is None:
             raise ValueError(f"option {name}={text!r} in storage URI {uri!r} is not true or false")
-        options[name] = value in _TRUE
+        options[name] = flag
     return options
+
+
+def flag_value(text: str) -> bool | None:
+    """A URI option's true/false value (``true``/``false``, ``1``/``0``, ``yes``/``no``,
+    ``on``/``off``, any case), or None when it is neither."""
+    value = text.lower()
+    return True if value in _TRUE else False if value in _FALSE else None
+
+
+def local_file(uri: str) -> tuple[str, str]:
+    """``(path, query)`` of a URI naming a local file (``file:``, ``sqlite:``): ValueError for
+    another host, a fragment, or no path."""
+    parts = urlsplit(uri)
+    scheme = f"{parts.scheme}:"
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"{scheme} URI {uri!r} names host {parts.netloc!r}: only local files can be opened")
+    if parts.fragment:
+        raise ValueError(f"{scheme} URI {uri!r} has a fragment (#...); options go after '?'")
+    path = unquote(parts.path)
+    if not path:
+        raise ValueError(f"{scheme} URI {uri!r} names no file")
+    return path, parts.query
 
 
 def _open_memory(uri: str, read_only: bool) -> Storage:
@@ -161,15 +191,8 @@ def _open_memory(uri: str, read_only: bool) -> Storage:
 
 
 def _open_file(uri: str, read_only: bool) -> Storage:
-    parts = urlsplit(uri)
-    if parts.netloc not in ("", "localhost"):
-        raise ValueError(f"file: URI {uri!r} names host {parts.netloc!r}: only local files can be opened")
-    if parts.fragment:
-        raise ValueError(f"file: URI {uri!r} has a fragment (#...); options go after '?'")
-    path = unquote(parts.path)
-    if not path:
-        raise ValueError(f"file: URI {uri!r} names no file")
-    return _open_file_path(path, _options(uri, parts.query, _FILE_OPTIONS), read_only)
+    path, query = local_file(uri)
+    return _open_file_path(path, _options(uri, query, _FILE_OPTIONS), read_only)
 
 
 def _open_file_path(path: str, options: dict[str, bool], read_only: bool) -> Storage:

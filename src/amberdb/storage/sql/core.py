@@ -85,7 +85,8 @@ from amberdb.storage.history import (
     undo_transaction,
 )
 from amberdb.storage.record_cache import RecordCache
-from amberdb.storage.spill import SpillFile
+from amberdb.storage.spill import StoreBuffer
+from amberdb.storage.uri import flag_value
 from amberdb.utils import Oid, Tid, oid_repr, z64
 
 __all__ = [
@@ -189,16 +190,6 @@ def split_uri_options(
     return ours, repeated, rest
 
 
-_FLAGS = {
-    "true": True,
-    "1": True,
-    "yes": True,
-    "on": True,
-    "false": False,
-    "0": False,
-    "no": False,
-    "off": False,
-}
 _NUMBERS: dict[str, type[int] | type[float]] = {
     "cache_size": int,
     "read_ahead": int,
@@ -213,9 +204,10 @@ def storage_options(shown: str, options: dict[str, str]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     for key, text in options.items():
         if key in ("history", "read_only"):
-            if text.lower() not in _FLAGS:
+            flag = flag_value(text)
+            if flag is None:
                 raise ValueError(f"option {key}={text!r} in storage URI {shown} is not true or false")
-            kwargs[key] = _FLAGS[text.lower()]
+            kwargs[key] = flag
         elif key in _NUMBERS:
             try:
                 kwargs[key] = _NUMBERS[key](text)
@@ -250,57 +242,6 @@ def _text(value: bytes | memoryview | None) -> str:
     return bytes(value or b"").decode("utf-8", "surrogatepass")
 
 
-class _Buffer:
-    """The stores of one transaction, in memory and past ``_SPILL_AT`` bytes in a spill file."""
-
-    def __init__(self) -> None:
-        self.records: dict[Oid, tuple[Tid, bytes]] = {}
-        self.size = 0
-        self.spill: SpillFile | None = None
-
-    def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
-        if self.spill is not None:
-            self.spill.store(oid, base_tid, record)
-            return
-        old = self.records.get(oid)
-        if old is not None:
-            self.size -= len(old[1])
-        self.records[oid] = (base_tid, record)
-        self.size += len(record)
-        if self.size > _SPILL_AT:
-            self.spill = SpillFile()
-            for key, (base, data) in self.records.items():
-                self.spill.store(key, base, data)
-            self.records = {}
-
-    def oids(self) -> list[Oid]:
-        return self.spill.oids() if self.spill is not None else list(self.records)
-
-    def small(self) -> bool:
-        return self.spill is None and len(self.records) < SMALL_TRANSACTION
-
-    def bases(self) -> Iterator[tuple[Oid, Tid]]:
-        if self.spill is None:
-            for oid, (base, _) in self.records.items():
-                yield oid, base
-        else:
-            for oid, base, _ in self.spill.entries():
-                yield oid, base
-
-    def entries(self) -> Iterator[tuple[Oid, Tid, bytes]]:
-        if self.spill is None:
-            for oid, (base, record) in self.records.items():
-                yield oid, base, record
-        else:
-            yield from self.spill.entries()
-
-    def close(self) -> None:
-        if self.spill is not None:
-            self.spill.close()
-            self.spill = None
-        self.records = {}
-
-
 class SQLStorage:
     """A storage whose records live in SQL tables (see the module docstring)."""
 
@@ -324,8 +265,6 @@ class SQLStorage:
         self._read_ahead = read_ahead
         # oid -> (the references of a record read on a miss, its place among them).
         self._siblings: dict[Oid, tuple[list[Oid], int]] = {}
-        if not isinstance(history, bool):
-            raise TypeError(f"history must be True or False, not {history!r:.40}")
         self._name = name
         self._history = history
         self._read_only = read_only
@@ -348,7 +287,7 @@ class SQLStorage:
         self._owner: int | None = None
         self._meta = TransactionMeta()
         self._restore_tid: Tid | None = None
-        self._buffer = _Buffer()
+        self._buffer = StoreBuffer(_SPILL_AT)
         self._read_current: dict[Oid, Tid] = {}
         # The committed revisions a conflicting vote read (under the commit lock, which this
         # transaction keeps until it ends): what load() answers for them meanwhile.
@@ -405,6 +344,9 @@ class SQLStorage:
     def _newest_rows_sql(self, ids_fragment: str) -> str:
         """SELECT zoid, tid, state: per listed oid the newest revision with tid <= %s."""
         raise NotImplementedError
+
+    def _small_transaction(self) -> bool:
+        return not self._buffer.spilled and len(self._buffer) < SMALL_TRANSACTION
 
     def _batched(self, conn: Any, small: bool) -> AbstractContextManager[Any]:
         """A block whose statements go to the database together (PostgreSQL's pipeline
@@ -576,32 +518,19 @@ class SQLStorage:
         self._accept_schema(values)
 
     def _write_schema(self) -> dict[str, str]:
-        conn = self._connect(True)
-        try:
-            self._begin_write(conn)
-            try:
-                cursor = conn.cursor()
-                if not self._has_schema(cursor):  # another process may have made it meanwhile
-                    self._create_schema(cursor)
-                    rows = [
-                        ("version", str(SCHEMA_VERSION)),
-                        ("history", "true" if self._history else "false"),
-                        ("database_id", os.urandom(16).hex()),
-                        ("packed_tid", ""),
-                    ]
-                    cursor.executemany(
-                        self._sql("INSERT INTO amberdb_schema (name, value) VALUES (%s, %s)"), rows
-                    )
-                values = self._schema_values(cursor)
-            except BaseException:
-                self._end_write(conn, commit=False)
-                raise
-            self._end_write(conn, commit=True)
-            return values
-        except self._driver_errors() as exc:
-            raise self._translate(exc, "creating the schema") from exc
-        finally:
-            _close_quietly(conn)
+        return self._write_transaction(self._create_if_missing, "creating the schema")
+
+    def _create_if_missing(self, cursor: Any) -> dict[str, str]:
+        if not self._has_schema(cursor):  # another process may have made it meanwhile
+            self._create_schema(cursor)
+            rows = [
+                ("version", str(SCHEMA_VERSION)),
+                ("history", "true" if self._history else "false"),
+                ("database_id", os.urandom(16).hex()),
+                ("packed_tid", ""),
+            ]
+            cursor.executemany(self._sql("INSERT INTO amberdb_schema (name, value) VALUES (%s, %s)"), rows)
+        return self._schema_values(cursor)
 
     def _accept_schema(self, values: dict[str, str]) -> None:
         try:
@@ -1383,7 +1312,7 @@ class SQLStorage:
         self._owner = threading.get_ident()
         self._meta = meta
         self._restore_tid = tid
-        self._buffer = _Buffer()
+        self._buffer = StoreBuffer(_SPILL_AT)
         self._read_current = {}
 
     def store(self, oid: Oid, base_tid: Tid, record: bytes) -> None:
@@ -1464,7 +1393,7 @@ class SQLStorage:
                     self._conflict_states.update(self._committed_states(conn, conflicts))
                     raise VoteConflictError(conflicts)
             tid = transaction_tid(newest, self._restore_tid, self._name)
-            with self._batched(conn, self._buffer.small()):
+            with self._batched(conn, self._small_transaction()):
                 self._write_rows(conn.cursor(), tid)
         except VoteConflictError:
             raise  # still open, lock held: the caller stores resolved records and votes again
@@ -1688,7 +1617,7 @@ class SQLStorage:
         self._state = _IDLE
         self._owner = None
         self._buffer.close()
-        self._buffer = _Buffer()
+        self._buffer = StoreBuffer(_SPILL_AT)
         self._restore_tid = None
         self._commit_lock.release()
 

@@ -34,11 +34,12 @@ import sqlite3
 import threading
 from collections.abc import Collection
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 from amberdb.exceptions import StorageError, TransientStorageError
 from amberdb.storage.forks import GENERATION
 from amberdb.storage.sql.core import SQLStorage, seconds, split_uri_options, storage_options
+from amberdb.storage.uri import local_file
 
 __all__ = ["SQLiteStorage", "open_sqlite_uri"]
 
@@ -323,15 +324,8 @@ class SQLiteStorage(SQLStorage):
 def open_sqlite_uri(uri: str, read_only: bool) -> SQLiteStorage:
     """Open ``sqlite:///abs/path.sqlite`` or ``sqlite:relative.sqlite`` (options: history,
     read_only, cache_size, cache_path, lock_timeout)."""
-    parts = urlsplit(uri)
-    if parts.netloc not in ("", "localhost"):
-        raise ValueError(f"sqlite: URI {uri!r} names host {parts.netloc!r}: only local files can be opened")
-    if parts.fragment:
-        raise ValueError(f"sqlite: URI {uri!r} has a fragment (#...); options go after '?'")
-    path = unquote(parts.path)
-    if not path:
-        raise ValueError(f"sqlite: URI {uri!r} names no file")
-    ours, _, _ = split_uri_options(repr(uri), parts.query, _URI_OPTIONS)
+    path, query = local_file(uri)
+    ours, _, _ = split_uri_options(repr(uri), query, _URI_OPTIONS)
     kwargs = storage_options(repr(uri), ours)
     if read_only:
         kwargs["read_only"] = True
