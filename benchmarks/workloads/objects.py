@@ -38,28 +38,31 @@ def _check(what: str, got: tuple[int, int], n: int, offset: int) -> None:
         raise AssertionError(f"{what}: read (objects, sum of a) = {got}, expected {expected}")
 
 
-def add_update_read(engine: Engine, directory: str, n: int, batch: int) -> dict[str, float]:
-    """Add ``n`` Items in transactions of ``batch``, update each, then warm and hot reads."""
-    db = engine.open_db(_path(directory), cache_size=n + 1000)
-    manager = engine.transaction_manager()
-    conn = db.open(transaction_manager=manager)
-    root = conn.root()
+def add_and_update(engine: Engine, manager: Any, root: Any, n: int, batch: int) -> tuple[float, float]:
+    """Add ``n`` Items under ``root["chunks"]`` in chunks (PersistentLists) of ``batch``, one
+    chunk per commit, then add 1 to each Item's ``a``, a chunk per commit; the seconds of each."""
     root["chunks"] = chunks = engine.PersistentList()
     manager.commit()
     item_class, list_class = engine.Item, engine.PersistentList
-
     began = clock()
     for start in range(0, n, batch):
         chunks.append(list_class([item_class(i) for i in range(start, min(n, start + batch))]))
         manager.commit()
     add = clock() - began
-
     began = clock()
     for chunk in chunks:
         for item in chunk:
             item.a += 1
         manager.commit()
-    update = clock() - began
+    return add, clock() - began
+
+
+def add_update_read(engine: Engine, directory: str, n: int, batch: int) -> dict[str, float]:
+    """Add ``n`` Items in transactions of ``batch``, update each, then warm and hot reads."""
+    db = engine.open_db(_path(directory), cache_size=n + 1000)
+    manager = engine.transaction_manager()
+    conn = db.open(transaction_manager=manager)
+    add, update = add_and_update(engine, manager, conn.root(), n, batch)
 
     # Warm: a second connection (the first stays open, so the pool cannot hand back its
     # warm cache) on the open database reads everything; hot: the same reads again.

@@ -35,7 +35,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from benchmarks.engines import Engine
-from benchmarks.measure import clock
+from benchmarks.measure import clock, commit_times
 
 CLIENTS = 8
 COUNTER_CLIENTS = 2
@@ -56,15 +56,7 @@ def _latency(engine: Engine, address: tuple[str, int], n: int) -> dict[str, floa
     conn = db.open(transaction_manager=manager)
     conn.root()["latency"] = item = engine.Item(0)
     manager.commit()
-    for i in range(5):  # warm-up: the first commits of a connection are not typical
-        item.a = -i
-        manager.commit()
-    times = []
-    for i in range(n):
-        t0 = clock()
-        item.a = i
-        manager.commit()
-        times.append(clock() - t0)
+    times = commit_times(manager, item, n)
     conn.close()
     db.close()
     return {

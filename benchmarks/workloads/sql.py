@@ -37,8 +37,9 @@ import statistics
 from typing import Any
 
 from benchmarks.engines import Engine
-from benchmarks.measure import clock
+from benchmarks.measure import clock, commit_times
 from benchmarks.workloads import pack as pack_workload
+from benchmarks.workloads.objects import add_and_update
 from benchmarks.workloads.server import COUNTER_CLIENTS, increment, run_clients
 
 PREFIXES = {"postgresql": "pg", "sqlite": "sqlite"}
@@ -75,15 +76,7 @@ def _latency(engine: Engine, db: Any, commits: int) -> tuple[float, float]:
     conn = db.open(transaction_manager=manager)
     conn.root()["latency"] = item = engine.Item(0)
     manager.commit()
-    for i in range(WARM_UP):  # the first commits of a connection are not typical
-        item.a = -i - 1
-        manager.commit()
-    times = []
-    for i in range(commits):
-        t0 = clock()
-        item.a = i
-        manager.commit()
-        times.append(clock() - t0)
+    times = commit_times(manager, item, commits, WARM_UP)
     conn.close()
     check = db.open(transaction_manager=manager)
     if check.root()["latency"].a != commits - 1:
@@ -103,21 +96,7 @@ def objects(
         p50, mean = _latency(engine, db, commits)
         manager = engine.transaction_manager()
         conn = db.open(transaction_manager=manager)
-        root = conn.root()
-        root["chunks"] = chunks = engine.PersistentList()
-        manager.commit()
-        item_class, list_class = engine.Item, engine.PersistentList
-        began = clock()
-        for start in range(0, n, batch):
-            chunks.append(list_class([item_class(i) for i in range(start, min(n, start + batch))]))
-            manager.commit()
-        add = clock() - began
-        began = clock()
-        for chunk in chunks:
-            for item in chunk:
-                item.a += 1
-            manager.commit()
-        update = clock() - began
+        add, update = add_and_update(engine, manager, conn.root(), n, batch)
         conn.close()
     finally:
         db.close()
