@@ -496,6 +496,9 @@ def test_invalidate_in_chunks_cut_half_way_is_never_half_applied(monkeypatch: py
                 wconn.root()["cells"] = PersistentList(PersistentMapping(v=0) for _ in range(count))
             wconn.close()
             victim = client_of(victim_db)
+            # server_sync=False: the victim learns of the commit from its INVALIDATE, which may
+            # still be on its way when the writer's commit returns.
+            wait_until(lambda: victim.last_tid() >= storage.last_tid(), "the victim hears of the cells")
             vtm = TransactionManager()
             conn = victim_db.open(vtm)
             vtm.begin()
