@@ -92,6 +92,18 @@ Optional capabilities:
   connection calls it before polling at an explicit transaction start (``begin()``,
   ``db.open()``, ``conn.sync()``), not after each commit or abort -- as ZODB does.  Without
   it a storage's poll alone must tell what finished before it (invariant 7).
+* ``current_records(after=None, limit=1000)``: up to ``limit`` (at least 1, else
+  ValueError) triples ``(oid, tid, record)``, one per object that exists now, in strictly
+  increasing oid order and all above ``after`` (every oid when None): ``tid`` and
+  ``record`` are those of the object's newest committed revision, as ``load(oid)`` answers
+  at the same moment (finished transactions only, invariant 1; objects a pack removed are
+  absent).  An empty list means nothing is left; a caller pages on with ``after`` = the last
+  oid it got, so a walk of every object can stop and resume anywhere, and commits made
+  meanwhile show up in later pages or not (each page is one consistent look, the walk as a
+  whole is not).  A call costs memory for ``limit`` records plus what the storage keeps
+  anyway, and time about ``limit`` lookups of its oid order, never a pass over all objects
+  or their history.  Tools that visit every object (schema evolution, class renames) page
+  through it with :func:`amberdb.storage.history.iter_current_records`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""History operations written once over the storage interface: undo, copy, the undo log.
+"""Operations written once over the storage interface: undo, copy, the undo log, walks.
 
 Every storage offers ``undo``, ``copy_transactions_from`` and ``undo_log``
 (:mod:`amberdb.storage.base`, invariants 8 and 9).  The functions here implement them with
@@ -26,6 +26,7 @@ from amberdb.utils import Oid, Tid, next_tid, oid_repr, tid_from_time, z64
 __all__ = [
     "copy_transactions",
     "find_transaction",
+    "iter_current_records",
     "log_slice",
     "newer_than",
     "newest_first_slice",
@@ -38,6 +39,41 @@ __all__ = [
 _UNDO_ATTEMPTS = 5
 """Rounds an undo makes when another committer changed its objects between its look and
 its vote (storages that find conflicts only at vote)."""
+
+
+def iter_current_records(
+    storage: Storage, after: Oid | None = None, batch: int = 1000
+) -> Iterator[tuple[Oid, Tid, bytes]]:
+    """Every object's current ``(oid, tid, record)`` above ``after``, in oid order, read a
+    page of ``batch`` at a time through the storage's ``current_records`` (storage/base.py).
+
+    Memory stays at one page however big the database; to resume after a crash, pass the
+    last oid handled as ``after``.  StorageError when the storage cannot list its records,
+    or answers out of order (which would otherwise loop or skip objects).
+    """
+    if type(batch) is not int or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r:.40}")
+    current_records = getattr(storage, "current_records", None)
+    if current_records is None:
+        raise StorageError(
+            f"storage {storage.name} cannot list its current records (no current_records); walk"
+            " the objects from the root instead, or copy the database into a storage that can"
+            " (memory, file, SQLite, PostgreSQL, or a server of protocol version 2 or later)"
+        )
+    while True:
+        page: list[tuple[Oid, Tid, bytes]] = current_records(after, batch)
+        if not page:
+            return
+        if len(page) > batch:
+            raise StorageError(f"storage {storage.name} listed {len(page)} records when asked for {batch}")
+        for oid, tid, record in page:
+            if after is not None and oid <= after:
+                raise StorageError(
+                    f"storage {storage.name} listed oid {oid_repr(oid)} after {oid_repr(after)}:"
+                    " its current_records is not in increasing oid order"
+                )
+            yield oid, tid, record
+            after = oid
 
 
 def pack_time(pack_tid: Tid | float) -> Tid:

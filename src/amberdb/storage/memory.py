@@ -54,6 +54,10 @@ class MemoryStorage:
         # oid -> parallel lists of tids (ascending) and records, for bisecting on ``before``.
         self._tids: dict[Oid, list[Tid]] = {}
         self._records: dict[Oid, list[bytes]] = {}
+        # Every oid with a revision, sorted, for current_records: kept in step with _tids at
+        # finish and pack.  New oids nearly always sort last (new_oid counts up), so keeping
+        # it costs an append per created object; an insort only for oids stored out of order.
+        self._order: list[Oid] = []
         self._transactions: list[TransactionRecord] = []
         self._last_tid = z64
         self._next_oid = 1
@@ -136,6 +140,18 @@ class MemoryStorage:
             for changed in self._changed[first:]:
                 oids.update(changed)
             return newest, oids
+
+    def current_records(self, after: Oid | None = None, limit: int = 1000) -> list[tuple[Oid, Tid, bytes]]:
+        """Up to ``limit`` current records of the oids above ``after``, in oid order: a bisect
+        of the sorted oid list, then ``limit`` dict lookups (storage/base.py)."""
+        if type(limit) is not int or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r:.40}")
+        with self._lock:
+            self._check_open()
+            order = self._order
+            start = 0 if after is None else bisect.bisect_right(order, after)
+            tids, records = self._tids, self._records
+            return [(oid, tids[oid][-1], records[oid][-1]) for oid in order[start : start + limit]]
 
     def __len__(self) -> int:
         """The number of oids with at least one revision."""
@@ -252,6 +268,7 @@ class MemoryStorage:
                 # The newest transaction stays, emptied if need be, as FileStorage's does: a
                 # file names its last tid only through it.
                 kept.append(TransactionRecord(txn.tid, txn.meta, records))
+        self._order = [oid for oid in self._order if oid in self._tids]
         changed = dict(zip((txn.tid for txn in self._transactions), self._changed))
         self._transactions = kept
         self._changed = [changed[txn.tid] for txn in kept]
@@ -339,6 +356,7 @@ class MemoryStorage:
         records = [DataRecord(oid, tid, rec) for oid, rec in self._txn_records.items()]
         with self._lock:
             self._changed.append(tuple(oid for oid in self._txn_records if oid in self._tids))
+            self._add_to_order(sorted(oid for oid in self._txn_records if oid not in self._tids))
             for oid, rec in self._txn_records.items():
                 self._tids.setdefault(oid, []).append(tid)
                 self._records.setdefault(oid, []).append(rec)
@@ -346,6 +364,15 @@ class MemoryStorage:
             self._last_tid = tid
         self._end()
         return tid
+
+    def _add_to_order(self, created: list[Oid]) -> None:
+        """Put the (sorted) oids a finishing transaction creates into ``_order`` (under ``_lock``)."""
+        order = self._order
+        if not order or not created or created[0] > order[-1]:
+            order.extend(created)
+            return
+        for oid in created:
+            bisect.insort(order, oid)
 
     def abort(self) -> None:
         """Forget the open or voted transaction; a no-op when none is open."""
