@@ -15,6 +15,7 @@ len(self._dense))`` in the array, all others in ``self._overflow``.
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 import sys
@@ -48,12 +49,15 @@ _EMPTY_BLOCK = _missing_block(_BLOCK_SCAN)
 class OffsetIndex:
     """Map ``oid -> offset`` (both non-negative integers), dense where oids are dense."""
 
-    __slots__ = ("_base", "_count", "_dense", "_floating", "_overflow")
+    __slots__ = ("_base", "_count", "_dense", "_floating", "_overflow", "_overflow_keys")
 
     def __init__(self, floating: bool = False) -> None:
         """An empty index; ``floating``: the array starts at the first oid stored, not at 0."""
         self._dense: array[int] = array("q")
         self._overflow: dict[int, int] = {}
+        # The overflow's oids, sorted, for ordered walks (items_after); None until a walk
+        # needs them after the overflow gained or lost an oid.
+        self._overflow_keys: list[int] | None = []
         self._count = 0
         self._base = 0
         self._floating = floating
@@ -87,6 +91,7 @@ class OffsetIndex:
             if i < 0 or i >= size + _SPREAD:
                 if oid not in self._overflow:
                     self._count += 1
+                    self._overflow_keys = None
                 self._overflow[oid] = offset
                 return
             self._grow(i + 1)
@@ -115,6 +120,7 @@ class OffsetIndex:
             base = self._base
             for oid in [o for o in self._overflow if base <= o < base + new_size]:
                 dense[oid - base] = self._overflow.pop(oid)
+                self._overflow_keys = None
 
     def __delitem__(self, oid: int) -> None:
         """Remove ``oid``; KeyError when it is absent."""
@@ -124,6 +130,7 @@ class OffsetIndex:
             dense[i] = _MISSING
         elif oid in self._overflow:
             del self._overflow[oid]
+            self._overflow_keys = None
         else:
             raise KeyError(oid)
         self._count -= 1
@@ -163,6 +170,45 @@ class OffsetIndex:
         for oid in overflow[len(below) :]:
             yield oid, self._overflow[oid]
 
+    def items_after(self, oid: int, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` ``(oid, offset)`` pairs of the oids above ``oid`` (-1: from the
+        first), in increasing oid order.
+
+        Reads about ``limit`` slots of the array, skipping empty stretches 4096 slots per C
+        comparison, and bisects the overflow's sorted oids (sorted again only after the
+        overflow changed): a page of an ordered walk costs the page, not the index.
+        """
+        found: list[tuple[int, int]] = []
+        if limit < 1:
+            return found
+        overflow = self._overflow
+        keys = self._overflow_keys
+        if keys is None:
+            keys = self._overflow_keys = sorted(overflow)
+        j = bisect.bisect_right(keys, oid)
+        dense, base = self._dense, self._base
+        # Overflow oids lie below the array (only in a floating index) or past it, never in it.
+        while j < len(keys) and keys[j] < base and len(found) < limit:
+            found.append((keys[j], overflow[keys[j]]))
+            j += 1
+        i = max(oid + 1 - base, 0)
+        end = len(dense)
+        while i < end and len(found) < limit:
+            block = dense[i : i + _BLOCK_SCAN]
+            if len(block) == _BLOCK_SCAN and block == _EMPTY_BLOCK:
+                i += _BLOCK_SCAN
+                continue
+            for k, offset in enumerate(block, base + i):
+                if offset != _MISSING:
+                    found.append((k, offset))
+                    if len(found) == limit:
+                        break
+            i += _BLOCK_SCAN
+        while j < len(keys) and len(found) < limit:
+            found.append((keys[j], overflow[keys[j]]))
+            j += 1
+        return found
+
     def keys(self) -> Iterator[int]:
         """Yield the oids present, in increasing order."""
         for oid, _ in self.items():
@@ -200,6 +246,7 @@ class OffsetIndex:
         clone._base = self._base
         clone._dense = array("q", self._dense)
         clone._overflow = dict(self._overflow)
+        clone._overflow_keys = None
         clone._count = self._count
         return clone
 
@@ -207,6 +254,7 @@ class OffsetIndex:
         """Remove every entry."""
         self._dense = array("q")
         self._overflow = {}
+        self._overflow_keys = []
         self._count = 0
 
     def to_bytes(self) -> bytes:
@@ -281,6 +329,7 @@ class OffsetIndex:
         index = cls()
         index._dense = dense
         index._overflow = overflow
+        index._overflow_keys = None
         index._count = count
         return index
 
