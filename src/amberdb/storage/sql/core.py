@@ -107,6 +107,7 @@ SCHEMA_VERSION = 1
 
 _OFFSET = 1 << 63
 _ROOT_SQL = -_OFFSET
+_LAST_OID = b"\xff" * 8
 _SPILL_AT = 16 << 20
 _INSERT_CHUNK = 1000
 _INSERT_BYTES = 16 << 20  # rows go to the database once they hold this many bytes of records
@@ -765,6 +766,48 @@ class SQLStorage:
             self._cache_current(generation, from_sql(zoid), from_sql(tid), record)
             records.append(record)
         return records
+
+    def current_records(self, after: Oid | None = None, limit: int = 1000) -> list[tuple[Oid, Tid, bytes]]:
+        """Up to ``limit`` current records of the oids above ``after``, in oid order
+        (storage/base.py): one query walking the ``(zoid, tid)`` primary key from ``after``.
+
+        History-preserving, each oid's newest revision up to the last poll's tid (what
+        ``load`` answers); history-free, its one row.  The record cache is neither asked nor
+        filled: a walk over every object would only push out what connections use.
+        """
+        if type(limit) is not int or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r:.40}")
+        self._check_open()
+        if after is None:
+            low = _ROOT_SQL
+        elif after == _LAST_OID:
+            return []  # nothing lies above it (and its successor has no table integer)
+        else:
+            low = to_sql(after) + 1
+        if self._history:
+            sql = self._sql(
+                "SELECT o.zoid, o.tid, o.state FROM amberdb_object o WHERE o.zoid >= %s"
+                " AND o.tid = (SELECT max(x.tid) FROM amberdb_object x WHERE x.zoid = o.zoid AND x.tid <= %s)"
+                " ORDER BY o.zoid LIMIT %s"
+            )
+            params: tuple[Any, ...] = (low, to_sql(self._newest), limit)
+        else:
+            sql = self._sql(
+                "SELECT zoid, tid, state FROM amberdb_object WHERE zoid >= %s ORDER BY zoid LIMIT %s"
+            )
+            params = (low, limit)
+
+        def query(cursor: Any) -> Any:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+
+        shown = "the start" if after is None else f"oid {oid_repr(after)}"
+        rows = self._read_for_load(query, f"listing {limit} current records after {shown}")
+        found: list[tuple[Oid, Tid, bytes]] = []
+        for zoid, tid, state in rows:
+            oid, serial = from_sql(zoid), from_sql(tid)
+            found.append((oid, serial, self._state_bytes(state, oid, serial)))
+        return found
 
     def last_tid(self) -> Tid:
         """The newest tid the last poll (or this storage's own finish) saw."""
