@@ -56,7 +56,7 @@ from amberdb.exceptions import (
     VoteConflictError,
 )
 from amberdb.server.protocol import (
-    PROTOCOL_VERSION,
+    OLDEST_PROTOCOL_VERSION,
     FrameDecoder,
     FrameReader,
     Kind,
@@ -94,6 +94,10 @@ OID_BATCH = 100
 FLUSH_AT = 256 << 10
 """Bytes of stores gathered before they are handed to the network thread."""
 PREFETCH_BATCH = 1000
+_CURRENT_RECORDS_VERSION = 2
+"""The protocol version that has CURRENT_RECORDS."""
+_MAX_CURRENT = 10_000
+"""The most records a server sends for one CURRENT_RECORDS (it refuses nothing above: it caps)."""
 COMMIT_WAIT_FACTOR = 4
 """A vote or finish waits this many timeouts for its answer (a load waits one)."""
 RESYNC_WAIT = 1.0
@@ -145,13 +149,14 @@ class _ClientProtocol(FrameReader):
         self.backlog = False  # data waits in the transport's buffer: later sends queue behind it
         self.queued = 0  # chunks handed to the network thread and not yet written
         self.invalidating: list[Oid] = []
+        self.version = 0  # the protocol version the server's hello offered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         # Ours goes first: a TLS server then fails at once on it instead of both sides
         # waiting for the other to speak.
-        transport.write(encode_hello())
+        transport.write(encode_hello(OLDEST_PROTOCOL_VERSION))
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.lost:
@@ -181,10 +186,10 @@ class _ClientProtocol(FrameReader):
             for payload in self.decoder.feed(data):
                 if not self.greeted.done():
                     version = decode_hello(payload)
-                    if version != PROTOCOL_VERSION:
-                        raise WireError(
-                            f"the server speaks protocol version {version}, not {PROTOCOL_VERSION}"
-                        )
+                    if version < OLDEST_PROTOCOL_VERSION:
+                        raise WireError(f"the server offers protocol version {version}, which is no version")
+                    # A newer server speaks ours too; newer kinds are sent only where it has them.
+                    self.version = version
                     self.greeted.set_result(None)
                     continue
                 kind, request_id, fields = decode_message(payload)
@@ -1079,6 +1084,49 @@ class ClientStorage:
         _, size = self._call(Kind.SIZE, [])
         return int(size)  # type: ignore[arg-type]
 
+    def current_records(self, after: Oid | None = None, limit: int = 1000) -> list[tuple[Oid, Tid, bytes]]:
+        """Up to ``limit`` current records of the server storage's oids above ``after``, in
+        oid order (storage/base.py), as of the server's last announced tid; one round trip.
+
+        The server sends at most 10000 records (and about 4 MiB) per call: fewer than
+        ``limit`` does not mean the end, an empty list does.  StorageError when the server
+        is too old to list them (protocol version 1) or its storage cannot.  The records do
+        not go into the client's cache: a walk over every object would push out what
+        connections use.
+        """
+        if type(limit) is not int or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r:.40}")
+        if after is not None and (type(after) is not bytes or len(after) != 8):
+            raise TypeError(f"after must be an oid (8 bytes) or None, not {after!r:.60}")
+        action = _ACTIONS[Kind.CURRENT_RECORDS]
+        if self._closed:
+            raise StorageError(f"{self._name} is closed: cannot {action}")
+        protocol = self._wait_connected(action)
+        if protocol.version < _CURRENT_RECORDS_VERSION:
+            raise StorageError(
+                f"storage {self._name} cannot list its current records (no current_records): the"
+                f" server speaks protocol version {protocol.version}, and listing needs"
+                f" {_CURRENT_RECORDS_VERSION}; upgrade the server"
+            )
+        waiter = self._request(Kind.CURRENT_RECORDS, [after, min(limit, _MAX_CURRENT)], protocol=protocol)
+        (entries,) = self._wait(waiter, action)
+        if not isinstance(entries, list) or len(entries) > limit:
+            raise WireError("a malformed CURRENT_RECORDS reply")
+        found: list[tuple[Oid, Tid, bytes]] = []
+        previous = after
+        for entry in entries:
+            if not isinstance(entry, list) or len(entry) != 3:
+                raise WireError("a malformed CURRENT_RECORDS entry")
+            oid, tid, record = entry
+            if not _is_tid(oid) or not _is_tid(tid) or type(record) is not bytes:
+                raise WireError("a malformed CURRENT_RECORDS entry")
+            assert isinstance(oid, bytes) and isinstance(tid, bytes)
+            if previous is not None and oid <= previous:
+                raise WireError("a CURRENT_RECORDS reply out of oid order")
+            found.append((oid, tid, record))
+            previous = oid
+        return found
+
     # -- history --------------------------------------------------------------------------
 
     def iterator(self, start: Tid | None = None, stop: Tid | None = None) -> Iterator[TransactionRecord]:
@@ -1228,6 +1276,7 @@ _ACTIONS = {
     Kind.SIZE: "count objects",
     Kind.MARK_PACKED: "record a pack time",
     Kind.PING: "reach the server",
+    Kind.CURRENT_RECORDS: "list current records",
 }
 """What each request does, for error messages ("cannot read the undo log: ...")."""
 

@@ -63,9 +63,20 @@ code comes back as a StorageError quoting it.
 Versions
 ========
 
-The first frame each side sends is a hello: the payload :data:`MAGIC` followed by the
-protocol version (1 byte).  The server speaks first; the client answers with the version it
-uses, which must be one the server offered (only :data:`PROTOCOL_VERSION` so far).
+The first frame each side sends is a hello: the payload :data:`MAGIC` followed by a
+protocol version (1 byte).  Both sides send theirs at once, without waiting for the other's.
+A version adds message kinds and never changes older ones, so speaking version *n* means
+speaking every version from 1 to *n*:
+
+* the server's hello offers the newest version it speaks (:data:`PROTOCOL_VERSION`), and it
+  accepts a client greeting with any version from 1 up to that;
+* the client greets with :data:`OLDEST_PROTOCOL_VERSION` (1), the version every server
+  accepts, and sends a newer kind only on a connection whose server offered a version that
+  has it; asked for something the server's version lacks, it raises StorageError saying
+  so, without sending anything (a server drops a client that sends an unknown kind).
+
+Version 1 is the original protocol.  Version 2 adds CURRENT_RECORDS.  A version 1 client
+accepts only a version 1 server: upgrade clients before their server.
 """
 
 from __future__ import annotations
@@ -94,6 +105,7 @@ __all__ = [
     "ERROR_CODES",
     "MAGIC",
     "MAX_DEPTH",
+    "OLDEST_PROTOCOL_VERSION",
     "PROTOCOL_VERSION",
     "FrameDecoder",
     "FrameReader",
@@ -113,7 +125,10 @@ __all__ = [
 ]
 
 MAGIC = b"AMBERDB-WIRE"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""The newest protocol version this code speaks (it speaks every older one too)."""
+OLDEST_PROTOCOL_VERSION = 1
+"""The version a client greets with: every server accepts it."""
 DEFAULT_FRAME_LIMIT = 64 << 20
 """Frames larger than this (payload bytes) are refused unless the receiver raises its limit."""
 MAX_DEPTH = 8
@@ -201,6 +216,12 @@ class Kind(enum.IntEnum):
     CLOSING        (pushed) reason                                 -
     =============  ==============================================  =============================
 
+    Version 2 adds CURRENT_RECORDS (17): request ``after`` (oid|None), ``limit`` (an int,
+    at least 1; the server takes at most 10000), reply ``[[[oid, tid, record], ...]]`` --
+    the storage's ``current_records`` as of the last announced tid, in oid order, perhaps
+    fewer than asked (a reply carries about 4 MiB of records at most) and empty only when
+    no oid lies above ``after``.
+
     A client applies an INVALIDATE (the last of a ``more`` run) as one step: its last tid
     and the oids changed up to it move together, in wire order with the replies around it.
     Its ``since`` must be the client's last tid; anything else means an invalidation was
@@ -223,6 +244,7 @@ class Kind(enum.IntEnum):
     SIZE = 14
     MARK_PACKED = 15
     PING = 16
+    CURRENT_RECORDS = 17
     REPLY = 64
     ERROR = 65
     INVALIDATE = 66

@@ -63,6 +63,7 @@ from amberdb.record import references
 from amberdb.server.auth import Tokens
 from amberdb.server.protocol import (
     DEFAULT_FRAME_LIMIT,
+    OLDEST_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     FrameDecoder,
     FrameReader,
@@ -92,7 +93,9 @@ INVALIDATE_CHUNK = 100_000
 MAX_BATCH = 10_000
 """Most oids in one LOAD_MANY, entries asked of UNDO_LOG or HISTORY."""
 ITERATE_BUDGET = 4 << 20
-"""About how many record bytes one ITERATE reply carries."""
+"""About how many record bytes one ITERATE or CURRENT_RECORDS reply carries."""
+_CURRENT_PAGE = 500
+"""Records a CURRENT_RECORDS reply asks of the storage at a time, until its limit or budget."""
 QUEUE_HIGH, QUEUE_LOW = 10_000, 1_000
 """Transaction messages queued for one client at which its socket stops being read, and
 below which reading resumes."""
@@ -257,8 +260,11 @@ class _ClientConnection(FrameReader):
                     return
                 if not self.greeted:
                     version = decode_hello(payload)
-                    if version != PROTOCOL_VERSION:
-                        raise _ProtocolViolation(f"protocol version {version} is not {PROTOCOL_VERSION}")
+                    if not OLDEST_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
+                        raise _ProtocolViolation(
+                            f"protocol version {version} is not one this server speaks"
+                            f" ({OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION})"
+                        )
                     self.greeted = True
                     continue
                 kind, request_id, fields = decode_message(payload)
@@ -488,6 +494,23 @@ class _ClientConnection(FrameReader):
 
         self.job(request_id, pack, then=server.publish)
 
+    def _current_records(self, request_id: int, fields: list[Value]) -> None:
+        after, limit = _fields(fields, 2, Kind.CURRENT_RECORDS)
+        # Arguments a client library checks itself: refused with a reply, not a disconnect.
+        if after is not None and (type(after) is not bytes or len(after) != 8):
+            raise StorageError(f"CURRENT_RECORDS: after must be an oid (8 bytes) or None, not {after!r:.60}")
+        if type(limit) is not int or limit < 1:
+            raise StorageError(f"CURRENT_RECORDS: limit must be an integer of at least 1, not {limit!r:.60}")
+        server = self.server
+        if getattr(server.storage, "current_records", None) is None:
+            raise StorageError(
+                f"{server.name} cannot list its current records: its storage"
+                f" ({type(server.storage).__name__}) has no current_records"
+            )
+        newest = server.broadcast_tid  # read on the loop: the job thread must not
+        wanted = min(limit, MAX_BATCH)
+        self.job(request_id, lambda: [server.current_records(after, wanted, newest)])
+
     _handlers: dict[Kind, Callable[[_ClientConnection, int, list[Value]], None]] = {
         Kind.LOAD: _load,
         Kind.LOAD_MANY: _load_many,
@@ -499,6 +522,7 @@ class _ClientConnection(FrameReader):
         Kind.UNDO_LOG: _undo_log,
         Kind.HISTORY: _history,
         Kind.PACK: _pack,
+        Kind.CURRENT_RECORDS: _current_records,
     }
 
     def _check_writable(self, what: str) -> None:
@@ -914,6 +938,35 @@ class StorageServer:
             # invalidation that would end it arrives is ZEO#155.
             record, tid = self.storage.load(oid, p64(u64(self.broadcast_tid) + 1))
         return record, tid
+
+    def current_records(self, after: Oid | None, limit: int, newest: Tid) -> list[Value]:
+        """One CURRENT_RECORDS reply (in a job thread): up to ``limit`` current records above
+        ``after`` as clients may see them -- as of ``newest``, the last broadcast tid when
+        the request came, as :meth:`load` answers -- and about :data:`ITERATE_BUDGET` bytes
+        of them at most.  The storage is asked in small pages, so a reply cut short by the
+        budget has not read far past it."""
+        lister = self.storage.current_records  # type: ignore[attr-defined]
+        found: list[Value] = []
+        size = 0
+        while len(found) < limit and size < ITERATE_BUDGET:
+            asked = min(limit - len(found), _CURRENT_PAGE)
+            page: list[tuple[Oid, Tid, bytes]] = lister(after, asked)
+            for oid, tid, record in page:
+                after = oid
+                if tid > newest:
+                    # Committed but not yet announced (see load): the revision clients see,
+                    # or nothing for an object they cannot know yet.
+                    try:
+                        record, tid = self.storage.load(oid, p64(u64(newest) + 1))
+                    except POSKeyError:
+                        continue
+                found.append([oid, tid, record])
+                size += len(record) + 32
+                if size >= ITERATE_BUDGET:
+                    break
+            if len(page) < asked:
+                break
+        return found
 
     def changes_since(self, last: Tid | None) -> tuple[list[Value] | None, bool]:
         """What a (re)connecting client whose cache is at ``last`` must drop: the oids changed
