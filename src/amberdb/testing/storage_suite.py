@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -36,11 +36,20 @@ from amberdb.exceptions import (
     StorageTransactionError,
     VoteConflictError,
 )
+from amberdb.record import encode_record
 from amberdb.storage.base import IterableStorage, Storage, TransactionMeta
+from amberdb.storage.history import iter_current_records
 from amberdb.testing.factories import StorageFactory
 from amberdb.utils import Oid, Tid, oid_repr, p64, u64, z64
 
-__all__ = ["FactoryFixtures", "StorageSuite", "commit", "run_machine", "store_expecting_conflict"]
+__all__ = [
+    "FactoryFixtures",
+    "StorageSuite",
+    "all_current_records",
+    "commit",
+    "run_machine",
+    "store_expecting_conflict",
+]
 
 META = TransactionMeta()
 
@@ -118,6 +127,53 @@ def _iterable(storage: Storage) -> IterableStorage:
     if not isinstance(storage, IterableStorage):
         pytest.skip(f"{storage!r} cannot list its transactions")
     return storage
+
+
+CurrentRecords = Callable[[Oid | None, int], list[tuple[Oid, Tid, bytes]]]
+
+
+def _lister(storage: Storage) -> CurrentRecords:
+    lister: CurrentRecords | None = getattr(storage, "current_records", None)
+    if lister is None:
+        pytest.skip(f"{storage!r} has no current_records")
+    return lister
+
+
+def all_current_records(
+    storage: Storage, batch: int, after: Oid | None = None
+) -> list[tuple[Oid, Tid, bytes]]:
+    """Every current record above ``after``, paged by hand through ``current_records`` with
+    pages of ``batch``, each page checked: at most ``batch`` long, in increasing oid order,
+    above the oid it was asked to start after."""
+    lister = _lister(storage)
+    found: list[tuple[Oid, Tid, bytes]] = []
+    for _ in range(1_000_000):
+        page = lister(after, batch)
+        if not page:
+            return found
+        assert len(page) <= batch, (len(page), batch)
+        for oid, _tid, _record in page:
+            assert after is None or oid > after, (oid_repr(oid), after and oid_repr(after))
+            after = oid
+        found.extend(page)
+    raise AssertionError("current_records never came to an end")
+
+
+def _loaded(storage: Storage, oids: Collection[Oid]) -> list[tuple[Oid, Tid, bytes]]:
+    """``(oid, tid, record)`` by ``load`` for each of ``oids`` that exists, in oid order."""
+    found = []
+    for oid in sorted(oids):
+        try:
+            record, tid = storage.load(oid)
+        except POSKeyError:
+            continue
+        found.append((oid, tid, record))
+    return found
+
+
+def _node(state: bytes, *refs: Oid) -> bytes:
+    """A record whose header refers to ``refs`` (what pack follows)."""
+    return encode_record("amberdb.testing:Node", [(oid, "amberdb.testing:Node") for oid in refs], state)
 
 
 class FactoryFixtures:
@@ -307,6 +363,150 @@ class StorageSuite(FactoryFixtures):
         assert info.value.oid == a and info.value.serials == (t3, t1)
         assert storage.load(b) == (b"b1", t2)
         assert storage.last_tid() == t3
+
+    # -- current_records (optional) ---------------------------------------------------------
+
+    def test_current_records_pages_are_the_loads(self, storage: Storage) -> None:
+        _lister(storage)
+        assert all_current_records(storage, 1) == []
+        oids = [storage.new_oid() for _ in range(12)]
+        far = [p64(1 << 40), p64((1 << 62) + 3), p64(1 << 20)]  # beyond any dense range
+        t1 = commit(storage, {oid: (z64, b"first %d" % i) for i, oid in enumerate(oids[::2] + far)})
+        t2 = commit(storage, {z64: (z64, b"root"), **{oid: (z64, b"second") for oid in oids[1::2]}})
+        commit(storage, {oids[0]: (t1, b"changed"), oids[1]: (t2, b""), far[1]: (t1, b"x" * 70_000)})
+        committed = {z64, *oids, *far}
+        expected = _loaded(storage, committed)
+        assert len(expected) == len(committed) == len(storage)
+        for batch in (1, 2, 3, 7, len(expected) - 1, len(expected), 1000):
+            assert all_current_records(storage, batch) == expected, batch
+        assert list(iter_current_records(storage, batch=4)) == expected
+        assert list(iter_current_records(storage, after=oids[5], batch=3)) == [
+            entry for entry in expected if entry[0] > oids[5]
+        ]
+
+    def test_current_records_bounds_and_limit(self, storage: Storage) -> None:
+        lister = _lister(storage)
+        oids = [p64(n) for n in (1, 2, 5, 9, 10, 300)]
+        tid = commit(storage, {oid: (z64, oid) for oid in oids})
+        assert lister(None, 2) == [(p64(1), tid, p64(1)), (p64(2), tid, p64(2))]
+        assert [oid for oid, _, _ in lister(p64(2), 2)] == [p64(5), p64(9)]
+        assert [oid for oid, _, _ in lister(p64(3), 100)] == [p64(5), p64(9), p64(10), p64(300)]
+        assert [oid for oid, _, _ in lister(z64, 1)] == [p64(1)]
+        assert [oid for oid, _, _ in lister(p64(299), 5)] == [p64(300)]
+        assert lister(p64(300), 5) == []
+        assert lister(p64(10**6), 5) == []
+        assert lister(p64((1 << 63) - 1), 5) == []
+        for bad in (0, -1):
+            with pytest.raises(ValueError):
+                lister(None, bad)
+        with pytest.raises(ValueError):
+            list(iter_current_records(storage, batch=0))
+
+    def test_current_records_see_only_finished_transactions(self, storage: Storage) -> None:
+        _lister(storage)
+        a, b = storage.new_oid(), storage.new_oid()
+        t1 = commit(storage, {a: (z64, b"a1")})
+        storage.begin(META)
+        storage.store(a, t1, b"a2")
+        storage.store(b, z64, b"b1")
+        assert all_current_records(storage, 10) == [(a, t1, b"a1")]
+        storage.vote()
+        assert all_current_records(storage, 10) == [(a, t1, b"a1")]
+        t2 = storage.finish()
+        assert all_current_records(storage, 10) == [(a, t2, b"a2"), (b, t2, b"b1")]
+        storage.begin(META)
+        storage.store(b, t2, b"b2")
+        storage.vote()
+        storage.abort()
+        assert all_current_records(storage, 1) == [(a, t2, b"a2"), (b, t2, b"b1")]
+
+    def test_current_records_after_a_pack(self, factory: StorageFactory, storage: Storage) -> None:
+        _lister(storage)
+        a, b, garbage = storage.new_oid(), storage.new_oid(), storage.new_oid()
+        t1 = commit(
+            storage,
+            {
+                z64: (z64, _node(b"r", a, garbage)),
+                a: (z64, _node(b"a1", b)),
+                b: (z64, _node(b"b1")),
+                garbage: (z64, _node(b"g", b)),
+            },
+        )
+        t2 = commit(storage, {z64: (t1, _node(b"r2", a)), a: (t1, _node(b"a2", b))})
+        storage.pack(t2)
+        expected = [(z64, t2, _node(b"r2", a)), (a, t2, _node(b"a2", b)), (b, t1, _node(b"b1"))]
+        for batch in (1, 2, 100):
+            assert all_current_records(storage, batch) == expected
+        t3 = commit(storage, {b: (t1, _node(b"b2"))})
+        expected[2] = (b, t3, _node(b"b2"))
+        assert all_current_records(storage, 2) == expected
+        if factory.durable:
+            storage.close()
+            storage = factory.reopen()
+            assert all_current_records(storage, 2) == expected
+
+    def test_current_records_of_a_second_instance_agree_with_its_loads(
+        self, factory: StorageFactory, storage: Storage
+    ) -> None:
+        _lister(storage)
+        a, b = storage.new_oid(), storage.new_oid()
+        t1 = commit(storage, {a: (z64, b"a1"), b: (z64, b"b1")})
+        second = factory.open_second(storage)
+        _lister(second)
+        synced_poll(second, z64)
+        assert all_current_records(second, 1) == [(a, t1, b"a1"), (b, t1, b"b1")]
+        c = storage.new_oid()
+        t2 = commit(storage, {a: (t1, b"a2"), c: (z64, b"c1")})
+        # Before its next poll a second instance may or may not see t2 (a follower does not),
+        # but its pages agree with its own loads, all as of one moment.
+        seen = all_current_records(second, 2)
+        assert seen in (
+            [(a, t1, b"a1"), (b, t1, b"b1")],
+            [(a, t2, b"a2"), (b, t1, b"b1"), (c, t2, b"c1")],
+        ), seen
+        synced_poll(second, t1)
+        assert all_current_records(second, 2) == [(a, t2, b"a2"), (b, t1, b"b1"), (c, t2, b"c1")]
+        assert all_current_records(second, 3) == _loaded(second, {a, b, c})
+
+    def test_current_records_match_a_model(self, tmp_path: Any) -> None:
+        # Hypothesis runs inside: the decorated function belongs to this one test class
+        # (the suite's methods are shared by every bound factory's class).
+        factory_class = self.factory_class
+        examples = iter(range(1_000_000))
+
+        @settings(
+            max_examples=15,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        )
+        @given(
+            transactions=st.lists(
+                st.dictionaries(st.integers(0, 40), st.binary(max_size=12), min_size=1, max_size=8),
+                min_size=1,
+                max_size=6,
+            ),
+            pages=st.lists(st.integers(1, 12), min_size=1, max_size=6),
+            start=st.none() | st.integers(0, 41),
+        )
+        def check(transactions: list[dict[int, bytes]], pages: list[int], start: int | None) -> None:
+            directory = tmp_path / f"example-{next(examples)}"
+            os.mkdir(directory)
+            factory = factory_class(directory)
+            try:
+                storage = factory.create()
+                _lister(storage)
+                model: dict[Oid, tuple[Tid, bytes]] = {}
+                after = None if start is None else p64(start)
+                for i, writes in enumerate(transactions):
+                    items = {p64(n): (model.get(p64(n), (z64, b""))[0], data) for n, data in writes.items()}
+                    tid = commit(storage, items)
+                    model.update({oid: (tid, data) for oid, (_, data) in items.items()})
+                    expected = [(oid, *model[oid]) for oid in sorted(model) if after is None or oid > after]
+                    assert all_current_records(storage, pages[i % len(pages)], after) == expected
+            finally:
+                factory.cleanup()
+
+        check()
 
     def test_store_twice_keeps_last(self, factory: StorageFactory, storage: Storage) -> None:
         storage.begin(META)
