@@ -85,20 +85,25 @@ def test_record_naming_a_dangerous_global_fails_and_runs_nothing(
     db.close()
 
 
-def test_record_whose_class_is_not_persistent_is_refused(db: amberdb.DB) -> None:
-    _write_raw(db.storage, p64(7), encode_record("subprocess:Popen", [], pickle.dumps({}, protocol=5)))
+def test_record_whose_class_is_not_persistent_loads_broken_running_nothing(db: amberdb.DB) -> None:
+    _write_raw(db.storage, p64(7), encode_record("subprocess:Popen", [], pickle.dumps({"args": "x"}, protocol=5)))
     conn = db.open()
-    with pytest.raises(UnsafeGlobalError, match=r"oid 0x7.*subprocess\.Popen"):
-        conn.get(p64(7))
+    obj = conn.get(p64(7))
+    assert isinstance(obj, amberdb.Broken) and not isinstance(obj, subprocess.Popen)
+    assert (type(obj).__module__, type(obj).__name__) == ("subprocess", "Popen")
+    assert obj.__broken_state__ == {"args": "x"}
+    with pytest.raises(amberdb.BrokenModified, match=r"subprocess\.Popen oid 0x7"):
+        obj.args = "y"
     conn.close()
 
 
-def test_reference_to_a_non_persistent_class_is_refused(db: amberdb.DB) -> None:
+def test_reference_to_a_non_persistent_class_is_a_broken_ghost(db: amberdb.DB) -> None:
     state = pickle.dumps({"x": 1}, protocol=5)
     _write_raw(db.storage, p64(8), encode_record(class_name(Book), [(p64(9), "os:_wrap_close")], state))
     conn = db.open()
-    with pytest.raises(UnsafeGlobalError, match=r"os\._wrap_close"):
-        conn.get(p64(8))
+    book = conn.get(p64(8))
+    assert book.x == 1
+    assert isinstance(conn.get(p64(8)), Book)
     conn.close()
 
 
@@ -279,8 +284,8 @@ def test_amberdb_functions_that_are_not_persistent_classes_are_still_refused(db:
     record = encode_record("amberdb.utils:p64", [], pickle.dumps({}, protocol=5))
     _write_raw(db.storage, p64(5), record)
     conn = db.open()
-    with pytest.raises(UnsafeGlobalError, match=r"amberdb\.utils\.p64"):
-        conn.get(p64(5))
+    obj = conn.get(p64(5))
+    assert isinstance(obj, amberdb.Broken) and "not allowed" in type(obj).__broken_reason__
     conn.close()
 
 

@@ -11,6 +11,7 @@ the transaction commits and loaded, lazily, when code touches it::
     transaction.commit()
 """
 
+from amberdb.broken import Broken
 from amberdb.connection import Connection
 from amberdb.containers import PersistentList, PersistentMapping
 from amberdb.db import DB, connection
@@ -18,6 +19,7 @@ from amberdb.exceptions import (
     AlreadyInTransaction,
     AlreadyInTransactionError,
     AuthenticationError,
+    BrokenModified,
     ClientDisconnected,
     ConflictError,
     ConnectionStateError,
@@ -35,6 +37,7 @@ from amberdb.exceptions import (
     ReadOnlyError,
     RecordDecodeError,
     SerializationError,
+    StateVersionError,
     StorageError,
     StorageForkedError,
     StorageLockedError,
@@ -62,6 +65,8 @@ __all__ = [
     "AlreadyInTransaction",
     "AlreadyInTransactionError",
     "AuthenticationError",
+    "Broken",
+    "BrokenModified",
     "ClientDisconnected",
     "ClientStorage",
     "ConflictError",
@@ -88,6 +93,7 @@ __all__ = [
     "RecordDecodeError",
     "SQLiteStorage",
     "SerializationError",
+    "StateVersionError",
     "StorageError",
     "StorageForkedError",
     "StorageLockedError",

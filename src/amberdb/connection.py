@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from amberdb.broken import Broken
 from amberdb.cache import ObjectCache
 from amberdb.conflict import resolve
 from amberdb.exceptions import (
@@ -58,6 +59,7 @@ from amberdb.persistent import (
     class_name,
     ghostify,
     make_ghost,
+    mark_changed,
     mark_unchanged,
     restore_state,
 )
@@ -399,6 +401,16 @@ class Connection:
         if wanted:
             prefetch(wanted)
 
+    def pending_changes(self) -> list[Persistent]:
+        """The objects this transaction changed or added so far (each once), not yet committed."""
+        seen: set[int] = set()
+        pending: list[Persistent] = []
+        for obj in [*self._registered, *self._added.values()]:
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                pending.append(obj)
+        return pending
+
     @_exclusive
     def add(self, obj: Persistent) -> None:
         """Make ``obj`` part of this database; it is written at the next commit.
@@ -412,7 +424,7 @@ class Connection:
         jar = obj._p_jar
         if jar is self:
             return
-        if jar is not None:
+        if jar is not None and not (type(jar) is _InlineJar and jar.connection is self):
             raise InvalidObjectReference(
                 f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)} already belongs to {jar!r}; "
                 f"an object can belong to one connection only"
@@ -439,7 +451,7 @@ class Connection:
         jar = obj._p_jar
         if jar is self:
             return obj._p_oid  # type: ignore[return-value]
-        if jar is None:
+        if jar is None or (type(jar) is _InlineJar and jar.connection is self):
             return self._assign(obj)
         raise InvalidObjectReference(
             f"cannot store a reference to {class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}: "
@@ -539,6 +551,8 @@ class Connection:
         """Note that ``obj`` changed in the current transaction."""
         if self._unpickling:
             _refuse_while_unpickling(obj, "change")
+        if isinstance(obj, Broken):
+            obj._p_changed = True  # raises BrokenModified, naming oid and class
         if not self._opened:
             what = f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}"
             raise ConnectionStateError(f"cannot change {what}: {self._closed_because}")
@@ -610,7 +624,20 @@ class Connection:
             restore_state(obj, state, serial, len(record))
         except Exception as exc:
             raise _state_misfit(obj, oid, exc) from exc
+        if self._reader.named_persistent:
+            self._adopt_inline(obj, state)
         self._cache.touch(oid, obj)
+
+    def _adopt_inline(self, container: Persistent, state: Any) -> None:
+        """Give the persistent objects ``container``'s record held inline a jar of their own.
+
+        A record holds a persistent object inline when its class became persistent after the
+        record was written.  Such an object becomes its own record at its next change (or
+        at the container's next commit): its jar adds it and marks the container changed.
+        """
+        jar = _InlineJar(self, container)
+        for inline in _inline_persistent(state):
+            _set(inline, "_p_jar", jar)
 
     def _load(self, oid: Oid) -> tuple[bytes, Tid]:
         spill = self._spill
@@ -1056,6 +1083,8 @@ class Connection:
         self._snapshot = tid
         self._read_before = p64(u64(tid) + 1)
         cache = self._cache
+        if changed is None or self._db._metadata_watch in changed:
+            self._db._metadata_changed()  # perhaps a class rename recorded by another process
         if changed is None:
             for _, live in cache.live_objects():
                 if live._p_state != GHOST:
@@ -1065,6 +1094,51 @@ class Connection:
             obj = cache.get(oid)
             if obj is not None and obj._p_state != GHOST:
                 ghostify(obj)
+
+
+class _InlineJar:
+    """The jar of a persistent object a record held inline (see Connection._adopt_inline)."""
+
+    __slots__ = ("connection", "container")
+
+    def __init__(self, connection: Connection, container: Persistent) -> None:
+        self.connection = connection
+        self.container = container
+
+    def register(self, obj: Persistent) -> None:
+        """Its first change: it becomes a record of its own, and its container refers to it."""
+        self.connection.add(obj)  # written with this transaction, like any added object
+        mark_changed(self.container)
+
+    def setstate(self, obj: Persistent) -> None:
+        """Never a ghost: it has no record yet."""
+        raise ConnectionStateError(f"{class_name(obj.__class__)} held inline has no record to load")
+
+
+def _inline_persistent(state: Any) -> list[Persistent]:
+    """The persistent objects without a jar inside a freshly loaded ``state``."""
+    found: list[Persistent] = []
+    seen: set[int] = set()
+    pending = [state]
+    while pending:
+        value = pending.pop()
+        if id(value) in seen or isinstance(value, (str, bytes, int, float, type)) or value is None:
+            continue
+        seen.add(id(value))
+        if isinstance(value, Persistent):
+            if _get_slot(value, "_p_jar") is not None:
+                continue  # a reference: an object of its own
+            found.append(value)
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            pending.extend(value)
+        else:
+            attributes = getattr(value, "__dict__", None)
+            if isinstance(attributes, dict):
+                pending.append(attributes)
+    return found
 
 
 def _state_misfit(obj: Persistent, oid: Oid, error: Exception) -> RecordDecodeError:

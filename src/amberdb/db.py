@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import logging
 import os
 import threading
 import time
@@ -25,14 +26,18 @@ from amberdb import transaction as _transaction
 from amberdb.conflict import resolve as _resolve_conflict
 from amberdb.connection import Connection
 from amberdb.containers import PersistentMapping
-from amberdb.exceptions import ConflictError, ConnectionStateError, POSKeyError
-from amberdb.serialize import ClassResolver, ObjectWriter
+from amberdb.exceptions import ConflictError, ConnectionStateError, POSKeyError, RecordDecodeError
+from amberdb.metadata import METADATA_CLASS, metadata_for_update, read_metadata
+from amberdb.record import decode_header
+from amberdb.serialize import ClassResolver, ObjectReader, ObjectWriter, normalize_class_name
 from amberdb.storage.base import PackProgress, Storage, TransactionMeta
 from amberdb.storage.history import log_slice
 from amberdb.storage.uri import open_storage
 from amberdb.utils import Oid, Tid, oid_repr, p64, tid_from_time, time_from_tid, u64, z64
 
 __all__ = ["DB", "connection"]
+
+log = logging.getLogger("amberdb.db")
 
 _R = TypeVar("_R")
 
@@ -75,6 +80,7 @@ class DB:
         allowed_modules: Iterable[str] = (),
         allowed_classes: Iterable[Any] | Mapping[str, Any] = (),
         read_only: bool = False,
+        class_aliases: Mapping[str, Any] | None = None,
     ) -> None:
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
@@ -84,12 +90,20 @@ class DB:
         self.cache_size = cache_size
         self.pool_size = pool_size
         self._resolver = ClassResolver(allowed_modules, allowed_classes)
+        if class_aliases:
+            self._resolver.set_aliases(class_aliases)
+        # The metadata object (amberdb.metadata) once found; connections that see the oid
+        # watched change (the root, while there is none) call _metadata_changed.
+        self._metadata_oid: Oid | None = None
+        self._metadata_watch: Oid = z64
+        self._metadata_lock = threading.Lock()
         # Guards the pool and the set of connections.
         self._lock = threading.RLock()
         self._pool: list[Connection] = []
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._closed = False
         self._ensure_root()
+        self._metadata_changed()
 
     def _ensure_root(self) -> None:
         try:
@@ -116,6 +130,92 @@ class DB:
     def read_only(self) -> bool:
         """True when the storage refuses writes."""
         return self.storage.read_only
+
+    # -- class renames kept in the database --------------------------------------------------
+
+    def rename_class(self, old: str, new: Any) -> None:
+        """Record in the database that class ``old`` is now ``new`` (a name or the class).
+
+        Every process and client of the database loads records naming ``old`` as ``new``
+        from its next transaction on, so the old module can be deleted at once.  Names are
+        ``"package.module.Class"`` (or ``"package.module:Outer.Inner"``).  The records
+        keep the old name until they are written again, or until ``amberdb rename-class
+        URI OLD NEW --rewrite`` rewrites them.
+        """
+        old_name = normalize_class_name(old)
+        new_name = normalize_class_name(new)
+        if old_name == new_name:
+            raise ValueError(f"rename_class({old!r}, {new!r}): the names are the same")
+
+        def record(conn: Connection) -> dict[str, str]:
+            metadata = metadata_for_update(conn)
+            aliases = metadata.section("class_aliases")
+            seen, name = {old_name}, new_name
+            while name in aliases:  # old -> new -> ... must not lead back to old
+                name = aliases[name]
+                if name in seen:
+                    raise ValueError(f"renaming {old_name} to {new_name} would make the renames go round in a circle")
+                seen.add(name)
+            if aliases.get(old_name) != new_name:
+                metadata.update_section("class_aliases", old_name, new_name)
+                conn.transaction_manager.get().note(f"amberdb: rename class {old_name} to {new_name}")
+            aliases[old_name] = new_name
+            return aliases
+
+        aliases = self.transaction(attempts=10)(record)()
+        self._resolver.set_stored_aliases(aliases)
+        self._metadata_changed()
+
+    def drop_class_alias(self, old: str) -> None:
+        """Forget a rename recorded by :meth:`rename_class` (once no record names ``old``)."""
+        old_name = normalize_class_name(old)
+
+        def drop(conn: Connection) -> None:
+            metadata = read_metadata(conn)
+            if metadata is not None and old_name in metadata.section("class_aliases"):
+                metadata.update_section("class_aliases", old_name, None)
+
+        self.transaction(attempts=10)(drop)()
+        self._metadata_changed()
+
+    @property
+    def class_aliases(self) -> dict[str, Any]:
+        """The renames in force: those recorded in the database and ``DB(class_aliases=...)``."""
+        return self._resolver.aliases
+
+    def _metadata_changed(self) -> None:
+        """Read the renames recorded in the database again (its metadata object changed)."""
+        with self._metadata_lock:
+            try:
+                aliases = self._stored_aliases()
+            except Exception as exc:  # a damaged metadata record must not stop the database
+                log.warning("cannot read the class renames recorded in %s: %s", self.storage.name, exc)
+                return
+            if aliases is not None:
+                self._resolver.set_stored_aliases(aliases)
+
+    def _stored_aliases(self) -> dict[str, str] | None:
+        """The ``class_aliases`` of the metadata record, straight from the storage."""
+        storage = self.storage
+        oid = self._metadata_oid
+        if oid is None:
+            try:
+                root_record = storage.load(z64)[0]
+            except POSKeyError:
+                return None
+            found = [ref for ref, name in decode_header(root_record).refs if name == METADATA_CLASS]
+            if not found:
+                return None
+            oid = self._metadata_oid = self._metadata_watch = found[0]
+        record = storage.load(oid)[0]
+        reader = ObjectReader(self._resolver, _no_ghosts)
+        state = reader.state(oid, record, reader.header(oid, record))
+        aliases = state.get("class_aliases", {}) if isinstance(state, dict) else None
+        if not isinstance(aliases, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in aliases.items()
+        ):
+            raise ValueError(f"its class_aliases are not a dict of names: {aliases!r:.200}")
+        return aliases
 
     def register_class(self, cls: Any, name: str | None = None) -> None:
         """Allow records to load ``cls``; ``name`` maps an old ``module.Class`` name to it."""
@@ -478,6 +578,10 @@ def _describe(tid: Tid, meta: TransactionMeta, **fields: Any) -> dict[str, Any]:
     entry.update(tid=tid, time=time_from_tid(tid), user_name=meta.user, description=meta.description)
     entry.update(fields)
     return entry
+
+
+def _no_ghosts(oid: Oid, name: str) -> Any:
+    raise RecordDecodeError(f"the database metadata refers to oid {oid_repr(oid)} ({name}): it holds plain data only")
 
 
 def _no_references(obj: Any) -> Oid:

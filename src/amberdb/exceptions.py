@@ -17,6 +17,8 @@ too, so ``except KeyError`` keeps working for a missing oid::
     ├── SerializationError (also TypeError)     an object cannot be written as a record
     ├── UnsafeGlobalError                       a record names a class or function not allowed
     ├── RecordDecodeError                       a record cannot be read back into an object
+    │   └── StateVersionError                   a stored state's version its class cannot read
+    ├── BrokenModified                          a change to an object whose class is missing
     ├── InvalidObjectReference                  an object belongs to another connection
     ├── ConnectionStateError                    a closed connection, or one used wrongly
     └── TransactionError                        (as in the ``transaction`` package)
@@ -41,6 +43,7 @@ __all__ = [
     "AlreadyInTransaction",
     "AlreadyInTransactionError",
     "AuthenticationError",
+    "BrokenModified",
     "ClientDisconnected",
     "ConflictError",
     "ConnectionStateError",
@@ -61,6 +64,7 @@ __all__ = [
     "StorageError",
     "StorageForkedError",
     "StorageLockedError",
+    "StateVersionError",
     "StorageTransactionError",
     "TransactionError",
     "TransactionFailedError",
@@ -165,6 +169,14 @@ class UnsafeGlobalError(DatabaseError):
 
 class RecordDecodeError(DatabaseError):
     """A record's bytes cannot be turned back into an object state."""
+
+
+class StateVersionError(RecordDecodeError):
+    """A stored state has a version (``_p_version``) its class's ``_p_upgrade`` cannot read."""
+
+
+class BrokenModified(DatabaseError):  # noqa: N818 - the name ZODB users catch
+    """A change to a broken object: its class is missing, so it could not be stored back."""
 
 
 class InvalidObjectReference(DatabaseError):  # noqa: N818 - the name ZODB users catch

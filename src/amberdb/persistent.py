@@ -43,10 +43,11 @@ from __future__ import annotations
 import copyreg
 import functools
 import sys
+import weakref
 from types import MemberDescriptorType
 from typing import Any, Protocol
 
-from amberdb.exceptions import ConnectionStateError, RecordDecodeError, TransactionError
+from amberdb.exceptions import ConnectionStateError, RecordDecodeError, StateVersionError, TransactionError
 from amberdb.utils import Oid, oid_repr, time_from_tid, z64
 
 __all__ = [
@@ -118,10 +119,27 @@ class Persistent:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("_p_is_twin", False):
-            _classes_by_name[class_name(cls)] = cls
+            if not cls.__dict__.get("_p_broken", False):  # broken classes are never found by name
+                _classes_by_name[class_name(cls)] = cls
             own = cls.__dict__.get("__setstate__")
             if own is not None and not getattr(own, "_p_guarded", False):
                 cls.__setstate__ = _guarded_setstate(own)  # type: ignore[method-assign]
+
+    # Versioned state (see the README, "Versioned classes"): the version of the state this
+    # class writes; a stored state of another version goes through _p_upgrade on load.
+    _p_version: int = 0
+
+    @classmethod
+    def _p_upgrade(cls, state: Any, version: int) -> Any:
+        """Turn ``state``, written with ``_p_version`` ``version``, into this class's version.
+
+        Override it in a class that sets ``_p_version``; it gets the attribute dict and
+        returns the one to load.  This default refuses.
+        """
+        raise StateVersionError(
+            f"{class_name(cls).replace(':', '.')} has state version {cls._p_version} and cannot read a "
+            f"state of version {version}: define {cls.__qualname__}._p_upgrade(state, version)"
+        )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         """Create an unsaved instance with the persistence slots set."""
@@ -485,6 +503,8 @@ def restore_state(obj: Persistent, state: Any, serial: bytes, size: int) -> None
         real = type(obj)
     _object_setattr(obj, "_p_state", CHANGED)
     try:
+        if real._p_version or (type(state) is dict and _VERSION_KEY in state):  # type: ignore[attr-defined]
+            state = _upgraded(obj, real, state)
         if type(state) is dict and real.__setstate__ is _default_setstate:  # type: ignore[attr-defined]
             # hot path (every load): Persistent.__setstate__ inlined for a plain state
             try:
@@ -507,6 +527,56 @@ def restore_state(obj: Persistent, state: Any, serial: bytes, size: int) -> None
 
 _default_setstate = Persistent.__setstate__
 _object_new = object.__new__
+
+_VERSION_KEY = "_p_version"  # in a dict state: the class's _p_version when it was written
+# Objects loaded from a state of another version than their class's, until written again.
+_upgraded_objects: weakref.WeakValueDictionary[int, Persistent] = weakref.WeakValueDictionary()
+
+
+def _upgraded(obj: Persistent, real: type, state: Any) -> Any:
+    """``state`` in ``real``'s version: the version key taken out, ``_p_upgrade`` when it differs."""
+    slots = None
+    if type(state) is tuple and len(state) == 2 and (state[0] is None or type(state[0]) is dict):
+        state, slots = state[0] or {}, state[1]
+    if type(state) is not dict:
+        raise StateVersionError(
+            f"{real.__qualname__} sets _p_version, but the stored state is a {type(state).__qualname__}, not a dict"
+        )
+    stored = state.pop(_VERSION_KEY, 0)
+    wanted = real._p_version  # type: ignore[attr-defined]
+    if stored == wanted:
+        _upgraded_objects.pop(id(obj), None)
+        return state if slots is None else (state, slots)
+    if type(stored) is not int or stored < 0:
+        raise StateVersionError(f"the state's version {stored!r} is not a non-negative int")
+    upgraded = real._p_upgrade(state, stored)  # type: ignore[attr-defined]
+    if not isinstance(upgraded, dict):
+        raise StateVersionError(
+            f"{real.__qualname__}._p_upgrade returned a {type(upgraded).__qualname__}, not the dict state"
+        )
+    _upgraded_objects[id(obj)] = obj
+    return upgraded if slots is None else (upgraded, slots)
+
+
+def stored_version_differs(obj: Persistent) -> bool:
+    """Whether ``obj`` was loaded from a state of another version and not written since."""
+    return _upgraded_objects.get(id(obj)) is obj
+
+
+def versioned_state(obj: Persistent, state: Any) -> Any:
+    """The state to write for ``obj``: with its class's ``_p_version`` when it has one."""
+    version = _real_class(type(obj))._p_version  # type: ignore[attr-defined]
+    if not version:
+        return state
+    _upgraded_objects.pop(id(obj), None)
+    if isinstance(state, dict):
+        return {**state, _VERSION_KEY: version}
+    if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+        return ({**(state[0] or {}), _VERSION_KEY: version}, state[1])
+    raise StateVersionError(
+        f"{class_name(_real_class(type(obj)))} sets _p_version but its __getstate__ gives a "
+        f"{type(state).__qualname__}: versioned classes need a dict state"
+    )
 
 
 def mark_changed(obj: Persistent) -> None:

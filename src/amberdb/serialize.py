@@ -36,9 +36,16 @@ from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from typing import Any
 
+from amberdb.broken import Broken, BrokenValue, broken_class
 from amberdb.checked_unpickler import BIG_INT_BITS
 from amberdb.exceptions import RecordDecodeError, SerializationError, UnsafeGlobalError
-from amberdb.persistent import Persistent, class_name, persistent_class_named
+from amberdb.persistent import (
+    Persistent,
+    class_name,
+    persistent_class_named,
+    versioned_state,
+)
+from amberdb.persistent import _classes_by_name as _persistent_classes
 from amberdb.record import (
     REFERENCE_GLOBAL,
     REFERENCE_IN_MEMO,
@@ -50,7 +57,7 @@ from amberdb.record import (
 from amberdb.unpickler import ImportRefusedError, install_import_guard, load_state, permitted_import
 from amberdb.utils import Oid, oid_repr
 
-__all__ = ["SAFE_GLOBALS", "ClassResolver", "ObjectReader", "ObjectWriter"]
+__all__ = ["SAFE_GLOBALS", "ClassResolver", "ObjectReader", "ObjectWriter", "normalize_class_name"]
 
 PICKLE_PROTOCOL = 5
 
@@ -64,6 +71,35 @@ _GLOBAL_TYPES = (type, types.FunctionType, types.BuiltinFunctionType, types.Meth
 def _split(name: str) -> tuple[str, str]:
     module, _, qualname = name.partition(":")
     return module, qualname
+
+
+def normalize_class_name(name: Any) -> str:
+    """``"module:qualname"`` for a class, ``"module.Name"`` or ``"module:qualname"``.
+
+    A dotted name splits at its last dot (``"pkg.mod.Cls"`` is module ``pkg.mod``); name a
+    nested class as ``"pkg.mod:Outer.Inner"``.
+    """
+    if isinstance(name, type):
+        return class_name(name)
+    if not isinstance(name, str):
+        raise TypeError(f"a class name must be a str or a class, not {type(name).__qualname__}")
+    if ":" in name:
+        module, qualname = _split(name)
+    else:
+        module, _, qualname = name.rpartition(".")
+    parts = qualname.split(".")
+    if not module or not qualname or any(not part.isidentifier() for part in parts) or not all(
+        part.isidentifier() for part in module.split(".")
+    ):
+        raise ValueError(f"{name!r} is not a class name: give 'package.module.Class' or 'package.module:Outer.Inner'")
+    return f"{module}:{qualname}"
+
+
+class _MissingGlobal(UnsafeGlobalError):
+    """A global that cannot be found (its module or attribute is missing), as opposed to refused."""
+
+
+_MAX_ALIAS_CHAIN = 32
 
 
 def _lookup(module_obj: Any, qualname: str) -> Any:
@@ -104,6 +140,7 @@ _LOADABLE_OWN_MODULES = frozenset(
         "amberdb.btrees._tree",
         "amberdb.btrees.length",
         "amberdb.containers",
+        "amberdb.metadata",
     }
 )
 
@@ -150,6 +187,14 @@ class ClassResolver:
         self._registered: dict[str, Any] = {}
         self._found: dict[tuple[str, str], Any] = {}
         self._persistent_found: dict[str, type[Persistent]] = {}
+        # Globals a load may use as they are (no persistent classes: see LoadFinder).
+        self._load_found: dict[tuple[str, str], Any] = {}
+        # Renamed classes: old "module:qualname" -> new name or class.  This process's own
+        # (DB(class_aliases=...)) win over those recorded in the database.
+        self._process_aliases: dict[str, Any] = {}
+        self._stored_aliases: dict[str, str] = {}
+        # Broken classes found, with what the process looked like then (see _broken_epoch).
+        self._broken: dict[tuple[str, bool], tuple[type[Broken], tuple[int, int]]] = {}
         if isinstance(allowed_classes, Mapping):
             for name, obj in allowed_classes.items():
                 self.register(obj, name)
@@ -169,8 +214,47 @@ class ClassResolver:
             module, _, attr = name.rpartition(".")
             name = f"{module}:{attr}"
         self._registered[name] = obj
+        self._forget_found()
+
+    def _forget_found(self) -> None:
         self._found.clear()
         self._persistent_found.clear()
+        self._load_found.clear()
+        self._broken.clear()
+
+    def set_aliases(self, aliases: Mapping[str, Any]) -> None:
+        """This process's renamed classes: old name -> new name (or the class itself)."""
+        normalized: dict[str, Any] = {}
+        for old, new in aliases.items():
+            normalized[normalize_class_name(old)] = new if isinstance(new, type) else normalize_class_name(new)
+        self._process_aliases = normalized
+        self._forget_found()
+
+    def set_stored_aliases(self, aliases: Mapping[str, str]) -> None:
+        """The renames recorded in the database (``db.rename_class``), replacing the last ones."""
+        aliases = dict(aliases)
+        if aliases != self._stored_aliases:
+            self._stored_aliases = aliases
+            self._forget_found()
+
+    @property
+    def aliases(self) -> dict[str, Any]:
+        """Every rename in force: the database's, then this process's on top."""
+        return {**self._stored_aliases, **self._process_aliases}
+
+    def names_for(self, name: str) -> set[str]:
+        """``name`` and every old name that resolves to it through the aliases."""
+        found = {name}
+        changed = True
+        aliases = self.aliases
+        while changed:
+            changed = False
+            for old, new in aliases.items():
+                target = class_name(new) if isinstance(new, type) else new
+                if target in found and old not in found:
+                    found.add(old)
+                    changed = True
+        return found
 
     def _module_allowed(self, module: str) -> bool:
         return any(module == allowed or module.startswith(allowed + ".") for allowed in self._allowed_modules)
@@ -191,6 +275,18 @@ class ClassResolver:
 
     def _resolve(self, module: str, qualname: str) -> Any:
         name = f"{module}:{qualname}"
+        for _ in range(_MAX_ALIAS_CHAIN):
+            target = self._process_aliases.get(name)
+            if target is None:
+                target = self._stored_aliases.get(name)
+            if target is None:
+                break
+            if isinstance(target, type):
+                return target
+            name = target
+        else:
+            raise UnsafeGlobalError(f"the class renames starting at {module}.{qualname} go round in a circle")
+        module, qualname = _split(name)
         if name in self._registered:
             return self._registered[name]
         safe = _SAFE_OBJECTS.get((module, qualname))
@@ -199,6 +295,7 @@ class ClassResolver:
         cls = persistent_class_named(name)
         if cls is not None:
             return cls
+        refused_part = any(part.startswith(("<", "__")) for part in qualname.split("."))
         imported = sys.modules.get(module)
         if imported is None and module in _LOADABLE_OWN_MODULES:
             imported = permitted_import(module)
@@ -206,13 +303,20 @@ class ClassResolver:
             try:
                 candidate = _lookup(imported, qualname)
             except AttributeError:
-                candidate = None
+                candidate = _NOT_FOUND
             if isinstance(candidate, type) and issubclass(candidate, Persistent):
                 return candidate
             if (module, qualname) in _LOADABLE_OWN_VALUES and candidate is not None:
                 return candidate
+            if candidate is _NOT_FOUND and not refused_part and not self.import_allowed(module):
+                raise _MissingGlobal(f"module {module} has no attribute {qualname}")
         if self.import_allowed(module):
             return self._resolve_allowed(module, qualname)
+        if imported is None and not refused_part and not _never_imported(module):
+            raise _MissingGlobal(
+                f"module {module} is not imported and not in allowed_modules "
+                f"{list(self._allowed_modules)}, so it cannot be looked up"
+            )
         raise UnsafeGlobalError(
             f"global {module}.{qualname} is not allowed to load; import the module that defines it "
             f"if it is a persistent class, or allow it with DB(..., allowed_modules=[{module!r}]) "
@@ -221,10 +325,16 @@ class ClassResolver:
 
     def _resolve_allowed(self, module: str, qualname: str) -> Any:
         """A name in one of ``allowed_modules``, which must also be defined there."""
+        if any(part.startswith(("<", "__")) for part in qualname.split(".")):
+            raise UnsafeGlobalError(f"global {module}.{qualname} cannot be loaded: a dunder or local name")
         try:
-            found = _lookup(permitted_import(module), qualname)
-        except (ImportError, AttributeError) as exc:
-            raise UnsafeGlobalError(f"global {module}.{qualname} cannot be found: {exc}") from None
+            imported = permitted_import(module)
+        except ImportError as exc:
+            raise _MissingGlobal(f"module {module} cannot be imported: {exc}") from None
+        try:
+            found = _lookup(imported, qualname)
+        except AttributeError:
+            raise _MissingGlobal(f"module {module} has no attribute {qualname}") from None
         owner = _defining_module(found)
         if owner is None or not self._module_allowed(owner):
             where = "a module" if owner is None else f"defined in {owner}"
@@ -235,16 +345,45 @@ class ClassResolver:
         return found
 
     def persistent_class(self, name: str) -> type[Persistent]:
-        """The persistent class a record names as ``"module:qualname"``."""
+        """The persistent class a record names as ``"module:qualname"``.
+
+        A name that cannot be found or loaded as a persistent class -- a deleted class, a
+        module this process may not import, a global that is no persistent class -- gives
+        a broken class standing in for it (:mod:`amberdb.broken`): nothing is imported or
+        run, and only the objects of that class are affected.
+        """
         cls = self._persistent_found.get(name)
         if cls is not None:
             return cls
         module, qualname = _split(name)
-        found = self.find(module, qualname)
+        try:
+            found = self.find(module, qualname)
+        except UnsafeGlobalError as exc:
+            return self._broken_class(name, str(exc), persistent=True)  # type: ignore[return-value]
         if not (isinstance(found, type) and issubclass(found, Persistent)):
-            raise UnsafeGlobalError(f"global {module}.{qualname} is not a persistent class")
+            what = "a broken class" if isinstance(found, type) and issubclass(found, Broken) else "not a persistent class"
+            return self._broken_class(name, f"{module}.{qualname} is {what}", persistent=True)  # type: ignore[return-value]
         self._persistent_found[name] = found
         return found
+
+    def _broken_class(self, name: str, reason: str, persistent: bool) -> type[Broken]:
+        """The broken class for ``name``, kept until an import or a rename may have changed things."""
+        key = (name, persistent)
+        epoch = (len(sys.modules), len(_persistent_classes))
+        known = self._broken.get(key)
+        if known is not None and known[1] == epoch:
+            return known[0]
+        cls = broken_class(name, reason, persistent)
+        self._broken[key] = (cls, epoch)
+        return cls
+
+    def find_for_load(self, module: str, qualname: str) -> Any:
+        """As :meth:`find`, but a global that cannot be found gives a broken value class."""
+        try:
+            return self.find(module, qualname)
+        except _MissingGlobal as exc:
+            name = f"{module}:{qualname}"
+            return self._broken_class(name, str(exc), persistent=False)
 
     def check_storable(self, obj: Any) -> None:
         """Raise SerializationError unless ``obj`` (a class or function) can be loaded back."""
@@ -269,6 +408,9 @@ class ClassResolver:
             raise SerializationError(str(exc)) from None
         if found is not obj and not _same_function(found, obj):
             raise SerializationError(f"global {module}.{qualname} does not name {obj!r}")
+
+
+_NOT_FOUND: Any = object()
 
 
 def _same_function(a: Any, b: Any) -> bool:
@@ -329,6 +471,34 @@ class _StatePickler(pickle.Pickler):
         self.memo = _REFERENCE_MEMO
 
 
+class _NeedsBrokenPickler(Exception):
+    """The state holds a broken value: only _BrokenAwarePickler can write its class's name."""
+
+
+class _BrokenAwarePickler(pickle._Pickler):
+    """The Python pickler, writing a broken class under the name of the class it stands for.
+
+    The C pickler checks that a class's module really holds it, which a broken class (its
+    module is what is missing) cannot pass; states holding broken values are rare, so they
+    take this slower machine.
+    """
+
+    def __init__(self, file: io.BytesIO, reduce: Callable[[Any], Any]) -> None:
+        super().__init__(file, PICKLE_PROTOCOL)
+        self.reducer_override = reduce  # type: ignore[method-assign]
+        self.memo = dict(_REFERENCE_MEMO)
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if isinstance(obj, type) and issubclass(obj, Broken):
+            module, qualname = _split(obj.__broken_name__)
+            self.save(module)
+            self.save(qualname)
+            self.write(pickle.STACK_GLOBAL)
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)  # type: ignore[misc]
+
+
 class ObjectWriter:
     """Turns a persistent object's state into a record.
 
@@ -344,6 +514,9 @@ class ObjectWriter:
         self._refs: list[tuple[Oid, str]] = []
         self._ref_index: dict[Oid, int] = {}
         self._checked_types: set[type] = set(_PLAIN_TYPES)
+        self._broken_pickler = False  # the state is being written by _BrokenAwarePickler
+        # make_plain: a persistent object this returns a reduce value for is written inline.
+        self.inline: Callable[[Persistent], Any] | None = None
 
     # hot path: called by the pickler for each value of a state that is not a plain value
     # or container (persistent objects, instances of other classes, classes, functions).
@@ -352,9 +525,17 @@ class ObjectWriter:
         if cls in self._checked_types:
             return NotImplemented
         if isinstance(obj, Persistent):
+            if self.inline is not None:
+                inlined = self.inline(obj)
+                if inlined is not None:
+                    return inlined
             return ref, (self._reference_index(self._reference(obj), class_name(obj.__class__)),)
         if obj is ref:
             return NotImplemented
+        if isinstance(obj, Broken) or (isinstance(obj, type) and issubclass(obj, BrokenValue)):
+            if not self._broken_pickler:
+                raise _NeedsBrokenPickler
+            return NotImplemented  # its __reduce_ex__, or save_global for the class
         if isinstance(obj, _GLOBAL_TYPES):
             self._resolver.check_storable(obj)
             return NotImplemented
@@ -375,7 +556,7 @@ class ObjectWriter:
 
     def serialize(self, obj: Persistent) -> bytes:
         """The record for ``obj``'s current state."""
-        state = obj.__getstate__()
+        state = versioned_state(obj, obj.__getstate__())
         try:
             return self.serialize_state(class_name(obj.__class__), state)
         except SerializationError as exc:
@@ -392,7 +573,19 @@ class ObjectWriter:
         buffer.truncate()
         pickler = self._pickler
         pickler.memo = _REFERENCE_MEMO  # ref at index 0: see amberdb.record
-        pickler.dump(state)
+        try:
+            pickler.dump(state)
+        except _NeedsBrokenPickler:
+            self._refs = []
+            self._ref_index = {}
+            buffer.seek(0)
+            buffer.truncate()
+            self._broken_pickler = True
+            try:
+                _BrokenAwarePickler(buffer, self._reduce).dump(state)
+            finally:
+                self._broken_pickler = False
+            self._pickler = _StatePickler(buffer, self._reduce)  # the failed one may hold state
         if buffer.tell() > _BIG_STATE:
             # The C pickler's memo table keeps the size a big state gave it, and clearing it
             # costs that size every time: start the next state with a new pickler instead.
@@ -425,6 +618,39 @@ class ObjectWriter:
         _StatePickler(io.BytesIO(), writer._reduce).dump(value)
 
 
+class _LoadFinder:
+    """The globals a load may use: the resolver's, with broken value classes for missing ones.
+
+    It also notes whether a record named a persistent class as a global: a class object
+    stored as a value, or an instance stored inline because its class became persistent
+    after it was written (the connection then adopts such instances, see Connection._adopt).
+    """
+
+    __slots__ = ("_cache", "_resolver", "named_persistent")
+
+    def __init__(self, resolver: ClassResolver) -> None:
+        self._resolver = resolver
+        self._cache = resolver._load_found  # cleared in place by the resolver
+        self.named_persistent = False
+
+    def find(self, module: str, qualname: str) -> Any:
+        """The global ``module.qualname`` for a load (see the class docstring)."""
+        key = (module, qualname)
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        found = self._resolver.find_for_load(module, qualname)
+        if isinstance(found, type) and issubclass(found, Persistent):
+            self.named_persistent = True
+        elif not (isinstance(found, type) and issubclass(found, Broken)):
+            self._cache[key] = found
+        return found
+
+    def import_allowed(self, module: str) -> bool:
+        """Whether a load may import ``module``."""
+        return self._resolver.import_allowed(module)
+
+
 class ObjectReader:
     """Turns records back into classes and states, through the allow-list.
 
@@ -435,7 +661,13 @@ class ObjectReader:
     def __init__(self, resolver: ClassResolver, ghost: Callable[[Oid, str], Persistent]) -> None:
         self._resolver = resolver
         self._ghost = ghost
+        self._finder = _LoadFinder(resolver)
         install_import_guard()  # again: something may have put its own hook first meanwhile
+
+    @property
+    def named_persistent(self) -> bool:
+        """Whether the last state read named a persistent class as a global (see _LoadFinder)."""
+        return self._finder.named_persistent
 
     def header(self, oid: Oid, record: bytes) -> RecordHeader:
         """The record's header; RecordDecodeError naming ``oid`` when damaged."""
@@ -459,7 +691,9 @@ class ObjectReader:
             ghosts = [ghost(ref_oid, ref_class) for ref_oid, ref_class in header.refs] if header.refs else []
             state = record[header.state_offset :]
             in_memo = header.version >= REFERENCE_IN_MEMO  # header.reference_in_memo, without a call
-            return load_state(state, self._resolver, ghosts, REFERENCE_GLOBAL, in_memo)
+            finder = self._finder
+            finder.named_persistent = False
+            return load_state(state, finder, ghosts, REFERENCE_GLOBAL, in_memo)
         except (UnsafeGlobalError, ImportRefusedError) as exc:
             what = _describe(oid, header)
             raise UnsafeGlobalError(f"record of {what}: {exc}; nothing in it was run") from None

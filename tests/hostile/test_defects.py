@@ -135,8 +135,12 @@ def test_record_naming_a_main_module_imports_nothing_and_runs_nothing(
     path = tmp_path / "data.fs"
     file_db_with(path, record)
     outcome = load_in_fresh_process(path)
-    assert outcome["error"] is not None and "UnsafeGlobalError" in outcome["error"], where
-    assert "__main__" in outcome["error"]
+    if where in ("record class", "reference class"):
+        # A class that cannot be loaded makes a broken object (amberdb.broken), nothing else.
+        assert outcome["error"] is None, where
+    else:
+        assert outcome["error"] is not None and "UnsafeGlobalError" in outcome["error"], where
+        assert "__main__" in outcome["error"]
     assert outcome["new_modules"] == []
     assert outcome["argv_unchanged"]
     with amberdb.DB(str(path), read_only=True) as db:
@@ -365,6 +369,7 @@ def test_every_amberdb_persistent_class_loads_without_importing_its_module_first
         # The demo's and the conformance kit's classes are allow-listed by who uses them.
         if cls.__module__.startswith("amberdb.")
         and not cls.__module__.startswith(("amberdb.demo", "amberdb.testing"))
+        and not issubclass(cls, amberdb.Broken)  # stand-ins made for missing classes
     }
     assert defined <= serialize._LOADABLE_OWN_MODULES
 
