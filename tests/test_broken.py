@@ -71,8 +71,8 @@ def _restore(module: types.ModuleType) -> None:
     _classes_by_name[f"{module.__name__}:Book"] = module.Book
 
 
-def test_missing_persistent_class_loads_broken_and_neighbours_keep_working(fleeting: types.ModuleType) -> None:
-    storage = amberdb.MemoryStorage()
+def test_missing_persistent_class_loads_broken_and_neighbours_keep_working(fleeting: types.ModuleType, tmp_path: Any) -> None:
+    storage = str(tmp_path / "data.fs")
     db = amberdb.DB(storage, allowed_classes=[fleeting.Tag])
     conn = db.open()
     conn.root()["book"] = fleeting.Book("Dune")
@@ -106,7 +106,7 @@ def test_missing_persistent_class_loads_broken_and_neighbours_keep_working(fleet
     transaction.commit()
     assert root["shelf"][0] is book
     # the broken object's own record is untouched
-    record = storage.load(oid)[0]
+    record = db.storage.load(oid)[0]
     assert decode_header(record).class_name == "fleeting_models:Book"
     db.close()
 
@@ -120,8 +120,8 @@ def test_missing_persistent_class_loads_broken_and_neighbours_keep_working(fleet
     db.close()
 
 
-def test_broken_values_inside_a_state_round_trip_through_commits(fleeting: types.ModuleType) -> None:
-    storage = amberdb.MemoryStorage()
+def test_broken_values_inside_a_state_round_trip_through_commits(fleeting: types.ModuleType, tmp_path: Any) -> None:
+    storage = str(tmp_path / "data.fs")
     db = amberdb.DB(storage, allowed_modules=["fleeting_models"])
     conn = db.open()
     values: dict[str, Any] = {
@@ -149,7 +149,7 @@ def test_broken_values_inside_a_state_round_trip_through_commits(fleeting: types
     assert isinstance(loaded["cls"], type) and issubclass(loaded["cls"], amberdb.Broken)
     loaded["extra"] = "added while broken"
     transaction.commit()
-    record = storage.load(values_oid)[0]
+    record = db.storage.load(values_oid)[0]
     assert {"fleeting_models:Tag", "fleeting_models:Bag", "fleeting_models:Point"} <= record_globals(record)
     db.close()
 
@@ -187,20 +187,20 @@ class _Call:
 
 
 def test_records_naming_dangerous_classes_run_nothing(tmp_path: Any) -> None:
+    import os
+
     marker = tmp_path / "ran"
     db = amberdb.DB(None)
     state = pickle.dumps({"x": 1}, protocol=5)
     _write_raw(db.storage, p64(50), encode_record("os:system", [], state))
+    # a state calling os.system is still refused (it exists: it is not allowed, not missing)
+    tampered = pickle.dumps({"x": _Call(os.system, f"touch {marker}")}, protocol=5)
+    _write_raw(db.storage, p64(51), encode_record("amberdb.containers:PersistentMapping", [], tampered))
     conn = db.open()
     obj = conn.get(p64(50))
     assert isinstance(obj, PersistentBroken) and type(obj).__qualname__ == "system"
     assert obj.__broken_state__ == {"x": 1}
-    # a state calling os.system is still refused (it exists: it is not allowed, not missing)
-    import os
-
-    tampered = pickle.dumps({"x": _Call(os.system, f"touch {marker}")}, protocol=5)
-    _write_raw(db.storage, p64(51), encode_record("amberdb.containers:PersistentMapping", [], tampered))
-    with pytest.raises(amberdb.UnsafeGlobalError, match="os.system"):
+    with pytest.raises(amberdb.UnsafeGlobalError, match=r"posix\.system|os\.system"):
         conn.get(p64(51))
     assert not marker.exists()
     conn.close()
@@ -215,9 +215,9 @@ def test_a_module_outside_allowed_modules_is_not_imported(tmp_path: Any, monkeyp
         "from amberdb import Persistent\nclass Thing(Persistent):\n    pass\nclass Value:\n    pass\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    storage = amberdb.MemoryStorage()
-    state = pickle.dumps({"v": 1}, protocol=5)
-    _write_raw(storage, p64(60), encode_record("ondemand_pkg.models:Thing", [], state))
+    storage = str(tmp_path / "data.fs")
+    with amberdb.DB(storage) as db:
+        _write_raw(db.storage, p64(60), encode_record("ondemand_pkg.models:Thing", [], pickle.dumps({"v": 1}, protocol=5)))
     try:
         db = amberdb.DB(storage)  # not allowed: broken, and nothing imported
         obj = db.open(transaction.TransactionManager()).get(p64(60))
@@ -249,9 +249,9 @@ def test_broken_value_rebuilds_how_it_was_made() -> None:
 
 
 def test_class_that_became_persistent_is_stored_as_its_own_record_at_its_next_change(
-    fleeting: types.ModuleType,
+    fleeting: types.ModuleType, tmp_path: Any
 ) -> None:
-    storage = amberdb.MemoryStorage()
+    storage = str(tmp_path / "data.fs")
     db = amberdb.DB(storage, allowed_modules=["fleeting_models"])
     conn = db.open()
     conn.root()["holder"] = amberdb.PersistentMapping({"tag": fleeting.Tag("inline")})
@@ -273,13 +273,13 @@ def test_class_that_became_persistent_is_stored_as_its_own_record_at_its_next_ch
     conn = db.open()
     tag = conn.root()["holder"]["tag"]
     assert isinstance(tag, Tag) and tag.name == "inline" and tag._p_oid is None
-    before = storage.last_tid()
+    before = db.storage.last_tid()
     transaction.commit()
-    assert storage.last_tid() == before  # loading alone writes nothing
+    assert db.storage.last_tid() == before  # loading alone writes nothing
     tag.name = "changed"
     transaction.commit()
     assert tag._p_oid is not None
-    holder_record = storage.load(holder_oid)[0]
+    holder_record = db.storage.load(holder_oid)[0]
     assert (tag._p_oid, "fleeting_models:Tag") in decode_header(holder_record).refs
     db.close()
     db = amberdb.DB(storage, allowed_modules=["fleeting_models"])
