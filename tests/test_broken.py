@@ -27,7 +27,7 @@ from amberdb.utils import p64, z64
 def fleeting() -> Iterator[types.ModuleType]:
     """A module ``fleeting_models`` defining a persistent Book and plain values, removable."""
     module = types.ModuleType("fleeting_models")
-    exec(  # noqa: S102 - defines test classes in a module the test can take away again
+    exec(
         """
 from amberdb import Persistent
 class Book(Persistent):
@@ -71,7 +71,9 @@ def _restore(module: types.ModuleType) -> None:
     _classes_by_name[f"{module.__name__}:Book"] = module.Book
 
 
-def test_missing_persistent_class_loads_broken_and_neighbours_keep_working(fleeting: types.ModuleType, tmp_path: Any) -> None:
+def test_missing_persistent_class_loads_broken_and_neighbours_keep_working(
+    fleeting: types.ModuleType, tmp_path: Any
+) -> None:
     storage = str(tmp_path / "data.fs")
     db = amberdb.DB(storage, allowed_classes=[fleeting.Tag])
     conn = db.open()
@@ -120,7 +122,9 @@ def test_missing_persistent_class_loads_broken_and_neighbours_keep_working(fleet
     db.close()
 
 
-def test_broken_values_inside_a_state_round_trip_through_commits(fleeting: types.ModuleType, tmp_path: Any) -> None:
+def test_broken_values_inside_a_state_round_trip_through_commits(
+    fleeting: types.ModuleType, tmp_path: Any
+) -> None:
     storage = str(tmp_path / "data.fs")
     db = amberdb.DB(storage, allowed_modules=["fleeting_models"])
     conn = db.open()
@@ -207,7 +211,9 @@ def test_records_naming_dangerous_classes_run_nothing(tmp_path: Any) -> None:
     db.close()
 
 
-def test_a_module_outside_allowed_modules_is_not_imported(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_module_outside_allowed_modules_is_not_imported(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     package = tmp_path / "ondemand_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -217,7 +223,11 @@ def test_a_module_outside_allowed_modules_is_not_imported(tmp_path: Any, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     storage = str(tmp_path / "data.fs")
     with amberdb.DB(storage) as db:
-        _write_raw(db.storage, p64(60), encode_record("ondemand_pkg.models:Thing", [], pickle.dumps({"v": 1}, protocol=5)))
+        _write_raw(
+            db.storage,
+            p64(60),
+            encode_record("ondemand_pkg.models:Thing", [], pickle.dumps({"v": 1}, protocol=5)),
+        )
     try:
         db = amberdb.DB(storage)  # not allowed: broken, and nothing imported
         obj = db.open(transaction.TransactionManager()).get(p64(60))

@@ -76,7 +76,9 @@ STORE = """
 """
 
 
-def test_rename_recorded_in_one_process_is_seen_by_another_after_the_old_module_is_gone(tmp_path: Path) -> None:
+def test_rename_recorded_in_one_process_is_seen_by_another_after_the_old_module_is_gone(
+    tmp_path: Path,
+) -> None:
     data = str(tmp_path / "data.fs")
     _write_module(tmp_path, "library", LIBRARY)
     assert _run(tmp_path, STORE, data).returncode == 0

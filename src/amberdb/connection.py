@@ -624,7 +624,7 @@ class Connection:
             restore_state(obj, state, serial, len(record))
         except Exception as exc:
             raise _state_misfit(obj, oid, exc) from exc
-        if self._reader.named_persistent:
+        if self._reader.finder.named_persistent:
             self._adopt_inline(obj, state)
         self._cache.touch(oid, obj)
 

@@ -540,7 +540,8 @@ def _upgraded(obj: Persistent, real: type, state: Any) -> Any:
         state, slots = state[0] or {}, state[1]
     if type(state) is not dict:
         raise StateVersionError(
-            f"{real.__qualname__} sets _p_version, but the stored state is a {type(state).__qualname__}, not a dict"
+            f"{real.__qualname__} sets _p_version, but the stored state is a"
+            f" {type(state).__qualname__}, not a dict"
         )
     stored = state.pop(_VERSION_KEY, 0)
     wanted = real._p_version  # type: ignore[attr-defined]

@@ -122,7 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("uri", metavar="URI")
     p.add_argument("schema", metavar="MODULE:SCHEMA", help="where the Schema object is (module:attribute)")
-    p.add_argument("--dry-run", action="store_true", help="run the steps, commit nothing, show what they change")
+    p.add_argument(
+        "--dry-run", action="store_true", help="run the steps, commit nothing, show what they change"
+    )
     p.add_argument(
         "--allow",
         action="append",

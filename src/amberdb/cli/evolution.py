@@ -295,14 +295,15 @@ def cmd_evolve(args: argparse.Namespace) -> int:
         print_json(report)
     else:
         print(str(result))
-        print(f"schema {schema.name!r}: generation {before} -> {after}{' (dry run: nothing committed)' if args.dry_run else ''}")
+        dry = " (dry run: nothing committed)" if args.dry_run else ""
+        print(f"schema {schema.name!r}: generation {before} -> {after}{dry}")
     return EXIT_OK
 
 
 def describe_missing(missing: dict[str, dict[str, Any]]) -> list[str]:
     """One line per missing class, for info and verify."""
     return [
-        f"{info['count']:,} record(s) name {name.replace(':', '.')}, which cannot be found ({info['reason']}):"
-        " those objects load as broken objects"
+        f"{info['count']:,} record(s) name {name.replace(':', '.')}, which cannot be found"
+        f" ({info['reason']}): those objects load as broken objects"
         for name, info in sorted(missing.items())
     ]

@@ -34,10 +34,10 @@ from amberdb.exceptions import CorruptedDataError, DatabaseError, POSKeyError, R
 from amberdb.persistent import Persistent
 from amberdb.record import decode_header
 from amberdb.rename import record_globals
-from amberdb.storage.history import iter_current_records
 from amberdb.storage.base import Storage, TransactionRecord
 from amberdb.storage.file import FileStorage
 from amberdb.storage.file.verify import verify as verify_file
+from amberdb.storage.history import iter_current_records
 from amberdb.utils import Oid, oid_repr, p64, z64
 
 __all__ = ["cmd_history", "cmd_info", "cmd_undo_log", "cmd_verify", "verify_storage"]
