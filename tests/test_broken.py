@@ -297,3 +297,32 @@ def test_class_that_became_persistent_is_stored_as_its_own_record_at_its_next_ch
     assert again.name == "changed" and again._p_oid == tag._p_oid
     db.close()
     del _classes_by_name["fleeting_models:Tag"]
+
+
+def test_a_cached_broken_object_becomes_its_class_again_at_the_next_transaction(
+    fleeting: types.ModuleType, tmp_path: Any
+) -> None:
+    path = str(tmp_path / "data.fs")
+    with amberdb.DB(path) as db:
+        conn = db.open()
+        conn.root()["book"] = fleeting.Book("Emma")
+        transaction.commit()
+        conn.close()
+    _forget(fleeting)
+    with amberdb.DB(path) as db:
+        conn = db.open()
+        book = conn.root()["book"]
+        assert isinstance(book, amberdb.Broken) and book.title == "Emma"
+        transaction.commit()
+        transaction.begin()
+        assert isinstance(book, amberdb.Broken)  # still missing: still broken
+        _restore(fleeting)
+        transaction.begin()
+        assert not isinstance(book, amberdb.Broken)
+        assert book.__class__ is fleeting.Book and book.title == "Emma"
+        assert conn.root()["book"] is book
+        book.title = "Emma (2nd ed.)"
+        transaction.commit()
+        conn.close()
+    with amberdb.DB(path) as db:
+        assert db.open().root()["book"].title == "Emma (2nd ed.)"
