@@ -112,6 +112,9 @@ class _Global(NamedTuple):
     end: int  # offset after its argument
     module: str
     qualname: str
+    # STACK_GLOBAL: where the unmemoized pushes of its two names start, when they are the
+    # two opcodes right before it (in its frame); else ``start``.
+    pushes_start: int
 
 
 class _Pickle(NamedTuple):
@@ -168,6 +171,9 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
     found: list[_Global] = []
     frames: list[tuple[int, int]] = []
     pos = 0
+    segment_start = 0  # where the current frame's opcodes, or the unframed ones, begin
+    # Offsets of the last two string pushes not memoized, each None once another opcode came.
+    text_before, text_last = None, None
 
     def pop(count: int, start: int) -> list[str | None]:
         fence = marks[-1] if marks else 0
@@ -181,6 +187,7 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
         if pos >= limit:
             if in_frame:
                 in_frame, limit = False, size
+                segment_start = pos
                 continue
             raise RecordDecodeError("pickle data was truncated (no STOP opcode)")
         start = pos
@@ -218,7 +225,11 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
         action = op.action
         if action == _TEXT:
             stack.append(_text(op, data, start, body, end))
-        elif action in (_MEMOIZE, _PUT):
+            text_before, text_last = text_last, start
+            continue
+        pushes = text_before if text_before is not None and text_before >= segment_start else start
+        text_before = text_last = None
+        if action in (_MEMOIZE, _PUT):
             top = pop(1, start)[0]
             stack.append(top)
             memo[len(memo) if action == _MEMOIZE else _memo_index(op, data, start, end)] = top
@@ -234,7 +245,7 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
                     f"STACK_GLOBAL at offset {start} takes names that are not strings the record "
                     "pushes: which global it names cannot be told without running the record"
                 )
-            found.append(_Global(op.name, start, end, module, qualname))
+            found.append(_Global(op.name, start, end, module, qualname, pushes))
             stack.append(None)
         elif action in (_GLOBAL, _INST):
             first = data.index(b"\n", body, end)
@@ -248,7 +259,7 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
                 if not marks:
                     raise RecordDecodeError(f"INST at offset {start} without a MARK")
                 del stack[marks.pop() :]
-            found.append(_Global(op.name, start, end, module, qualname))
+            found.append(_Global(op.name, start, end, module, qualname, start))
             stack.append(None)
         elif action == _MARK:
             marks.append(len(stack))
@@ -268,6 +279,7 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
                 raise RecordDecodeError(f"FRAME at offset {start} runs past the end of the data")
             frames.append((start, frame_end))
             in_frame, limit = True, frame_end
+            segment_start = end
         elif action == _STOP:
             pop(1, start)
             return _Pickle(found, frames)
@@ -344,8 +356,11 @@ def _rewritten_global(found: _Global, new_name: str) -> tuple[int, int, bytes]:
     """The edit (start, end, replacement) of ``data[start:end]`` naming ``new_name``."""
     module, qualname = _split(new_name)
     if found.opcode == "STACK_GLOBAL":
-        replacement = pickle.POP + pickle.POP + _push_text(module) + _push_text(qualname)
-        return found.start, found.start, replacement  # inserted before the opcode
+        names = _push_text(module) + _push_text(qualname)
+        if found.pushes_start < found.start:
+            # Pushes nothing else can see (a rename's own, say): written over.
+            return found.pushes_start, found.start, names
+        return found.start, found.start, pickle.POP + pickle.POP + names  # inserted before it
     if found.opcode == "INST" and not new_name.isascii():
         raise ValueError(f"{new_name!r} cannot be written in an INST opcode, which holds ASCII only")
     opcode = pickle.GLOBAL if found.opcode == "GLOBAL" else pickle.INST
