@@ -45,7 +45,7 @@ _NO_ARG, _FIXED, _LINE, _LINES2, _LEN1, _LEN4_SIGNED, _LEN4, _LEN8 = range(8)
 # What an opcode does that the walk must follow; everything else is _OTHER, whose stack
 # effect comes from pickletools' description (items popped, to a mark or not, items pushed).
 _OTHER, _MARK, _POP, _DUP, _MEMOIZE, _PUT, _GET, _TEXT = range(8)
-_STACK_GLOBAL, _GLOBAL, _INST, _FRAME, _STOP = range(8, 13)
+_STACK_GLOBAL, _GLOBAL, _INST, _FRAME, _STOP, _EXTENSION = range(8, 14)
 
 _ACTIONS = {
     "MARK": _MARK, "POP": _POP, "DUP": _DUP, "MEMOIZE": _MEMOIZE,
@@ -53,7 +53,9 @@ _ACTIONS = {
     "STRING": _TEXT, "BINSTRING": _TEXT, "SHORT_BINSTRING": _TEXT, "UNICODE": _TEXT,
     "BINUNICODE": _TEXT, "SHORT_BINUNICODE": _TEXT, "BINUNICODE8": _TEXT,
     "STACK_GLOBAL": _STACK_GLOBAL, "GLOBAL": _GLOBAL, "INST": _INST, "FRAME": _FRAME, "STOP": _STOP,
+    "EXT1": _EXTENSION, "EXT2": _EXTENSION, "EXT4": _EXTENSION,
 }  # fmt: skip
+_LENGTH_WIDTHS = {_LEN1: 1, _LEN4_SIGNED: 4, _LEN4: 4, _LEN8: 8}
 
 
 class _Op(NamedTuple):
@@ -209,7 +211,7 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
                 raise RecordDecodeError(f"{op.name} at offset {start}: its line has no end")
             end = newline + 1
         else:
-            width = {_LEN1: 1, _LEN4_SIGNED: 4, _LEN4: 4, _LEN8: 8}[layout]
+            width = _LENGTH_WIDTHS[layout]
             body = pos + width
             if body > limit:
                 raise RecordDecodeError(f"{op.name} at offset {start}: truncated length")
@@ -283,6 +285,10 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
         elif action == _STOP:
             pop(1, start)
             return _Pickle(found, frames)
+        elif action == _EXTENSION:
+            # Its global is whatever copyreg maps the code to in the process that reads it;
+            # AmberDB's loader refuses them, so no record that loads has one.
+            raise RecordDecodeError(f"{op.name} at offset {start}: records never use extension codes")
         else:
             if op.below_mark >= 0:
                 if not marks:
