@@ -45,7 +45,7 @@ _NO_ARG, _FIXED, _LINE, _LINES2, _LEN1, _LEN4_SIGNED, _LEN4, _LEN8 = range(8)
 # What an opcode does that the walk must follow; everything else is _OTHER, whose stack
 # effect comes from pickletools' description (items popped, to a mark or not, items pushed).
 _OTHER, _MARK, _POP, _DUP, _MEMOIZE, _PUT, _GET, _TEXT = range(8)
-_STACK_GLOBAL, _GLOBAL, _INST, _FRAME, _STOP = range(8, 13)
+_STACK_GLOBAL, _GLOBAL, _INST, _FRAME, _STOP, _EXTENSION = range(8, 14)
 
 _ACTIONS = {
     "MARK": _MARK, "POP": _POP, "DUP": _DUP, "MEMOIZE": _MEMOIZE,
@@ -53,7 +53,9 @@ _ACTIONS = {
     "STRING": _TEXT, "BINSTRING": _TEXT, "SHORT_BINSTRING": _TEXT, "UNICODE": _TEXT,
     "BINUNICODE": _TEXT, "SHORT_BINUNICODE": _TEXT, "BINUNICODE8": _TEXT,
     "STACK_GLOBAL": _STACK_GLOBAL, "GLOBAL": _GLOBAL, "INST": _INST, "FRAME": _FRAME, "STOP": _STOP,
+    "EXT1": _EXTENSION, "EXT2": _EXTENSION, "EXT4": _EXTENSION,
 }  # fmt: skip
+_LENGTH_WIDTHS = {_LEN1: 1, _LEN4_SIGNED: 4, _LEN4: 4, _LEN8: 8}
 
 
 class _Op(NamedTuple):
@@ -112,6 +114,9 @@ class _Global(NamedTuple):
     end: int  # offset after its argument
     module: str
     qualname: str
+    # STACK_GLOBAL: where the unmemoized pushes of its two names start, when they are the
+    # two opcodes right before it (in its frame); else ``start``.
+    pushes_start: int
 
 
 class _Pickle(NamedTuple):
@@ -168,6 +173,9 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
     found: list[_Global] = []
     frames: list[tuple[int, int]] = []
     pos = 0
+    segment_start = 0  # where the current frame's opcodes, or the unframed ones, begin
+    # Offsets of the last two string pushes not memoized, each None once another opcode came.
+    text_before, text_last = None, None
 
     def pop(count: int, start: int) -> list[str | None]:
         fence = marks[-1] if marks else 0
@@ -181,6 +189,7 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
         if pos >= limit:
             if in_frame:
                 in_frame, limit = False, size
+                segment_start = pos
                 continue
             raise RecordDecodeError("pickle data was truncated (no STOP opcode)")
         start = pos
@@ -202,7 +211,7 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
                 raise RecordDecodeError(f"{op.name} at offset {start}: its line has no end")
             end = newline + 1
         else:
-            width = {_LEN1: 1, _LEN4_SIGNED: 4, _LEN4: 4, _LEN8: 8}[layout]
+            width = _LENGTH_WIDTHS[layout]
             body = pos + width
             if body > limit:
                 raise RecordDecodeError(f"{op.name} at offset {start}: truncated length")
@@ -218,7 +227,11 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
         action = op.action
         if action == _TEXT:
             stack.append(_text(op, data, start, body, end))
-        elif action in (_MEMOIZE, _PUT):
+            text_before, text_last = text_last, start
+            continue
+        pushes = text_before if text_before is not None and text_before >= segment_start else start
+        text_before = text_last = None
+        if action in (_MEMOIZE, _PUT):
             top = pop(1, start)[0]
             stack.append(top)
             memo[len(memo) if action == _MEMOIZE else _memo_index(op, data, start, end)] = top
@@ -234,7 +247,7 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
                     f"STACK_GLOBAL at offset {start} takes names that are not strings the record "
                     "pushes: which global it names cannot be told without running the record"
                 )
-            found.append(_Global(op.name, start, end, module, qualname))
+            found.append(_Global(op.name, start, end, module, qualname, pushes))
             stack.append(None)
         elif action in (_GLOBAL, _INST):
             first = data.index(b"\n", body, end)
@@ -248,7 +261,7 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
                 if not marks:
                     raise RecordDecodeError(f"INST at offset {start} without a MARK")
                 del stack[marks.pop() :]
-            found.append(_Global(op.name, start, end, module, qualname))
+            found.append(_Global(op.name, start, end, module, qualname, start))
             stack.append(None)
         elif action == _MARK:
             marks.append(len(stack))
@@ -268,9 +281,14 @@ def _walk(data: bytes, reference_in_memo: bool) -> _Pickle:
                 raise RecordDecodeError(f"FRAME at offset {start} runs past the end of the data")
             frames.append((start, frame_end))
             in_frame, limit = True, frame_end
+            segment_start = end
         elif action == _STOP:
             pop(1, start)
             return _Pickle(found, frames)
+        elif action == _EXTENSION:
+            # Its global is whatever copyreg maps the code to in the process that reads it;
+            # AmberDB's loader refuses them, so no record that loads has one.
+            raise RecordDecodeError(f"{op.name} at offset {start}: records never use extension codes")
         else:
             if op.below_mark >= 0:
                 if not marks:
@@ -344,8 +362,11 @@ def _rewritten_global(found: _Global, new_name: str) -> tuple[int, int, bytes]:
     """The edit (start, end, replacement) of ``data[start:end]`` naming ``new_name``."""
     module, qualname = _split(new_name)
     if found.opcode == "STACK_GLOBAL":
-        replacement = pickle.POP + pickle.POP + _push_text(module) + _push_text(qualname)
-        return found.start, found.start, replacement  # inserted before the opcode
+        names = _push_text(module) + _push_text(qualname)
+        if found.pushes_start < found.start:
+            # Pushes nothing else can see (a rename's own, say): written over.
+            return found.pushes_start, found.start, names
+        return found.start, found.start, pickle.POP + pickle.POP + names  # inserted before it
     if found.opcode == "INST" and not new_name.isascii():
         raise ValueError(f"{new_name!r} cannot be written in an INST opcode, which holds ASCII only")
     opcode = pickle.GLOBAL if found.opcode == "GLOBAL" else pickle.INST
