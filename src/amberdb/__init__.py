@@ -11,6 +11,8 @@ the transaction commits and loaded, lazily, when code touches it::
     transaction.commit()
 """
 
+from typing import TYPE_CHECKING, Any
+
 from amberdb.broken import Broken
 from amberdb.connection import Connection
 from amberdb.containers import PersistentList, PersistentMapping
@@ -51,14 +53,37 @@ from amberdb.exceptions import (
     VoteConflictError,
 )
 from amberdb.persistent import Persistent
-from amberdb.server import ClientStorage, StorageServer
 from amberdb.storage.file import FileStorage
 from amberdb.storage.memory import MemoryStorage
-from amberdb.storage.sql.postgresql import PostgreSQLStorage
-from amberdb.storage.sql.sqlite import SQLiteStorage
 from amberdb.storage.uri import open_storage
 
 __version__ = "0.1.0"
+
+# Imported on first use: the network and SQL storages bring asyncio, ssl and sqlite3, which
+# an embedded application never needs.
+_LAZY = {
+    "ClientStorage": "amberdb.server",
+    "StorageServer": "amberdb.server",
+    "PostgreSQLStorage": "amberdb.storage.sql.postgresql",
+    "SQLiteStorage": "amberdb.storage.sql.sqlite",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'amberdb' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from amberdb.server import ClientStorage, StorageServer
+    from amberdb.storage.sql.postgresql import PostgreSQLStorage
+    from amberdb.storage.sql.sqlite import SQLiteStorage
 
 __all__ = [
     "DB",

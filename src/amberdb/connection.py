@@ -338,7 +338,8 @@ class Connection:
     @_exclusive
     def get(self, oid: Oid) -> Persistent:
         """The object stored under ``oid``, loaded; POSKeyError if there is none."""
-        self._check_open(f"get oid {oid_repr(oid)}")
+        if not self._opened:
+            self._check_open(f"get oid {oid_repr(oid)}")
         if self._unpickling:
             raise RecordDecodeError(
                 f"it tried to load oid {oid_repr(oid)}: loading a record never loads another object"
@@ -367,6 +368,38 @@ class Connection:
 
     def __getitem__(self, oid: Oid) -> Persistent:
         return self.get(oid)
+
+    @_exclusive
+    def get_with_record(self, oid: Oid, record: bytes, serial: Tid) -> Persistent:
+        """:meth:`get`, given the object's record a storage just listed (``current_records``).
+
+        The record is used only when it is the revision this connection's view shows: its
+        serial is not newer than the snapshot, and the listing came after the snapshot was
+        taken (the caller's promise: then no newer revision existed at the snapshot either).
+        Otherwise, or for an object changed or spilled in this transaction, this is ``get``.
+        """
+        if not self._opened or self._unpickling or serial > self._snapshot or self._in_spill(oid):
+            return self.get(oid)
+        obj = self._cache.get(oid)
+        if obj is not None:
+            if obj._p_state != GHOST:
+                self._cache.touch(oid, obj)
+                return obj
+            self._restore(obj, oid, record, serial, self._reader.header(oid, record))
+            return obj
+        header = self._reader.header(oid, record)
+        cls = self._reader.record_class(oid, header)
+        obj = make_ghost(cls, oid, self)
+        self._cache.add(oid, obj)
+        if cls._p_broken:
+            self._broken_oids.add(oid)
+        try:
+            self._restore(obj, oid, record, serial, header)
+        except BaseException:
+            if self._cache.get(oid) is obj:
+                self._cache.remove(oid)
+            raise
+        return obj
 
     @property
     def prefetches(self) -> bool:

@@ -19,24 +19,25 @@
 from __future__ import annotations
 
 import copyreg
+import itertools
 import logging
 import os
 import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from amberdb import transaction as _transaction
 from amberdb.broken import Broken, broken_name
 from amberdb.exceptions import ConflictError, DatabaseError, TransientError
 from amberdb.metadata import metadata_for_update, read_metadata
-from amberdb.persistent import Persistent, class_name, stored_version_differs
+from amberdb.persistent import Persistent, stored_version_differs
 from amberdb.record import decode_header
 from amberdb.serialize import normalize_class_name
 from amberdb.storage.history import iter_current_records
-from amberdb.utils import Oid, oid_repr, p64, u64
+from amberdb.utils import Oid, Tid, oid_repr, p64, u64
 
 __all__ = [
     "EachResult",
@@ -408,26 +409,26 @@ def each(
         return result
     after = p64(state["after"]) if isinstance(state.get("after"), int) else None
     done = int(state.get("count", 0)) if isinstance(state.get("count"), int) else 0
-    count = 0
+    count = batches = conflicts = 0
     manager = _transaction.TransactionManager()
     conn = db.open(manager)
     try:
-        batch: list[Oid] = []
-        for oid in _instances(db.storage, names, after):
-            batch.append(oid)
-            if len(batch) >= batch_size:
-                count += _each_batch(conn, manager, run, batch, func, done + count, result)
-                batch = []
-                if progress is not None:
-                    progress(done + count, None)
-        count += _each_batch(conn, manager, run, batch, func, done + count, result, last=True)
-        if progress is not None:
-            progress(done + count, done + count)
+        while True:
+            handled, after, finished, retried = _each_batch(
+                conn, manager, run, names, after, func, batch_size, done + count
+            )
+            count += handled
+            batches += 1
+            conflicts += retried
+            if progress is not None:
+                progress(done + count, done + count if finished else None)
+            if finished:
+                break
     finally:
         manager.abort()
         conn.close()
     final = EachResult(count)
-    final.batches, final.conflicts, final.already_done = result.batches, result.conflicts, False
+    final.batches, final.conflicts, final.already_done = batches, conflicts, False
     return final
 
 
@@ -452,52 +453,73 @@ def _read(db: Any) -> dict[str, dict[str, Any]] | None:
         conn.close()
 
 
-def _instances(storage: Any, names: set[str], after: Oid | None) -> Iterator[Oid]:
-    """Oids whose current record's class is one of ``names``, in oid order, above ``after``."""
-    for oid, _tid, record in iter_current_records(storage, after=after):
-        try:
-            if decode_header(record).class_name in names:
-                yield oid
-        except DatabaseError:
-            log.warning("evolve: the record of oid %s cannot be decoded; skipped", oid_repr(oid))
+def _next_instances(
+    storage: Any, names: set[str], after: Oid | None, wanted: int
+) -> tuple[list[tuple[Oid, Tid, bytes]], Oid | None, bool]:
+    """Up to ``wanted`` current records of the classes ``names`` above ``after``.
+
+    Returns them, the last oid looked at, and whether the storage has no more records.
+    """
+    found: list[tuple[Oid, Tid, bytes]] = []
+    page_size = max(100, min(wanted, 1000))
+    while len(found) < wanted:
+        page = _current_page(storage, after, page_size)
+        if not page:
+            return found, after, True
+        for oid, tid, record in page:
+            after = oid
+            try:
+                if decode_header(record).class_name in names:
+                    found.append((oid, tid, record))
+            except DatabaseError:
+                log.warning("evolve: the record of oid %s cannot be decoded; skipped", oid_repr(oid))
+            if len(found) >= wanted:
+                break
+    return found, after, False
+
+
+def _current_page(storage: Any, after: Oid | None, limit: int) -> list[tuple[Oid, Tid, bytes]]:
+    """One page of ``current_records``, checked (order, size) by ``iter_current_records``."""
+    return list(itertools.islice(iter_current_records(storage, after=after, batch=limit), limit))
 
 
 def _each_batch(
     conn: Any,
     manager: Any,
     run: str,
-    batch: list[Oid],
+    names: set[str],
+    after: Oid | None,
     func: Callable[[Any], Any],
+    batch_size: int,
     done: int,
-    result: EachResult,
-    last: bool = False,
-) -> int:
-    """Migrate one batch and commit it with the run's new position; retried on conflicts."""
+) -> tuple[int, Oid | None, bool, int]:
+    """Migrate the next batch and commit it with the run's new position; retried on conflicts.
+
+    The records are listed after the transaction began, so one whose serial is not newer
+    than the connection's snapshot is the revision the snapshot shows and is used as it is
+    (no second read).  Returns (objects handled, new position, finished, conflicts retried).
+    """
     for attempt in range(_RETRIES):
         try:
             manager.begin()
-            for oid in batch:
-                obj = conn.get(oid)
+            found, position, finished = _next_instances(conn._storage, names, after, batch_size)
+            objects = [conn.get_with_record(oid, record, tid) for oid, tid, record in found]
+            for obj in objects:
                 func(obj)
             metadata = metadata_for_update(conn)
-            position: dict[str, Any] = {"count": done + len(batch)}
-            if batch:
-                position["after"] = u64(batch[-1])
-            else:
-                previous = metadata.section("runs").get(run, {})
-                if isinstance(previous, dict) and isinstance(previous.get("after"), int):
-                    position["after"] = previous["after"]
-            if last:
-                position["done"] = True
-            metadata.update_section("runs", run, position)
-            manager.get().note(f"amberdb: evolve.each {run}: {len(batch)} objects")
+            saved: dict[str, Any] = {"count": done + len(found)}
+            if position is not None:
+                saved["after"] = u64(position)
+            if finished:
+                saved["done"] = True
+            metadata.update_section("runs", run, saved)
+            manager.get().note(f"amberdb: evolve.each {run}: {len(found)} objects")
             manager.commit()
-            result.batches += 1
-            conn.cache_minimize()
-            return len(batch)
+            for obj in objects:
+                obj._p_deactivate()
+            return len(found), position, finished, attempt
         except TransientError:
             manager.abort()
-            result.conflicts += 1
             time.sleep(min(0.5, 0.01 * 2**attempt))
         except BaseException:
             manager.abort()
@@ -605,7 +627,3 @@ def make_plain(
         manager.abort()
         conn.close()
     return rewritten
-
-
-def _name(cls: type) -> str:
-    return class_name(cls)

@@ -39,7 +39,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from amberdb.storage.base import Storage
@@ -84,7 +84,7 @@ def register_scheme(scheme: str, opener: Opener) -> None:
 def known_schemes() -> list[str]:
     """The schemes ``open_storage`` knows: built in, registered, and from entry points."""
     names = set(_BUILT_IN) | set(_registered)
-    names.update(entry.name.lower() for entry in entry_points(group=ENTRY_POINT_GROUP))
+    names.update(entry.name.lower() for entry in _entry_points())
     return sorted(names)
 
 
@@ -121,7 +121,7 @@ def open_storage(uri: str | os.PathLike[str], *, read_only: bool = False) -> Sto
 
 
 def _entry_point_opener(scheme: str) -> Opener | None:
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
+    for entry in _entry_points():
         if entry.name.lower() == scheme:
             opener: Opener = entry.load()
             return opener
@@ -231,3 +231,10 @@ _BUILT_IN: dict[str, Opener] = {
     "postgresql": _open_postgresql,
     "postgres": _open_postgresql,
 }
+
+
+def _entry_points() -> list[Any]:
+    """The installed storages' entry points (importlib.metadata is costly to import: on demand)."""
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group=ENTRY_POINT_GROUP))
