@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_NOTE = (
     "cache sizes (objects, both engines): add..hot read n+1000; BTrees 10,000 (scale: 2,000); "
-    "big transaction {big_cache:,}; commit, open, concurrency 1,000; postgresql, sqlite n+1000"
+    "big transaction {big_cache:,}; commit, open, concurrency 1,000; evolve 10,000; postgresql, sqlite n+1000"
 )
 
 

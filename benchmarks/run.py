@@ -190,6 +190,28 @@ class Runner:
             for directory in directories.values():
                 directory.cleanup()
 
+    def evolve(self) -> None:
+        """Build each engine's database once (not timed); per sample, migrate a fresh copy of
+        it in one worker, then check every object in another (outside the measurement)."""
+        s = self.sizes
+        directories = {engine: self.tempdir() for engine in self.engines}
+        try:
+            for engine, directory in directories.items():
+                began = time.perf_counter()
+                sizes = {"n": s.evolve_objects, "build_batch": s.evolve_build_batch}
+                self.task("evolve_build", engine, directory.name, **sizes)
+                print(f"  evolve: built {s.evolve_objects} objects for {engine} in "
+                      f"{time.perf_counter() - began:.1f}s", file=sys.stderr)  # fmt: skip
+            for r, engine in self.rounds("evolve"):
+                began = time.perf_counter()
+                where = directories[engine].name
+                self.measure("evolve", "evolve", engine, where, n=s.evolve_objects, batch=s.evolve_batch)
+                self.measure("evolve", "evolve_check", engine, where, n=s.evolve_objects)
+                self.progress("evolve", r, engine, began)
+        finally:
+            for directory in directories.values():
+                directory.cleanup()
+
     def server(self) -> None:
         """Like :meth:`simple`, but an engine without its server package (ZEO) is left out
         and the other still measured."""
@@ -274,6 +296,7 @@ class Runner:
             "concurrency": lambda: self.simple("concurrency", "concurrency", commits=s.concurrency_commits),
             "group_commit": lambda: self.simple("group_commit", "group_commit", commits=s.group_commits),
             "pack": self.pack,
+            "evolve": self.evolve,
             "server": self.server,
             "postgresql": lambda: self.sql("postgresql"),
             "sqlite": lambda: self.sql("sqlite"),

@@ -30,6 +30,9 @@ class Sizes:
     group_commits: int = 60  # per thread, at 1, 16 and 32 threads, on each device
     pack_objects: int = 1_000_000  # half garbage, every live one with 3 old revisions
     pack_batch: int = 10_000
+    evolve_objects: int = 200_000  # instances migrated (evolve.each vs a loop over an IOBTree)
+    evolve_batch: int = 1_000  # objects per migration commit
+    evolve_build_batch: int = 10_000  # objects per commit while building (not timed)
     server_objects: int = 10_000  # add / update / cold read through the server
     server_commits: int = 500  # one-object commits timed through the server
     server_client_commits: int = 200  # per client process (disjoint writers, counter)
@@ -51,6 +54,7 @@ class Sizes:
         "concurrency_commits",
         "group_commits",
         "pack_objects",
+        "evolve_objects",
         "server_objects",
         "server_commits",
         "server_client_commits",
@@ -106,6 +110,9 @@ QUICK = Sizes(
     group_commits=3,
     pack_objects=2_000,
     pack_batch=500,
+    evolve_objects=2_000,
+    evolve_batch=500,
+    evolve_build_batch=1_000,
     server_objects=300,
     server_commits=10,
     server_client_commits=5,

@@ -41,6 +41,7 @@ WORKLOADS = (
     "concurrency",
     "group_commit",
     "pack",
+    "evolve",
     "server",
     "postgresql",
     "sqlite",
@@ -231,6 +232,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("pack_p99_base_ms", "pack", "p99 commit, idle", "ms", False),
     Metric("pack_p99_vs_base", "pack", "p99 packing/idle", "x", False, at_most(5.0, "amber <= 5x")),
     Metric("pack_shrink", "pack", "file shrink", "x", True),
+    # amberdb.evolve.each against a hand-written ZODB loop over an IOBTree, commit every 1,000.
+    Metric("evolve_rate", "evolve", "migrate", "obj/s", True, at_least(1.5)),
+    Metric("evolve_peak_rss_mb", "evolve", "peak RSS", "MB", False, at_least(1.0, "<= zodb")),
+    Metric("evolve_rss_added_mb", "evolve", "RSS the migration adds", "MB", False),
     # The server workload: "zodb" is ZEO's runzeo here, both on a FileStorage.
     Metric("srv_commit_p50_ms", "server", "commit p50", "ms", False, at_least(2.0, ">= 2x (<= ZEO/2)")),
     Metric("srv_commit_mean_ms", "server", "commit mean", "ms", False, at_least(2.0, ">= 2x (<= ZEO/2)")),

@@ -106,6 +106,33 @@ def test_every_object_was_read(document: dict[str, Any]) -> None:
         assert objects_read[engine] == [QUICK.objects, QUICK.objects]  # warm/hot, then cold
 
 
+def test_evolve_migrated_every_object(document: dict[str, Any]) -> None:
+    # The check task reads every Book back (each migrated exactly once, or the run fails)
+    # and reports how many it read; the build and each sample used the quick size.
+    checked = document["extras"]["evolve_checked"]
+    for engine in _engines():
+        assert checked[engine] == [QUICK.evolve_objects]
+    assert document["sizes"]["evolve_objects"] == QUICK.evolve_objects
+    assert QUICK.evolve_objects > QUICK.evolve_batch  # several batches, so resuming is exercised
+
+
+def test_evolve_alone(tmp_path: Path) -> None:
+    """``--only evolve`` runs the workload by itself, at a size of our choosing (--scale)."""
+    path = tmp_path / "evolve.json"
+    argv = ["--quick", "--repeat", "1", "--only", "evolve", "--scale", "0.5", "--json", str(path)]
+    assert run.main([*argv, "--dir", str(tmp_path)]) == 0
+    document = json.loads(path.read_text())
+    assert document["workloads"] == ["evolve"]
+    assert {row["workload"] for row in document["results"]} == {"evolve"}
+    by_key = {row["metric"]: row for row in document["results"]}
+    for engine in _engines():
+        assert by_key["evolve_rate"]["engines"][engine]["median"] > 0
+        assert by_key["evolve_peak_rss_mb"]["engines"][engine]["median"] > 0
+        assert document["extras"]["evolve_checked"][engine] == [QUICK.evolve_objects // 2]
+    if len(_engines()) == 2:
+        assert by_key["evolve_rate"]["verdict"] in ("OK", "MISSED")
+
+
 def test_environment_is_recorded(document: dict[str, Any]) -> None:
     env = document["environment"]
     assert env["python"] and env["date"] and env["cpus"]

@@ -3,7 +3,8 @@
 ``load("amberdb")`` / ``load("zodb")`` import only the engine asked for: a worker process
 measuring AmberDB never imports ZODB, so peak-memory figures are not skewed by the other
 engine's modules.  Both engines define the same module-level classes (``Item`` with five
-attributes, ``Counter`` with a conflict resolver), so records name importable classes.
+attributes, ``Counter`` with a conflict resolver, ``Book`` for the evolve workload), so records
+name importable classes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Engine(Protocol):
     name: str
     Item: type[Any]
     Counter: type[Any]
+    Book: type[Any]
     PersistentList: type[Any]
     ConflictError: type[BaseException]
 
@@ -40,6 +42,9 @@ class Engine(Protocol):
 
     def btree_class(self) -> type[Any]:
         """The integer-to-integer BTree class; raises :class:`UnavailableError` if it is missing."""
+
+    def object_btree_class(self) -> type[Any]:
+        """The integer-to-object BTree class (``IOBTree``)."""
 
     def minimize_cache(self, conn: Any) -> None:
         """Turn every unchanged loaded object of ``conn`` into a ghost."""

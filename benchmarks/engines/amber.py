@@ -25,6 +25,16 @@ class Item(amberdb.Persistent):
         self.e = "x"
 
 
+class Book(amberdb.Persistent):
+    """A small object of the evolve workload: a title, a year, a list of tags (the same shape
+    as the ZODB one)."""
+
+    def __init__(self, n: int) -> None:
+        self.title = f"Book {n}"
+        self.year = 1900 + n % 120
+        self.tags = ["fiction" if n % 2 else "poetry", f"shelf {n % 50}"]
+
+
 class Counter(amberdb.Persistent):
     """A shared counter whose concurrent increments merge instead of conflicting."""
 
@@ -41,6 +51,7 @@ class AmberEngine:
     name = "amberdb"
     Item = Item
     Counter = Counter
+    Book = Book
     PersistentList = amberdb.PersistentList
     ConflictError = amberdb.ConflictError
 
@@ -57,6 +68,11 @@ class AmberEngine:
         from amberdb.btrees import IIBTree
 
         return IIBTree  # type: ignore[no-any-return]
+
+    def object_btree_class(self) -> type[Any]:
+        from amberdb.btrees import IOBTree
+
+        return IOBTree  # type: ignore[no-any-return]
 
     def minimize_cache(self, conn: Any) -> None:
         conn.cache_minimize()

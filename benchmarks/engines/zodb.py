@@ -28,6 +28,16 @@ class Item(persistent.Persistent):
         self.e = "x"
 
 
+class Book(persistent.Persistent):
+    """A small object of the evolve workload: a title, a year, a list of tags (the same shape
+    as the AmberDB one)."""
+
+    def __init__(self, n: int) -> None:
+        self.title = f"Book {n}"
+        self.year = 1900 + n % 120
+        self.tags = ["fiction" if n % 2 else "poetry", f"shelf {n % 50}"]
+
+
 class Counter(persistent.Persistent):
     """A shared counter whose concurrent increments merge instead of conflicting."""
 
@@ -44,6 +54,7 @@ class ZodbEngine:
     name = "zodb"
     Item = Item
     Counter = Counter
+    Book = Book
     PersistentList = persistent.list.PersistentList
     ConflictError = ZODB.POSException.ConflictError
 
@@ -61,6 +72,11 @@ class ZodbEngine:
         from BTrees.IIBTree import IIBTree
 
         return IIBTree  # type: ignore[no-any-return]
+
+    def object_btree_class(self) -> type[Any]:
+        from BTrees.IOBTree import IOBTree
+
+        return IOBTree  # type: ignore[no-any-return]
 
     def minimize_cache(self, conn: Any) -> None:
         conn.cacheMinimize()
