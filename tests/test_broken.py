@@ -246,7 +246,7 @@ def test_a_module_outside_allowed_modules_is_not_imported(
 def test_broken_value_rebuilds_how_it_was_made() -> None:
     from amberdb.broken import broken_class
 
-    cls = broken_class("gone.module:Thing", "test", persistent=False)
+    cls = broken_class("gone.module", "Thing", "test", persistent=False)
     called = cls(1, 2)  # REDUCE: a call
     called.__setstate__({"a": 1})
     assert called.__reduce_ex__(5)[:3] == (cls, (1, 2), {"a": 1})

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import copyreg
 import logging
+import re
 from typing import Any, ClassVar
 
-from amberdb.exceptions import BrokenModified
+from amberdb.exceptions import BrokenModified, RecordDecodeError
 from amberdb.persistent import Persistent
 from amberdb.utils import oid_repr
 
@@ -47,7 +48,8 @@ class Broken:
     """
 
     __slots__ = ()
-    __broken_name__: ClassVar[str] = ""  # "module:qualname" of the missing class
+    __broken_name__: ClassVar[str] = ""  # "module:qualname" of the missing class, for people
+    __broken_global__: ClassVar[tuple[str, str]] = ("", "")  # (module, qualname), exactly
     __broken_reason__: ClassVar[str] = ""
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -98,7 +100,7 @@ def _attributes(state: Any) -> dict[str, Any] | None:
 
 
 def _dotted(cls: type) -> str:
-    module, _, qualname = getattr(cls, "__broken_name__", "").partition(":")
+    module, qualname = getattr(cls, "__broken_global__", ("", ""))
     if not qualname:
         module, qualname = cls.__module__, cls.__qualname__
     return f"{module}.{qualname}"
@@ -123,6 +125,16 @@ class PersistentBroken(Broken, Persistent):
     """A persistent object whose class is missing: read-only, kept as stored."""
 
     _p_broken = True  # keeps the class out of persistent.persistent_class_named
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """The broken class -- or, while evolve.make_plain writes it inline, the plain class
+        it becomes (pickle checks that a NEWOBJ's class is the object's)."""
+        try:
+            inline = _object_getattribute(self, "__dict__").get("_v_inline_class")
+        except AttributeError:
+            inline = None
+        return inline if inline is not None else type(self)
 
     def __setstate__(self, state: Any) -> None:
         """Keep the state as the record gave it."""
@@ -164,8 +176,14 @@ class BrokenValue(Broken):
         _object_getattribute(self, "__dict__")["__broken_called__"] = True
 
     def __setstate__(self, state: Any) -> None:
-        """Keep the state as the record gave it."""
-        _object_getattribute(self, "__dict__")["__broken_state__"] = state
+        """Keep the state as the record gave it (once: a second BUILD could not be written back)."""
+        values = _object_getattribute(self, "__dict__")
+        if "__broken_state__" in values:
+            raise RecordDecodeError(
+                f"the record sets the state of the broken value {_dotted(type(self))} twice, which could not"
+                " be written back as it was"
+            )
+        values["__broken_state__"] = state
 
     # What pickle's APPEND(S) and SETITEM(S) call on a list or dict subclass being built.
     def append(self, item: Any) -> None:
@@ -208,24 +226,31 @@ class BrokenValue(Broken):
         )
 
 
-_broken_classes: dict[tuple[str, bool], type[Broken]] = {}
+_broken_classes: dict[tuple[str, str, bool], type[Broken]] = {}
 
 
-def broken_class(name: str, reason: str, persistent: bool) -> type[Broken]:
-    """The broken class standing for ``name`` (``module:qualname``): persistent or a value."""
-    key = (name, persistent)
+def broken_class(module: str, qualname: str, reason: str, persistent: bool) -> type[Broken]:
+    """The broken class standing for ``module.qualname``: persistent, or a value's."""
+    key = (module, qualname, persistent)
     cls = _broken_classes.get(key)
     if cls is None:
-        module, _, qualname = name.partition(":")
         base: type[Broken] = PersistentBroken if persistent else BrokenValue
         namespace = {
             "__module__": module,
-            "__qualname__": qualname,
-            "__broken_name__": name,
+            "__broken_name__": f"{module}:{qualname}",
+            "__broken_global__": (module, qualname),
             "__broken_reason__": reason,
             "_p_broken": True,
         }
-        cls = type(qualname.rpartition(".")[2] or qualname, (base,), namespace)
+        last = qualname.rpartition(".")[2]
+        # type() refuses some names a hostile record may hold (a NUL): those get a safe
+        # __name__, while __broken_global__ keeps the exact one for writing back.
+        safe = last if last.isidentifier() else re.sub(r"\W", "_", last) or "_"
+        cls = type(safe, (base,), namespace)
+        try:
+            cls.__qualname__ = qualname
+        except (TypeError, ValueError):
+            cls.__qualname__ = safe
         _broken_classes[key] = cls
         log.warning("records name %s.%s, which loads as a broken object: %s", module, qualname, reason)
     elif cls.__broken_reason__ != reason:

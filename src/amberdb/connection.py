@@ -1167,8 +1167,19 @@ class _InlineJar:
 
     def register(self, obj: Persistent) -> None:
         """Its first change: it becomes a record of its own, and its container refers to it."""
+        container = self.container
+        if container._p_state == GHOST or not any(
+            found is obj for found in _inline_persistent(container.__getstate__())
+        ):
+            # The container was reloaded since (evicted, invalidated): its state holds another
+            # copy now, and a change to this one would be stored where nothing refers to it.
+            raise ConnectionStateError(
+                f"cannot change this {class_name(obj.__class__)}: it was loaded inside "
+                f"{class_name(container.__class__)} oid {oid_repr(container._p_oid)}, which was reloaded "
+                "since; get it from that object again"
+            )
         self.connection.add(obj)  # written with this transaction, like any added object
-        mark_changed(self.container)
+        mark_changed(container)
 
     def setstate(self, obj: Persistent) -> None:
         """Never a ghost: it has no record yet."""
@@ -1176,7 +1187,7 @@ class _InlineJar:
 
 
 def _inline_persistent(state: Any) -> list[Persistent]:
-    """The persistent objects without a jar inside a freshly loaded ``state``."""
+    """The persistent objects held inline in ``state`` (no jar yet, or an _InlineJar)."""
     found: list[Persistent] = []
     seen: set[int] = set()
     pending = [state]
@@ -1186,7 +1197,8 @@ def _inline_persistent(state: Any) -> list[Persistent]:
             continue
         seen.add(id(value))
         if isinstance(value, Persistent):
-            if _get_slot(value, "_p_jar") is not None:
+            jar = _get_slot(value, "_p_jar")
+            if jar is not None and type(jar) is not _InlineJar:
                 continue  # a reference: an object of its own
             found.append(value)
         if isinstance(value, dict):

@@ -146,6 +146,8 @@ class DB:
         new_name = normalize_class_name(new)
         if old_name == new_name:
             raise ValueError(f"rename_class({old!r}, {new!r}): the names are the same")
+        if old_name.split(".")[0].split(":")[0] == "amberdb":
+            raise ValueError(f"rename_class({old!r}, ...): AmberDB's own classes cannot be renamed")
 
         def record(conn: Connection) -> dict[str, str]:
             metadata = metadata_for_update(conn)

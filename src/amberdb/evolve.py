@@ -222,6 +222,8 @@ class Schema:
         result = RunResult(list(range(current + 1, self.latest + 1)), dry_run=True)
         manager = _transaction.TransactionManager()
         conn = db.open(manager)
+        refuse = _RefuseCommits(self.name)
+        manager.registerSynch(refuse)
         try:
             manager.begin()
             seen: set[int] = set()
@@ -238,6 +240,7 @@ class Schema:
                 result.changed_by_generation[generation] = dict(counts)
         finally:
             manager.abort()
+            manager.unregisterSynch(refuse)
             conn.close()
         return result
 
@@ -253,9 +256,13 @@ class Schema:
                 held = claims.get(self.name)
                 generation = metadata.section("generations").get(self.name, 0)
                 self._check_not_too_high(generation)
+                if not isinstance(generation, int) or generation < 0:
+                    raise DatabaseError(
+                        f"schema {self.name!r}: the database records generation {generation!r}, not a number"
+                    )
                 if (
                     held is not None
-                    and tuple(held[:3]) != owner[:3]
+                    and not _same_owner(held, owner)
                     and not _expired(held, self.claim_timeout)
                 ):
                     manager.abort()
@@ -282,7 +289,7 @@ class Schema:
                 manager.begin()
                 metadata = read_metadata(conn)
                 held = None if metadata is None else metadata.section("claims").get(self.name)
-                if held is None or tuple(held[:3]) != owner[:3]:
+                if not _same_owner(held, owner):
                     manager.abort()
                     return
                 metadata.update_section("claims", self.name, None)  # type: ignore[union-attr]
@@ -313,8 +320,7 @@ class Schema:
                 step(conn)
                 counts = Counter(_dotted(obj) for obj in conn.pending_changes())
                 metadata.update_section("generations", self.name, generation)
-                held = metadata.section("claims").get(self.name)
-                if held is not None and tuple(held[:3]) == owner[:3]:
+                if _same_owner(metadata.section("claims").get(self.name), owner):
                     metadata.update_section("claims", self.name, (*owner[:3], time.time()))
                 manager.get().note(
                     f"amberdb: schema {self.name} generation {generation} ({_step_name(step)})"
@@ -332,9 +338,37 @@ class Schema:
         raise ConflictError(f"schema {self.name!r}: step {generation} kept conflicting ({_RETRIES} attempts)")
 
 
+class _RefuseCommits:
+    """A synchronizer making every transaction of a dry run refuse to commit."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+
+    def newTransaction(self, transaction: Any) -> None:
+        """Hook the refusal into each transaction the dry run begins."""
+        transaction.addBeforeCommitHook(self._refuse)
+
+    def beforeCompletion(self, transaction: Any) -> None:
+        """Nothing to do."""
+
+    def afterCompletion(self, transaction: Any) -> None:
+        """Nothing to do."""
+
+    def _refuse(self) -> None:
+        raise DatabaseError(
+            f"schema {self.schema!r}: a step committed during a dry run; dry runs commit nothing, so "
+            "steps that commit their own transactions cannot be dry-run"
+        )
+
+
 def _owner() -> tuple[Any, ...]:
     """Who runs a schema: host, process and a token of this run (threads differ), and when."""
     return (socket.gethostname(), os.getpid(), secrets.token_hex(8), time.time())
+
+
+def _same_owner(held: Any, owner: tuple[Any, ...]) -> bool:
+    """Whether the claim ``held`` (whatever the database holds) is ``owner``'s."""
+    return isinstance(held, tuple) and len(held) == 4 and held[:3] == owner[:3]
 
 
 def _expired(held: Any, timeout: float) -> bool:
@@ -400,7 +434,7 @@ def each(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     target = normalize_class_name(class_)
     names = db.class_resolver.names_for(target)
-    run = name or f"{target}/{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+    run = name or _run_name(db, target, func)
     state = _run_state(db, run)
     result = EachResult(0)
     result.batches = result.conflicts = 0
@@ -430,6 +464,23 @@ def each(
     final = EachResult(count)
     final.batches, final.conflicts, final.already_done = batches, conflicts, False
     return final
+
+
+def _run_name(db: Any, target: str, func: Callable[[Any], Any]) -> str:
+    """The class and the function's qualified name; where that is ambiguous, more.
+
+    A lambda or a function defined inside another has no unique qualified name, so its code's
+    file and line are added; ``upgrade`` runs again for each new ``_p_version`` of the class.
+    """
+    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
+    run = f"{target}/{getattr(func, '__module__', None) or '?'}.{qualname}"
+    code = getattr(func, "__code__", None)
+    if "<" in qualname and code is not None:
+        run += f"@{code.co_filename}:{code.co_firstlineno}"
+    if func is upgrade:
+        cls = db.class_resolver.persistent_class(target)
+        run += f"@version{getattr(cls, '_p_version', 0)}"
+    return run
 
 
 def _run_state(db: Any, run: str) -> dict[str, Any]:
@@ -565,11 +616,14 @@ def make_plain(
             "change the class first, then convert its stored instances"
         )
     referrers: dict[Oid, list[Oid]] = {}
+    instances: set[Oid] = set()
     for oid, _tid, record in iter_current_records(db.storage):
         try:
             header = decode_header(record)
         except DatabaseError:
             continue
+        if header.class_name in names:
+            instances.add(oid)
         for ref_oid, ref_class in set(header.refs):
             if ref_class in names:
                 referrers.setdefault(ref_oid, []).append(oid)
@@ -584,11 +638,14 @@ def make_plain(
             f"one object, which plain values cannot be: {shown}",
             shared,
         )
-    owners = sorted({owners[0] for owners in referrers.values()})
+    # An instance referred to by another instance goes inline into it, and with it into the
+    # object that refers to the first of the chain: only those outside objects are written.
+    owners = sorted({owners[0] for owners in referrers.values() if owners[0] not in instances})
 
     def inline(obj: Persistent) -> Any:
         if isinstance(obj, Broken) and broken_name(type(obj)) in names:
             obj._p_activate()
+            obj._v_inline_class = plain  # see PersistentBroken.__class__
             return copyreg.__newobj__, (plain,), obj.__getstate__()  # type: ignore[attr-defined]
         return None
 

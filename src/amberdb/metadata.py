@@ -72,6 +72,10 @@ class DatabaseMetadata(Persistent):
                 raise ConflictError(f"database metadata: {attribute} changed by two transactions")
             if merged[attribute] is _ABSENT:
                 del merged[attribute]
+        aliases = merged.get("class_aliases")
+        if isinstance(aliases, dict) and _has_cycle(aliases):
+            # Each side checked its own renames; together they go round: let one retry.
+            raise ConflictError("database metadata: two renames made together would go round in a circle")
         return merged
 
 
@@ -90,6 +94,18 @@ def _merge_keys(
         if value is not _ABSENT:
             merged[key] = value
     return merged
+
+
+def _has_cycle(aliases: dict[Any, Any]) -> bool:
+    for start in aliases:
+        seen = {start}
+        name = aliases[start]
+        while name in aliases:
+            if name in seen:
+                return True
+            seen.add(name)
+            name = aliases[name]
+    return False
 
 
 METADATA_CLASS = class_name(DatabaseMetadata)

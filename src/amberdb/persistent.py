@@ -93,6 +93,9 @@ class Jar(Protocol):
 # inside functions cannot be found by import path, so loading needs this registry; a
 # class defined again under the same name replaces the older one.
 _classes_by_name: dict[str, type[Persistent]] = {}
+# How many persistent classes were defined so far: one defined again (a reload, a new
+# deployment in tests) must replace what resolvers found under its name.
+CLASS_DEFINITIONS = [0]
 
 
 def class_name(cls: type) -> str:
@@ -120,6 +123,7 @@ class Persistent:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("_p_is_twin", False):
             if not cls.__dict__.get("_p_broken", False):  # broken classes are never found by name
+                CLASS_DEFINITIONS[0] += 1  # resolvers drop what they found before (a reload?)
                 _classes_by_name[class_name(cls)] = cls
             own = cls.__dict__.get("__setstate__")
             if own is not None and not getattr(own, "_p_guarded", False):

@@ -40,6 +40,7 @@ from amberdb.broken import Broken, BrokenValue, broken_class
 from amberdb.checked_unpickler import BIG_INT_BITS
 from amberdb.exceptions import RecordDecodeError, SerializationError, UnsafeGlobalError
 from amberdb.persistent import (
+    CLASS_DEFINITIONS,
     Persistent,
     class_name,
     persistent_class_named,
@@ -98,6 +99,11 @@ def normalize_class_name(name: Any) -> str:
             f"{name!r} is not a class name: give 'package.module.Class' or 'package.module:Outer.Inner'"
         )
     return f"{module}:{qualname}"
+
+
+def _is_own_name(module: str) -> bool:
+    """Whether ``module`` is AmberDB's own (its classes cannot be renamed)."""
+    return module == "amberdb" or module.startswith("amberdb.")
 
 
 class _MissingGlobalError(UnsafeGlobalError):
@@ -199,7 +205,8 @@ class ClassResolver:
         self._process_aliases: dict[str, Any] = {}
         self._stored_aliases: dict[str, str] = {}
         # Broken classes found, with what the process looked like then (see _broken_epoch).
-        self._broken: dict[tuple[str, bool], tuple[type[Broken], tuple[int, int]]] = {}
+        self._broken: dict[tuple[str, str, bool], tuple[type[Broken], tuple[int, int]]] = {}
+        self._definitions_seen = CLASS_DEFINITIONS[0]
         if isinstance(allowed_classes, Mapping):
             for name, obj in allowed_classes.items():
                 self.register(obj, name)
@@ -282,7 +289,9 @@ class ClassResolver:
 
     def _resolve(self, module: str, qualname: str) -> Any:
         name = f"{module}:{qualname}"
-        for _ in range(_MAX_ALIAS_CHAIN):
+        # AmberDB's own names (the metadata holding the renames above all) are never renamed.
+        chain = 0 if _is_own_name(module) else _MAX_ALIAS_CHAIN
+        for _ in range(chain):
             target = self._process_aliases.get(name)
             if target is None:
                 target = self._stored_aliases.get(name)
@@ -292,7 +301,10 @@ class ClassResolver:
                 return target
             name = target
         else:
-            raise UnsafeGlobalError(f"the class renames starting at {module}.{qualname} go round in a circle")
+            if chain:
+                raise UnsafeGlobalError(
+                    f"the class renames starting at {module}.{qualname} go round in a circle"
+                )
         module, qualname = _split(name)
         if name in self._registered:
             return self._registered[name]
@@ -359,6 +371,9 @@ class ClassResolver:
         a broken class standing in for it (:mod:`amberdb.broken`): nothing is imported or
         run, and only the objects of that class are affected.
         """
+        if CLASS_DEFINITIONS[0] != self._definitions_seen:
+            self._definitions_seen = CLASS_DEFINITIONS[0]
+            self._forget_found()
         cls = self._persistent_found.get(name)
         if cls is not None:
             return cls
@@ -366,25 +381,26 @@ class ClassResolver:
         try:
             found = self.find(module, qualname)
         except UnsafeGlobalError as exc:
-            return self._broken_class(name, str(exc), persistent=True)  # type: ignore[return-value]
+            return self._broken_class(module, qualname, str(exc), persistent=True)  # type: ignore[return-value]
         if not (isinstance(found, type) and issubclass(found, Persistent)):
             what = (
                 "a broken class"
                 if isinstance(found, type) and issubclass(found, Broken)
                 else "not a persistent class"
             )
-            return self._broken_class(name, f"{module}.{qualname} is {what}", persistent=True)  # type: ignore[return-value]
+            return self._broken_class(module, qualname, f"{module}.{qualname} is {what}", persistent=True)  # type: ignore[return-value]
         self._persistent_found[name] = found
         return found
 
-    def _broken_class(self, name: str, reason: str, persistent: bool) -> type[Broken]:
-        """The broken class for ``name``, kept until an import or a rename may have changed things."""
-        key = (name, persistent)
+    def _broken_class(self, module: str, qualname: str, reason: str, persistent: bool) -> type[Broken]:
+        """The broken class for ``module.qualname``, kept until an import or a rename may have
+        changed things."""
+        key = (module, qualname, persistent)
         epoch = (len(sys.modules), len(_persistent_classes))
         known = self._broken.get(key)
         if known is not None and known[1] == epoch:
             return known[0]
-        cls = broken_class(name, reason, persistent)
+        cls = broken_class(module, qualname, reason, persistent)
         self._broken[key] = (cls, epoch)
         return cls
 
@@ -393,8 +409,7 @@ class ClassResolver:
         try:
             return self.find(module, qualname)
         except _MissingGlobalError as exc:
-            name = f"{module}:{qualname}"
-            return self._broken_class(name, str(exc), persistent=False)
+            return self._broken_class(module, qualname, str(exc), persistent=False)
 
     def check_storable(self, obj: Any) -> None:
         """Raise SerializationError unless ``obj`` (a class or function) can be loaded back."""
@@ -501,7 +516,7 @@ class _BrokenAwarePickler(pickle._Pickler):
 
     def save_global(self, obj: Any, name: str | None = None) -> None:
         if isinstance(obj, type) and issubclass(obj, Broken):
-            module, qualname = _split(obj.__broken_name__)
+            module, qualname = obj.__broken_global__
             machine: Any = self  # typeshed does not declare the Python pickler's own methods
             machine.save(module)
             machine.save(qualname)
@@ -595,9 +610,14 @@ class ObjectWriter:
             buffer.seek(0)
             buffer.truncate()
             self._broken_pickler = True
+            # The Python pickler spends several frames per level of nesting where the C one
+            # spends one: give it room for what the C pickler would have written.
+            limit = sys.getrecursionlimit()
+            sys.setrecursionlimit(max(limit, 6 * limit))
             try:
                 _BrokenAwarePickler(buffer, self._reduce).dump(state)
             finally:
+                sys.setrecursionlimit(limit)
                 self._broken_pickler = False
             self._pickler = _StatePickler(buffer, self._reduce)  # the failed one may hold state
         if buffer.tell() > _BIG_STATE:

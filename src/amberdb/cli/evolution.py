@@ -14,6 +14,7 @@ import importlib
 import importlib.machinery
 import os
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,7 +31,6 @@ from amberdb.utils import Oid, Tid
 __all__ = ["cmd_evolve", "cmd_rename_class", "missing_classes", "missing_reason"]
 
 _REWRITE_BATCH = 500
-_ATTEMPTS = 20
 
 
 # -- which classes are missing -------------------------------------------------------------
@@ -175,7 +175,12 @@ def cmd_rename_class(args: argparse.Namespace) -> int:
     print(f"recorded: {old.replace(':', '.')} is now {new.replace(':', '.')}")
     if args.rewrite:
         print(f"rewrote {report['rewritten']:,} of {report['scanned']:,} records")
-        if report["rewritten"] or report["scanned"]:
+        if report["skipped"]:
+            print(
+                f"{report['skipped']:,} record(s) kept changing while being rewritten and were left as they"
+                " are: run the command again to finish"
+            )
+        else:
             print(
                 f"no record names {old.replace(':', '.')} any more: the rename entry can be dropped "
                 f"(db.drop_class_alias({old.replace(':', '.')!r})) once no old software writes it"
@@ -191,7 +196,7 @@ def rewrite_records(storage: Storage, renames: dict[str, str], quiet: bool) -> d
     new revision.  Stopped at any point, running it again finishes the job: only records
     still naming an old name are written.
     """
-    scanned = rewritten = 0
+    scanned = rewritten = skipped = 0
     olds = set(renames)
     batch: list[tuple[Oid, Tid, bytes]] = []
     with Progress("rewriting records", quiet=quiet, unit="records") as progress:
@@ -204,37 +209,64 @@ def rewrite_records(storage: Storage, renames: dict[str, str], quiet: bool) -> d
                 continue
             batch.append((oid, tid, record))
             if len(batch) >= _REWRITE_BATCH:
-                rewritten += _rewrite_batch(storage, batch, renames)
-                batch = []
+                done, left = _rewrite_batch(storage, batch, renames)
+                rewritten, skipped, batch = rewritten + done, skipped + left, []
             progress.update(scanned)
         if batch:
-            rewritten += _rewrite_batch(storage, batch, renames)
-    return {"scanned": scanned, "rewritten": rewritten}
+            done, left = _rewrite_batch(storage, batch, renames)
+            rewritten, skipped = rewritten + done, skipped + left
+    return {"scanned": scanned, "rewritten": rewritten, "skipped": skipped}
 
 
-def _rewrite_batch(storage: Storage, batch: list[tuple[Oid, Tid, bytes]], renames: dict[str, str]) -> int:
+def _rewrite_batch(
+    storage: Storage, batch: list[tuple[Oid, Tid, bytes]], renames: dict[str, str]
+) -> tuple[int, int]:
+    """Rewrite a batch in one transaction; when records keep changing under it, one record at
+    a time, leaving those still changing for a later run.  Returns (rewritten, skipped)."""
+    for attempt in range(3):
+        written = _rewrite_once(storage, batch, renames)
+        if written is not None:
+            return written, 0
+        time.sleep(0.01 * 2**attempt)
+        batch = _reread(storage, batch)
+    rewritten = skipped = 0
+    for item in batch:
+        single = [item]
+        for attempt in range(5):
+            written = _rewrite_once(storage, single, renames)
+            if written is not None:
+                rewritten += written
+                break
+            time.sleep(0.01 * 2**attempt)
+            single = _reread(storage, single)
+        else:
+            skipped += 1
+    return rewritten, skipped
+
+
+def _rewrite_once(
+    storage: Storage, batch: list[tuple[Oid, Tid, bytes]], renames: dict[str, str]
+) -> int | None:
+    """One transaction rewriting ``batch``; None when one of its records changed meanwhile."""
     names = ", ".join(f"{old} -> {new}" for old, new in sorted(renames.items()))
-    for _attempt in range(_ATTEMPTS):
-        storage.begin(TransactionMeta(description=f"amberdb rename-class --rewrite ({names})"))
-        written = 0
-        try:
-            for oid, tid, record in batch:
-                new_record = rename_in_record(record, renames)
-                if new_record is None:
-                    continue
-                storage.store(oid, tid, new_record)
-                written += 1
-            storage.vote()
-        except ConflictError:
-            storage.abort()
-            batch = _reread(storage, batch)
-            continue
-        except BaseException:
-            storage.abort()
-            raise
-        storage.finish()
-        return written
-    raise CliError(f"records kept changing while being rewritten ({_ATTEMPTS} attempts); run it again")
+    storage.begin(TransactionMeta(description=f"amberdb rename-class --rewrite ({names})"))
+    written = 0
+    try:
+        for oid, tid, record in batch:
+            new_record = rename_in_record(record, renames)
+            if new_record is None:
+                continue
+            storage.store(oid, tid, new_record)
+            written += 1
+        storage.vote()
+    except ConflictError:
+        storage.abort()
+        return None
+    except BaseException:
+        storage.abort()
+        raise
+    storage.finish()
+    return written
 
 
 def _reread(storage: Storage, batch: list[tuple[Oid, Tid, bytes]]) -> list[tuple[Oid, Tid, bytes]]:
