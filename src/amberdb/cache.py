@@ -117,6 +117,12 @@ class ObjectCache:
         finally:
             self.target_size = target
 
+    def release(self, oid: Oid) -> None:
+        """Stop holding ``oid``'s object strongly if it is a ghost (it lives on while used)."""
+        obj = self._lru.get(oid)
+        if obj is not None and obj._p_state == GHOST:
+            del self._lru[oid]
+
     def drop_ghosts(self) -> None:
         """Release the strong references the LRU list holds to objects now ghosts.
 

@@ -441,6 +441,15 @@ class Connection:
         if wanted:
             prefetch(wanted)
 
+    def release(self, objects: Iterable[Persistent]) -> None:
+        """Turn these objects (unchanged, saved) into ghosts and stop holding them: a migration
+        walking millions of objects keeps only what it still uses in memory."""
+        cache = self._cache
+        for obj in objects:
+            if obj._p_jar is self and obj._p_oid is not None:
+                obj._p_deactivate()
+                cache.release(obj._p_oid)
+
     def pending_changes(self) -> list[Persistent]:
         """The objects this transaction changed or added so far (each once), not yet committed."""
         seen: set[int] = set()

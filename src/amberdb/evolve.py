@@ -566,8 +566,7 @@ def _each_batch(
             metadata.update_section("runs", run, saved)
             manager.get().note(f"amberdb: evolve.each {run}: {len(found)} objects")
             manager.commit()
-            for obj in objects:
-                obj._p_deactivate()
+            conn.release(objects)
             return len(found), position, finished, attempt
         except TransientError:
             manager.abort()
