@@ -119,8 +119,11 @@ class DB:
                 self.storage.vote()
                 self.storage.finish()
             except ConflictError:
-                # Another process (or DB) created the root since the load: use theirs.
+                # Another process (or DB) created the root since the load: use theirs, once
+                # this storage has caught up with that commit (a SQL storage loads as of its
+                # last poll).
                 self.storage.abort()
+                self.storage.poll_invalidations(self.storage.last_tid())
                 self.storage.load(z64)
             except BaseException:
                 self.storage.abort()
