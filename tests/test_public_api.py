@@ -11,7 +11,8 @@ import amberdb.utils
 def test_top_level_exports_are_pinned() -> None:
     assert sorted(amberdb.__all__) == sorted(
         [
-            "DB", "AlreadyInTransaction", "AlreadyInTransactionError", "AuthenticationError", "Broken", "BrokenModified", "StateVersionError",
+            "DB", "AlreadyInTransaction", "AlreadyInTransactionError", "AuthenticationError",
+                "Broken", "BrokenModified", "StateVersionError",
             "ClientDisconnected", "ClientStorage", "ConflictError", "Connection",
             "ConnectionStateError", "CorruptedDataError", "DatabaseError",
             "DoomedTransaction", "DoomedTransactionError", "FileFormatError", "FileStorage",

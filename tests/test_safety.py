@@ -86,7 +86,9 @@ def test_record_naming_a_dangerous_global_fails_and_runs_nothing(
 
 
 def test_record_whose_class_is_not_persistent_loads_broken_running_nothing(db: amberdb.DB) -> None:
-    _write_raw(db.storage, p64(7), encode_record("subprocess:Popen", [], pickle.dumps({"args": "x"}, protocol=5)))
+    _write_raw(
+        db.storage, p64(7), encode_record("subprocess:Popen", [], pickle.dumps({"args": "x"}, protocol=5))
+    )
     conn = db.open()
     obj = conn.get(p64(7))
     assert isinstance(obj, amberdb.Broken) and not isinstance(obj, subprocess.Popen)

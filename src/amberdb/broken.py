@@ -190,7 +190,9 @@ class BrokenValue(Broken):
         dict_items = values.get("__broken_dictitems__")
         if values.get("__broken_called__"):
             if kwargs:
-                raise BrokenModified(f"broken value {_dotted(cls)} was called with keywords, which pickle cannot write")
+                raise BrokenModified(
+                    f"broken value {_dotted(cls)} was called with keywords, which pickle cannot write"
+                )
             func: Any = cls
             func_args: tuple[Any, ...] = tuple(args)
         elif kwargs:

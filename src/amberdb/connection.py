@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from amberdb.broken import Broken
+from amberdb.broken import Broken, broken_name
 from amberdb.cache import ObjectCache
 from amberdb.conflict import resolve
 from amberdb.exceptions import (
@@ -61,6 +61,7 @@ from amberdb.persistent import (
     make_ghost,
     mark_changed,
     mark_unchanged,
+    replace_class,
     restore_state,
 )
 from amberdb.record import RecordHeader, decode_header
@@ -202,6 +203,9 @@ class Connection:
         # More than 0 while a record's state is being unpickled: a record that touches other
         # objects then (a tampered one) is refused (see _refuse_while_unpickling).
         self._unpickling = 0
+        # Broken objects in the cache: at each transaction start, those whose class can be
+        # found again (imported, renamed) become ghosts of it (see _repair_broken).
+        self._broken_oids: set[Oid] = set()
 
     # -- opening and closing --------------------------------------------------------------
 
@@ -346,8 +350,11 @@ class Connection:
             return obj
         record, serial = self._load(oid)
         header = self._reader.header(oid, record)
-        obj = make_ghost(self._reader.record_class(oid, header), oid, self)
+        cls = self._reader.record_class(oid, header)
+        obj = make_ghost(cls, oid, self)
         self._cache.add(oid, obj)
+        if cls._p_broken:
+            self._broken_oids.add(oid)
         try:
             self._restore(obj, oid, record, serial, header)
         except BaseException:
@@ -467,8 +474,11 @@ class Connection:
     def _ghost_for(self, oid: Oid, name: str) -> Persistent:
         obj = self._cache.get(oid)
         if obj is None:
-            obj = make_ghost(self._resolver.persistent_class(name), oid, self)
+            cls = self._resolver.persistent_class(name)
+            obj = make_ghost(cls, oid, self)
             self._cache.add(oid, obj)
+            if cls._p_broken:
+                self._broken_oids.add(oid)
         return obj
 
     def cache_minimize(self) -> None:
@@ -624,7 +634,7 @@ class Connection:
             restore_state(obj, state, serial, len(record))
         except Exception as exc:
             raise _state_misfit(obj, oid, exc) from exc
-        if self._reader.named_persistent:
+        if self._reader.finder.named_persistent:
             self._adopt_inline(obj, state)
         self._cache.touch(oid, obj)
 
@@ -1071,8 +1081,25 @@ class Connection:
             since = self._storage.last_tid()
         newest, changed = self._storage.poll_invalidations(since)
         if newest == self._snapshot and changed is not None and not changed:
+            if self._broken_oids:
+                self._repair_broken()
             return
         self._move_snapshot(newest, changed)
+        if self._broken_oids:
+            self._repair_broken()
+
+    def _repair_broken(self) -> None:
+        """Turn cached broken objects whose class can be found now into ghosts of that class."""
+        for oid in list(self._broken_oids):
+            obj = self._cache.get(oid)
+            if obj is None or not obj._p_broken:
+                self._broken_oids.discard(oid)
+                continue
+            if obj._p_state == CHANGED:
+                continue
+            cls = self._resolver.persistent_class(broken_name(obj.__class__))
+            if not cls._p_broken and replace_class(obj, cls):
+                self._broken_oids.discard(oid)
 
     def _move_snapshot(self, tid: Tid, changed: Collection[Oid] | None) -> None:
         """Read as of ``tid`` from now on, turning what ``changed`` since into ghosts.

@@ -154,7 +154,9 @@ class DB:
             while name in aliases:  # old -> new -> ... must not lead back to old
                 name = aliases[name]
                 if name in seen:
-                    raise ValueError(f"renaming {old_name} to {new_name} would make the renames go round in a circle")
+                    raise ValueError(
+                        f"renaming {old_name} to {new_name} would make the renames go round in a circle"
+                    )
                 seen.add(name)
             if aliases.get(old_name) != new_name:
                 metadata.update_section("class_aliases", old_name, new_name)
@@ -581,7 +583,9 @@ def _describe(tid: Tid, meta: TransactionMeta, **fields: Any) -> dict[str, Any]:
 
 
 def _no_ghosts(oid: Oid, name: str) -> Any:
-    raise RecordDecodeError(f"the database metadata refers to oid {oid_repr(oid)} ({name}): it holds plain data only")
+    raise RecordDecodeError(
+        f"the database metadata refers to oid {oid_repr(oid)} ({name}): it holds plain data only"
+    )
 
 
 def _no_references(obj: Any) -> Oid:

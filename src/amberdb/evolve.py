@@ -21,6 +21,7 @@ from __future__ import annotations
 import copyreg
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import Counter
@@ -54,11 +55,11 @@ log = logging.getLogger("amberdb.evolve")
 _RETRIES = 20
 
 
-class SchemaTooOld(DatabaseError):
+class SchemaTooOld(DatabaseError):  # noqa: N818 - the name the issue fixes
     """The database's generation is below what the application needs (``Schema.minimum``)."""
 
 
-class GenerationTooHigh(DatabaseError):
+class GenerationTooHigh(DatabaseError):  # noqa: N818 - the name the issue fixes
     """The database was evolved by newer code: its generation is above the schema's steps."""
 
 
@@ -127,12 +128,16 @@ class Schema:
             raise ValueError("a schema needs a non-empty name")
         numbers = sorted(steps)
         if any(type(number) is not int for number in numbers) or numbers != list(range(1, len(numbers) + 1)):
-            raise ValueError(f"schema {name!r}: steps must be numbered 1, 2, 3, ... without gaps, got {numbers}")
+            raise ValueError(
+                f"schema {name!r}: steps must be numbered 1, 2, 3, ... without gaps, got {numbers}"
+            )
         for number in numbers:
             if not callable(steps[number]):
                 raise TypeError(f"schema {name!r}: step {number} is not callable")
         if type(minimum) is not int or not 0 <= minimum <= len(numbers):
-            raise ValueError(f"schema {name!r}: minimum must be between 0 and {len(numbers)}, got {minimum!r}")
+            raise ValueError(
+                f"schema {name!r}: minimum must be between 0 and {len(numbers)}, got {minimum!r}"
+            )
         self.name = name
         self.steps = dict(steps)
         self.minimum = minimum
@@ -151,7 +156,9 @@ class Schema:
         metadata = _read(db)
         value = 0 if metadata is None else metadata.get("generations", {}).get(self.name, 0)
         if type(value) is not int or value < 0:
-            raise DatabaseError(f"schema {self.name!r}: the database records generation {value!r}, not a number")
+            raise DatabaseError(
+                f"schema {self.name!r}: the database records generation {value!r}, not a number"
+            )
         return value
 
     def check(self, db: Any) -> int:
@@ -172,7 +179,9 @@ class Schema:
                 f"({self.latest}): it was evolved by a newer version of the application"
             )
 
-    def run(self, db: Any, dry_run: bool = False, progress: Callable[[int, str], Any] | None = None) -> RunResult:
+    def run(
+        self, db: Any, dry_run: bool = False, progress: Callable[[int, str], Any] | None = None
+    ) -> RunResult:
         """Run the steps above the database's generation; return the generations run.
 
         Each step commits in its own transaction with the new generation number; a step
@@ -190,9 +199,10 @@ class Schema:
         owner = _owner()
         try:
             while True:
-                current = self._claim(db, owner)
-                if current is None:
+                claimed = self._claim(db, owner)
+                if claimed is None:
                     continue  # another process held it: it may have run steps meanwhile
+                current = claimed
                 if current >= self.latest:
                     break
                 generation = current + 1
@@ -242,7 +252,11 @@ class Schema:
                 held = claims.get(self.name)
                 generation = metadata.section("generations").get(self.name, 0)
                 self._check_not_too_high(generation)
-                if held is not None and tuple(held[:3]) != owner[:3] and not _expired(held, self.claim_timeout):
+                if (
+                    held is not None
+                    and tuple(held[:3]) != owner[:3]
+                    and not _expired(held, self.claim_timeout)
+                ):
                     manager.abort()
                     waiting = True
                 else:
@@ -282,7 +296,9 @@ class Schema:
             finally:
                 conn.close()
 
-    def _run_step(self, db: Any, generation: int, step: Callable[[Any], Any], owner: tuple[Any, ...]) -> dict[str, int] | None:
+    def _run_step(
+        self, db: Any, generation: int, step: Callable[[Any], Any], owner: tuple[Any, ...]
+    ) -> dict[str, int] | None:
         """Run one step with the generation it reaches; None when another process got there first."""
         for _attempt in range(_RETRIES):
             manager = _transaction.TransactionManager()
@@ -299,7 +315,9 @@ class Schema:
                 held = metadata.section("claims").get(self.name)
                 if held is not None and tuple(held[:3]) == owner[:3]:
                     metadata.update_section("claims", self.name, (*owner[:3], time.time()))
-                manager.get().note(f"amberdb: schema {self.name} generation {generation} ({_step_name(step)})")
+                manager.get().note(
+                    f"amberdb: schema {self.name} generation {generation} ({_step_name(step)})"
+                )
                 manager.commit()
                 return dict(counts)
             except TransientError:
@@ -314,7 +332,8 @@ class Schema:
 
 
 def _owner() -> tuple[Any, ...]:
-    return (socket.gethostname(), os.getpid(), id(_owner), time.time())
+    """Who runs a schema: host, process and a token of this run (threads differ), and when."""
+    return (socket.gethostname(), os.getpid(), secrets.token_hex(8), time.time())
 
 
 def _expired(held: Any, timeout: float) -> bool:
@@ -496,7 +515,9 @@ def upgrade(obj: Any) -> None:
 # -- changing your mind about persistence ------------------------------------------------------
 
 
-def make_plain(db: Any, class_: Any, batch_size: int = 1000, progress: Callable[[int, int | None], Any] | None = None) -> int:
+def make_plain(
+    db: Any, class_: Any, batch_size: int = 1000, progress: Callable[[int, int | None], Any] | None = None
+) -> int:
     """Turn the stored instances of a class that is no longer persistent into plain values.
 
     Each instance, a record of its own, is written inline into the one object that refers to
@@ -513,7 +534,9 @@ def make_plain(db: Any, class_: Any, batch_size: int = 1000, progress: Callable[
     try:
         plain = resolver.find(module, qualname)
     except DatabaseError as exc:
-        raise DatabaseError(f"make_plain: {module}.{qualname} cannot be loaded by this database: {exc}") from None
+        raise DatabaseError(
+            f"make_plain: {module}.{qualname} cannot be loaded by this database: {exc}"
+        ) from None
     if not isinstance(plain, type) or issubclass(plain, (Persistent, Broken)):
         raise TypeError(
             f"make_plain: {module}.{qualname} must be a plain class now (not a subclass of Persistent): "
@@ -535,8 +558,8 @@ def make_plain(db: Any, class_: Any, batch_size: int = 1000, progress: Callable[
             for oid, owners in list(shared.items())[:20]
         )
         raise SharedInstancesError(
-            f"make_plain: {len(shared)} instance(s) of {module}.{qualname} are referred to from more than one "
-            f"object, which plain values cannot be: {shown}",
+            f"make_plain: {len(shared)} instance(s) of {module}.{qualname} are referred to from more than "
+            f"one object, which plain values cannot be: {shown}",
             shared,
         )
     owners = sorted({owners[0] for owners in referrers.values()})
@@ -561,8 +584,8 @@ def make_plain(db: Any, class_: Any, batch_size: int = 1000, progress: Callable[
                         owner = conn.get(oid)
                         if isinstance(owner, Broken):
                             raise DatabaseError(
-                                f"make_plain: {_dotted(owner)} oid {oid_repr(oid)} refers to an instance but its "
-                                "own class is missing, so it cannot be rewritten"
+                                f"make_plain: {_dotted(owner)} oid {oid_repr(oid)} refers to an instance"
+                                " but its own class is missing, so it cannot be rewritten"
                             )
                         owner._p_changed = True
                     manager.get().note(f"amberdb: make_plain {module}.{qualname}")

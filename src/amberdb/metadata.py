@@ -75,7 +75,9 @@ class DatabaseMetadata(Persistent):
         return merged
 
 
-def _merge_keys(attribute: str, before: dict[Any, Any], theirs: dict[Any, Any], ours: dict[Any, Any]) -> dict[Any, Any]:
+def _merge_keys(
+    attribute: str, before: dict[Any, Any], theirs: dict[Any, Any], ours: dict[Any, Any]
+) -> dict[Any, Any]:
     merged = {}
     for key in set(before) | set(theirs) | set(ours):
         was, their, our = (section.get(key, _ABSENT) for section in (before, theirs, ours))

@@ -128,6 +128,7 @@ class Persistent:
     # Versioned state (see the README, "Versioned classes"): the version of the state this
     # class writes; a stored state of another version goes through _p_upgrade on load.
     _p_version: int = 0
+    _p_broken = False  # True for the stand-ins of missing classes (amberdb.broken)
 
     @classmethod
     def _p_upgrade(cls, state: Any, version: int) -> Any:
@@ -473,6 +474,22 @@ def ghostify(obj: Persistent) -> None:
     _set_class(obj, _ghost_twin(cls))
 
 
+def replace_class(obj: Persistent, cls: type[Persistent]) -> bool:
+    """Make ``obj`` a ghost of ``cls`` (a broken object whose class came back); False when
+    the two classes' layouts differ, and ``obj`` is left as it was."""
+    twin = _ghost_twin(cls)
+    try:
+        _set_class(obj, twin)
+    except TypeError:
+        return False
+    try:
+        _object_getattribute(obj, "__dict__").clear()
+    except AttributeError:
+        pass
+    _object_setattr(obj, "_p_state", GHOST)
+    return True
+
+
 def make_ghost(cls: type[Persistent], oid: Oid, jar: Jar) -> Persistent:
     """A new ghost of class ``cls`` for ``oid``, to be loaded through ``jar`` when touched."""
     twin = _ghost_twins.get(cls) or _ghost_twin(cls)
@@ -540,7 +557,8 @@ def _upgraded(obj: Persistent, real: type, state: Any) -> Any:
         state, slots = state[0] or {}, state[1]
     if type(state) is not dict:
         raise StateVersionError(
-            f"{real.__qualname__} sets _p_version, but the stored state is a {type(state).__qualname__}, not a dict"
+            f"{real.__qualname__} sets _p_version, but the stored state is a"
+            f" {type(state).__qualname__}, not a dict"
         )
     stored = state.pop(_VERSION_KEY, 0)
     wanted = real._p_version  # type: ignore[attr-defined]

@@ -88,14 +88,19 @@ def normalize_class_name(name: Any) -> str:
     else:
         module, _, qualname = name.rpartition(".")
     parts = qualname.split(".")
-    if not module or not qualname or any(not part.isidentifier() for part in parts) or not all(
-        part.isidentifier() for part in module.split(".")
+    if (
+        not module
+        or not qualname
+        or any(not part.isidentifier() for part in parts)
+        or not all(part.isidentifier() for part in module.split("."))
     ):
-        raise ValueError(f"{name!r} is not a class name: give 'package.module.Class' or 'package.module:Outer.Inner'")
+        raise ValueError(
+            f"{name!r} is not a class name: give 'package.module.Class' or 'package.module:Outer.Inner'"
+        )
     return f"{module}:{qualname}"
 
 
-class _MissingGlobal(UnsafeGlobalError):
+class _MissingGlobalError(UnsafeGlobalError):
     """A global that cannot be found (its module or attribute is missing), as opposed to refused."""
 
 
@@ -226,7 +231,9 @@ class ClassResolver:
         """This process's renamed classes: old name -> new name (or the class itself)."""
         normalized: dict[str, Any] = {}
         for old, new in aliases.items():
-            normalized[normalize_class_name(old)] = new if isinstance(new, type) else normalize_class_name(new)
+            normalized[normalize_class_name(old)] = (
+                new if isinstance(new, type) else normalize_class_name(new)
+            )
         self._process_aliases = normalized
         self._forget_found()
 
@@ -309,11 +316,11 @@ class ClassResolver:
             if (module, qualname) in _LOADABLE_OWN_VALUES and candidate is not None:
                 return candidate
             if candidate is _NOT_FOUND and not refused_part and not self.import_allowed(module):
-                raise _MissingGlobal(f"module {module} has no attribute {qualname}")
+                raise _MissingGlobalError(f"module {module} has no attribute {qualname}")
         if self.import_allowed(module):
             return self._resolve_allowed(module, qualname)
         if imported is None and not refused_part and not _never_imported(module):
-            raise _MissingGlobal(
+            raise _MissingGlobalError(
                 f"module {module} is not imported and not in allowed_modules "
                 f"{list(self._allowed_modules)}, so it cannot be looked up"
             )
@@ -330,11 +337,11 @@ class ClassResolver:
         try:
             imported = permitted_import(module)
         except ImportError as exc:
-            raise _MissingGlobal(f"module {module} cannot be imported: {exc}") from None
+            raise _MissingGlobalError(f"module {module} cannot be imported: {exc}") from None
         try:
             found = _lookup(imported, qualname)
         except AttributeError:
-            raise _MissingGlobal(f"module {module} has no attribute {qualname}") from None
+            raise _MissingGlobalError(f"module {module} has no attribute {qualname}") from None
         owner = _defining_module(found)
         if owner is None or not self._module_allowed(owner):
             where = "a module" if owner is None else f"defined in {owner}"
@@ -361,7 +368,11 @@ class ClassResolver:
         except UnsafeGlobalError as exc:
             return self._broken_class(name, str(exc), persistent=True)  # type: ignore[return-value]
         if not (isinstance(found, type) and issubclass(found, Persistent)):
-            what = "a broken class" if isinstance(found, type) and issubclass(found, Broken) else "not a persistent class"
+            what = (
+                "a broken class"
+                if isinstance(found, type) and issubclass(found, Broken)
+                else "not a persistent class"
+            )
             return self._broken_class(name, f"{module}.{qualname} is {what}", persistent=True)  # type: ignore[return-value]
         self._persistent_found[name] = found
         return found
@@ -381,7 +392,7 @@ class ClassResolver:
         """As :meth:`find`, but a global that cannot be found gives a broken value class."""
         try:
             return self.find(module, qualname)
-        except _MissingGlobal as exc:
+        except _MissingGlobalError as exc:
             name = f"{module}:{qualname}"
             return self._broken_class(name, str(exc), persistent=False)
 
@@ -471,7 +482,7 @@ class _StatePickler(pickle.Pickler):
         self.memo = _REFERENCE_MEMO
 
 
-class _NeedsBrokenPickler(Exception):
+class _NeedsBrokenPicklerError(Exception):
     """The state holds a broken value: only _BrokenAwarePickler can write its class's name."""
 
 
@@ -491,10 +502,11 @@ class _BrokenAwarePickler(pickle._Pickler):
     def save_global(self, obj: Any, name: str | None = None) -> None:
         if isinstance(obj, type) and issubclass(obj, Broken):
             module, qualname = _split(obj.__broken_name__)
-            self.save(module)
-            self.save(qualname)
-            self.write(pickle.STACK_GLOBAL)
-            self.memoize(obj)
+            machine: Any = self  # typeshed does not declare the Python pickler's own methods
+            machine.save(module)
+            machine.save(qualname)
+            machine.write(pickle.STACK_GLOBAL)
+            machine.memoize(obj)
             return
         super().save_global(obj, name)  # type: ignore[misc]
 
@@ -534,7 +546,7 @@ class ObjectWriter:
             return NotImplemented
         if isinstance(obj, Broken) or (isinstance(obj, type) and issubclass(obj, BrokenValue)):
             if not self._broken_pickler:
-                raise _NeedsBrokenPickler
+                raise _NeedsBrokenPicklerError
             return NotImplemented  # its __reduce_ex__, or save_global for the class
         if isinstance(obj, _GLOBAL_TYPES):
             self._resolver.check_storable(obj)
@@ -556,7 +568,9 @@ class ObjectWriter:
 
     def serialize(self, obj: Persistent) -> bytes:
         """The record for ``obj``'s current state."""
-        state = versioned_state(obj, obj.__getstate__())
+        state = obj.__getstate__()
+        if type(obj)._p_version:  # a versioned class (twins inherit the attribute)
+            state = versioned_state(obj, state)
         try:
             return self.serialize_state(class_name(obj.__class__), state)
         except SerializationError as exc:
@@ -575,7 +589,7 @@ class ObjectWriter:
         pickler.memo = _REFERENCE_MEMO  # ref at index 0: see amberdb.record
         try:
             pickler.dump(state)
-        except _NeedsBrokenPickler:
+        except _NeedsBrokenPicklerError:
             self._refs = []
             self._ref_index = {}
             buffer.seek(0)
@@ -661,13 +675,9 @@ class ObjectReader:
     def __init__(self, resolver: ClassResolver, ghost: Callable[[Oid, str], Persistent]) -> None:
         self._resolver = resolver
         self._ghost = ghost
-        self._finder = _LoadFinder(resolver)
+        # Its named_persistent tells whether the last state read named a persistent class.
+        self.finder = _LoadFinder(resolver)
         install_import_guard()  # again: something may have put its own hook first meanwhile
-
-    @property
-    def named_persistent(self) -> bool:
-        """Whether the last state read named a persistent class as a global (see _LoadFinder)."""
-        return self._finder.named_persistent
 
     def header(self, oid: Oid, record: bytes) -> RecordHeader:
         """The record's header; RecordDecodeError naming ``oid`` when damaged."""
@@ -691,7 +701,7 @@ class ObjectReader:
             ghosts = [ghost(ref_oid, ref_class) for ref_oid, ref_class in header.refs] if header.refs else []
             state = record[header.state_offset :]
             in_memo = header.version >= REFERENCE_IN_MEMO  # header.reference_in_memo, without a call
-            finder = self._finder
+            finder = self.finder
             finder.named_persistent = False
             return load_state(state, finder, ghosts, REFERENCE_GLOBAL, in_memo)
         except (UnsafeGlobalError, ImportRefusedError) as exc:

@@ -359,7 +359,7 @@ def test_allowed_module_does_not_reach_what_it_imported(db: amberdb.DB) -> None:
 
 def test_every_amberdb_persistent_class_loads_without_importing_its_module_first() -> None:
     """The own modules a load may import are exactly those defining AmberDB's persistent classes."""
-    import amberdb.btrees  # noqa: F401 - defines the classes looked at below
+    import amberdb.btrees
     from amberdb import serialize
     from amberdb.persistent import Persistent
 

@@ -96,6 +96,43 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", metavar="URI")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    from amberdb.cli import evolution
+
+    p = command(
+        "rename-class",
+        evolution.cmd_rename_class,
+        "record in the database that class OLD is now NEW (every process loads OLD records as NEW);"
+        " --rewrite also rewrites every record naming OLD",
+    )
+    p.add_argument("uri", metavar="URI")
+    p.add_argument("old", metavar="OLD", help="the old class name: package.module.Class")
+    p.add_argument("new", metavar="NEW", help="the new class name: package.module.Class")
+    p.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="rewrite the records that name OLD (headers and pickle globals, nothing unpickled), in batches;"
+        " interrupted, run it again to finish",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "evolve",
+        evolution.cmd_evolve,
+        "run the steps of an amberdb.evolve.Schema above the database's generation",
+    )
+    p.add_argument("uri", metavar="URI")
+    p.add_argument("schema", metavar="MODULE:SCHEMA", help="where the Schema object is (module:attribute)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="run the steps, commit nothing, show what they change"
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        metavar="MODULE",
+        help="allowed_modules for loading (default: the schema module's top-level package); repeatable",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = command(
         "backup",
         backup.cmd_backup,

@@ -28,13 +28,16 @@ from amberdb.cli.common import (
     storage_size,
     tid_info,
 )
+from amberdb.cli.evolution import class_counts_of_records, describe_missing, missing_classes
 from amberdb.cli.progress import Progress
 from amberdb.exceptions import CorruptedDataError, DatabaseError, POSKeyError, RecordDecodeError
 from amberdb.persistent import Persistent
 from amberdb.record import decode_header
+from amberdb.rename import record_globals
 from amberdb.storage.base import Storage, TransactionRecord
 from amberdb.storage.file import FileStorage
 from amberdb.storage.file.verify import verify as verify_file
+from amberdb.storage.history import iter_current_records
 from amberdb.utils import Oid, oid_repr, p64, z64
 
 __all__ = ["cmd_history", "cmd_info", "cmd_undo_log", "cmd_verify", "verify_storage"]
@@ -76,6 +79,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         width = max(len(f"{count:,}") for count in classes.values())
         for name, count in classes.items():
             print(f"  {count:>{width},}  {name}")
+    missing = report["missing_classes"]
+    if missing:
+        print("missing classes (their objects load as broken objects):")
+        width = max(len(f"{info['count']:,}") for info in missing.values())
+        for name, info in missing.items():
+            print(f"  {info['count']:>{width},}  {name}  ({info['reason']})")
     return EXIT_OK
 
 
@@ -100,6 +109,7 @@ def _info(storage: Storage, quiet: bool) -> dict[str, Any]:
             progress.update(transactions)
     classes = Counter(current.values())
     return {
+        "missing_classes": _missing_classes(storage, classes, quiet),
         "size": storage_size(storage),
         "objects": len(storage),
         "transactions": transactions,
@@ -107,6 +117,24 @@ def _info(storage: Storage, quiet: bool) -> dict[str, Any]:
         "last_commit": None if last is None else tid_info(last),
         "classes": dict(sorted(classes.items(), key=lambda item: (-item[1], item[0]))),
     }
+
+
+def _missing_classes(storage: Storage, classes: Counter[str], quiet: bool) -> dict[str, dict[str, Any]]:
+    """The classes current records name (their own, their references', their values') that
+    cannot be found, with how many records name each.  Without ``current_records`` only the
+    records' own classes are looked at."""
+    counts: dict[str, int] = dict(classes)
+    if getattr(storage, "current_records", None) is not None:
+        with Progress("reading class names", quiet=quiet, unit="records") as progress:
+            counts = class_counts_of_records(_progress_records(storage, progress))
+    return dict(sorted(missing_classes(counts).items()))
+
+
+def _progress_records(storage: Storage, progress: Progress) -> Iterator[bytes]:
+    for done, (_oid, _tid, record) in enumerate(iter_current_records(storage), 1):
+        if done % 1000 == 0:
+            progress.update(done)
+        yield record
 
 
 # -- verify ---------------------------------------------------------------------------------
@@ -133,6 +161,7 @@ class _Report:
         self.target = target
         self.problems: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        self.warnings: list[str] = []  # not problems: verify still passes
         self.counts: dict[str, int] = {}
 
     def problem(self, check: str, message: str, **details: Any) -> None:
@@ -145,6 +174,7 @@ class _Report:
             "counts": self.counts,
             "problems": self.problems,
             "notes": self.notes,
+            "warnings": self.warnings,
         }
 
 
@@ -170,6 +200,8 @@ def print_verify_report(report: dict[str, Any], as_json: bool) -> None:
         print(f"problem ({problem['check']}): {problem['message']}")
         if problem.get("path"):
             print(f"  path: {' -> '.join(problem['path'])}")
+    for warning in report.get("warnings", ()):
+        print(f"warning: {warning}")
     for note in report["notes"]:
         print(f"note: {note}")
     print("OK" if report["ok"] else f"{len(report['problems'])} problem(s) found")
@@ -237,6 +269,8 @@ def verify_storage(storage: Storage, report: _Report, quiet: bool, *, checksums:
         if checksums:
             _verify_iterator(storage, report, quiet)
         walk, roots, leaves, foreign = _walk_references(storage, report, quiet)
+        missing = missing_classes(walk.reached_classes)
+        report.warnings.extend(describe_missing(missing))
     except BaseException:
         close_quietly(storage)
         raise
@@ -261,6 +295,7 @@ class _Walk:
     """Parents of every object reached, as integers (a compact dict), for paths."""
 
     def __init__(self, storage: Storage) -> None:
+        self.reached_classes: dict[str, int] = {}  # class name -> reachable records naming it
         self.storage = storage
         self.parents: dict[int, int] = {0: -1}
         self.classes: dict[int, str] = {}  # filled only for the oids on a path shown
@@ -351,6 +386,11 @@ def _walk_references(
                 )
                 continue
             own = header.class_name
+            try:
+                for name in record_globals(record):
+                    walk.reached_classes[name] = walk.reached_classes.get(name, 0) + 1
+            except RecordDecodeError:
+                pass  # the state is checked where it is loaded; the header was readable
             walk.classes[oid] = own
             in_btree = own in tree_bucket or own in leaf_names
             if own in tree_bucket and oid not in interior:
