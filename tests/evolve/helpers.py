@@ -15,6 +15,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from amberdb import DB, Persistent
+from amberdb.serialize import ObjectReader
 from tests.server.procs import Processes, finish
 
 PRELUDE = """\
@@ -67,3 +69,12 @@ def result_of(proc: subprocess.Popen[str], timeout: float = 60.0) -> Any:
     status, out, err = finish(proc, timeout)
     assert status == 0, f"child failed ({status}):\n{out[-3000:]}\n{err[-6000:]}"
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _no_references(oid: bytes, name: str) -> Persistent:
+    raise AssertionError(f"the state refers to oid {oid.hex()} ({name}); expected plain data")
+
+
+def state_reader(db: DB) -> ObjectReader:
+    """Reads the states of records that refer to no other object, without a connection."""
+    return ObjectReader(db.class_resolver, _no_references)

@@ -11,7 +11,7 @@ import pytest
 import amberdb
 import amberdb.transaction as transaction
 from amberdb.record import encode_record
-from amberdb.storage.base import TransactionMeta
+from amberdb.storage.base import Storage, TransactionMeta
 from amberdb.utils import z64
 from tests.evolve.helpers import delete_module, run_child, write_module
 from tests.server.procs import Processes
@@ -145,7 +145,7 @@ def test_broken_persistent_objects_and_values_round_trip(tmp_path: Path, procs: 
     }
 
 
-def _store_raw(storage: amberdb.FileStorage, record: bytes) -> bytes:
+def _store_raw(storage: Storage, record: bytes) -> bytes:
     oid = storage.new_oid()
     storage.begin(TransactionMeta(description="written behind the object layer"))
     storage.store(oid, z64, record)

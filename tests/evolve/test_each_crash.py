@@ -9,9 +9,8 @@ from pathlib import Path
 
 import amberdb
 from amberdb.record import decode_header
-from amberdb.serialize import ObjectReader
 from amberdb.storage.history import iter_current_records
-from tests.evolve.helpers import child_code, run_child, write_module
+from tests.evolve.helpers import child_code, run_child, state_reader, write_module
 from tests.server.procs import Processes
 
 OBJECTS = 200_000
@@ -134,7 +133,7 @@ def test_each_interrupted_by_a_crash_continues_and_migrates_each_object_once(
 
     counts: dict[int, int] = {}
     with amberdb.DB(amberdb.FileStorage(str(path), read_only=True), read_only=True) as db:
-        reader = ObjectReader(db.class_resolver, lambda oid, name: None)  # Items refer to nothing
+        reader = state_reader(db)  # Items refer to nothing
         for oid, _tid, record in iter_current_records(db.storage):
             header = decode_header(record)
             if header.class_name == "counters:Item":

@@ -17,9 +17,8 @@ from typing import Any
 
 import amberdb
 from amberdb.record import decode_header
-from amberdb.serialize import ObjectReader
 from amberdb.storage.history import iter_current_records
-from tests.evolve.helpers import result_of, run_child, spawn_child, write_module
+from tests.evolve.helpers import result_of, run_child, spawn_child, state_reader, write_module
 from tests.server.procs import Processes, read_until
 
 COMMITS = 10  # per writer and step
@@ -255,7 +254,7 @@ def test_four_step_rolling_upgrade(tmp_path: Path, procs: Processes) -> None:
     assert final["lists"] == acked  # no acknowledged write was lost
 
     with amberdb.DB(amberdb.SQLiteStorage(str(rollout.path), read_only=True), read_only=True) as db:
-        reader = ObjectReader(db.class_resolver, lambda oid, name: None)
+        reader = state_reader(db)
         versions = {}
         for oid, _tid, record in iter_current_records(db.storage):
             header = decode_header(record)

@@ -14,7 +14,7 @@ import amberdb
 import amberdb.transaction as transaction
 from amberdb import evolve
 from amberdb.record import decode_header
-from amberdb.serialize import ObjectReader
+from tests.evolve.helpers import state_reader
 
 _modules = itertools.count()
 
@@ -58,9 +58,7 @@ def _person_v2(module: str, calls: Calls | None = None) -> type[amberdb.Persiste
 def _stored_state(db: amberdb.DB, oid: bytes) -> tuple[str, Any]:
     record = db.storage.load(oid)[0]
     header = decode_header(record)
-    return header.class_name, ObjectReader(db.class_resolver, lambda oid, name: None).state(
-        oid, record, header
-    )
+    return header.class_name, state_reader(db).state(oid, record, header)
 
 
 def test_upgrade_on_load_without_writing_back_and_written_in_the_new_version_when_changed(
