@@ -17,7 +17,7 @@ from typing import Any
 
 from amberdb import DB, Persistent
 from amberdb.serialize import ObjectReader
-from tests.server.procs import Processes, finish
+from tests.server.procs import Processes, finish, read_until
 
 PRELUDE = """\
 import json, os, sys, time
@@ -78,3 +78,16 @@ def _no_references(oid: bytes, name: str) -> Persistent:
 def state_reader(db: DB) -> ObjectReader:
     """Reads the states of records that refer to no other object, without a connection."""
     return ObjectReader(db.class_resolver, _no_references)
+
+
+def wait_ready(proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    """Wait for the child's ``READY`` line; a child that exits first fails with its stderr."""
+    try:
+        read_until(proc, "READY", timeout=timeout)
+    except AssertionError as exc:
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        raise AssertionError(f"{exc}\nexit status {proc.returncode}, stderr:\n{err[-6000:]}") from None

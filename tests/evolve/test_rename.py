@@ -13,8 +13,8 @@ import amberdb
 from amberdb.record import decode_header
 from amberdb.rename import record_globals
 from amberdb.storage.history import iter_current_records
-from tests.evolve.helpers import delete_module, result_of, run_child, spawn_child, write_module
-from tests.server.procs import Processes, read_until
+from tests.evolve.helpers import delete_module, result_of, run_child, spawn_child, wait_ready, write_module
+from tests.server.procs import Processes
 
 LIBRARY = """
     from amberdb import Persistent
@@ -162,7 +162,7 @@ def rename_seen_by_a_running_process(tmp_path_factory: pytest.TempPathFactory) -
         write_module(modules, "catalog", CATALOG)
         go = tmp_path / "go"
         reader = spawn_child(procs, modules, WAITING_READER, path, go)
-        read_until(reader, "READY", timeout=30)
+        wait_ready(reader, timeout=30)
         run_child(procs, modules, RENAME, path)
         go.touch()
         yield result_of(reader)

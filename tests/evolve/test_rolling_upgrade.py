@@ -18,8 +18,8 @@ from typing import Any
 import amberdb
 from amberdb.record import decode_header
 from amberdb.storage.history import iter_current_records
-from tests.evolve.helpers import result_of, run_child, spawn_child, state_reader, write_module
-from tests.server.procs import Processes, read_until
+from tests.evolve.helpers import result_of, run_child, spawn_child, state_reader, wait_ready, write_module
+from tests.server.procs import Processes
 
 COMMITS = 10  # per writer and step
 SHARED = 4  # people every writer renames (conflicts between the versions)
@@ -209,7 +209,7 @@ class Rollout:
             else:
                 started.append(spawn_child(self.procs, modules, WRITER, self.path, role, COMMITS, go))
         for proc in started:
-            read_until(proc, "READY", timeout=30)
+            wait_ready(proc, timeout=30)
         go.touch()
         return [result_of(proc, timeout=90) for proc in started]
 
