@@ -48,6 +48,7 @@ from amberdb.exceptions import (
     ReadOnlyError,
     RecordDecodeError,
     SerializationError,
+    StateVersionError,
     TransactionError,
     VoteConflictError,
 )
@@ -1225,7 +1226,8 @@ def _inline_persistent(state: Any) -> list[Persistent]:
 def _state_misfit(obj: Persistent, oid: Oid, error: Exception) -> RecordDecodeError:
     """The error for a decoded state its class cannot take (``restore_state`` left a ghost)."""
     cls = obj.__class__
-    return RecordDecodeError(
+    kind = StateVersionError if isinstance(error, StateVersionError) else RecordDecodeError
+    return kind(
         f"record of oid {oid_repr(oid)} ({cls.__module__}.{cls.__qualname__}) does not fit its class: "
         f"{type(error).__name__}: {error}; the object stays a ghost"
     )

@@ -580,8 +580,10 @@ def _each_batch(
 def upgrade(obj: Any) -> None:
     """For :func:`each`: mark ``obj`` changed when it was loaded from an older (or other)
     ``_p_version`` of its class, so the batch writes it in its class's version."""
-    if isinstance(obj, Persistent) and stored_version_differs(obj):
-        obj._p_changed = True
+    if isinstance(obj, Persistent):
+        obj._p_activate()  # a ghost tells nothing yet: its state decides
+        if stored_version_differs(obj):
+            obj._p_changed = True
 
 
 # -- changing your mind about persistence ------------------------------------------------------

@@ -90,10 +90,6 @@ def test_two_processes_racing_run_each_step_once_in_order(tmp_path: Path, procs:
         assert ran_here == result["ran"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DB() on a new SQL database that loses the race to create the root raises POSKeyError",
-)
 def test_a_database_whose_root_another_process_creates_meanwhile_opens(tmp_path: Path) -> None:
     """Two processes opening a new database at once (seen in the race above, about once in 20
     runs on a busy machine): the one whose root creation conflicts must use the other's root.

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import amberdb
 from amberdb.record import decode_header
 from amberdb.storage.history import iter_current_records
@@ -142,10 +140,6 @@ def _becomes_persistent_again(procs: Processes, modules: Path, path: Path, custo
     return [again["address"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: make_plain's commit fails: PicklingError, args[0] from __newobj__ args has the wrong class",
-)
 def test_make_plain_and_persistent_again(tmp_path: Path, procs: Processes) -> None:
     modules = tmp_path / "modules"
     modules.mkdir()

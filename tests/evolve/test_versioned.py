@@ -144,18 +144,10 @@ def test_each_upgrade_writes_only_the_objects_loaded_from_another_version(tmp_pa
     _each_upgrade_scenario(tmp_path, ghosts_in_the_pool=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: evolve.upgrade does not activate a ghost, so objects the connection had as ghosts stay old",
-)
 def test_each_upgrade_also_upgrades_objects_cached_as_ghosts(tmp_path: Path) -> None:
     _each_upgrade_scenario(tmp_path, ghosts_in_the_pool=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the connection wraps StateVersionError in a plain RecordDecodeError (the type is lost)",
-)
 def test_a_state_version_the_class_cannot_read_raises_state_version_error(tmp_path: Path) -> None:
     module = _module_name()
     v1 = _person_v1(module)
