@@ -351,6 +351,10 @@ class Connection:
                 self._cache.touch(oid, obj)
             return obj
         record, serial = self._load(oid)
+        return self._new_object(oid, record, serial)
+
+    def _new_object(self, oid: Oid, record: bytes, serial: Tid) -> Persistent:
+        """The object for ``oid`` (not cached yet), made from its ``record``."""
         header = self._reader.header(oid, record)
         cls = self._reader.record_class(oid, header)
         obj = make_ghost(cls, oid, self)
@@ -388,19 +392,7 @@ class Connection:
                 return obj
             self._restore(obj, oid, record, serial, self._reader.header(oid, record))
             return obj
-        header = self._reader.header(oid, record)
-        cls = self._reader.record_class(oid, header)
-        obj = make_ghost(cls, oid, self)
-        self._cache.add(oid, obj)
-        if cls._p_broken:
-            self._broken_oids.add(oid)
-        try:
-            self._restore(obj, oid, record, serial, header)
-        except BaseException:
-            if self._cache.get(oid) is obj:
-                self._cache.remove(oid)
-            raise
-        return obj
+        return self._new_object(oid, record, serial)
 
     @property
     def prefetches(self) -> bool:
