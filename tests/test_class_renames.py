@@ -266,3 +266,8 @@ def test_cli_evolve_runs_a_schema(tmp_path: Path) -> None:
     assert json.loads(again.stdout)["generations"] == []
     bad = _cli(tmp_path, "evolve", data, "library_evolve:nothing")
     assert bad.returncode == 2 and "not an amberdb.evolve.Schema" in bad.stderr
+    _write_module(tmp_path, "raising_evolve", "raise RuntimeError('boom at import')\n")
+    bad = _cli(tmp_path, "evolve", data, "raising_evolve:schema")
+    assert bad.returncode == 2 and "RuntimeError: boom at import" in bad.stderr
+    bad = _cli(tmp_path, "evolve", data, "no_such_module:schema")
+    assert bad.returncode == 2 and "cannot import no_such_module" in bad.stderr

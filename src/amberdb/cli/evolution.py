@@ -298,6 +298,8 @@ def cmd_evolve(args: argparse.Namespace) -> int:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise CliError(f"cannot import {module_name}: {exc}") from None
+    except Exception as exc:  # the application's module failed while it was imported
+        raise CliError(f"importing {module_name} failed: {type(exc).__name__}: {exc}") from None
     schema = getattr(module, attribute, None)
     if not isinstance(schema, evolve.Schema):
         raise CliError(f"{args.schema} is not an amberdb.evolve.Schema (it is {type(schema).__qualname__})")
