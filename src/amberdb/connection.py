@@ -466,7 +466,7 @@ class Connection:
         jar = obj._p_jar
         if jar is self:
             return
-        if jar is not None and not (type(jar) is _InlineJar and jar.connection is self):
+        if jar is not None and not self._holds_inline(jar):
             raise InvalidObjectReference(
                 f"{class_name(obj.__class__)} oid {oid_repr(obj._p_oid)} already belongs to {jar!r}; "
                 f"an object can belong to one connection only"
@@ -493,12 +493,16 @@ class Connection:
         jar = obj._p_jar
         if jar is self:
             return obj._p_oid  # type: ignore[return-value]
-        if jar is None or (type(jar) is _InlineJar and jar.connection is self):
+        if jar is None or self._holds_inline(jar):
             return self._assign(obj)
         raise InvalidObjectReference(
             f"cannot store a reference to {class_name(obj.__class__)} oid {oid_repr(obj._p_oid)}: "
             f"it belongs to {jar!r}, not {self!r}"
         )
+
+    def _holds_inline(self, jar: Any) -> bool:
+        """Whether ``jar`` is that of an object a record of this connection held inline."""
+        return type(jar) is _InlineJar and jar.connection is self
 
     def _in_spill(self, oid: Oid) -> bool:
         """Whether a savepoint of this transaction holds a state of ``oid``."""
@@ -1115,11 +1119,8 @@ class Connection:
             # the changes of the storage's whole history.
             since = self._storage.last_tid()
         newest, changed = self._storage.poll_invalidations(since)
-        if newest == self._snapshot and changed is not None and not changed:
-            if self._broken_oids:
-                self._repair_broken()
-            return
-        self._move_snapshot(newest, changed)
+        if not (newest == self._snapshot and changed is not None and not changed):
+            self._move_snapshot(newest, changed)
         if self._broken_oids:
             self._repair_broken()
 
@@ -1146,7 +1147,7 @@ class Connection:
         self._read_before = p64(u64(tid) + 1)
         cache = self._cache
         if changed is None or self._db._metadata_watch in changed:
-            self._db._metadata_changed()  # perhaps a class rename recorded by another process
+            self._db._metadata_changed(tid)  # perhaps a class rename recorded by another process
         if changed is None:
             for _, live in cache.live_objects():
                 if live._p_state != GHOST:

@@ -29,7 +29,7 @@ from amberdb.containers import PersistentMapping
 from amberdb.exceptions import ConflictError, ConnectionStateError, POSKeyError, RecordDecodeError
 from amberdb.metadata import METADATA_CLASS, metadata_for_update, read_metadata
 from amberdb.record import decode_header
-from amberdb.serialize import ClassResolver, ObjectReader, ObjectWriter, normalize_class_name
+from amberdb.serialize import ClassResolver, ObjectReader, ObjectWriter, is_own_module, normalize_class_name
 from amberdb.storage.base import PackProgress, Storage, TransactionMeta
 from amberdb.storage.history import log_slice
 from amberdb.storage.uri import open_storage
@@ -96,6 +96,9 @@ class DB:
         # watched change (the root, while there is none) call _metadata_changed.
         self._metadata_oid: Oid | None = None
         self._metadata_watch: Oid = z64
+        # The newest tid the last read of the renames covered: connections moving to a tid
+        # not above it need not read them again.
+        self._metadata_read_at: Tid = z64
         self._metadata_lock = threading.Lock()
         # Guards the pool and the set of connections.
         self._lock = threading.RLock()
@@ -149,7 +152,7 @@ class DB:
         new_name = normalize_class_name(new)
         if old_name == new_name:
             raise ValueError(f"rename_class({old!r}, {new!r}): the names are the same")
-        if old_name.split(".")[0].split(":")[0] == "amberdb":
+        if is_own_module(old_name.partition(":")[0]):
             raise ValueError(f"rename_class({old!r}, ...): AmberDB's own classes cannot be renamed")
 
         def record(conn: Connection) -> dict[str, str]:
@@ -190,14 +193,19 @@ class DB:
         """The renames in force: those recorded in the database and ``DB(class_aliases=...)``."""
         return self._resolver.aliases
 
-    def _metadata_changed(self) -> None:
-        """Read the renames recorded in the database again (its metadata object changed)."""
+    def _metadata_changed(self, seen_at: Tid | None = None) -> None:
+        """Read the renames recorded in the database again (its metadata object changed, in a
+        transaction up to ``seen_at`` when given: one read serves every connection)."""
         with self._metadata_lock:
+            if seen_at is not None and seen_at <= self._metadata_read_at:
+                return
+            read_at = self.storage.last_tid()  # what the read below sees at least
             try:
                 aliases = self._stored_aliases()
             except Exception as exc:  # a damaged metadata record must not stop the database
                 log.warning("cannot read the class renames recorded in %s: %s", self.storage.name, exc)
                 return
+            self._metadata_read_at = max(self._metadata_read_at, read_at)
             if aliases is not None:
                 self._resolver.set_stored_aliases(aliases)
 

@@ -481,16 +481,12 @@ def ghostify(obj: Persistent) -> None:
 def replace_class(obj: Persistent, cls: type[Persistent]) -> bool:
     """Make ``obj`` a ghost of ``cls`` (a broken object whose class came back); False when
     the two classes' layouts differ, and ``obj`` is left as it was."""
-    twin = _ghost_twin(cls)
     try:
-        _set_class(obj, twin)
+        _set_class(obj, _ghost_twin(cls))
     except TypeError:
         return False
-    try:
-        _object_getattribute(obj, "__dict__").clear()
-    except AttributeError:
-        pass
-    _object_setattr(obj, "_p_state", GHOST)
+    _object_setattr(obj, "_p_state", UPTODATE)  # so that ghostify drops what it held
+    ghostify(obj)
     return True
 
 

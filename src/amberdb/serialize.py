@@ -58,7 +58,14 @@ from amberdb.record import (
 from amberdb.unpickler import ImportRefusedError, install_import_guard, load_state, permitted_import
 from amberdb.utils import Oid, oid_repr
 
-__all__ = ["SAFE_GLOBALS", "ClassResolver", "ObjectReader", "ObjectWriter", "normalize_class_name"]
+__all__ = [
+    "SAFE_GLOBALS",
+    "ClassResolver",
+    "ObjectReader",
+    "ObjectWriter",
+    "is_own_module",
+    "normalize_class_name",
+]
 
 PICKLE_PROTOCOL = 5
 
@@ -101,9 +108,14 @@ def normalize_class_name(name: Any) -> str:
     return f"{module}:{qualname}"
 
 
-def _is_own_name(module: str) -> bool:
+def is_own_module(module: str) -> bool:
     """Whether ``module`` is AmberDB's own (its classes cannot be renamed)."""
     return module == "amberdb" or module.startswith("amberdb.")
+
+
+def _refused_qualname(qualname: str) -> bool:
+    """A dunder or ``<locals>`` part: no record may name it (it leads out of the module)."""
+    return any(part.startswith(("<", "__")) for part in qualname.split("."))
 
 
 class _MissingGlobalError(UnsafeGlobalError):
@@ -198,13 +210,13 @@ class ClassResolver:
         self._registered: dict[str, Any] = {}
         self._found: dict[tuple[str, str], Any] = {}
         self._persistent_found: dict[str, type[Persistent]] = {}
-        # Globals a load may use as they are (no persistent classes: see LoadFinder).
+        # Globals a load may use as they are (no persistent classes: see _LoadFinder).
         self._load_found: dict[tuple[str, str], Any] = {}
         # Renamed classes: old "module:qualname" -> new name or class.  This process's own
         # (DB(class_aliases=...)) win over those recorded in the database.
         self._process_aliases: dict[str, Any] = {}
         self._stored_aliases: dict[str, str] = {}
-        # Broken classes found, with what the process looked like then (see _broken_epoch).
+        # Broken classes found, with what the process looked like then (see _broken_class).
         self._broken: dict[tuple[str, str, bool], tuple[type[Broken], tuple[int, int]]] = {}
         self._definitions_seen = CLASS_DEFINITIONS[0]
         if isinstance(allowed_classes, Mapping):
@@ -290,7 +302,7 @@ class ClassResolver:
     def _resolve(self, module: str, qualname: str) -> Any:
         name = f"{module}:{qualname}"
         # AmberDB's own names (the metadata holding the renames above all) are never renamed.
-        chain = 0 if _is_own_name(module) else _MAX_ALIAS_CHAIN
+        chain = 0 if is_own_module(module) else _MAX_ALIAS_CHAIN
         for _ in range(chain):
             target = self._process_aliases.get(name)
             if target is None:
@@ -314,7 +326,7 @@ class ClassResolver:
         cls = persistent_class_named(name)
         if cls is not None:
             return cls
-        refused_part = any(part.startswith(("<", "__")) for part in qualname.split("."))
+        refused_part = _refused_qualname(qualname)
         imported = sys.modules.get(module)
         if imported is None and module in _LOADABLE_OWN_MODULES:
             imported = permitted_import(module)
@@ -344,7 +356,7 @@ class ClassResolver:
 
     def _resolve_allowed(self, module: str, qualname: str) -> Any:
         """A name in one of ``allowed_modules``, which must also be defined there."""
-        if any(part.startswith(("<", "__")) for part in qualname.split(".")):
+        if _refused_qualname(qualname):
             raise UnsafeGlobalError(f"global {module}.{qualname} cannot be loaded: a dunder or local name")
         try:
             imported = permitted_import(module)
@@ -657,7 +669,8 @@ class _LoadFinder:
 
     It also notes whether a record named a persistent class as a global: a class object
     stored as a value, or an instance stored inline because its class became persistent
-    after it was written (the connection then adopts such instances, see Connection._adopt).
+    after it was written (the connection then adopts such instances, see
+    Connection._adopt_inline).
     """
 
     __slots__ = ("_cache", "_resolver", "named_persistent")
