@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import itertools
 import logging
@@ -26,7 +27,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from amberdb import transaction as _transaction
@@ -155,7 +156,11 @@ class Schema:
     def generation(self, db: Any) -> int:
         """The generation recorded in ``db`` (0 when this schema never ran there)."""
         metadata = _read(db)
-        value = 0 if metadata is None else metadata.get("generations", {}).get(self.name, 0)
+        return self._recorded(metadata.get("generations", {}) if metadata is not None else {})
+
+    def _recorded(self, generations: dict[str, Any]) -> int:
+        """This schema's generation in a ``generations`` section, checked (0 when absent)."""
+        value = generations.get(self.name, 0)
         if type(value) is not int or value < 0:
             raise DatabaseError(
                 f"schema {self.name!r}: the database records generation {value!r}, not a number"
@@ -220,121 +225,89 @@ class Schema:
 
     def _dry_run(self, db: Any, current: int, progress: Callable[[int, str], Any] | None) -> RunResult:
         result = RunResult(list(range(current + 1, self.latest + 1)), dry_run=True)
-        manager = _transaction.TransactionManager()
-        conn = db.open(manager)
         refuse = _RefuseCommits(self.name)
-        manager.registerSynch(refuse)
-        try:
-            manager.begin()
-            seen: set[int] = set()
-            for generation in result:
-                step = self.steps[generation]
-                if progress is not None:
-                    progress(generation, _step_name(step))
-                step(conn)
-                counts: Counter[str] = Counter()
-                for obj in conn.pending_changes():
-                    if id(obj) not in seen:
-                        seen.add(id(obj))
-                        counts[_dotted(obj)] += 1
-                result.changed_by_generation[generation] = dict(counts)
-        finally:
-            manager.abort()
-            manager.unregisterSynch(refuse)
-            conn.close()
+        with _connection(db) as (manager, conn):
+            manager.registerSynch(refuse)
+            try:
+                manager.begin()
+                seen: set[int] = set()
+                for generation in result:
+                    step = self.steps[generation]
+                    if progress is not None:
+                        progress(generation, _step_name(step))
+                    step(conn)
+                    counts: Counter[str] = Counter()
+                    for obj in conn.pending_changes():
+                        if id(obj) not in seen:
+                            seen.add(id(obj))
+                            counts[_dotted(obj)] += 1
+                    result.changed_by_generation[generation] = dict(counts)
+            finally:
+                manager.abort()
+                manager.unregisterSynch(refuse)
         return result
 
     def _claim(self, db: Any, owner: tuple[Any, ...]) -> int | None:
         """Claim the schema for ``owner``; its generation once claimed, None after waiting."""
         while True:
-            manager = _transaction.TransactionManager()
-            conn = db.open(manager)
-            try:
-                manager.begin()
-                metadata = metadata_for_update(conn)
-                claims = metadata.section("claims")
-                held = claims.get(self.name)
-                generation = metadata.section("generations").get(self.name, 0)
-                self._check_not_too_high(generation)
-                if not isinstance(generation, int) or generation < 0:
-                    raise DatabaseError(
-                        f"schema {self.name!r}: the database records generation {generation!r}, not a number"
-                    )
-                if (
-                    held is not None
-                    and not _same_owner(held, owner)
-                    and not _expired(held, self.claim_timeout)
-                ):
-                    manager.abort()
-                    waiting = True
-                else:
-                    metadata.update_section("claims", self.name, (*owner[:3], time.time()))
-                    manager.get().note(f"amberdb: claim schema {self.name}")
-                    manager.commit()
-                    return int(generation)
-            except ConflictError:
-                manager.abort()
-                waiting = False
-            finally:
-                conn.close()
-            if waiting:
-                time.sleep(0.05)
-                return None
+            with _connection(db) as (manager, conn):
+                try:
+                    manager.begin()
+                    metadata = metadata_for_update(conn)
+                    held = metadata.section("claims").get(self.name)
+                    generation = self._recorded(metadata.section("generations"))
+                    self._check_not_too_high(generation)
+                    if held is None or _same_owner(held, owner) or _expired(held, self.claim_timeout):
+                        metadata.update_section("claims", self.name, (*owner[:3], time.time()))
+                        manager.get().note(f"amberdb: claim schema {self.name}")
+                        manager.commit()
+                        return generation
+                except ConflictError:
+                    continue  # another claim committed first: look again
+            time.sleep(0.05)
+            return None
 
     def _release(self, db: Any, owner: tuple[Any, ...]) -> None:
         for _ in range(_RETRIES):
-            manager = _transaction.TransactionManager()
-            conn = db.open(manager)
-            try:
-                manager.begin()
-                metadata = read_metadata(conn)
-                held = None if metadata is None else metadata.section("claims").get(self.name)
-                if not _same_owner(held, owner):
-                    manager.abort()
+            with _connection(db) as (manager, conn):
+                try:
+                    manager.begin()
+                    metadata = read_metadata(conn)
+                    held = None if metadata is None else metadata.section("claims").get(self.name)
+                    if metadata is None or not _same_owner(held, owner):
+                        return
+                    metadata.update_section("claims", self.name, None)
+                    manager.commit()
                     return
-                metadata.update_section("claims", self.name, None)  # type: ignore[union-attr]
-                manager.commit()
-                return
-            except ConflictError:
-                manager.abort()
-            except Exception:
-                manager.abort()
-                log.exception("schema %s: cannot release the claim", self.name)
-                return
-            finally:
-                conn.close()
+                except ConflictError:
+                    continue
+                except Exception:
+                    log.exception("schema %s: cannot release the claim", self.name)
+                    return
 
     def _run_step(
         self, db: Any, generation: int, step: Callable[[Any], Any], owner: tuple[Any, ...]
     ) -> dict[str, int] | None:
         """Run one step with the generation it reaches; None when another process got there first."""
         for _attempt in range(_RETRIES):
-            manager = _transaction.TransactionManager()
-            conn = db.open(manager)
-            try:
-                manager.begin()
-                metadata = metadata_for_update(conn)
-                if metadata.section("generations").get(self.name, 0) >= generation:
-                    manager.abort()
-                    return None
-                step(conn)
-                counts = Counter(_dotted(obj) for obj in conn.pending_changes())
-                metadata.update_section("generations", self.name, generation)
-                if _same_owner(metadata.section("claims").get(self.name), owner):
-                    metadata.update_section("claims", self.name, (*owner[:3], time.time()))
-                manager.get().note(
-                    f"amberdb: schema {self.name} generation {generation} ({_step_name(step)})"
-                )
-                manager.commit()
-                return dict(counts)
-            except TransientError:
-                manager.abort()
-                continue
-            except BaseException:
-                manager.abort()
-                raise
-            finally:
-                conn.close()
+            with _connection(db) as (manager, conn):
+                try:
+                    manager.begin()
+                    metadata = metadata_for_update(conn)
+                    if self._recorded(metadata.section("generations")) >= generation:
+                        return None
+                    step(conn)
+                    counts = Counter(_dotted(obj) for obj in conn.pending_changes())
+                    metadata.update_section("generations", self.name, generation)
+                    if _same_owner(metadata.section("claims").get(self.name), owner):
+                        metadata.update_section("claims", self.name, (*owner[:3], time.time()))
+                    manager.get().note(
+                        f"amberdb: schema {self.name} generation {generation} ({_step_name(step)})"
+                    )
+                    manager.commit()
+                    return dict(counts)
+                except TransientError:
+                    continue
         raise ConflictError(f"schema {self.name!r}: step {generation} kept conflicting ({_RETRIES} attempts)")
 
 
@@ -359,6 +332,19 @@ class _RefuseCommits:
             f"schema {self.schema!r}: a step committed during a dry run; dry runs commit nothing, so "
             "steps that commit their own transactions cannot be dry-run"
         )
+
+
+@contextlib.contextmanager
+def _connection(db: Any) -> Iterator[tuple[Any, Any]]:
+    """A connection on a transaction manager of its own, aborted and closed at the end
+    (whatever the application's threads have open stays apart)."""
+    manager = _transaction.TransactionManager()
+    conn = db.open(manager)
+    try:
+        yield manager, conn
+    finally:
+        manager.abort()
+        conn.close()
 
 
 def _owner() -> tuple[Any, ...]:
@@ -436,17 +422,12 @@ def each(
     names = db.class_resolver.names_for(target)
     run = name or _run_name(db, target, func)
     state = _run_state(db, run)
-    result = EachResult(0)
-    result.batches = result.conflicts = 0
-    result.already_done = bool(state.get("done"))
-    if result.already_done:
-        return result
+    if state.get("done"):
+        return _each_result(0, 0, 0, already_done=True)
     after = p64(state["after"]) if isinstance(state.get("after"), int) else None
     done = int(state.get("count", 0)) if isinstance(state.get("count"), int) else 0
     count = batches = conflicts = 0
-    manager = _transaction.TransactionManager()
-    conn = db.open(manager)
-    try:
+    with _connection(db) as (manager, conn):
         while True:
             handled, after, finished, retried = _each_batch(
                 conn, manager, run, names, after, func, batch_size, done + count
@@ -458,12 +439,13 @@ def each(
                 progress(done + count, done + count if finished else None)
             if finished:
                 break
-    finally:
-        manager.abort()
-        conn.close()
-    final = EachResult(count)
-    final.batches, final.conflicts, final.already_done = batches, conflicts, False
-    return final
+    return _each_result(count, batches, conflicts, already_done=False)
+
+
+def _each_result(count: int, batches: int, conflicts: int, already_done: bool) -> EachResult:
+    result = EachResult(count)
+    result.batches, result.conflicts, result.already_done = batches, conflicts, already_done
+    return result
 
 
 def _run_name(db: Any, target: str, func: Callable[[Any], Any]) -> str:
@@ -491,17 +473,12 @@ def _run_state(db: Any, run: str) -> dict[str, Any]:
 
 def _read(db: Any) -> dict[str, dict[str, Any]] | None:
     """The database's metadata sections as of now (copies), or None when it has none."""
-    manager = _transaction.TransactionManager()
-    conn = db.open(manager)
-    try:
+    with _connection(db) as (manager, conn):
         manager.begin()
         metadata = read_metadata(conn)
         if metadata is None:
             return None
         return {section: metadata.section(section) for section in ("generations", "claims", "runs")}
-    finally:
-        manager.abort()
-        conn.close()
 
 
 def _next_instances(
@@ -651,37 +628,34 @@ def make_plain(
         return None
 
     rewritten = 0
-    manager = _transaction.TransactionManager()
-    conn = db.open(manager)
-    conn._writer.inline = inline
-    try:
-        for start in range(0, len(owners), batch_size):
-            batch = owners[start : start + batch_size]
-            for attempt in range(_RETRIES):
-                try:
-                    manager.begin()
-                    for oid in batch:
-                        owner = conn.get(oid)
-                        if isinstance(owner, Broken):
-                            raise DatabaseError(
-                                f"make_plain: {_dotted(owner)} oid {oid_repr(oid)} refers to an instance"
-                                " but its own class is missing, so it cannot be rewritten"
-                            )
-                        owner._p_changed = True
-                    manager.get().note(f"amberdb: make_plain {module}.{qualname}")
-                    manager.commit()
-                    conn.cache_minimize()
-                    break
-                except TransientError:
-                    manager.abort()
-                    time.sleep(min(0.5, 0.01 * 2**attempt))
-            else:
-                raise ConflictError(f"make_plain: a batch kept conflicting ({_RETRIES} attempts)")
-            rewritten += len(batch)
-            if progress is not None:
-                progress(rewritten, len(owners))
-    finally:
-        conn._writer.inline = None
-        manager.abort()
-        conn.close()
+    with _connection(db) as (manager, conn):
+        conn._writer.inline = inline
+        try:
+            for start in range(0, len(owners), batch_size):
+                batch = owners[start : start + batch_size]
+                for attempt in range(_RETRIES):
+                    try:
+                        manager.begin()
+                        for oid in batch:
+                            owner = conn.get(oid)
+                            if isinstance(owner, Broken):
+                                raise DatabaseError(
+                                    f"make_plain: {_dotted(owner)} oid {oid_repr(oid)} refers to an instance"
+                                    " but its own class is missing, so it cannot be rewritten"
+                                )
+                            owner._p_changed = True
+                        manager.get().note(f"amberdb: make_plain {module}.{qualname}")
+                        manager.commit()
+                        conn.cache_minimize()
+                        break
+                    except TransientError:
+                        manager.abort()
+                        time.sleep(min(0.5, 0.01 * 2**attempt))
+                else:
+                    raise ConflictError(f"make_plain: a batch kept conflicting ({_RETRIES} attempts)")
+                rewritten += len(batch)
+                if progress is not None:
+                    progress(rewritten, len(owners))
+        finally:
+            conn._writer.inline = None
     return rewritten
