@@ -223,25 +223,31 @@ def _rewrite_batch(
 ) -> tuple[int, int]:
     """Rewrite a batch in one transaction; when records keep changing under it, one record at
     a time, leaving those still changing for a later run.  Returns (rewritten, skipped)."""
-    for attempt in range(3):
-        written = _rewrite_once(storage, batch, renames)
-        if written is not None:
-            return written, 0
-        time.sleep(0.01 * 2**attempt)
-        batch = _reread(storage, batch)
+    written, batch = _rewrite_retrying(storage, batch, renames, 3)
+    if written is not None:
+        return written, 0
     rewritten = skipped = 0
     for item in batch:
-        single = [item]
-        for attempt in range(5):
-            written = _rewrite_once(storage, single, renames)
-            if written is not None:
-                rewritten += written
-                break
-            time.sleep(0.01 * 2**attempt)
-            single = _reread(storage, single)
-        else:
+        written, _ = _rewrite_retrying(storage, [item], renames, 5)
+        if written is None:
             skipped += 1
+        else:
+            rewritten += written
     return rewritten, skipped
+
+
+def _rewrite_retrying(
+    storage: Storage, batch: list[tuple[Oid, Tid, bytes]], renames: dict[str, str], attempts: int
+) -> tuple[int | None, list[tuple[Oid, Tid, bytes]]]:
+    """Up to ``attempts`` transactions rewriting ``batch``, reading it again after each that a
+    concurrent commit spoilt; (records written or None, the batch as last read)."""
+    for attempt in range(attempts):
+        written = _rewrite_once(storage, batch, renames)
+        if written is not None:
+            return written, batch
+        time.sleep(0.01 * 2**attempt)
+        batch = _reread(storage, batch)
+    return None, batch
 
 
 def _rewrite_once(
