@@ -199,10 +199,10 @@ class DB:
         with self._metadata_lock:
             if seen_at is not None and seen_at <= self._metadata_read_at:
                 return
-            read_at = self.storage.last_tid()  # what the read below sees at least
             try:
+                read_at = self.storage.last_tid()  # what the read below sees at least
                 aliases = self._stored_aliases()
-            except Exception as exc:  # a damaged metadata record must not stop the database
+            except Exception as exc:  # a damaged record or a failing storage must not stop the database
                 log.warning("cannot read the class renames recorded in %s: %s", self.storage.name, exc)
                 return
             self._metadata_read_at = max(self._metadata_read_at, read_at)
